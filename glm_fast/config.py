@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import pathlib
+import typing
 from typing import Any, Mapping, Sequence
 
 import yaml
@@ -50,7 +51,10 @@ class RopeParameters:
             raise ConfigError("model.rope_parameters.factor: yarn needs a positive scaling factor")
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if self.rope_type == "default":
+            out.pop("truncate")  # a YaRN-only setting (HF warns about it elsewhere)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,21 +302,47 @@ def _unknown(key: str, where: str, valid: Sequence[str]) -> ConfigError:
     return ConfigError(f"unknown config key {where}{key!r}: {fix}")
 
 
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """YAML reads `1e-4` as a string and `3` as an int: coerce to the field's scalar type or fail clearly."""
+    options = typing.get_args(hint) or (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{name}=null: a value is required")
+    for kind in (bool, int, float, str):
+        if kind in options:
+            break
+    else:
+        return tuple(value) if isinstance(value, list) else value
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    try:
+        if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        pass
+    raise ConfigError(f"{name}={value!r}: expected {kind.__name__}")
+
+
 def _build(cls: type, raw: Mapping[str, Any], where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
             raise _unknown(key, where, list(fields))
         if key == "rope_parameters":
-            value = _build(RopeParameters, value or {}, f"{where}rope_parameters.")
-        elif isinstance(value, list):
-            value = tuple(value)
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}rope_parameters: expected a mapping like {{rope_theta: 10000.0}}")
+            value = _build(RopeParameters, value, f"{where}rope_parameters.")
+        else:
+            value = _coerce(f"{where}{key}", hints[key], value)
         kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - guarded by the unknown-key check above
-        raise ConfigError(f"{where}: {e}") from None
+    return cls(**kwargs)
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

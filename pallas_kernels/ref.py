@@ -47,8 +47,12 @@ def indexer_topk(q, head_w, keys, q_pos, scale: float, k: int):
     `valid` is False where fewer than K keys are visible (those slots hold masked rows); the set of valid
     indices equals `jax.lax.top_k`'s.
     """
-    scores = indexer_scores(q, head_w, keys, q_pos, scale)
-    top, idx = jax.lax.top_k(scores, min(k, keys.shape[1]))
+    return select_topk(indexer_scores(q, head_w, keys, q_pos, scale), k)
+
+
+def select_topk(scores, k: int):
+    """Exact top-k of masked scores [B, T, S] -> (idx int32 [B, T, K], valid bool [B, T, K]), K = min(k, S)."""
+    top, idx = jax.lax.top_k(scores, min(k, scores.shape[-1]))
     return idx.astype(jnp.int32), top > NEG_INF
 
 

@@ -1,0 +1,56 @@
+"""Version shims for Pallas Mosaic GPU across jax 0.10.2 (CI, CPU) and 0.11.2 (the H200 machine).
+
+Keep this tiny. Public names:
+  `InterpretGPUParams`    the GPU interpret-mode parameter class (public `plgpu.InterpretGPUParams` on 0.11,
+                          private `jax._src.pallas.mosaic_gpu.interpret.params` on 0.10).
+  `interpret_params(**kw)` an `InterpretGPUParams` instance (kwargs passed through, e.g. `detect_races=True`).
+  `resolve_interpret(v)`  maps a kernel's `interpret` argument (False / True / InterpretGPUParams) to what
+                          `plgpu.kernel(..., interpret=...)` takes: None or an InterpretGPUParams.
+  `reset_interpret_state()` clears GPU interpret mode's global state (needed after a kernel raised inside it).
+  `interpret_mesh()`      context manager: an abstract H100-like GPU mesh, so kernels that query the device
+                          (e.g. SM count) trace on a CPU host, as in jax's tests/pallas/gpu_pallas_interpret_test.py.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import jax
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+try:  # jax >= 0.11
+    InterpretGPUParams = plgpu.InterpretGPUParams  # type: ignore[attr-defined]
+except AttributeError:  # jax 0.10.x
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # type: ignore[no-redef]
+
+
+def interpret_params(**kwargs) -> "InterpretGPUParams":
+    """GPU interpret-mode parameters (runs Mosaic GPU kernels on the CPU, simulating SMEM/TMA/barriers)."""
+    return InterpretGPUParams(**kwargs)
+
+
+def resolve_interpret(interpret):
+    """False/None -> None (compile for the GPU); True -> default InterpretGPUParams; params -> themselves."""
+    if interpret is None or interpret is False:
+        return None
+    if interpret is True:
+        return InterpretGPUParams()
+    if isinstance(interpret, InterpretGPUParams):
+        return interpret
+    raise TypeError(f"interpret must be a bool or InterpretGPUParams, got {type(interpret).__name__}: {interpret!r}")
+
+
+def reset_interpret_state() -> None:
+    """Clear GPU interpret mode's process-wide state (call after an exception raised inside interpret mode)."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    except ImportError:  # layout moved: nothing we can reset
+        return
+    gpu_callbacks.reset_gpu_interpret_mode_state()
+
+
+@contextlib.contextmanager
+def interpret_mesh(device_kind: str = "NVIDIA H100 80GB HBM3", num_cores: int = 8):
+    """An abstract GPU mesh for tracing on a CPU host (kernels that read the SM count see `num_cores`)."""
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, platform="gpu", num_cores=num_cores)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+        yield

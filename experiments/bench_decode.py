@@ -1,0 +1,268 @@
+"""Decode-step benchmark: ms/step and tokens/s per backend, batch, context length and MTP depth, against the
+HBM roofline measured in the same run, with HF transformers peers side by side.
+
+    python experiments/bench_decode.py --config glm5_slice --contexts 4096,32768 --batches 1,2,4,8 \
+        --mtp-depths 0,3 --hf-peers eager,compile
+
+Method. Weights are random (bf16 as the config says). The caches are filled with random latent/index rows up to
+the context length (a synthetic context: a decode step's cost does not depend on the cached values), then the
+engine's jitted step runs back to back (`steps` times after `warmup`; one device sync at the end) — this is
+`ms_per_step`; `ms_per_step_host_loop` adds the per-step host read that `Engine.generate` does.
+roofline_fraction = (bytes_per_step / hbm_bytes_per_s) / time, with bytes from `glm_fast.accounting` and the
+HBM rate measured here (the best of an XLA read-only sum and a read+write copy over 4 GiB). MTP verification
+steps (D > 0) on random weights accept nothing, so their effective tokens/s is also projected with an assumed
+acceptance (`--assume-accepted`, default GLM-5's reported 2.76 tokens/step), stated as such in each row.
+Cold/warm time to first token: `glm-fast generate`-style runs in fresh subprocesses sharing one empty
+compilation-cache directory (first = cold, second = warm).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_fast import Engine, Model, accounting, load_config, results
+from glm_fast.engine.cache import new_state
+from glm_fast.engine.engine import _Mode
+
+
+def measure_hbm(gib: float = 4.0) -> dict:
+    """HBM bandwidth by XLA: a read-only reduction and a read+write elementwise copy (bytes / median time)."""
+    n = int(gib * 2**30) // 4
+    x = jnp.ones((n,), jnp.float32) * 1.5
+    read = jax.jit(lambda a: jnp.sum(a))
+    copy = jax.jit(lambda a: a * 1.0001)
+    out = {}
+    for name, fn, nbytes in (("xla_sum_read", read, 4 * n), ("xla_copy_rw", copy, 8 * n)):
+        fn(x).block_until_ready()
+        times = []
+        for _ in range(10):
+            t = time.perf_counter()
+            fn(x).block_until_ready()
+            times.append(time.perf_counter() - t)
+        out[f"{name}_tb_s"] = nbytes / float(np.median(times)) / 1e12
+    out["hbm_tb_s"] = max(out["xla_sum_read_tb_s"], out["xla_copy_rw_tb_s"])
+    try:  # the DESIGN.md reference figure: a torch device copy, read + write
+        import torch
+        if torch.cuda.is_available():
+            a = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
+            b = torch.empty_like(a)
+            b.copy_(a)
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(10):
+                t = time.perf_counter()
+                b.copy_(a)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            out["torch_copy_rw_tb_s"] = 8 * n / float(np.median(times)) / 1e12
+            del a, b
+    except ImportError:
+        pass
+    return out
+
+
+def synthetic_state(cfg, batch: int, context: int, max_len: int, depth: int, dtype, key):
+    """A decode state whose caches hold `context` random rows per sequence (pending token at `context`)."""
+    state = new_state(cfg, batch, max_len, depth, dtype)
+    valid = (jnp.arange(max_len) < context)[None, :, None]
+
+    def fill(arr, k):
+        if arr is None:
+            return None
+        return jnp.where(valid, jax.random.normal(k, arr.shape, jnp.float32).astype(arr.dtype), 0)
+
+    keys = iter(jax.random.split(key, 3 * (len(state.layers) + len(state.mtp)) + 2))
+    layers = [c.replace(c_kv=fill(c.c_kv, next(keys)), k_pe=fill(c.k_pe, next(keys)),
+                        index_k=fill(c.index_k, next(keys))) for c in state.layers]
+    mtp = [c.replace(c_kv=fill(c.c_kv, next(keys)), k_pe=fill(c.k_pe, next(keys)),
+                     index_k=fill(c.index_k, next(keys))) for c in state.mtp]
+    tokens = jax.random.randint(next(keys), state.tokens.shape, 0, cfg.vocab_size, jnp.int32)
+    return state.replace(layers=layers, mtp=mtp, tokens=tokens, pending=jnp.full((batch,), context, jnp.int32))
+
+
+def bench_engine(engine: Engine, batch: int, context: int, depth: int, steps: int, warmup: int) -> dict:
+    cfg = engine.cfg
+    mode = _Mode(depth, True, 0.0, 1.0)
+    step = engine._fn("step", mode)
+    state = synthetic_state(cfg, batch, context, engine.max_len, depth, engine.dtype, jax.random.key(1))
+    key = jax.random.key(0)
+    tc = time.perf_counter()
+    compiled = step.lower(engine.params, state, key).compile()
+    compile_s = time.perf_counter() - tc
+    for _ in range(warmup):
+        state, emitted, n = compiled(engine.params, state, key)
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, emitted, n = compiled(engine.params, state, key)
+    jax.block_until_ready((state, emitted))
+    back_to_back = (time.perf_counter() - t) / steps
+    t = time.perf_counter()
+    accepted = []
+    for _ in range(steps):
+        state, emitted, n = compiled(engine.params, state, key)
+        accepted.append(np.asarray(n))  # the host read Engine.generate does every step
+    host_loop = (time.perf_counter() - t) / steps
+    return {"ms_per_step": 1e3 * back_to_back, "ms_per_step_host_loop": 1e3 * host_loop,
+            "step_compile_s": compile_s, "measured_accepted_per_step": 1 + float(np.mean(accepted))}
+
+
+def hf_peer(cfg, kind: str, context: int, steps: int, warmup: int) -> dict:
+    """HF `GlmMoeDsaForCausalLM` (same config, HF's random init, bf16) decoding one token per step with its cache."""
+    import torch
+    from transformers import GlmMoeDsaForCausalLM
+
+    from glm_fast.convert import hf_config
+
+    hc = hf_config(cfg)
+    hc._experts_implementation = "batched_mm" if kind == "eager" else "grouped_mm"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = GlmMoeDsaForCausalLM(hc).to(torch.bfloat16).eval()
+    fwd = model
+    compile_s = 0.0
+    if kind == "compile":
+        fwd = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=True)
+    ids = torch.randint(0, cfg.model.vocab_size, (1, context), device="cuda")
+    with torch.no_grad():
+        t = time.perf_counter()
+        out = fwd(input_ids=ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        past = out.past_key_values
+        times = []
+        for i in range(warmup + steps):
+            torch.cuda.synchronize()
+            ts = time.perf_counter()
+            out = fwd(input_ids=nxt, past_key_values=past, use_cache=True)
+            nxt, past = out.logits[:, -1:].argmax(-1), out.past_key_values
+            torch.cuda.synchronize()
+            if i == 0:
+                compile_s = time.perf_counter() - t
+            if i >= warmup:
+                times.append(time.perf_counter() - ts)
+    del model, fwd, past, out
+    torch.cuda.empty_cache()
+    return {"ms_per_step": 1e3 * float(np.median(times)), "warmup_and_compile_s": compile_s}
+
+
+def ttft_child(args) -> None:
+    """Child process: build the model, generate 1 token from a short prompt, print TTFT as JSON."""
+    t0 = time.perf_counter()
+    cfg = load_config(args.config, overrides=args.set)
+    from flax import nnx
+    model = Model(cfg.model, rngs=nnx.Rngs(0))
+    jax.block_until_ready(nnx.state(model))
+    built = time.perf_counter() - t0
+    engine = Engine(model, backend=args.backends.split(",")[0], max_len=512, compilation_cache=args.ttft_cache)
+    out = engine.generate(list(range(1, 33)), 2)
+    print(json.dumps({"ttft_s": out.stats["time_to_first_token_s"], "model_init_s": built,
+                      "process_to_first_token_s": time.perf_counter() - t0 + 0.0}))
+
+
+def cold_warm(args) -> dict:
+    cache = tempfile.mkdtemp(prefix="glm_fast_cc_")
+    out = {}
+    for name in ("cold", "warm"):
+        cmd = [sys.executable, __file__, "--ttft-child", "--ttft-cache", cache, "--config", args.config,
+               "--backends", args.backends] + sum((["--set", s] for s in args.set), [])
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        wall = time.perf_counter() - t
+        if proc.returncode:
+            out[name] = {"error": proc.stderr[-2000:]}
+            continue
+        out[name] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_wall_s": wall}
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="glm5_slice")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--backends", default="xla")
+    p.add_argument("--contexts", default="4096")
+    p.add_argument("--batches", default="1")
+    p.add_argument("--mtp-depths", default="0")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--hf-peers", default="", help="comma list of: eager, compile (GPU only)")
+    p.add_argument("--hf-context", type=int, default=128)
+    p.add_argument("--assume-accepted", type=float, default=2.76)
+    p.add_argument("--cold-warm", action="store_true", help="measure cold/warm time to first token")
+    p.add_argument("--hbm-gib", type=float, default=4.0)
+    p.add_argument("--out", default=None, help="results directory (default experiments/results)")
+    p.add_argument("--name", default=None)
+    p.add_argument("--ttft-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ttft-cache", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.ttft_child:
+        return ttft_child(args)
+
+    cfg = load_config(args.config, overrides=args.set)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    depths = [int(d) for d in args.mtp_depths.split(",")]
+    ceilings = measure_hbm(args.hbm_gib)
+    bw = ceilings["hbm_tb_s"] * 1e12
+    print(f"HBM ceiling measured: {ceilings}", flush=True)
+    from flax import nnx
+    t = time.perf_counter()
+    model = Model(cfg.model, rngs=nnx.Rngs(0))
+    jax.block_until_ready(nnx.state(model))
+    print(f"model built in {time.perf_counter() - t:.1f} s", flush=True)
+    dtype = cfg.model.dtype
+    rows = []
+    for backend in args.backends.split(","):
+        for context in contexts:
+            engine = Engine(model, backend=backend, max_len=context + args.warmup + 2 * args.steps * 4 + 16,
+                            compilation_cache=False)
+            for depth in depths:
+                for batch in batches:
+                    r = bench_engine(engine, batch, context, depth, args.steps, args.warmup)
+                    nbytes = accounting.bytes_per_decode_step(cfg, context, dtype, tokens=1 + depth, batch=batch)
+                    row = {"backend": backend, "layout": "single", "batch": batch, "context_len": context,
+                           "mtp_depth": depth, **r, "bytes_per_step": nbytes,
+                           "roofline_ms": 1e3 * nbytes / bw,
+                           "roofline_fraction": (nbytes / bw) / (r["ms_per_step"] / 1e3),
+                           "tokens_per_s": batch * r["measured_accepted_per_step"] / (r["ms_per_step"] / 1e3)}
+                    if depth:
+                        row["assumed_accepted_per_step"] = args.assume_accepted
+                        row["projected_tokens_per_s"] = batch * args.assume_accepted / (r["ms_per_step"] / 1e3)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            del engine
+    for kind in [k for k in args.hf_peers.split(",") if k]:
+        r = hf_peer(cfg, kind, args.hf_context, max(args.steps // 2, 10), 3)
+        nbytes = accounting.bytes_per_decode_step(cfg, args.hf_context, dtype)
+        row = {"backend": f"hf_{kind}", "layout": "single", "batch": 1, "context_len": args.hf_context,
+               "mtp_depth": 0, **r, "bytes_per_step": nbytes, "roofline_ms": 1e3 * nbytes / bw,
+               "roofline_fraction": (nbytes / bw) / (r["ms_per_step"] / 1e3),
+               "tokens_per_s": 1e3 / r["ms_per_step"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    extra = {"cold_warm_start": cold_warm(args)} if args.cold_warm else {}
+    record = results.result("bench_decode", {"name": cfg.name, "overrides": args.set}, rows, ceilings,
+                            extra_versions=("torch", "transformers"), cache="synthetic random rows",
+                            weights="random", **extra)
+    path = results.write(record, args.out, args.name)
+    print(f"\n{'backend':>12} {'B':>2} {'ctx':>6} {'D':>2} {'ms/step':>8} {'roof ms':>8} {'roof %':>7} {'tok/s':>8}")
+    for r in rows:
+        print(f"{r['backend']:>12} {r['batch']:>2} {r['context_len']:>6} {r['mtp_depth']:>2} "
+              f"{r['ms_per_step']:8.3f} {r['roofline_ms']:8.3f} {100 * r['roofline_fraction']:6.1f}% "
+              f"{r['tokens_per_s']:8.1f}")
+    if extra:
+        print("cold/warm start:", json.dumps(extra["cold_warm_start"]))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

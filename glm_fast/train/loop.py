@@ -27,7 +27,7 @@ from glm_fast.config import Config
 from glm_fast.train.checkpoint import (CHECKPOINT_SUBDIR, CONFIG_FILE, TOKENIZER_DIR, CheckpointError, Checkpointer,
                                        load_tokenizer)
 from glm_fast.train.step import (DATA_AXIS, TrainState, abstract_train_state, data_mesh, eval_step,
-                                 init_train_state, model_graphdef, train_step)
+                                 init_train_state, model_graphdef, step_settings, train_step)
 from glm_fast.train.writers import JsonlWriter, TensorBoardWriter, flatten_metrics
 
 DEFAULT_CACHE_DIR = pathlib.Path("~/.cache/glm_fast").expanduser()
@@ -45,6 +45,7 @@ class TrainResult:
     tokens_per_s: float   # steady state: excludes the first (compiling) step, evals and saves
     compile_s: float      # wall time of the first step (trace + compile + run)
     wall_s: float
+    devices: int          # size of the data-parallel mesh
 
     @property
     def final_train(self) -> dict:
@@ -66,7 +67,8 @@ def global_batch(tokens: np.ndarray, mesh: Mesh):
 
 def evaluate(state: TrainState, graphdef, cfg: Config, batches: Iterable[dict], mesh: Mesh) -> dict:
     """Mean over `batches` of the eval metrics, flattened as {"val/loss", "val/mtp_loss_k1", ...}."""
-    results = [eval_step(state, global_batch(b["tokens"], mesh), graphdef=graphdef, tcfg=cfg.train)
+    tcfg = step_settings(cfg.train)
+    results = [eval_step(state, global_batch(b["tokens"], mesh), graphdef=graphdef, tcfg=tcfg)
                for b in batches]
     if not results:
         raise ValueError("the validation iterator yielded no batch: raise train.val_fraction or lower "
@@ -178,6 +180,7 @@ def _run(cfg: Config, run_dir: pathlib.Path, ckpt: Checkpointer, data, graphdef,
     start = int(jax.device_get(state.step))
     end = tcfg.steps if stop_at is None else min(tcfg.steps, stop_at)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
+    step_tcfg = step_settings(tcfg)
     train_it = data.train_iterator(data_state)
     jsonl = JsonlWriter(run_dir / "metrics.jsonl")
     jsonl.truncate_after(start)
@@ -198,7 +201,7 @@ def _run(cfg: Config, run_dir: pathlib.Path, ckpt: Checkpointer, data, graphdef,
     try:
         for step in range(start + 1, end + 1):
             batch = next(train_it)["tokens"]
-            state, metrics = train_step(state, global_batch(batch, mesh), graphdef=graphdef, tcfg=tcfg)
+            state, metrics = train_step(state, global_batch(batch, mesh), graphdef=graphdef, tcfg=step_tcfg)
             pending.append(metrics)
             if step == start + 1:  # the compiling step: time it apart from the steady state
                 jax.block_until_ready(metrics)
@@ -238,4 +241,5 @@ def _run(cfg: Config, run_dir: pathlib.Path, ckpt: Checkpointer, data, graphdef,
         bar.close()
         tb.close()
     return TrainResult(run_dir=run_dir, start_step=start, step=end, history=history, evals=evals,
-                       tokens_per_s=clock.total_rate(), compile_s=compile_s, wall_s=time.perf_counter() - t0)
+                       tokens_per_s=clock.total_rate(), compile_s=compile_s, wall_s=time.perf_counter() - t0,
+                       devices=mesh.size)

@@ -123,7 +123,7 @@ def router_loads(aux: dict, mcfg: ModelConfig) -> dict:
         if "moe" in depth_aux:
             per_module.setdefault(0 if mcfg.mtp_share_weights else k, []).append(depth_aux["moe"]["expert_load"])
     for m, loads in per_module.items():
-        out.setdefault("mtp", {})[m] = {"block": leaf(sum(loads) / len(loads))}
+        out.setdefault("mtp", {})[m] = {"block": leaf(jnp.mean(jnp.stack(loads), axis=0))}
     return out
 
 
@@ -137,6 +137,17 @@ def update_router_bias(bias: dict, loads: dict, rate: float) -> dict:
 
 
 # ---- steps ---------------------------------------------------------------------------------------------
+# The TrainConfig fields a step reads; `step_settings` resets the others so that runs differing only in
+# logging/eval/checkpoint cadence share one compiled step (the config is a static jit argument).
+STEP_FIELDS = ("steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "b1", "b2",
+               "mtp_lambda", "compute_dtype", "router_bias_update_rate", "seq_aux_loss_weight")
+
+
+def step_settings(tcfg: TrainConfig) -> TrainConfig:
+    """`tcfg` with every field a step does not read at its default (the jit cache key)."""
+    return TrainConfig(**{name: getattr(tcfg, name) for name in STEP_FIELDS})
+
+
 def cast_floating(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 

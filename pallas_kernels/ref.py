@@ -86,13 +86,17 @@ def moe_experts(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared=None
 
     x [T, D]; expert_ids int32 [T, k]; expert_weights float32 [T, k] (normalised and scaled by the router);
     w_gate/w_up [E, D, I], w_down [E, I, D]; shared = (gate [D, Is], up [D, Is], down [Is, D]) or None.
-    Returns [T, D] in x.dtype.
+    Each distinct chosen expert's weights are gathered once (U = min(E, T*k) slots; unused slots hold -1 and
+    get zero combine weight), and every token runs through the U gathered experts. Returns [T, D] in x.dtype.
     """
-    def per_token(xt, ids, wts):  # xt [D], ids/wts [k]
-        outs = jax.vmap(lambda e: swiglu(xt[None], w_gate[e], w_up[e], w_down[e])[0])(ids)  # [k, D]
-        return jnp.einsum("k,kd->d", wts, outs.astype(jnp.float32))
-
-    y = jax.vmap(per_token)(x, expert_ids, expert_weights)  # [T, D] float32
+    t, k = expert_ids.shape
+    uniq = jnp.unique(expert_ids.reshape(-1), size=min(w_gate.shape[0], t * k), fill_value=-1)  # [U]
+    combine = jnp.einsum("tk,tku->tu", expert_weights.astype(jnp.float32),
+                         (expert_ids[:, :, None] == uniq[None, None, :]).astype(jnp.float32))  # [T, U]
+    g = jnp.einsum("td,udi->tui", x, w_gate[uniq], preferred_element_type=jnp.float32)
+    u = jnp.einsum("td,udi->tui", x, w_up[uniq], preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(g) * u).astype(x.dtype)
+    y = jnp.einsum("tui,uid,tu->td", h, w_down[uniq], combine.astype(x.dtype), preferred_element_type=jnp.float32)
     if shared is not None:
         y = y + swiglu(x, *shared).astype(jnp.float32)
     return y.astype(x.dtype)

@@ -22,9 +22,10 @@ from flax import nnx
 from glm_fast import Model, load_config
 from glm_fast.data import load_corpus, stdlib_root
 from glm_fast.model.moe import MoE
-from glm_fast.train import (CheckpointError, Checkpointer, TrainState, data_mesh, decay_mask, global_batch,
-                            init_train_state, load_model, lr_schedule, mtp_loss, read_jsonl, router_loads,
-                            shifted_targets, step_settings, train, train_step, update_router_bias)
+from glm_fast.train import (CheckpointError, Checkpointer, TrainState, balance_loss, data_mesh, decay_mask,
+                            global_batch, init_train_state, load_imbalance, load_model, lr_schedule, mtp_loss,
+                            read_jsonl, router_loads, shifted_targets, step_settings, train, train_step,
+                            update_router_bias)
 from glm_fast.train.step import split_model
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -106,6 +107,32 @@ def test_mtp_loss_masks_rows_without_target():
     _, clean = mtp_loss(_peaked_logits(tokens, 1, s, v), mtp, tokens, 0.3)
     _, noisy = mtp_loss(_peaked_logits(tokens, 1, s, v), masked, tokens, 0.3)
     np.testing.assert_allclose(np.asarray(noisy["mtp_loss"]), np.asarray(clean["mtp_loss"]), rtol=1e-6)
+
+
+def test_no_head_sees_its_own_target():
+    """Changing token p must leave every row whose target is t_p or earlier untouched: main rows < p and MTP
+    depth-k rows <= p - k - 1 (the loss scores row i of depth k against t_{i+k+1})."""
+    cfg = small_cfg()
+    model = Model(cfg.model, rngs=nnx.Rngs(0))
+    s, p = 20, 13
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, s + 1), 3, cfg.model.vocab_size)
+    changed = tokens.at[:, p].set((tokens[:, p] + 7) % cfg.model.vocab_size)
+    forward = nnx.jit(lambda m, t: m(t))  # one compile, two calls: faster than eager
+    (l0, m0), (l1, m1) = forward(model, tokens[:, :-1]), forward(model, changed[:, :-1])
+    targets, _ = shifted_targets(changed, cfg.model.mtp_depth)
+    for k, (a, b) in enumerate([(l0, l1)] + [(m0[j], m1[j]) for j in range(cfg.model.mtp_depth)]):
+        rows = np.abs(np.asarray(a - b)).max(axis=(0, 2)) > 0
+        first = int(np.argmax(rows))
+        assert first == p - k, (k, first)  # row p - k is the first to read t_p (as its input t_{i+k})
+        assert np.all(np.asarray(targets[k, :, first - 1]) == np.asarray(changed[:, p]))  # ... its target was t_p
+
+
+def test_balance_loss_and_imbalance_sum_over_main_and_mtp_moe_layers():
+    moe = lambda loss, load: {"moe": {"seq_aux_loss": jnp.float32(loss), "expert_load": jnp.asarray(load)}}  # noqa
+    aux = {"layers": [{}, moe(1.0, [0.5, 0.5]), moe(2.0, [0.75, 0.25])], "mtp": [moe(4.0, [1.0, 0.0]), {}]}
+    assert float(balance_loss(aux)) == 7.0
+    imb = load_imbalance(aux)
+    np.testing.assert_allclose([float(imb["load_imbalance"]), float(imb["load_imbalance_max"])], [1.5, 2.0])
 
 
 # ---- optimiser ---------------------------------------------------------------------------------------------
@@ -208,6 +235,41 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, corpus, cache_dir, tm
             for key in ra:
                 if "/" in key and "tokens_per_s" not in key:
                     np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, err_msg=f"{kind} {key} step {ra['step']}")
+
+
+_DATA_PARALLEL_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from glm_fast import load_config
+    from glm_fast.train import data_mesh, global_batch, init_train_state, step_settings, train_step
+
+    assert len(jax.devices()) == 2, jax.devices()
+    cfg = load_config("tiny", ["train.steps=24", "train.warmup_steps=2", "train.compute_dtype=float32"])
+    batches = [np.random.default_rng(i).integers(3, 512, (4, 33)) for i in range(3)]
+    out = {}
+    for n in (1, 2):
+        mesh = data_mesh(jax.devices()[:n])
+        graphdef, state = init_train_state(cfg, mesh)
+        losses = []
+        for b in batches:
+            tokens = global_batch(b, mesh)
+            assert len(tokens.sharding.device_set) == n
+            state, m = train_step(state, tokens, graphdef=graphdef, tcfg=step_settings(cfg.train))
+            losses.append(float(m["loss"]))
+        assert state.params["norm"]["weight"].sharding.is_fully_replicated
+        out[n] = losses, jax.device_get(state.router_bias)
+    np.testing.assert_allclose(out[2][0], out[1][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), out[2][1], out[1][1])
+    print("data parallel == single device", out[2][0])
+""")
+
+
+def test_data_parallel_over_two_devices_matches_one():
+    """Batch sharded over a 2-device mesh (simulated CPU devices, fresh process): same losses and router biases."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
+    proc = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------

@@ -115,13 +115,19 @@ class _Clock:
         return self.total_tokens / self.total_s if self.total_s > 0 and self.total_tokens else math.nan
 
 
-def _prepare_run(cfg: Config, run_dir: pathlib.Path, resume: bool) -> tuple[Checkpointer, bool]:
-    ckpt = Checkpointer(run_dir / CHECKPOINT_SUBDIR, cfg.train.keep_checkpoints, create=True)
-    steps = ckpt.steps()
-    if steps and not resume:
+def _open_checkpoints(cfg: Config, run_dir: pathlib.Path, resume: bool, async_save: bool) -> tuple[Checkpointer, bool]:
+    """The run's checkpointer and whether it resumes; refuses to overwrite or to resume a different config."""
+    ckpt = Checkpointer(run_dir / CHECKPOINT_SUBDIR, cfg.train.keep_checkpoints, create=True, async_save=async_save)
+    try:
+        steps = ckpt.steps()
+        if steps and not resume:
+            raise CheckpointError(f"run directory {str(run_dir)!r} already has checkpoints (steps {steps}): pass "
+                                  "resume=True (--resume) to continue that run, or choose a new run directory")
+        if steps:
+            ckpt.check_config(cfg)
+    except Exception:
         ckpt.close()
-        raise CheckpointError(f"run directory {str(run_dir)!r} already has checkpoints (steps {steps}): pass "
-                              "resume=True (--resume) to continue that run, or choose a new run directory")
+        raise
     return ckpt, bool(steps)
 
 
@@ -139,7 +145,8 @@ def train(cfg: Config, run_dir: str | pathlib.Path, *, resume: bool = False, cor
       cache_dir: where the tokenizer and token streams are cached (default ~/.cache/glm_fast).
       stop_at: stop after this step as if the process were killed (no extra checkpoint): for tests.
       progress: show a tqdm bar.
-      mesh: the data-parallel mesh (default: all local devices).
+      mesh: the data-parallel mesh (default: all devices).
+      async_checkpoint: write checkpoints in the background (orbax async); the loop waits before exiting.
     """
     from glm_fast.data import build_pipeline
 
@@ -147,12 +154,10 @@ def train(cfg: Config, run_dir: str | pathlib.Path, *, resume: bool = False, cor
     run_dir = pathlib.Path(run_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = mesh if mesh is not None else data_mesh()
-    tcfg = cfg.train
-    ckpt, resuming = _prepare_run(cfg, run_dir, resume)
+    ckpt, resuming = _open_checkpoints(cfg, run_dir, resume, async_checkpoint)
     try:
         data = build_pipeline(cfg, cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR, corpus=corpus)
         if resuming:
-            ckpt.check_config(cfg)
             stored_tok = load_tokenizer(ckpt.directory)
             if stored_tok.fingerprint != data.tokenizer.fingerprint:
                 raise CheckpointError(
@@ -235,8 +240,6 @@ def _run(cfg: Config, run_dir: pathlib.Path, ckpt: Checkpointer, data, graphdef,
                     "tokenizer_fingerprint": data.tokenizer.fingerprint})
                 clock.start()
         clock.pause()
-        if start == end == tcfg.steps and not evals:  # resumed a finished run: still report its val loss
-            run_eval(end)
     finally:
         bar.close()
         tb.close()

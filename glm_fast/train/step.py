@@ -89,8 +89,8 @@ def abstract_train_state(cfg: Config, mesh: Mesh | None = None) -> TrainState:
 
 # ---- data parallel layout ------------------------------------------------------------------------------
 def data_mesh(devices=None) -> Mesh:
-    """1-D mesh over `devices` (default: all local devices) with axis "data"."""
-    devices = jax.local_devices() if devices is None else list(devices)
+    """1-D mesh over `devices` (default: `jax.devices()`, every process's) with axis "data"."""
+    devices = jax.devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 

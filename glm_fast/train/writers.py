@@ -71,8 +71,10 @@ class JsonlWriter:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: Mapping) -> None:
+        """Appends `record`; non-finite floats become null (strict JSON)."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(json.dumps(clean, sort_keys=True) + "\n")
 
 
 def _step_of(line: str) -> int | None:

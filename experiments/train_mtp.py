@@ -43,6 +43,13 @@ def _finite(x):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
 
 
+def _median_rate(records: list[dict]):
+    """Median logged tokens/s of the whole run (for an invocation that trained no step itself)."""
+    rates = sorted(r["train/tokens_per_s"] for r in records if r.get("kind") == "train"
+                   and r.get("train/tokens_per_s") is not None)
+    return rates[len(rates) // 2] if rates else None
+
+
 def plot_losses(records: list[dict], path: pathlib.Path) -> None:
     """Train main/MTP losses per log step and validation losses per eval, as a PNG."""
     import matplotlib
@@ -97,7 +104,8 @@ def summary_row(cfg, records: list[dict], result) -> dict:
         "final_val_mtp_losses": per_depth(val_last, "val/mtp_loss"),
         "final_val_mtp_accs": per_depth(val_last, "val/mtp_acc"),
         "val_step": val_last.get("step"),
-        "tokens_per_s": _finite(result.tokens_per_s), "compile_s": _finite(result.compile_s),
+        "tokens_per_s": _finite(result.tokens_per_s) or _median_rate(records),
+        "compile_s": _finite(result.compile_s),
         "wall_s": result.wall_s, "resumed_from_step": result.start_step,
     }
 

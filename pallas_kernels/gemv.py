@@ -135,9 +135,11 @@ def swizzle_transforms(dtype) -> tuple:
 def pick_k_splits(n_tiles: int, ksteps_total: int, num_ctas: int) -> int:
     """Smallest-overhead split-K factor that fills the CTAs in (nearly) whole waves.
 
-    Efficiency of d splits = tasks / (waves * CTAs); each extra split costs partial-sum traffic, hence a small
-    penalty. E.g. 132 SMs: K=6144,N=2624 (41 tiles, 24 steps) -> 3; K=16384,N=6144 (96, 64) -> 4; N=154880 -> 1.
+    Efficiency of d splits = tasks / (waves * CTAs); splitting costs partial-sum traffic and an XLA epilogue,
+    hence a small penalty, and is not considered at all with >= 4 waves of N tiles. E.g. 132 SMs: K=6144,N=2624 (41 tiles, 24 steps) -> 3; K=16384,N=6144 (96, 64) -> 4; N=154880 -> 1.
     """
+    if n_tiles >= 4 * num_ctas:  # the last wave's imbalance is already small next to a split's XLA epilogue
+        return 1
     best, best_score = 1, -1.0
     for d in range(1, ksteps_total + 1):
         if ksteps_total % d:

@@ -286,7 +286,7 @@ def count_tile(x_smem, candidates, counts=None):
     chunks (arrays shaped like the chunk) or None. Returns the updated partial counts, one array per candidate.
     """
     key = _float_key(x_smem[...])
-    new = [(key >= c).astype(jnp.int32) for c in candidates]
+    new = [jnp.where(key >= c, 1, 0) for c in candidates]  # select, not a bool->int convert
     return new if counts is None else [a + n for a, n in zip(counts, new)]
 
 
@@ -329,23 +329,23 @@ def _select_kernel(scores_ref, out_ref, x_smem, bars, *, k: int, n_chunks: int, 
 
     def cond(state):
         _, shift, _, _, done = state
-        return jnp.logical_and(shift >= 0, jnp.logical_not(done))
+        return jnp.logical_and(shift >= 0, done == 0)
 
     def body(state):
         lo, shift, cnt_lo, cnt_hi, _ = state
         cands = [lo + lax.shift_left(jnp.int32(j), shift) for j in range(1, n_cand + 1)]
         counts = count_pass(cands)
         # counts are non-increasing in j: m = the largest j with count(key >= lo + j*2^shift) >= k.
-        m = sum((c >= k).astype(jnp.int32) for c in counts)
+        m = sum(jnp.where(c >= k, 1, 0) for c in counts)
         ext = [cnt_lo, *counts, cnt_hi]  # ext[j] = count(key >= lo + j * 2^shift), j = 0 .. 2^radix_bits
         new_lo_cnt = sum(jnp.where(m == j, ext[j], 0) for j in range(n_cand + 1))
         new_hi_cnt = sum(jnp.where(m + 1 == j, ext[j], 0) for j in range(1, n_cand + 2))
         new_lo = lo + lax.shift_left(m, shift)
-        done = jnp.logical_or(new_lo_cnt == k, shift == 0)
+        done = jnp.where(jnp.logical_or(new_lo_cnt == k, shift == 0), 1, 0)
         return new_lo, shift - radix_bits, new_lo_cnt, new_hi_cnt, done
 
     init = (jnp.int32(_INT32_MIN), jnp.int32(32 - radix_bits), jnp.int32(n_chunks * chunk), jnp.int32(0),
-            jnp.bool_(False))
+            jnp.int32(0))
     lo, shift, _, cnt_hi, _ = lax.while_loop(cond, body, init)
     out_ref[r, 0] = lo
     out_ref[r, 1] = shift + radix_bits  # log2 of the final bin width

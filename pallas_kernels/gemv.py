@@ -290,13 +290,14 @@ def inv_rms_prologue(x_gmem, r_smem, num_tokens: int, eps: float) -> None:
 
 
 def stream_tasks(*, num_tasks, ksteps: int, num_slots: int, num_ctas: int, barriers, issue, compute, epilogue,
-                 acc_shapes, interpret) -> None:
+                 acc_shapes, interpret, prologue=None) -> None:
     """Persistent task loop of one CTA with one TMA ring across all its tasks.
 
     CTA c runs tasks c, c + G, ... (G = num_ctas; `num_tasks` may be a traced scalar: routing-dependent work).
     issue(task, kk, slot): start the TMA copies of step kk of `task` into ring slot `slot`, arriving on
       barriers.at[slot]. compute(task, kk, slot, accs): wgmma the slot into the accumulators.
       epilogue(task, acc_values): store the task's result.
+      prologue(): per-CTA set-up that the first compute needs, run while the first TMA loads are in flight.
     The slot read at global step i is refilled with step i + num_slots right after its wgmmas retire.
     """
     cta = lax.axis_index(GRID_AXIS)
@@ -309,6 +310,8 @@ def stream_tasks(*, num_tasks, ksteps: int, num_slots: int, num_ctas: int, barri
 
     for s in range(num_slots):
         pl.when(s < total)(functools.partial(issue_step, s))
+    if prologue is not None:
+        prologue()
 
     if interpret is None:
         acc_types = [plgpu.ACC(shape, jnp.float32) for shape in acc_shapes]
@@ -372,9 +375,6 @@ def _gemv_call(x, weights: tuple, norm_weight, eps: float, tiles: WeightTiles, n
         out_gmem, scratch = rest[0], rest[1]
         ring = tuple(scratch[f"w{i}"] for i in range(len(tiles.scratch(1))))
         x_ring, bars, o_smem = scratch["x_ring"], scratch["bars"], scratch["o_smem"]
-        if fused_norm:
-            inv_rms_prologue(x_gmem, scratch["r_smem"], t_tokens, eps)
-
         def issue(task, kk, slot):
             k0 = ((task % splits) * ksteps + kk) * tk
             n0 = (task // splits) * tn
@@ -402,7 +402,9 @@ def _gemv_call(x, weights: tuple, norm_weight, eps: float, tiles: WeightTiles, n
                 plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[task % splits, :, pl.ds(n0, tn)])
 
         stream_tasks(num_tasks=num_tasks, ksteps=ksteps, num_slots=slots, num_ctas=num_ctas, barriers=bars,
-                     issue=issue, compute=compute, epilogue=epilogue, acc_shapes=[(tn, TP)], interpret=interpret)
+                     issue=issue, compute=compute, epilogue=epilogue, acc_shapes=[(tn, TP)], interpret=interpret,
+                     prologue=functools.partial(inv_rms_prologue, x_gmem, scratch.get("r_smem"), t_tokens, eps)
+                     if fused_norm else None)
 
     scratch = {f"w{i}": s for i, s in enumerate(tiles.scratch(slots))}
     scratch.update(
@@ -471,8 +473,9 @@ def gemv(x, w, norm_weight=None, eps: float = 1e-6, *, config: GemvConfig | None
     if w.dtype != x.dtype:
         raise ValueError(f"gemv: w dtype {w.dtype} != x dtype {x.dtype}")
     params = interpret_params(interpret)
-    if norm_weight is not None and k % config.tile_k:
-        # The norm's statistics need the true K: normalise before padding (an XLA op, only on this slow path).
+    if norm_weight is not None and (k % config.tile_k or k % 128):
+        # The norm's statistics need the true K (and its in-kernel reduction rows of 128-multiples): normalise in
+        # XLA before padding, only on this slow path.
         from pallas_kernels import ref
         x, norm_weight = ref.rmsnorm(x, norm_weight, eps), None
     x_p, w_p = _pad_to(x, 1, config.tile_k), _pad_to(_pad_to(w, 0, config.tile_k), 1, config.tile_n)
@@ -492,7 +495,7 @@ def gemv_fp8(x, w, norm_weight=None, eps: float = 1e-6, *, config: GemvConfig | 
     q, scale = w
     n, k = fp8_format.check_fp8_weight(q, scale, "gemv_fp8")
     _check_x(x, k, "gemv_fp8")
-    _check_norm(norm_weight, k, "gemv_fp8")
+    _check_norm(norm_weight, k, "gemv_fp8")  # K % 128 == 0 below, as the fused norm's reduction needs
     if config.tile_k != fp8_format.BLOCK:
         raise ValueError(f"gemv_fp8: tile_k must equal the scale block {fp8_format.BLOCK}, got {config.tile_k=}")
     if n % config.tile_n or k % fp8_format.BLOCK:

@@ -285,9 +285,8 @@ def _moe(x, expert_ids, expert_weights, routed, shared, tiles: WeightTiles, dims
                  tiles, d, i, config, interpret)
     part = _down(h, slots, u_pad, routed[2], None if shared is None else shared[2], tiles, d, i, config,
                  interpret)
-    live = jnp.arange(u_pad)[:, None, None] < slots.n_slots
-    y = jnp.sum(jnp.where(live, part, 0.0), axis=0)  # [TP, D]
-    return y[: x.shape[0]].astype(x.dtype)
+    live = jnp.arange(u_pad)[:, None, None] < slots.n_slots  # padding slots were never written
+    return jnp.sum(jnp.where(live, part[:, : x.shape[0]], 0.0), axis=0).astype(x.dtype)  # [T, D]
 
 
 def _check_routing(x, expert_ids, expert_weights, d: int, what: str):

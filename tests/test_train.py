@@ -349,6 +349,8 @@ def test_config_mismatch_names_fields_and_fix(full_run, corpus, cache_dir, tmp_p
     msg = str(err.value)
     assert "model.hidden_size: checkpoint 128, requested 64" in msg
     assert "model.num_attention_heads: checkpoint 4, requested 2" in msg and "Fix" in msg
+    with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint 128, requested 64.*Fix"):
+        load_model(run_dir, expect=cfg)
     with pytest.raises(CheckpointError, match="already has checkpoints"):
         train(small_cfg(), run_dir, corpus=corpus, cache_dir=cache_dir, progress=False)
 

@@ -221,13 +221,15 @@ class Checkpointer:
         self._manager.close()
 
 
-def load_model(checkpoint_dir: str | pathlib.Path, step: int | None = None, dtype: str | None = None):
+def load_model(checkpoint_dir: str | pathlib.Path, step: int | None = None, dtype: str | None = None,
+               expect: Config | None = None):
     """A trained model for inference: -> (model, cfg, tokenizer).
 
     Args:
       checkpoint_dir: a run dir or its `checkpoints/` dir.
       step: which step (default: the latest committed one).
       dtype: parameter dtype ("float32" / "bfloat16"); default the stored `model.dtype`.
+      expect: a config the caller requires: a `CheckpointError` names every model field that differs.
     """
     from flax import nnx
 
@@ -237,6 +239,13 @@ def load_model(checkpoint_dir: str | pathlib.Path, step: int | None = None, dtyp
     ckpt = Checkpointer(checkpoint_dir, create=False, async_save=False)
     try:
         cfg = ckpt.stored_config(step)
+        if expect is not None:
+            diffs = config_mismatches(cfg.to_dict(), expect, train_fields=())
+            if diffs:
+                raise CheckpointError(
+                    f"checkpoint {str(ckpt.directory)!r} holds a different model than requested: " + "; ".join(diffs)
+                    + ". Fix: load it without overrides (its config is in "
+                    f"{str(ckpt.directory / CONFIG_FILE)!r}), or point at a checkpoint trained with this config")
         if dtype is not None:
             cfg = config_from_dict(cfg.to_dict(), cfg.name, {"model.dtype": dtype})
         _, abstract_params, abstract_bias = split_model(

@@ -206,11 +206,12 @@ def _run(cfg: Config, run_dir: pathlib.Path, ckpt: Checkpointer, data, graphdef,
     try:
         for step in range(start + 1, end + 1):
             batch = next(train_it)["tokens"]
+            t_step = time.perf_counter()
             state, metrics = train_step(state, global_batch(batch, mesh), graphdef=graphdef, tcfg=step_tcfg)
             pending.append(metrics)
             if step == start + 1:  # the compiling step: time it apart from the steady state
                 jax.block_until_ready(metrics)
-                compile_s = time.perf_counter() - t0
+                compile_s = time.perf_counter() - t_step
                 clock.start()
             else:
                 clock.count(tokens_per_step)
@@ -224,6 +225,7 @@ def _run(cfg: Config, run_dir: pathlib.Path, ckpt: Checkpointer, data, graphdef,
                 history.append(record)
                 jsonl.write(record)
                 tb.scalars({k: v for k, v in record.items() if k.startswith("train/")}, step)
+                tb.flush()
                 bar.set_postfix(loss=f"{record['train/loss']:.3f}", tok_s=f"{record['train/tokens_per_s']:.0f}")
                 pending = []
                 clock.start()

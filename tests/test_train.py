@@ -309,17 +309,21 @@ def test_crash_mid_save_leaves_previous_checkpoint_restorable(tmp_path):
     assert "1" in leftovers and "2" not in leftovers
     assert any(name.startswith("2.") and "tmp" in name for name in leftovers), leftovers  # the partial save
 
-    ckpt = Checkpointer(directory, keep=3)
-    assert ckpt.steps() == [1]
+    reader = Checkpointer(directory, keep=3)  # a reader (load_model) sees step 1 and leaves the partial alone
+    assert reader.steps() == [1]
     abstract = jax.eval_shape(lambda: TrainState(
         params={"w": jnp.zeros((64, 64))}, router_bias={"b": jnp.zeros((4,))}, opt_state={"mu": jnp.zeros((64, 64))},
         step=jnp.int32(0), rng=jax.random.PRNGKey(0)))
-    state, data_state, meta = ckpt.restore(abstract)
+    state, data_state, meta = reader.restore(abstract)
     assert float(state.params["w"][0, 0]) == 1.0 and int(state.step) == 1 and data_state == {"next_index": 4}
-    ckpt.save(2, state.replace(step=jnp.int32(2)), {"next_index": 8}, {"config": {"name": "x"}})  # saving resumes
-    ckpt.wait()
-    assert ckpt.steps() == [1, 2]
-    ckpt.close()
+    reader.close()
+    assert sorted(p.name for p in directory.iterdir()) == leftovers
+
+    writer = Checkpointer(directory, keep=3, create=True)  # the resumed run clears the partial and saves again
+    writer.save(2, state.replace(step=jnp.int32(2)), {"next_index": 8}, {"config": {"name": "x"}})
+    writer.wait()
+    assert writer.steps() == [1, 2]
+    writer.close()
 
 
 def test_missing_and_empty_checkpoint_dirs_fail_clearly(tmp_path):

@@ -97,7 +97,8 @@ class Checkpointer:
     Args:
       directory: the checkpoint dir (created if `create`).
       keep: how many most recent steps to keep (`train.keep_checkpoints`).
-      create: make the directory if absent; otherwise a missing one is a `CheckpointError`.
+      create: make the directory if absent (the training run, which also clears its own unfinished saves);
+        otherwise a missing one is a `CheckpointError`.
       async_save: write in a background thread after the arrays are copied off the devices.
     """
 
@@ -107,7 +108,9 @@ class Checkpointer:
         if create:
             path.mkdir(parents=True, exist_ok=True)
         self.directory = resolve_checkpoint_dir(path)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False, cleanup_tmp_directories=True,
+        # Only the writer removes unfinished saves: a reader (load_model during training) must not delete the
+        # temporary directory of a save in flight.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False, cleanup_tmp_directories=create,
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -125,8 +128,9 @@ class Checkpointer:
         if not steps:
             partial = sorted(p.name for p in self.directory.iterdir() if "tmp" in p.name)
             found = f" (only unfinished saves: {partial})" if partial else ""
-            raise CheckpointError(f"no complete checkpoint in {str(self.directory)!r}{found}: the run never "
-                                  "finished a save; start it again without --resume")
+            raise CheckpointError(f"no complete checkpoint in {str(self.directory)!r}{found}: no run finished a "
+                                  "save there; train one (experiments/train_mtp.py --run-dir ...) or pass the "
+                                  "directory of a run that saved at least once")
         if step is None:
             return steps[-1]
         if step not in steps:

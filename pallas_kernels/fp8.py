@@ -14,6 +14,7 @@ They dequantize to x's dtype (as DeepSeek-V3's `weight_dequant` returns bf16) an
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels import ref
@@ -62,11 +63,19 @@ def gemv_fp8_ref(x, w, norm_weight=None, eps: float = 1e-6):
 
 
 def moe_experts_fp8_ref(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared=None):
-    """Reference of `moe_experts_fp8`: `ref.moe_experts` on dequantized weights.
+    """Reference of `moe_experts_fp8`: `ref.moe_experts` on dequantized weights (only the chosen experts are
+    dequantized, per token, so it costs what the bf16 reference costs).
 
     w_gate/w_up = (q [E, I, D], scale), w_down = (q [E, D, I], scale) — i.e. quantized [E, D, I] / [E, I, D]
     reference weights; shared = ((q [Is, D], s), (q [Is, D], s), (q [D, Is], s)) or None.
     """
-    deq = lambda w: dequantize_fp8_blockwise(*w, dtype=x.dtype)
-    shared_deq = None if shared is None else tuple(deq(w) for w in shared)
-    return ref.moe_experts(x, expert_ids, expert_weights, deq(w_gate), deq(w_up), deq(w_down), shared_deq)
+    deq = lambda w, e: dequantize_fp8_blockwise(w[0][e], w[1][e], dtype=x.dtype)
+
+    def per_token(xt, ids, wts):  # xt [D], ids/wts [k]
+        one = lambda e: ref.swiglu(xt[None], deq(w_gate, e), deq(w_up, e), deq(w_down, e))[0]
+        return jnp.einsum("k,kd->d", wts, jax.vmap(one)(ids).astype(jnp.float32))
+
+    y = jax.vmap(per_token)(x, expert_ids, expert_weights)  # [T, D] float32
+    if shared is not None:
+        y = y + ref.swiglu(x, *(dequantize_fp8_blockwise(*w, dtype=x.dtype) for w in shared)).astype(jnp.float32)
+    return y.astype(x.dtype)

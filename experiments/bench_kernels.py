@@ -1,0 +1,241 @@
+"""Benchmark the GEMV and MoE Pallas kernels (bf16 and FP8) against their XLA references at GLM-5 shapes.
+
+For every case: median device time per call (CUDA-synchronised wall time of a jitted batch of R back-to-back
+calls on R distinct weight buffers / routings, so weights are not L2-resident; warm-ups first), bytes moved,
+achieved bandwidth and its fraction of the HBM ceilings measured in the same run (a large device copy, read +
+write bytes; and a large sum, read bytes), next to the jitted reference (`pallas_kernels.ref`, `.fp8`). Each
+case also records the kernel's relative error against the reference, and an `error` field instead of timings if
+it failed, so one run reports everything. Writes experiments/results/kernels_<date>.json (DESIGN.md section 6).
+
+  python experiments/bench_kernels.py                  # H200, < 5 minutes
+  python experiments/bench_kernels.py --tiny           # CPU smoke test of this script (GPU interpret mode)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pallas_kernels import fp8, ref  # noqa: E402
+from pallas_kernels.gemv import gemv, gemv_fp8  # noqa: E402
+from pallas_kernels.moe import moe_experts, moe_experts_fp8  # noqa: E402
+
+L2_BYTES = 50 * 2**20  # H200; rotate at least 4x this per timed batch
+EPS = 1e-5
+# name -> (K, N, fused norm): GLM-5 level-1 q_a+kv_a, q_b, o_proj, LM head.
+GEMV_CASES = {"qkv_a": (6144, 2048 + 576, True), "q_b": (2048, 64 * 256, True), "o_proj": (16384, 6144, False),
+              "lm_head": (6144, 154880, True)}
+MOE_CASE = dict(e=256, k=8, d=6144, i=2048, si=2048)
+TINY_GEMV = {"qkv_a": (256, 192, True), "o_proj": (512, 128, False)}
+TINY_MOE = dict(e=8, k=2, d=128, i=128, si=128)
+
+
+def _rnd(key, shape, scale=1.0, dtype=jnp.bfloat16):
+    return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+
+
+def _timed(fn, args, reps: int, warmup: int = 2):
+    """Median/p10/p90 seconds of one call of `fn(*args)` (a jitted batch), synchronised."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return statistics.median(times), times[len(times) // 10], times[(9 * len(times)) // 10]
+
+
+def measure_ceilings(nbytes: int, reps: int) -> dict:
+    n = nbytes // 4
+    a = jnp.ones((n,), jnp.float32)
+    copy = jax.jit(lambda v: v * 1.0000001)  # not a no-op copy XLA could elide
+    total = jax.jit(jnp.sum)
+    t_copy = _timed(copy, (a,), reps)[0]
+    t_sum = _timed(total, (a,), reps)[0]
+    del a
+    return {"hbm_copy_tb_s": 2 * nbytes / t_copy / 1e12, "hbm_read_tb_s": nbytes / t_sum / 1e12,
+            "ceiling_bytes": nbytes}
+
+
+def _batched(op, r: int):
+    """One jit running `op` on r argument tuples back to back (one dispatch, r device calls)."""
+    return jax.jit(lambda batch: [op(*args) for args in batch])
+
+
+def _rel_err(out, want) -> float:
+    out, want = np.asarray(out, np.float32), np.asarray(want, np.float32)
+    if not np.isfinite(out).all():
+        return float("nan")
+    return float(np.linalg.norm(out - want) / np.linalg.norm(want))
+
+
+def _run_pair(row: dict, kernel_op, ref_op, batch, nbytes: int, reps: int, ceilings: dict, rows: list):
+    r = len(batch)
+    first_out = {}
+    for impl, op in (("pallas", kernel_op), ("xla", ref_op)):
+        out = dict(row, impl=impl, bytes_per_call=nbytes, calls_per_batch=r)
+        try:
+            f = _batched(op, r)
+            t0 = time.perf_counter()
+            first_out[impl] = jax.block_until_ready(f(batch))[0]
+            out["first_call_s"] = time.perf_counter() - t0  # compile + run
+            med, p10, p90 = _timed(f, (batch,), reps)
+            out.update(median_us=med / r * 1e6, p10_us=p10 / r * 1e6, p90_us=p90 / r * 1e6)
+            out["tb_s"] = nbytes / (med / r) / 1e12
+            out["fraction_of_copy_ceiling"] = out["tb_s"] / ceilings["hbm_copy_tb_s"]
+            out["fraction_of_read_ceiling"] = out["tb_s"] / ceilings["hbm_read_tb_s"]
+            if impl == "xla" and "pallas" in first_out:
+                out["rel_err_pallas_vs_xla"] = _rel_err(first_out["pallas"], first_out["xla"])
+        except Exception as e:  # noqa: BLE001  (report and go on: one run should show every failure)
+            out["error"] = f"{type(e).__name__}: {e}"[:2000]
+            out["traceback"] = traceback.format_exc()[-4000:]
+        rows.append(out)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items() if k != "traceback"},
+              flush=True)
+    gc.collect()
+
+
+def bench_gemv(cases: dict, tokens: list, fmt: str, reps: int, ceilings: dict, rows: list, interpret):
+    for name, (k, n, norm) in cases.items():
+        for t in tokens:
+            key = jax.random.key(zlib.crc32(f"{name}/{t}/{fmt}".encode()))
+            kx, kw, kn = jax.random.split(key, 3)
+            w_bytes = k * n * (2 if fmt == "bf16" else 1)
+            r = int(min(8, max(2, -(-4 * L2_BYTES // w_bytes))))
+            nw = (1.0 + _rnd(kn, (k,), 0.2)).astype(jnp.bfloat16) if norm else None
+            batch = []
+            for j in range(r):
+                w = _rnd(jax.random.fold_in(kw, j), (k, n), k ** -0.5)
+                if fmt == "fp8":
+                    w = fp8.quantize_fp8_blockwise(w)
+                batch.append((_rnd(jax.random.fold_in(kx, j), (t, k)), w))
+            if fmt == "bf16":
+                kop = lambda x, w: gemv(x, w, nw, EPS, interpret=interpret)
+                rop = lambda x, w: ref.gemv(x, w, nw, EPS)
+                nbytes = w_bytes
+            else:
+                kop = lambda x, w: gemv_fp8(x, w, nw, EPS, interpret=interpret)
+                rop = lambda x, w: fp8.gemv_fp8_ref(x, w, nw, EPS)
+                nbytes = w_bytes + batch[0][1][1].size * 4
+            nbytes += t * k * 2 + t * n * 2 + (k * 2 if norm else 0)
+            row = dict(kernel="gemv", case=name, fmt=fmt, T=t, K=k, N=n, fused_norm=norm)
+            _run_pair(row, kop, rop, batch, nbytes, reps, ceilings, rows)
+            del batch
+
+
+def bench_moe(case: dict, tokens: list, fmt: str, reps: int, ceilings: dict, rows: list, interpret, r: int):
+    e, k, d, i, si = case["e"], case["k"], case["d"], case["i"], case["si"]
+    key = jax.random.key(zlib.crc32(f"moe/{fmt}".encode()))
+    ks = jax.random.split(key, 7)
+    w = (_rnd(ks[0], (e, d, i), d ** -0.5), _rnd(ks[1], (e, d, i), d ** -0.5), _rnd(ks[2], (e, i, d), i ** -0.5))
+    shared = (_rnd(ks[3], (d, si), d ** -0.5), _rnd(ks[4], (d, si), d ** -0.5), _rnd(ks[5], (si, d), si ** -0.5))
+    itemsize = 2
+    if fmt == "fp8":
+        w = tuple(fp8.quantize_fp8_blockwise(a) for a in w)
+        shared = tuple(fp8.quantize_fp8_blockwise(a) for a in shared)
+        itemsize = 1
+    kop = (moe_experts if fmt == "bf16" else moe_experts_fp8)
+    rop = (ref.moe_experts if fmt == "bf16" else fp8.moe_experts_fp8_ref)
+    for t in tokens:
+        batch, uniq = [], []
+        for j in range(r):
+            kj = jax.random.fold_in(ks[6], t * 100 + j)
+            ids = jnp.argsort(jax.random.uniform(kj, (t, e)), axis=-1)[:, :k].astype(jnp.int32)
+            wts = jax.nn.softmax(jax.random.normal(jax.random.fold_in(kj, 1), (t, k)), axis=-1) * 2.5
+            batch.append((_rnd(jax.random.fold_in(kj, 2), (t, d)), ids, wts))
+            uniq.append(len(np.unique(np.asarray(ids))))
+        experts_read = float(np.mean(uniq)) + si / i
+        nbytes = int(experts_read * 3 * d * i * itemsize) + t * d * 4
+        row = dict(kernel="moe_experts", fmt=fmt, T=t, E=e, k=k, D=d, I=i, shared_I=si,
+                   mean_experts_read=experts_read)
+        _run_pair(row, lambda x, ids, wts: kop(x, ids, wts, *w, shared, interpret=interpret),
+                  lambda x, ids, wts: rop(x, ids, wts, *w, shared), batch, nbytes, reps, ceilings, rows)
+    del w, shared
+    gc.collect()
+
+
+def _machine() -> dict:
+    devs = jax.devices()
+    info = {"device": devs[0].device_kind, "device_count": len(devs), "platform": devs[0].platform,
+            "cpu": platform.processor() or platform.machine(), "host": platform.node()}
+    try:
+        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001
+        info["driver"] = None
+    return info
+
+
+def _git_commit() -> str | None:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes in GPU interpret mode (CPU smoke test)")
+    p.add_argument("--reps", type=int, default=None, help="timed batches per case (default 20, tiny 2)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="T values (1 = decode, 4 = 1 + 3 MTP)")
+    p.add_argument("--only", choices=["gemv", "moe"], default=None)
+    p.add_argument("--out", default=None, help="output JSON path")
+    args = p.parse_args(argv)
+    start = time.time()
+    interpret = bool(args.tiny)
+    if args.tiny:
+        from pallas_kernels import _compat  # noqa: F401  (interpret mode needs no mesh: num_ctas defaults to 3)
+    reps = args.reps or (2 if args.tiny else 20)
+    gemv_cases, moe_case = (TINY_GEMV, TINY_MOE) if args.tiny else (GEMV_CASES, MOE_CASE)
+    ceilings = measure_ceilings(2**20 if args.tiny else 4 * 2**30, reps)
+    print("ceilings", ceilings, flush=True)
+    rows: list = []
+    if args.only in (None, "gemv"):
+        for fmt in ("bf16", "fp8"):
+            bench_gemv(gemv_cases, args.tokens, fmt, reps, ceilings, rows, interpret)
+    if args.only in (None, "moe"):
+        for fmt in ("bf16", "fp8"):
+            bench_moe(moe_case, args.tokens, fmt, reps, ceilings, rows, interpret, r=2 if args.tiny else 8)
+    result = {
+        "experiment": "bench_kernels",
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                     "jaxlib": __import__("jaxlib").__version__},
+        "config": {"name": "tiny" if args.tiny else "glm5", "tokens": args.tokens, "reps": reps,
+                   "l2_rotation_bytes": 4 * L2_BYTES, "interpret": interpret},
+        "ceilings": ceilings,
+        "rows": rows,
+        "wall_s": time.time() - start,
+    }
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"kernels_{datetime.date.today().isoformat()}{'_tiny' if args.tiny else ''}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"wrote {out} ({len(rows)} rows, {result['wall_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

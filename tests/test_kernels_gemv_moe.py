@@ -77,10 +77,30 @@ def _moe_inputs(key, t, e, k, d, i, si):
     return x, ids, wts, w, shared
 
 
+def _grid(cases, tokens=(1, 3, 8)):
+    return [(c, t) for c in cases for t in tokens]
+
+
+FULL_GRID = {"test_gemv": _grid(GEMV_GLM5), "test_gemv_fp8": _grid(GEMV_GLM5), "test_moe": _grid(MOE_GLM5),
+             "test_moe_fp8": _grid(MOE_GLM5)}
+# Interpret mode: each new shape costs seconds of tracing, so the CPU grid is thinner where the code paths repeat.
+INTERPRET_GRID = {"test_gemv": _grid(GEMV_TINY), "test_gemv_fp8": _grid(["qkv_a", "o_proj"]),
+                  "test_moe": _grid(["shared"]) + [("no_shared", 3)],
+                  "test_moe_fp8": _grid(["shared"], (1, 8)) + [("no_shared", 3)]}
+
+
+def pytest_generate_tests(metafunc):
+    """(case, T) grids per class: GLM-5 shapes on the GPU, a thinner tiny-shape grid in interpret mode."""
+    grid = getattr(metafunc.cls, "GRID", {}).get(metafunc.function.__name__)
+    if grid is not None:
+        metafunc.parametrize("case,t", grid, ids=[f"{c}-T{t}" for c, t in grid])
+
+
 class _Cases:
     INTERPRET = False
     GEMV = GEMV_GLM5
     MOE = MOE_GLM5
+    GRID = FULL_GRID
 
     @pytest.fixture(autouse=True)
     def _fresh_interpreter(self):
@@ -97,8 +117,6 @@ class _Cases:
 
     # -- GEMV --------------------------------------------------------------------------------------------------
 
-    @pytest.mark.parametrize("t", [1, 3, 8])
-    @pytest.mark.parametrize("case", list(GEMV_GLM5))
     def test_gemv(self, case, t):
         k, n, norm = self.GEMV[case]
         kx, kw, kn = jax.random.split(_key(case, t), 3)
@@ -106,8 +124,6 @@ class _Cases:
         nw = (1.0 + _rnd(kn, (k,), 0.2)).astype(jnp.bfloat16) if norm else None
         assert_close(self.run(gemv, x, w, nw, 1e-5), ref.gemv(x, w, nw, 1e-5), "bf16")
 
-    @pytest.mark.parametrize("t", [1, 3, 8])
-    @pytest.mark.parametrize("case", list(GEMV_GLM5))
     def test_gemv_fp8(self, case, t):
         k, n, norm = self.GEMV[case]
         kx, kw, kn = jax.random.split(_key(case, t, "fp8"), 3)
@@ -132,16 +148,12 @@ class _Cases:
 
     # -- MoE ---------------------------------------------------------------------------------------------------
 
-    @pytest.mark.parametrize("t", [1, 3, 8])
-    @pytest.mark.parametrize("case", list(MOE_GLM5))
     def test_moe(self, case, t):
         e, k, d, i, si = self.MOE[case]
         x, ids, wts, w, shared = _moe_inputs(_key(case, t, "moe"), t, e, k, d, i, si)
         assert_close(self.run(moe_experts, x, ids, wts, *w, shared), ref.moe_experts(x, ids, wts, *w, shared),
                      "bf16")
 
-    @pytest.mark.parametrize("t", [1, 3, 8])
-    @pytest.mark.parametrize("case", list(MOE_GLM5))
     def test_moe_fp8(self, case, t):
         e, k, d, i, si = self.MOE[case]
         x, ids, wts, w, shared = _moe_inputs(_key(case, t, "moe_fp8"), t, e, k, d, i, si)
@@ -168,6 +180,7 @@ class TestKernelsInterpret(_Cases):
     INTERPRET = True
     GEMV = GEMV_TINY
     MOE = MOE_TINY
+    GRID = INTERPRET_GRID
 
 
 # -- Pure-jnp pieces, input checks, lowering (any host) ------------------------------------------------------------

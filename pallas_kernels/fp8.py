@@ -57,6 +57,12 @@ def check_fp8_weight(q, scale, what: str, block: int = BLOCK) -> tuple[int, int]
     return n, k
 
 
+def tma_scales(scale):
+    """Scales with the last axis zero-padded to a multiple of 4: TMA needs 16-byte row strides (K % 512 != 0)."""
+    extra = -scale.shape[-1] % 4
+    return scale if not extra else jnp.pad(scale, [(0, 0)] * (scale.ndim - 1) + [(0, extra)])
+
+
 def gemv_fp8_ref(x, w, norm_weight=None, eps: float = 1e-6):
     """Reference of `gemv_fp8`: `ref.gemv` on the weight dequantized to x's dtype. w = (q [N, K], scale)."""
     return ref.gemv(x, dequantize_fp8_blockwise(*w, dtype=x.dtype), norm_weight, eps)

@@ -502,4 +502,5 @@ def gemv_fp8(x, w, norm_weight=None, eps: float = 1e-6, *, config: GemvConfig | 
         raise ValueError(f"gemv_fp8: N={n} must be a multiple of tile_n={config.tile_n} and K={k} a multiple of "
                          f"{fp8_format.BLOCK}")
     tiles = WeightTiles("fp8", config.tile_k, config.tile_n, x.dtype)
-    return _gemv_call(x, (q, scale), norm_weight, eps, tiles, n, config, interpret_params(interpret))
+    return _gemv_call(x, (q, fp8_format.tma_scales(scale)), norm_weight, eps, tiles, n, config,
+                      interpret_params(interpret))

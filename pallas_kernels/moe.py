@@ -373,5 +373,8 @@ def moe_experts_fp8(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared=
                          f"{config.tile_k=}")
     _check_tiles(d, i, config, "moe_experts_fp8")
     tiles = WeightTiles("fp8", config.tile_k, config.tile_n, x.dtype)
-    return _moe(x, expert_ids, expert_weights, (w_gate, w_up, w_down), shared, tiles, (e, d, i), shared_i, config,
+    tma = lambda w: (w[0], fp8_format.tma_scales(w[1]))
+    routed = (tma(w_gate), tma(w_up), tma(w_down))
+    shared = None if shared is None else tuple(tma(w) for w in shared)
+    return _moe(x, expert_ids, expert_weights, routed, shared, tiles, (e, d, i), shared_i, config,
                 interpret_params(interpret))

@@ -7,6 +7,7 @@ data-parallel steps, orbax checkpoints, the resumable loop, and `load_model` for
 """
 from glm_fast.train.checkpoint import (CheckpointError, Checkpointer, config_mismatches, load_model,
                                        load_tokenizer, resolve_checkpoint_dir)
+from glm_fast.train.export import export_model, load_export
 from glm_fast.train.loop import TrainResult, evaluate, global_batch, train
 from glm_fast.train.loss import balance_loss, load_imbalance, mtp_loss, shifted_targets
 from glm_fast.train.optim import decay_mask, lr_schedule, make_optimizer
@@ -15,6 +16,7 @@ from glm_fast.train.step import (TrainState, abstract_train_state, data_mesh, ev
 from glm_fast.train.writers import JsonlWriter, TensorBoardWriter, read_jsonl
 
 __all__ = [
+    "export_model", "load_export",
     "CheckpointError", "Checkpointer", "JsonlWriter", "TensorBoardWriter", "TrainResult", "TrainState",
     "abstract_train_state", "balance_loss", "config_mismatches", "data_mesh", "decay_mask", "eval_step",
     "evaluate", "global_batch", "init_train_state", "load_imbalance", "load_model", "load_tokenizer",

@@ -230,7 +230,7 @@ def load_model(checkpoint_dir: str | pathlib.Path, step: int | None = None, dtyp
     """A trained model for inference: -> (model, cfg, tokenizer).
 
     Args:
-      checkpoint_dir: a run dir or its `checkpoints/` dir.
+      checkpoint_dir: a run dir, its `checkpoints/` dir, or an inference export (`glm_fast.train.export`).
       step: which step (default: the latest committed one).
       dtype: parameter dtype ("float32" / "bfloat16"); default the stored `model.dtype`.
       expect: a config the caller requires: a `CheckpointError` names every model field that differs.
@@ -238,8 +238,11 @@ def load_model(checkpoint_dir: str | pathlib.Path, step: int | None = None, dtyp
     from flax import nnx
 
     from glm_fast.model import DTYPES, Model
+    from glm_fast.train.export import is_export, load_export
     from glm_fast.train.step import cast_floating, master_config, split_model
 
+    if is_export(checkpoint_dir):
+        return load_export(checkpoint_dir)
     ckpt = Checkpointer(checkpoint_dir, create=False, async_save=False)
     try:
         cfg = ckpt.stored_config(step)

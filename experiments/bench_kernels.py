@@ -200,9 +200,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output JSON path")
     args = p.parse_args(argv)
     start = time.time()
-    interpret = bool(args.tiny)
-    if args.tiny:
-        from pallas_kernels import _compat  # noqa: F401  (interpret mode needs no mesh: num_ctas defaults to 3)
+    interpret = bool(args.tiny)  # GPU interpret mode: 3 simulated CTAs, timings meaningless
     reps = args.reps or (2 if args.tiny else 20)
     gemv_cases, moe_case = (TINY_GEMV, TINY_MOE) if args.tiny else (GEMV_CASES, MOE_CASE)
     ceilings = measure_ceilings(2**20 if args.tiny else 4 * 2**30, reps)

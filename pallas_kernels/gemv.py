@@ -21,7 +21,7 @@ Kernel design (one CTA per SM, persistent):
   * One TMA ring of `max_concurrent_steps` SMEM slots spans all tasks of a CTA: the refill of a slot is issued as
     soon as the wgmma that read it retired, for the step S ahead, which may belong to the next task, so the
     weight stream never drains at task boundaries.
-  * x rows T..7 lie outside x: TMA fills them with zeros (no padding copy), and only rows < T are stored.
+  * x rows T..7 lie outside x: TMA fills them with zeros (no padding copy); only rows < T reach the output.
   * RMSNorm fused: a CTA prologue computes r_t = rsqrt(mean(x_t^2) + eps) per token (full-warpgroup reductions);
     each step multiplies the x block by the norm weight in registers before the wgmma reads it; r_t scales the
     accumulator's columns in the epilogue (rmsnorm(x) @ W = diag(r) (x * w_norm) @ W).
@@ -136,7 +136,8 @@ def pick_k_splits(n_tiles: int, ksteps_total: int, num_ctas: int) -> int:
     """Smallest-overhead split-K factor that fills the CTAs in (nearly) whole waves.
 
     Efficiency of d splits = tasks / (waves * CTAs); splitting costs partial-sum traffic and an XLA epilogue,
-    hence a small penalty, and is not considered at all with >= 4 waves of N tiles. E.g. 132 SMs: K=6144,N=2624 (41 tiles, 24 steps) -> 3; K=16384,N=6144 (96, 64) -> 4; N=154880 -> 1.
+    hence a small penalty, and is not considered at all with >= 4 waves of N tiles. E.g. 132 SMs, 64 x 256
+    tiles: K=6144,N=2624 (41 tiles, 24 steps) -> 3; K=16384,N=6144 (96, 64) -> 4; K=6144,N=154880 -> 1.
     """
     if n_tiles >= 4 * num_ctas:  # the last wave's imbalance is already small next to a split's XLA epilogue
         return 1

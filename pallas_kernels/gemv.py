@@ -147,7 +147,7 @@ def pick_k_splits(n_tiles: int, ksteps_total: int, num_ctas: int) -> int:
             continue
         tasks = n_tiles * d
         eff = tasks / (math.ceil(tasks / num_ctas) * num_ctas)
-        score = eff - (0.02 if d > 1 else 0.0) - 0.001 * d
+        score = eff - (0.02 if d > 1 else 0.0) - 0.005 * d
         if score > best_score + 1e-9:
             best, best_score = d, score
     return best

@@ -120,13 +120,14 @@ def _load_tables(meta_gmem, meta_smem, bar, coef_gmem=None, coef_smem=None):
     plgpu.barrier_wait(bar)
 
 
-def _gate_up(x, slots: Slots, u_pad: int, routed, shared, tiles: WeightTiles, d: int, i: int, config: MoeConfig,
-             interpret):
-    """Kernel A. routed/shared: ((gate refs), (up refs)); returns h [U_pad, TP, I] bf16 (or f32 partials)."""
+def _gate_up(x, slots: Slots, u_pad: int, max_slots: int, routed, shared, tiles: WeightTiles, d: int, i: int,
+             config: MoeConfig, interpret):
+    """Kernel A. routed/shared: ((gate refs), (up refs)); returns h [U_pad, TP, I] bf16. max_slots: the most
+    slots the routing can produce (exact at T = 1), for the split-K choice."""
     tk, tn = tiles.tile_k, tiles.tile_n
     n_tiles, ksteps_total = i // tn, d // tk
     num_ctas = default_ctas(config.num_ctas, interpret)
-    splits = config.gate_up_k_splits or pick_k_splits(u_pad * n_tiles, ksteps_total, num_ctas)
+    splits = config.gate_up_k_splits or pick_k_splits(max_slots * n_tiles, ksteps_total, num_ctas)
     if ksteps_total % splits:
         raise ValueError(f"gate_up_k_splits={splits} must divide the {ksteps_total} K steps (D={d}, tile_k={tk})")
     ksteps = ksteps_total // splits
@@ -280,8 +281,9 @@ def _moe(x, expert_ids, expert_weights, routed, shared, tiles: WeightTiles, dims
     chunks = shared_i // i if shared is not None else 0
     slots = route_slots(expert_ids, expert_weights, e, chunks)
     u_pad = slots.coef.shape[0]
-    h = _gate_up(x, slots, u_pad, (routed[0], routed[1]), None if shared is None else (shared[0], shared[1]),
-                 tiles, d, i, config, interpret)
+    max_slots = min(expert_ids.size, e) + chunks
+    h = _gate_up(x, slots, u_pad, max_slots, (routed[0], routed[1]),
+                 None if shared is None else (shared[0], shared[1]), tiles, d, i, config, interpret)
     part = _down(h, slots, u_pad, routed[2], None if shared is None else shared[2], tiles, d, i, config,
                  interpret)
     live = jnp.arange(u_pad)[:, None, None] < slots.n_slots  # padding slots were never written

@@ -253,6 +253,7 @@ def test_pick_k_splits_fills_the_sms():
     assert gemv_mod.pick_k_splits(41, 24, 132) == 3  # K=6144, N=2624 with 64x256 tiles
     assert gemv_mod.pick_k_splits(96, 64, 132) == 4  # o_proj K=16384, N=6144
     assert gemv_mod.pick_k_splits(2420, 24, 132) == 1  # LM head
+    assert gemv_mod.pick_k_splits(9 * 32, 48, 132) == 4  # MoE gate/up at T = 1: 9 slots x 32 tiles of I=2048
 
 
 def _lower_for_h200(fn, *args):

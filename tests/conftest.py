@@ -7,6 +7,15 @@ import jax  # noqa: E402  (platform must be chosen before jax initialises)
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """One on-disk XLA compilation cache for the whole run (shared by xdist workers): identical programs
+    compiled by several tests compile once."""
+    cache = os.environ.get("GLM_FAST_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "glm_fast",
+                                                                 "jax-tests"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def _has_gpu() -> bool:
     try:
         return any(d.platform == "gpu" for d in jax.devices())

@@ -414,3 +414,20 @@ def test_train_mtp_entry_point(corpus, cache_dir, tmp_path):
     assert row["final_val_loss"] > 0 and row["final_train_loss"] > 0 and row["tokens_per_s"] > 0
     assert record["rows"][0]["final_val_loss"] == row["final_val_loss"]
     assert (run_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_inference_export_round_trip(full_run, tmp_path):
+    """A bf16 export (params.msgpack + config + tokenizer) loads through load_model with the same weights
+    (up to the bf16 cast) and gives the same logits as loading the checkpoint in bf16; a corrupt one fails."""
+    from glm_fast.train import CheckpointError, export_model
+
+    run_dir, _ = full_run
+    out = export_model(run_dir, tmp_path / "export")
+    model, cfg, tokenizer = load_model(out)
+    ref, _, _ = load_model(run_dir, dtype="bfloat16")
+    assert cfg.model.dtype == "bfloat16" and model.embed_tokens.embedding.dtype == jnp.bfloat16
+    tokens = jnp.asarray([tokenizer.encode("import json\n")])
+    np.testing.assert_array_equal(np.asarray(model(tokens)[0], np.float32), np.asarray(ref(tokens)[0], np.float32))
+    (out / "params.msgpack").write_bytes(b"not msgpack")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(out)

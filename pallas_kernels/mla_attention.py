@@ -1,0 +1,411 @@
+"""Absorbed MLA decode attention over DSA-selected latent rows (DeepSeek-V2 weight absorption, DeepSeek-V3.2 DSA)
+in Pallas Mosaic GPU for Hopper. Same signature as `ref.sparse_mla_attention`.
+
+Axis legend as in `ref`: B batch, T query tokens, S cached tokens, K selected rows, N heads, C latent rank, R rope.
+logits[n, j] = (q_lat[n] . c_kv[idx_j] + q_pe[n] . k_pe[idx_j]) * scale over the K rows idx (masked by valid),
+softmax over j, out[n] = sum_j p[n, j] c_kv[idx_j] (the latent "values" are the latent keys).
+
+Design (flash-decoding over the selected rows):
+  grid (splits, head groups, B*T). A CTA takes one (b, t), a group of 64 heads (the wgmma M: all heads of a
+  GLM-5 query at once) and a contiguous share of the K selected rows, and returns its share's softmax-normalised
+  output [64, C] and log2-sum-exp [64]; `_combine` (XLA) merges the splits. Three warpgroups:
+  * producer (WG 2): gathers block_k rows per step with per-row TMA copies (TMA gather is Blackwell-only): a row's
+    C latents land as C/64 segments of 64 (one 128-byte swizzle row each) in `kv` [stages, C/64, block_k, 64],
+    its rope part in `pe` [stages, block_k, R]. A [block_k, 64] segment with (8, 64) tiles is laid out row by row,
+    so each row copy writes 128 contiguous (swizzled) bytes; the copies go through a swizzle-only alias of the
+    same SMEM (`plgpu.RefUnion`), because a row slice of an (8, 64)-tiled ref is not tile-aligned.
+  * two consumers (WG 0 and 1) split C in halves: each owns the f32 accumulator [64, C/2] (128 registers per
+    thread), computes the partial logits of its half of the latent dims (WG 0 also the rope part) with wgmma
+    (q segment @ row segment^T), and the two partial logit tiles are summed through SMEM (double-buffered, one
+    barrier per block), so both hold the same logits. Online softmax in exp2 with the scale folded in, masked
+    rows at -inf (bias). P (bf16) feeds the PV wgmma from registers: acc[:, seg] += P [64, block_k] @ rows seg.
+  `mla_block_tile` is the per-block body (partial QK, exchange, softmax update, PV), reusable by a persistent
+  kernel.
+
+Interpret mode (CPU): jax 0.10's GPU interpreter runs TMA, barriers and wgmma with SMEM operands, but not
+transposed wgmma operands, register A operands, RefUnion, layout casts or `plgpu.load`. Under `interpret` the
+two wgmma products therefore become jnp.dot of the same SMEM tiles, the row copies target the tiled buffer
+directly, and layouts are left implicit; everything else (gather indexing, pipelining and barriers, exchange,
+softmax, masking, split combine) is the code that runs on the GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _compat
+from pallas_kernels.indexer import col_vector, mma_transforms, num_sms
+
+NEG_INF = float("-inf")
+_LOG2E = math.log2(math.e)
+_SMEM_BYTES = 227 * 1024  # opt-in shared memory per block on H100/H200
+_SEG = 64  # latent segment width: one 128-byte swizzle row of bf16
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Tuning of the sparse MLA kernel.
+
+    block_k: selected rows per pipeline step (the QK wgmma N, the PV wgmma K); multiple of 16.
+    num_stages: depth of the gathered-row ring (>= 1); (C + R) * 2 * block_k bytes each.
+    num_splits: CTAs sharing one (b, t, head group)'s rows (flash-decoding); None -> enough to fill the SMs.
+    """
+    block_k: int = 32
+    num_stages: int = 2
+    num_splits: int | None = None
+
+    def __post_init__(self):
+        if self.block_k <= 0 or self.block_k % 16:
+            raise ValueError(f"{self.block_k=} must be a positive multiple of 16 (bf16 wgmma K step)")
+        if self.num_stages < 1:
+            raise ValueError(f"{self.num_stages=} must be >= 1")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"{self.num_splits=} must be >= 1 or None (auto)")
+
+
+# ------------------------------------------------------------------------------------------------ matmul seams
+def _load_tile(ref, interpret: bool):
+    """A 2-D f32 SMEM tile in the WGMMA register layout."""
+    if interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
+
+
+def _full(shape, value: float, interpret: bool):
+    """A float32 constant in the WGMMA layout (2-D) or its row-vector layout (1-D), as loop-carry init."""
+    x = jnp.full(shape, value, jnp.float32)
+    if interpret:
+        return x
+    layout = plgpu.Layout.WGMMA if len(shape) == 2 else plgpu.Layout.WGMMA.reduce(1)
+    return plgpu.layout_cast(x, layout)
+
+
+def _qk(q_segs, kv_segs, interpret: bool):
+    """sum_i q_segs[i] [M, D] @ kv_segs[i] [block_k, D]^T -> float32 [M, block_k] (SMEM refs)."""
+    if interpret:
+        return sum(jnp.dot(q[...], kv[...].T, preferred_element_type=jnp.float32) for q, kv in zip(q_segs, kv_segs))
+
+    def compute(acc_ref):
+        for q, kv in zip(q_segs, kv_segs):
+            plgpu.wgmma(acc_ref, q, plgpu.transpose_ref(kv, (1, 0)))
+        return acc_ref[...]
+    return pl.run_scoped(compute, plgpu.ACC((q_segs[0].shape[0], kv_segs[0].shape[0]), jnp.float32))
+
+
+def _pv(acc, p, kv_segs, interpret: bool):
+    """acc [M, n*D] + p [M, block_k] @ concat(kv_segs [block_k, D]) with p in registers."""
+    if interpret:
+        rows = jnp.concatenate([kv[...] for kv in kv_segs], axis=1)
+        return acc + jnp.dot(p, rows, preferred_element_type=jnp.float32)
+    seg = kv_segs[0].shape[1]
+
+    def compute(acc_ref):
+        for i, kv in enumerate(kv_segs):
+            plgpu.wgmma(acc_ref.at[:, pl.ds(i * seg, seg)], p, kv)
+    return pl.run_state(compute)(plgpu.ACC.init(acc))
+
+
+# ---------------------------------------------------------------------------------------------------- tiles
+def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_dst, pe_dst, full_bar, *, b, first, num_rows: int, seq_len: int):
+    """Issue the per-row TMA copies of `num_rows` selected rows (idx_smem[first + r]) into one ring slot.
+
+    kv_dst [C/seg, rows, seg] and pe_dst [rows, R] are the slot's copy views; every copy arrives on `full_bar`
+    (which therefore expects (C/seg + 1) * num_rows arrivals). Indices are clamped to [0, seq_len).
+    """
+    n_seg, _, seg = kv_dst.shape
+
+    @pl.loop(0, num_rows)
+    def _row(r):
+        row = jnp.clip(idx_smem[first + r], 0, seq_len - 1)
+        for c in range(n_seg):
+            plgpu.copy_gmem_to_smem(ckv_ref.at[b, pl.ds(row, 1), pl.ds(c * seg, seg)], kv_dst.at[c, pl.ds(r, 1)],
+                                    full_bar)
+        plgpu.copy_gmem_to_smem(kpe_ref.at[b, pl.ds(row, 1)], pe_dst.at[pl.ds(r, 1)], full_bar)
+
+
+def online_softmax_pv(logits, bias, kv_segs, carry, *, scale_log2: float, interpret: bool):
+    """Online-softmax update with one block of logits [M, block_k] (the reusable tile body's second half).
+
+    bias [block_k]: 0 for valid rows, -inf for masked ones (a column vector); kv_segs: the [block_k, D] row
+    segments this accumulator covers; carry (acc [M, n*D] f32, m [M], l [M]) with m in the log2 domain.
+    """
+    acc, m, l = carry
+    s = logits * scale_log2 + lax.broadcast_in_dim(bias, logits.shape, [1])
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_use = jnp.where(m_new == NEG_INF, 0.0, m_new)  # nothing valid yet: keep exp2 finite (0, not NaN)
+    alpha = jnp.exp2(m - m_use)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    acc = _pv(acc, p.astype(kv_segs[0].dtype), kv_segs, interpret)
+    return acc, m_new, l
+
+
+def _finish(carry):
+    """Normalised output and log2-sum-exp of a split (zeros / -inf where no row was valid)."""
+    acc, m, l = carry
+    has = l > 0.0
+    l_safe = jnp.where(has, l, 1.0)
+    out = acc * lax.broadcast_in_dim(jnp.where(has, 1.0 / l_safe, 0.0), acc.shape, [0])
+    return out, jnp.where(has, m + jnp.log2(l_safe), NEG_INF)
+
+
+# --------------------------------------------------------------------------------------------------- kernel
+def _mla_kernel(q_ref, qpe_ref, ckv_ref, kpe_ref, idx_ref, bias_ref, o_ref, lse_ref, *, T: int, S: int, hpc: int,
+                C: int, R: int, seg: int, block_k: int, stages: int, n_blocks: int, scale_log2: float,
+                interpret: bool):
+    split = lax.axis_index("s")
+    h0 = lax.axis_index("h") * hpc
+    bt = lax.axis_index("bt")
+    b, t = lax.div(bt, T), lax.rem(bt, T)
+    rows_per_split = n_blocks * block_k
+    r0 = split * rows_per_split
+    n_seg = C // seg
+    half = n_seg // 2
+    dtype = q_ref.dtype
+    sw = mma_transforms(None if interpret else 128, dtype)
+    kv_type = plgpu.SMEM((stages, n_seg, block_k, seg), dtype, transforms=sw)
+    pe_type = plgpu.SMEM((stages, block_k, R), dtype, transforms=sw)
+    if interpret:
+        kv_alloc, pe_alloc = kv_type, pe_type
+    else:  # the producer's per-row copies go through a swizzle-only view of the same bytes
+        swz = (plgpu.SwizzleTransform(128),)
+        kv_alloc = plgpu.RefUnion(kv_type, plgpu.SMEM((stages, n_seg, block_k, seg), dtype, transforms=swz))
+        pe_alloc = plgpu.RefUnion(pe_type, plgpu.SMEM((stages, block_k, R), dtype, transforms=swz))
+    gather = functools.partial(gather_rows, ckv_ref, kpe_ref, b=b, num_rows=block_k, seq_len=S)
+    update = functools.partial(online_softmax_pv, scale_log2=scale_log2, interpret=interpret)
+
+    def operands(slot, w, q_smem, qpe_smem, kv, pe):
+        """Warpgroup w's QK operand pairs (w = 0 also takes the rope part) and its PV row segments."""
+        segs = range(w * half, (w + 1) * half)
+        q_segs = [q_smem.at[:, pl.ds(c * seg, seg)] for c in segs]
+        kv_segs = [kv.at[slot, c] for c in segs]
+        qk = (q_segs + [qpe_smem], kv_segs + [pe.at[slot]]) if w == 0 else (q_segs, kv_segs)
+        return qk, kv_segs
+
+    def store_out(w, out, stage_buf):
+        """Write warpgroup w's normalised [hpc, C/2] output through two [hpc, block_k] SMEM staging slots."""
+        for i in range(half * seg // block_k):
+            stage = stage_buf(i % 2)
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            stage[...] = out[:, i * block_k:(i + 1) * block_k]
+            plgpu.commit_smem()
+            c0 = w * half * seg + i * block_k
+            plgpu.copy_smem_to_gmem(stage, o_ref.at[b, t, split, pl.ds(h0, hpc), pl.ds(c0, block_k)])
+
+    def store_lse(lse, lse_smem):
+        lse_smem[...] = lse
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, t, split, pl.ds(h0, hpc)])
+
+    def init_carry():
+        return (_full((hpc, half * seg), 0.0, interpret), _full((hpc,), NEG_INF, interpret),
+                _full((hpc,), 0.0, interpret))
+
+    def load_meta_and_q(idx_smem, bias_smem, q_smem, qpe_smem, q_bar, meta_bar):
+        plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(r0, rows_per_split)], idx_smem, meta_bar)
+        plgpu.copy_gmem_to_smem(bias_ref.at[b, t, pl.ds(r0, rows_per_split)], bias_smem, meta_bar)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, t, pl.ds(h0, hpc)], q_smem, q_bar)
+        plgpu.copy_gmem_to_smem(qpe_ref.at[b, t, pl.ds(h0, hpc)], qpe_smem, q_bar)
+
+    def warp_specialized(q_smem, qpe_smem, kv_u, pe_u, idx_smem, bias_smem, xch, lse_smem, q_bar, meta_bar, full,
+                         consumed, xbar):
+        """GPU: WG 0 gathers rows, WGs 1 and 2 each own half of C and exchange partial logits through SMEM."""
+        (kv, kv_copy), (pe, pe_copy) = kv_u, pe_u
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg == 0)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            load_meta_and_q(idx_smem, bias_smem, q_smem, qpe_smem, q_bar, meta_bar)
+            plgpu.barrier_wait(meta_bar)
+
+            @pl.loop(0, n_blocks)
+            def _block(j):
+                slot = lax.rem(j, stages)
+                pl.when(j >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
+                gather(idx_smem, kv_copy.at[slot], pe_copy.at[slot], full.at[slot], first=j * block_k)
+
+        def consumer(w: int):
+            plgpu.set_max_registers(232, action="increase")
+            plgpu.barrier_wait(q_bar)
+            plgpu.barrier_wait(meta_bar)
+
+            def block(j, carry):
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(full.at[slot])
+                (q_segs, kv_qk), kv_pv = operands(slot, w, q_smem, qpe_smem, kv, pe)
+                part = _qk(q_segs, kv_qk, interpret)  # this warpgroup's share of the latent (+ rope) dims
+                xch_j = xch.at[lax.rem(j, 2)]
+                xch_j[w] = part
+                plgpu.barrier_arrive(xbar)
+                plgpu.barrier_wait(xbar)
+                other = _load_tile(xch_j.at[1 - w], interpret)
+                # Same summation order in both warpgroups: bit-identical logits, hence identical m and l.
+                logits = part + other if w == 0 else other + part
+                bias = col_vector(bias_smem.at[pl.ds(j * block_k, block_k)], interpret)
+                carry = update(logits, bias, kv_pv, carry)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return carry
+
+            out, lse = _finish(lax.fori_loop(0, n_blocks, block, init_carry()))
+            plgpu.barrier_arrive(xbar)  # both consumers are done with the exchange slots: reuse them as staging
+            plgpu.barrier_wait(xbar)
+            store_out(w, out, lambda i: xch.at[i, w])
+            if w == 0:
+                store_lse(lse, lse_smem)
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.when(wg == 1)(lambda: consumer(0))
+        pl.when(wg == 2)(lambda: consumer(1))
+
+    def sequential(q_smem, qpe_smem, kv, pe, idx_smem, bias_smem, xch, lse_smem, q_bar, meta_bar, full):
+        """Interpret mode: one warpgroup plays the three roles in dependency order (same tiles, same copies).
+
+        jax 0.10's GPU interpreter runs each Pallas thread as its own XLA:CPU program, and on a 2-core host two
+        of them blocked in barrier waits starve the third of CPU-client threads (a deadlock), so the
+        warp-specialised schedule is only run on the GPU.
+        """
+        load_meta_and_q(idx_smem, bias_smem, q_smem, qpe_smem, q_bar, meta_bar)
+        plgpu.barrier_wait(meta_bar)
+        plgpu.barrier_wait(q_bar)
+        for j in range(min(stages, n_blocks)):
+            gather(idx_smem, kv.at[j], pe.at[j], full.at[j], first=j * block_k)
+
+        def block(j, carries):
+            slot = lax.rem(j, stages)
+            plgpu.barrier_wait(full.at[slot])
+            ops = [operands(slot, w, q_smem, qpe_smem, kv, pe) for w in (0, 1)]
+            parts = [_qk(*qk, interpret) for qk, _ in ops]
+            logits = parts[0] + parts[1]
+            bias = col_vector(bias_smem.at[pl.ds(j * block_k, block_k)], interpret)
+            carries = tuple(update(logits, bias, kv_pv, c) for (_, kv_pv), c in zip(ops, carries))
+            pl.when(j + stages < n_blocks)(
+                lambda: gather(idx_smem, kv.at[slot], pe.at[slot], full.at[slot], first=(j + stages) * block_k))
+            return carries
+
+        carries = lax.fori_loop(0, n_blocks, block, (init_carry(), init_carry()))
+        for w, carry in enumerate(carries):
+            out, lse = _finish(carry)
+            store_out(w, out, lambda i: xch.at[i, w])
+            if w == 0:
+                store_lse(lse, lse_smem)
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [
+        plgpu.SMEM((hpc, C), dtype, transforms=sw),
+        plgpu.SMEM((hpc, R), dtype, transforms=sw),
+        kv_alloc,
+        pe_alloc,
+        plgpu.SMEM((rows_per_split,), jnp.int32),
+        plgpu.SMEM((rows_per_split,), jnp.float32),
+        plgpu.SMEM((2, 2, hpc, block_k), jnp.float32),  # partial-logit exchange, then output staging
+        plgpu.SMEM((hpc,), jnp.float32),
+        plgpu.Barrier(num_arrivals=2),  # q_bar
+        plgpu.Barrier(num_arrivals=2),  # meta_bar
+        plgpu.Barrier(num_arrivals=(n_seg + 1) * block_k, num_barriers=stages),  # full: one arrival per row copy
+    ]
+    if interpret:
+        pl.run_scoped(sequential, *scratch)
+    else:
+        pl.run_scoped(warp_specialized, *scratch,
+                      plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # consumed
+                      plgpu.Barrier(num_arrivals=2),  # xbar
+                      collective_axes="wg")
+
+
+def _combine(o_part, lse):
+    """Merge split results: o_part [B, T, P, N, C] (each softmax-normalised over its rows), lse [B, T, P, N] log2."""
+    m = jnp.max(lse, axis=2, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp2(lse - m)  # masked splits: 0
+    den = jnp.sum(w, axis=2)
+    num = jnp.einsum("btpn,btpnc->btnc", w, o_part)
+    return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+
+
+def _check_inputs(q_lat, q_pe, c_kv, k_pe, idx, valid, scale, interpret: bool):
+    if q_lat.ndim != 4 or q_pe.ndim != 4 or c_kv.ndim != 3 or k_pe.ndim != 3 or idx.ndim != 3:
+        raise ValueError(f"expected q_lat [B,T,N,C], q_pe [B,T,N,R], c_kv [B,S,C], k_pe [B,S,R], idx/valid [B,T,K];"
+                         f" got {q_lat.shape=}, {q_pe.shape=}, {c_kv.shape=}, {k_pe.shape=}, {idx.shape=}")
+    B, T, N, C = q_lat.shape
+    R = q_pe.shape[-1]
+    S = c_kv.shape[1]
+    if q_pe.shape[:3] != (B, T, N) or c_kv.shape != (B, S, C) or k_pe.shape != (B, S, R):
+        raise ValueError(f"shape mismatch: {q_lat.shape=}, {q_pe.shape=}, {c_kv.shape=}, {k_pe.shape=}")
+    if idx.shape[:2] != (B, T) or valid.shape != idx.shape:
+        raise ValueError(f"{idx.shape=} / {valid.shape=} must be [B, T, K] with B, T = {B}, {T}")
+    if not jnp.issubdtype(idx.dtype, jnp.integer) or valid.dtype != jnp.bool_:
+        raise ValueError(f"idx must be integer and valid bool, got {idx.dtype}, {valid.dtype}")
+    dtypes = {jnp.dtype(x.dtype) for x in (q_lat, q_pe, c_kv, k_pe)}
+    if len(dtypes) != 1 or dtypes.pop() not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"q_lat, q_pe, c_kv, k_pe must share a 16-bit float dtype, got "
+                         f"{q_lat.dtype}, {q_pe.dtype}, {c_kv.dtype}, {k_pe.dtype}")
+    if idx.shape[2] < 1 or S < 1:
+        raise ValueError(f"need at least one selected row and one cached row: {idx.shape=}, {S=}")
+    if not scale > 0:
+        raise ValueError(f"{scale=} must be > 0")
+    if interpret:
+        if C % 2 or (C // 2) % 8 or (C >= 2 * _SEG and C % (2 * _SEG)):
+            raise ValueError(f"{C=} must be even with C/2 a multiple of 8, and a multiple of {2 * _SEG} above it")
+    else:
+        if N % 64:
+            raise ValueError(f"{N=} must be a multiple of 64 (wgmma M: one CTA takes 64 heads)")
+        if C % (2 * _SEG) or R != _SEG:
+            raise ValueError(f"{C=} must be a multiple of {2 * _SEG} and {R=} must be {_SEG} (128-byte swizzle rows)")
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def sparse_mla_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, scale: float, *, config: MLAConfig = MLAConfig(),
+                         interpret=False):
+    """Pallas version of `ref.sparse_mla_attention`: latent-space output [B, T, N, C] in q_lat's dtype.
+
+    Rows whose `valid` is False are masked; a query with no valid row returns zeros (the reference gives NaN).
+    Indices are clamped to [0, S) (out-of-range slots must be marked invalid).
+    """
+    params = _compat.resolve_interpret(interpret)
+    _check_inputs(q_lat, q_pe, c_kv, k_pe, idx, valid, scale, params is not None)
+    B, T, N, C = q_lat.shape
+    R = q_pe.shape[-1]
+    S = c_kv.shape[1]
+    K = idx.shape[2]
+    block_k = config.block_k
+    hpc = min(N, 64)
+    groups = N // hpc
+    seg = _SEG if C % (2 * _SEG) == 0 else C // 2
+    n_blocks_total = pl.cdiv(K, block_k)
+    splits = config.num_splits or max(1, num_sms() // (B * T * groups))
+    splits = min(splits, n_blocks_total)
+    n_blocks = pl.cdiv(n_blocks_total, splits)
+    splits = pl.cdiv(n_blocks_total, n_blocks)
+    stages = min(config.num_stages, n_blocks)
+    k_pad = splits * n_blocks * block_k
+    smem = (hpc * (C + R) * 2 + stages * block_k * (C + R) * 2 + n_blocks * block_k * 8 + 4 * hpc * block_k * 4
+            + hpc * 4)
+    if params is None and smem > _SMEM_BYTES:
+        raise ValueError(f"SMEM {smem} B > {_SMEM_BYTES} B: lower {config.num_stages=} / {block_k=} or raise "
+                         f"num_splits (the split's index list is kept in SMEM)")
+    idx_p = jnp.pad(idx.astype(jnp.int32), ((0, 0), (0, 0), (0, k_pad - K)))
+    bias = jnp.pad(jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32), ((0, 0), (0, 0), (0, k_pad - K)),
+                   constant_values=NEG_INF)
+    kernel = plgpu.kernel(
+        functools.partial(_mla_kernel, T=T, S=S, hpc=hpc, C=C, R=R, seg=seg, block_k=block_k, stages=stages,
+                          n_blocks=n_blocks, scale_log2=scale * _LOG2E, interpret=params is not None),
+        out_type=(jax.ShapeDtypeStruct((B, T, splits, N, C), jnp.float32),
+                  jax.ShapeDtypeStruct((B, T, splits, N), jnp.float32)),
+        grid=(splits, groups, B * T),
+        grid_names=("s", "h", "bt"),
+        num_threads=None if params is not None else 3,
+        thread_name=None if params is not None else "wg",
+        interpret=params,
+    )
+    o_part, lse = kernel(q_lat, q_pe, c_kv, k_pe, idx_p, bias)
+    out = o_part[:, :, 0] if splits == 1 else _combine(o_part, lse)
+    return out.astype(q_lat.dtype)

@@ -7,26 +7,32 @@ softmax over j, out[n] = sum_j p[n, j] c_kv[idx_j] (the latent "values" are the 
 
 Design (flash-decoding over the selected rows):
   grid (splits, head groups, B*T). A CTA takes one (b, t), a group of 64 heads (the wgmma M: all heads of a
-  GLM-5 query at once) and a contiguous share of the K selected rows, and returns its share's softmax-normalised
-  output [64, C] and log2-sum-exp [64]; `_combine` (XLA) merges the splits. Three warpgroups:
-  * producer (WG 2): gathers block_k rows per step with per-row TMA copies (TMA gather is Blackwell-only): a row's
-    C latents land as C/64 segments of 64 (one 128-byte swizzle row each) in `kv` [stages, C/64, block_k, 64],
-    its rope part in `pe` [stages, block_k, R]. A [block_k, 64] segment with (8, 64) tiles is laid out row by row,
-    so each row copy writes 128 contiguous (swizzled) bytes; the copies go through a swizzle-only alias of the
-    same SMEM (`plgpu.RefUnion`), because a row slice of an (8, 64)-tiled ref is not tile-aligned.
-  * two consumers (WG 0 and 1) split C in halves: each owns the f32 accumulator [64, C/2] (128 registers per
-    thread), computes the partial logits of its half of the latent dims (WG 0 also the rope part) with wgmma
-    (q segment @ row segment^T), and the two partial logit tiles are summed through SMEM (double-buffered, one
-    barrier per block), so both hold the same logits. Online softmax in exp2 with the scale folded in, masked
-    rows at -inf (bias). P (bf16) feeds the PV wgmma from registers: acc[:, seg] += P [64, block_k] @ rows seg.
-  `mla_block_tile` is the per-block body (partial QK, exchange, softmax update, PV), reusable by a persistent
-  kernel.
+  GLM-5 query at once) and a contiguous share of the K selected rows (at least `min_rows_per_split`, because each
+  split writes a [64, C] f32 partial), and returns its share's softmax-normalised output [64, C] and
+  log2-sum-exp [64]; `_combine` (XLA) merges the splits. Three warpgroups on the GPU:
+  * producer (WG 0, `gather_rows`): gathers block_k rows per step with per-row TMA copies (TMA gather is
+    Blackwell-only). A row's C latents land as C/64 segments of 64 (one 128-byte swizzle row each) in
+    `kv` [stages, C/64, block_k, 64], its rope part in `pe` [stages, block_k, R]. A [block_k, 64] segment with
+    (8, 64) tiles is laid out row after row, so each row copy writes 128 contiguous (swizzled) bytes; the copies
+    go through a swizzle-only alias of the same SMEM (`plgpu.RefUnion`), because a one-row slice of an
+    (8, 64)-tiled ref is not tile-aligned.
+  * two consumers (WG 1 and 2) split C in halves: each owns the f32 accumulator [64, C/2] (128 registers per
+    thread), computes with wgmma the partial logits of its half of the latent dims (WG 1 also the rope part),
+    q segment @ row segment^T, and the two partial logit tiles are summed through SMEM (double-buffered, one
+    barrier per block), so both hold the same logits. `online_softmax_pv`: online softmax in exp2 with the
+    scale folded in, masked rows at -inf (bias), then P (bf16, registers) @ row segments into the accumulator.
+  `gather_rows`, `_qk` and `online_softmax_pv` are the per-block tiles a persistent kernel can reuse.
+  SMEM at GLM-5 shapes (64 heads, C 512, R 64, block_k 32, 2 stages): q 72 KB + rows 72 KB + exchange 32 KB +
+  the split's index/bias lists (8 B per row).
 
 Interpret mode (CPU): jax 0.10's GPU interpreter runs TMA, barriers and wgmma with SMEM operands, but not
-transposed wgmma operands, register A operands, RefUnion, layout casts or `plgpu.load`. Under `interpret` the
-two wgmma products therefore become jnp.dot of the same SMEM tiles, the row copies target the tiled buffer
-directly, and layouts are left implicit; everything else (gather indexing, pipelining and barriers, exchange,
-softmax, masking, split combine) is the code that runs on the GPU.
+transposed wgmma operands, register A operands, RefUnion, layout casts or `plgpu.load`, and its multi-warpgroup
+execution can deadlock on a 2-core host (each Pallas thread is an XLA:CPU program; two blocked in barrier waits
+starve the third). Under `interpret` the kernel therefore runs one warpgroup that plays the three roles in
+dependency order (`sequential`), with the same tiles, the same per-row TMA copies into the same ring and the same
+barriers; the two wgmma products become jnp.dot of the same SMEM tiles and the row copies target the tiled
+buffer directly. The warp-specialised schedule (exchange barrier, consumed barriers, register budgets) is only
+exercised on the GPU.
 """
 from __future__ import annotations
 
@@ -55,11 +61,14 @@ class MLAConfig:
 
     block_k: selected rows per pipeline step (the QK wgmma N, the PV wgmma K); multiple of 16.
     num_stages: depth of the gathered-row ring (>= 1); (C + R) * 2 * block_k bytes each.
-    num_splits: CTAs sharing one (b, t, head group)'s rows (flash-decoding); None -> enough to fill the SMs.
+    num_splits: CTAs sharing one (b, t, head group)'s rows (flash-decoding); None -> enough to fill the SMs,
+      but no fewer than min_rows_per_split rows per split (each split writes a [64, C] f32 partial: 128 KB at
+      GLM-5 shapes, against ~1.1 KB per gathered row).
     """
     block_k: int = 32
     num_stages: int = 2
     num_splits: int | None = None
+    min_rows_per_split: int = 128
 
     def __post_init__(self):
         if self.block_k <= 0 or self.block_k % 16:
@@ -68,6 +77,8 @@ class MLAConfig:
             raise ValueError(f"{self.num_stages=} must be >= 1")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"{self.num_splits=} must be >= 1 or None (auto)")
+        if self.min_rows_per_split < 1:
+            raise ValueError(f"{self.min_rows_per_split=} must be >= 1")
 
 
 # ------------------------------------------------------------------------------------------------ matmul seams
@@ -352,6 +363,8 @@ def _check_inputs(q_lat, q_pe, c_kv, k_pe, idx, valid, scale, interpret: bool):
         raise ValueError(f"need at least one selected row and one cached row: {idx.shape=}, {S=}")
     if not scale > 0:
         raise ValueError(f"{scale=} must be > 0")
+    if N > 64 and N % 64:
+        raise ValueError(f"{N=} must be <= 64 or a multiple of 64 (one CTA takes a group of 64 heads)")
     if interpret:
         if C % 2 or (C // 2) % 8 or (C >= 2 * _SEG and C % (2 * _SEG)):
             raise ValueError(f"{C=} must be even with C/2 a multiple of 8, and a multiple of {2 * _SEG} above it")
@@ -377,11 +390,16 @@ def sparse_mla_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, scale: float, *, c
     S = c_kv.shape[1]
     K = idx.shape[2]
     block_k = config.block_k
+    if (C // 2) % block_k:
+        raise ValueError(f"C/2 = {C // 2} must be a multiple of {block_k=} (output staging tiles)")
     hpc = min(N, 64)
     groups = N // hpc
     seg = _SEG if C % (2 * _SEG) == 0 else C // 2
     n_blocks_total = pl.cdiv(K, block_k)
-    splits = config.num_splits or max(1, num_sms() // (B * T * groups))
+    if config.num_splits is None:
+        splits = max(1, min(num_sms() // (B * T * groups), K // config.min_rows_per_split))
+    else:
+        splits = config.num_splits
     splits = min(splits, n_blocks_total)
     n_blocks = pl.cdiv(n_blocks_total, splits)
     splits = pl.cdiv(n_blocks_total, n_blocks)

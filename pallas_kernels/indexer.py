@@ -282,7 +282,7 @@ def _float_key(x):
 def count_tile(x_smem, candidates, counts=None):
     """Per-lane counts of keys >= each candidate over one chunk of scores (the selection's tile body).
 
-    x_smem [chunk] float32 scores; candidates: int32 scalars; counts: per-lane int32 partial counts from earlier
+    x_smem [chunk / 128, 128] float32 scores; candidates: int32 scalars; counts: per-lane int32 partial counts from earlier
     chunks (arrays shaped like the chunk) or None. Returns the updated partial counts, one array per candidate.
     """
     key = _float_key(x_smem[...])
@@ -297,9 +297,11 @@ def _select_kernel(scores_ref, out_ref, x_smem, bars, *, k: int, n_chunks: int, 
     n_cand = 2**radix_bits - 1
     resident = n_chunks <= stages
 
+    rows = chunk // 128  # scores_ref is [R, L / 128, 128]: a TMA box spans at most 256 elements per dimension
+
     def fetch(i):
         slot = i % stages if isinstance(i, int) else lax.rem(i, stages)
-        plgpu.copy_gmem_to_smem(scores_ref.at[r, pl.ds(i * chunk, chunk)], x_smem.at[slot], bars.at[slot])
+        plgpu.copy_gmem_to_smem(scores_ref.at[r, pl.ds(i * rows, rows)], x_smem.at[slot], bars.at[slot])
 
     if resident:
         for i in range(n_chunks):
@@ -367,12 +369,12 @@ def select_bins(scores, k: int, *, config: IndexerConfig = IndexerConfig(), inte
         functools.partial(_select_kernel, k=k, n_chunks=n_chunks, chunk=chunk, stages=stages,
                           radix_bits=config.radix_bits),
         out_type=jax.ShapeDtypeStruct((R, 4), jnp.int32),
-        scratch_types=[plgpu.SMEM((stages, chunk), jnp.float32), plgpu.Barrier(num_barriers=stages)],
+        scratch_types=[plgpu.SMEM((stages, chunk // 128, 128), jnp.float32), plgpu.Barrier(num_barriers=stages)],
         grid=(R,),
         grid_names=("r",),
         interpret=params,
     )
-    return kernel(scores)
+    return kernel(scores.reshape(R, L // 128, 128))
 
 
 def _collect(scores, bins, k: int):

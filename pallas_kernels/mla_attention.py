@@ -7,32 +7,35 @@ softmax over j, out[n] = sum_j p[n, j] c_kv[idx_j] (the latent "values" are the 
 
 Design (flash-decoding over the selected rows):
   grid (splits, head groups, B*T). A CTA takes one (b, t), a group of 64 heads (the wgmma M: all heads of a
-  GLM-5 query at once) and a contiguous share of the K selected rows (at least `min_rows_per_split`, because each
-  split writes a [64, C] f32 partial), and returns its share's softmax-normalised output [64, C] and
-  log2-sum-exp [64]; `_combine` (XLA) merges the splits. Three warpgroups on the GPU:
-  * producer (WG 0, `gather_rows`): gathers block_k rows per step with per-row TMA copies (TMA gather is
-    Blackwell-only). A row's C latents land as C/64 segments of 64 (one 128-byte swizzle row each) in
-    `kv` [stages, C/64, block_k, 64], its rope part in `pe` [stages, block_k, R]. A [block_k, 64] segment with
-    (8, 64) tiles is laid out row after row, so each row copy writes 128 contiguous (swizzled) bytes; the copies
-    go through a swizzle-only alias of the same SMEM (`plgpu.RefUnion`), because a one-row slice of an
-    (8, 64)-tiled ref is not tile-aligned.
-  * two consumers (WG 1 and 2) split C in halves: each owns the f32 accumulator [64, C/2] (128 registers per
-    thread), computes with wgmma the partial logits of its half of the latent dims (WG 1 also the rope part),
-    q segment @ row segment^T, and the two partial logit tiles are summed through SMEM (double-buffered, one
-    barrier per block), so both hold the same logits. `online_softmax_pv`: online softmax in exp2 with the
-    scale folded in, masked rows at -inf (bias), then P (bf16, registers) @ row segments into the accumulator.
-  `gather_rows`, `_qk` and `online_softmax_pv` are the per-block tiles a persistent kernel can reuse.
-  SMEM at GLM-5 shapes (64 heads, C 512, R 64, block_k 32, 2 stages): q 72 KB + rows 72 KB + exchange 32 KB +
-  the split's index/bias lists (8 B per row).
+  GLM-5 query at once) and a contiguous share of the K selected rows (at least `min_rows_per_split`: each split
+  writes a [64, C] f32 partial), and returns its share's softmax-normalised output [64, C] and log2-sum-exp [64];
+  `_combine` (XLA) merges the splits. Three warpgroups on the GPU:
+  * producer (WG 0, `gather_rows`): fills a `num_stages` ring with block_k selected rows per step. A row's C
+    latents land as C/64 segments of 64 (one 128-byte swizzle row each) in `kv` [stages, C/64, block_k, 64], its
+    rope part in `pe` [stages, block_k, R]; each [block_k, 64] segment is an (8, 64)-tiled wgmma operand, which is
+    laid out row after row, so one row's segment is 128 contiguous (swizzled) bytes. gather="tma": per-row TMA
+    copies (TMA gather is Blackwell-only), C/64 + 1 per row, written through a swizzle-only alias of the ring
+    (`plgpu.RefUnion`) because a one-row slice of an (8, 64)-tiled ref is not tile-aligned. gather="xla": the
+    wrapper gathers the rows with XLA (contiguous [K, C] per query, one extra HBM round trip of the selected
+    rows) and the producer copies whole [block_k, 64] tiles (C/64 + 1 TMAs per block instead of per row).
+  * two consumers (WG 1 and 2) split C in halves: each owns an f32 accumulator [64, C/2] (128 registers per
+    thread), computes the full logits [64, block_k] with wgmma (q segment @ row segment^T over all C/64 + 1
+    segments; redundant across the two consumers, because an SMEM exchange of partial logits does not fit next
+    to q and a 2-stage ring of 64-row blocks), then `online_softmax_pv`: online softmax in exp2 with the scale
+    folded in, masked rows at -inf, and P (bf16, registers) @ its row segments into the accumulator.
+  block_k is 64 because the PV wgmma's K (= rows) must be a multiple of the 128-byte swizzle's 64 elements.
+  SMEM at GLM-5 shapes (64 heads, C 512, R 64, block_k 64, 2 stages): q 72 KB + ring 144 KB + the split's index
+  and bias lists (8 B per row); the output is staged through the ring once it has drained (another RefUnion).
+  `gather_rows`, `qk_logits` and `online_softmax_pv` are the per-block tiles a persistent kernel can reuse.
 
 Interpret mode (CPU): jax 0.10's GPU interpreter runs TMA, barriers and wgmma with SMEM operands, but not
 transposed wgmma operands, register A operands, RefUnion, layout casts or `plgpu.load`, and its multi-warpgroup
 execution can deadlock on a 2-core host (each Pallas thread is an XLA:CPU program; two blocked in barrier waits
-starve the third). Under `interpret` the kernel therefore runs one warpgroup that plays the three roles in
-dependency order (`sequential`), with the same tiles, the same per-row TMA copies into the same ring and the same
-barriers; the two wgmma products become jnp.dot of the same SMEM tiles and the row copies target the tiled
-buffer directly. The warp-specialised schedule (exchange barrier, consumed barriers, register budgets) is only
-exercised on the GPU.
+starve the third). Under `interpret` the kernel runs one warpgroup that plays the three roles in dependency order
+(`sequential`) with the same tiles, the same TMA copies into the same ring and the same barriers; the two wgmma
+products become jnp.dot of the same SMEM tiles, the row copies target the tiled ring directly and the output is
+staged through its own buffer. The warp-specialised schedule (consumed barriers, register budgets, aliasing) is
+only exercised on the GPU; `tests/test_kernels_attention.py` lowers it for the H200 on any host.
 """
 from __future__ import annotations
 
@@ -53,42 +56,41 @@ NEG_INF = float("-inf")
 _LOG2E = math.log2(math.e)
 _SMEM_BYTES = 227 * 1024  # opt-in shared memory per block on H100/H200
 _SEG = 64  # latent segment width: one 128-byte swizzle row of bf16
+_GATHERS = ("tma", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
 class MLAConfig:
     """Tuning of the sparse MLA kernel.
 
-    block_k: selected rows per pipeline step (the QK wgmma N, the PV wgmma K); multiple of 16.
+    block_k: selected rows per pipeline step (the QK wgmma N, the PV wgmma K); a multiple of 64 on the GPU
+      (16 in interpret mode).
     num_stages: depth of the gathered-row ring (>= 1); (C + R) * 2 * block_k bytes each.
     num_splits: CTAs sharing one (b, t, head group)'s rows (flash-decoding); None -> enough to fill the SMs,
       but no fewer than min_rows_per_split rows per split (each split writes a [64, C] f32 partial: 128 KB at
       GLM-5 shapes, against ~1.1 KB per gathered row).
+    gather: "tma" (per-row TMA copies in the kernel) or "xla" (rows gathered by XLA, block copies in the kernel).
     """
-    block_k: int = 32
+    block_k: int = 64
     num_stages: int = 2
     num_splits: int | None = None
     min_rows_per_split: int = 128
+    gather: str = "tma"
 
     def __post_init__(self):
         if self.block_k <= 0 or self.block_k % 16:
-            raise ValueError(f"{self.block_k=} must be a positive multiple of 16 (bf16 wgmma K step)")
+            raise ValueError(f"{self.block_k=} must be a positive multiple of 16 (64 on the GPU)")
         if self.num_stages < 1:
             raise ValueError(f"{self.num_stages=} must be >= 1")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"{self.num_splits=} must be >= 1 or None (auto)")
         if self.min_rows_per_split < 1:
             raise ValueError(f"{self.min_rows_per_split=} must be >= 1")
+        if self.gather not in _GATHERS:
+            raise ValueError(f"{self.gather=} must be one of {_GATHERS}")
 
 
-# ------------------------------------------------------------------------------------------------ matmul seams
-def _load_tile(ref, interpret: bool):
-    """A 2-D f32 SMEM tile in the WGMMA register layout."""
-    if interpret:
-        return ref[...]
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
-
-
+# -------------------------------------------------------------------------------------------- register helpers
 def _full(shape, value: float, interpret: bool):
     """A float32 constant in the WGMMA layout (2-D) or its row-vector layout (1-D), as loop-carry init."""
     x = jnp.full(shape, value, jnp.float32)
@@ -98,34 +100,9 @@ def _full(shape, value: float, interpret: bool):
     return plgpu.layout_cast(x, layout)
 
 
-def _qk(q_segs, kv_segs, interpret: bool):
-    """sum_i q_segs[i] [M, D] @ kv_segs[i] [block_k, D]^T -> float32 [M, block_k] (SMEM refs)."""
-    if interpret:
-        return sum(jnp.dot(q[...], kv[...].T, preferred_element_type=jnp.float32) for q, kv in zip(q_segs, kv_segs))
-
-    def compute(acc_ref):
-        for q, kv in zip(q_segs, kv_segs):
-            plgpu.wgmma(acc_ref, q, plgpu.transpose_ref(kv, (1, 0)))
-        return acc_ref[...]
-    return pl.run_scoped(compute, plgpu.ACC((q_segs[0].shape[0], kv_segs[0].shape[0]), jnp.float32))
-
-
-def _pv(acc, p, kv_segs, interpret: bool):
-    """acc [M, n*D] + p [M, block_k] @ concat(kv_segs [block_k, D]) with p in registers."""
-    if interpret:
-        rows = jnp.concatenate([kv[...] for kv in kv_segs], axis=1)
-        return acc + jnp.dot(p, rows, preferred_element_type=jnp.float32)
-    seg = kv_segs[0].shape[1]
-
-    def compute(acc_ref):
-        for i, kv in enumerate(kv_segs):
-            plgpu.wgmma(acc_ref.at[:, pl.ds(i * seg, seg)], p, kv)
-    return pl.run_state(compute)(plgpu.ACC.init(acc))
-
-
-# ---------------------------------------------------------------------------------------------------- tiles
+# ------------------------------------------------------------------------------------------------------ tiles
 def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_dst, pe_dst, full_bar, *, b, first, num_rows: int, seq_len: int):
-    """Issue the per-row TMA copies of `num_rows` selected rows (idx_smem[first + r]) into one ring slot.
+    """Issue the per-row TMA copies of rows idx_smem[first : first + num_rows] into one ring slot.
 
     kv_dst [C/seg, rows, seg] and pe_dst [rows, R] are the slot's copy views; every copy arrives on `full_bar`
     (which therefore expects (C/seg + 1) * num_rows arrivals). Indices are clamped to [0, seq_len).
@@ -141,8 +118,43 @@ def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_dst, pe_dst, full_bar, *, b, firs
         plgpu.copy_gmem_to_smem(kpe_ref.at[b, pl.ds(row, 1)], pe_dst.at[pl.ds(r, 1)], full_bar)
 
 
+def copy_rows(ckv_ref, kpe_ref, kv_dst, pe_dst, full_bar, *, b, t, first, num_rows: int):
+    """Copy pre-gathered rows [first, first + num_rows) (ckv_ref [B, T, K, C], kpe_ref [B, T, K, R]) into one ring
+    slot with one TMA per segment; C/seg + 1 arrivals on `full_bar`."""
+    n_seg, _, seg = kv_dst.shape
+    for c in range(n_seg):
+        plgpu.copy_gmem_to_smem(ckv_ref.at[b, t, pl.ds(first, num_rows), pl.ds(c * seg, seg)], kv_dst.at[c],
+                                full_bar)
+    plgpu.copy_gmem_to_smem(kpe_ref.at[b, t, pl.ds(first, num_rows)], pe_dst, full_bar)
+
+
+def qk_logits(q_segs, kv_segs, interpret: bool):
+    """sum_i q_segs[i] [M, D] @ kv_segs[i] [block_k, D]^T -> float32 [M, block_k] (SMEM operands, one wgmma each)."""
+    if interpret:  # jax 0.10's interpreter has no transposed wgmma operands
+        return sum(jnp.dot(q[...], kv[...].T, preferred_element_type=jnp.float32) for q, kv in zip(q_segs, kv_segs))
+
+    def compute(acc_ref):
+        for q, kv in zip(q_segs, kv_segs):
+            plgpu.wgmma(acc_ref, q, plgpu.transpose_ref(kv, (1, 0)))
+        return acc_ref[...]
+    return pl.run_scoped(compute, plgpu.ACC((q_segs[0].shape[0], kv_segs[0].shape[0]), jnp.float32))
+
+
+def _pv(acc, p, kv_segs, interpret: bool):
+    """acc [M, n*D] + p [M, block_k] @ concat(kv_segs [block_k, D]), p in registers (the wgmma A operand)."""
+    if interpret:  # jax 0.10's interpreter has no register A operands
+        rows = jnp.concatenate([kv[...] for kv in kv_segs], axis=1)
+        return acc + jnp.dot(p, rows, preferred_element_type=jnp.float32)
+    seg = kv_segs[0].shape[1]
+
+    def compute(acc_ref):
+        for i, kv in enumerate(kv_segs):
+            plgpu.wgmma(acc_ref.at[:, pl.ds(i * seg, seg)], p, kv)
+    return pl.run_state(compute)(plgpu.ACC.init(acc))
+
+
 def online_softmax_pv(logits, bias, kv_segs, carry, *, scale_log2: float, interpret: bool):
-    """Online-softmax update with one block of logits [M, block_k] (the reusable tile body's second half).
+    """Online-softmax update with one block of logits [M, block_k].
 
     bias [block_k]: 0 for valid rows, -inf for masked ones (a column vector); kv_segs: the [block_k, D] row
     segments this accumulator covers; carry (acc [M, n*D] f32, m [M], l [M]) with m in the log2 domain.
@@ -168,10 +180,10 @@ def _finish(carry):
     return out, jnp.where(has, m + jnp.log2(l_safe), NEG_INF)
 
 
-# --------------------------------------------------------------------------------------------------- kernel
+# ----------------------------------------------------------------------------------------------------- kernel
 def _mla_kernel(q_ref, qpe_ref, ckv_ref, kpe_ref, idx_ref, bias_ref, o_ref, lse_ref, *, T: int, S: int, hpc: int,
                 C: int, R: int, seg: int, block_k: int, stages: int, n_blocks: int, scale_log2: float,
-                interpret: bool):
+                gather_mode: str, interpret: bool):
     split = lax.axis_index("s")
     h0 = lax.axis_index("h") * hpc
     bt = lax.axis_index("bt")
@@ -182,34 +194,36 @@ def _mla_kernel(q_ref, qpe_ref, ckv_ref, kpe_ref, idx_ref, bias_ref, o_ref, lse_
     half = n_seg // 2
     dtype = q_ref.dtype
     sw = mma_transforms(None if interpret else 128, dtype)
+    out_sw = mma_transforms(None if interpret else 128, jnp.float32)
+    out_tile = 32 if seg % 32 == 0 else seg  # f32 staging tile width (128 bytes)
     kv_type = plgpu.SMEM((stages, n_seg, block_k, seg), dtype, transforms=sw)
     pe_type = plgpu.SMEM((stages, block_k, R), dtype, transforms=sw)
-    if interpret:
-        kv_alloc, pe_alloc = kv_type, pe_type
-    else:  # the producer's per-row copies go through a swizzle-only view of the same bytes
-        swz = (plgpu.SwizzleTransform(128),)
-        kv_alloc = plgpu.RefUnion(kv_type, plgpu.SMEM((stages, n_seg, block_k, seg), dtype, transforms=swz))
-        pe_alloc = plgpu.RefUnion(pe_type, plgpu.SMEM((stages, block_k, R), dtype, transforms=swz))
-    gather = functools.partial(gather_rows, ckv_ref, kpe_ref, b=b, num_rows=block_k, seq_len=S)
+    stage_type = plgpu.SMEM((2, 2, hpc, out_tile), jnp.float32, transforms=out_sw)  # [consumer, slot]
     update = functools.partial(online_softmax_pv, scale_log2=scale_log2, interpret=interpret)
 
-    def operands(slot, w, q_smem, qpe_smem, kv, pe):
-        """Warpgroup w's QK operand pairs (w = 0 also takes the rope part) and its PV row segments."""
-        segs = range(w * half, (w + 1) * half)
-        q_segs = [q_smem.at[:, pl.ds(c * seg, seg)] for c in segs]
-        kv_segs = [kv.at[slot, c] for c in segs]
-        qk = (q_segs + [qpe_smem], kv_segs + [pe.at[slot]]) if w == 0 else (q_segs, kv_segs)
-        return qk, kv_segs
+    def fill(slot, j, idx_smem, kv_copy, pe_copy, full):
+        if gather_mode == "tma":
+            gather_rows(ckv_ref, kpe_ref, idx_smem, kv_copy.at[slot], pe_copy.at[slot], full.at[slot], b=b,
+                        first=j * block_k, num_rows=block_k, seq_len=S)
+        else:
+            copy_rows(ckv_ref, kpe_ref, kv_copy.at[slot], pe_copy.at[slot], full.at[slot], b=b, t=t,
+                      first=r0 + j * block_k, num_rows=block_k)
 
-    def store_out(w, out, stage_buf):
-        """Write warpgroup w's normalised [hpc, C/2] output through two [hpc, block_k] SMEM staging slots."""
-        for i in range(half * seg // block_k):
-            stage = stage_buf(i % 2)
+    def operands(slot, w, q_smem, qpe_smem, kv, pe):
+        """All QK operand pairs (latent segments and the rope part) and consumer w's PV row segments."""
+        q_segs = [q_smem.at[:, pl.ds(c * seg, seg)] for c in range(n_seg)] + [qpe_smem]
+        kv_segs = [kv.at[slot, c] for c in range(n_seg)] + [pe.at[slot]]
+        return (q_segs, kv_segs), kv_segs[w * half:(w + 1) * half]
+
+    def store_out(w, out, stage):
+        """Write consumer w's normalised [hpc, C/2] output through two [hpc, out_tile] f32 staging slots."""
+        for i in range(half * seg // out_tile):
+            slot = stage.at[i % 2]
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-            stage[...] = out[:, i * block_k:(i + 1) * block_k]
+            slot[...] = out[:, i * out_tile:(i + 1) * out_tile]
             plgpu.commit_smem()
-            c0 = w * half * seg + i * block_k
-            plgpu.copy_smem_to_gmem(stage, o_ref.at[b, t, split, pl.ds(h0, hpc), pl.ds(c0, block_k)])
+            c0 = w * half * seg + i * out_tile
+            plgpu.copy_smem_to_gmem(slot, o_ref.at[b, t, split, pl.ds(h0, hpc), pl.ds(c0, out_tile)])
 
     def store_lse(lse, lse_smem):
         lse_smem[...] = lse
@@ -226,10 +240,13 @@ def _mla_kernel(q_ref, qpe_ref, ckv_ref, kpe_ref, idx_ref, bias_ref, o_ref, lse_
         plgpu.copy_gmem_to_smem(q_ref.at[b, t, pl.ds(h0, hpc)], q_smem, q_bar)
         plgpu.copy_gmem_to_smem(qpe_ref.at[b, t, pl.ds(h0, hpc)], qpe_smem, q_bar)
 
-    def warp_specialized(q_smem, qpe_smem, kv_u, pe_u, idx_smem, bias_smem, xch, lse_smem, q_bar, meta_bar, full,
-                         consumed, xbar):
-        """GPU: WG 0 gathers rows, WGs 1 and 2 each own half of C and exchange partial logits through SMEM."""
-        (kv, kv_copy), (pe, pe_copy) = kv_u, pe_u
+    def bias_block(bias_smem, j):
+        return col_vector(bias_smem.at[pl.ds(j * block_k, block_k)], interpret)
+
+    def warp_specialized(q_smem, qpe_smem, ring, idx_smem, bias_smem, lse_smem, q_bar, meta_bar, full, consumed,
+                         done):
+        """GPU: WG 0 fills the ring, WGs 1 and 2 each own half of C (module docstring)."""
+        (kv, pe), (kv_copy, pe_copy), stage = ring
         wg = lax.axis_index("wg")
 
         @pl.when(wg == 0)
@@ -242,7 +259,7 @@ def _mla_kernel(q_ref, qpe_ref, ckv_ref, kpe_ref, idx_ref, bias_ref, o_ref, lse_
             def _block(j):
                 slot = lax.rem(j, stages)
                 pl.when(j >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
-                gather(idx_smem, kv_copy.at[slot], pe_copy.at[slot], full.at[slot], first=j * block_k)
+                fill(slot, j, idx_smem, kv_copy, pe_copy, full)
 
         def consumer(w: int):
             plgpu.set_max_registers(232, action="increase")
@@ -252,24 +269,16 @@ def _mla_kernel(q_ref, qpe_ref, ckv_ref, kpe_ref, idx_ref, bias_ref, o_ref, lse_
             def block(j, carry):
                 slot = lax.rem(j, stages)
                 plgpu.barrier_wait(full.at[slot])
-                (q_segs, kv_qk), kv_pv = operands(slot, w, q_smem, qpe_smem, kv, pe)
-                part = _qk(q_segs, kv_qk, interpret)  # this warpgroup's share of the latent (+ rope) dims
-                xch_j = xch.at[lax.rem(j, 2)]
-                xch_j[w] = part
-                plgpu.barrier_arrive(xbar)
-                plgpu.barrier_wait(xbar)
-                other = _load_tile(xch_j.at[1 - w], interpret)
-                # Same summation order in both warpgroups: bit-identical logits, hence identical m and l.
-                logits = part + other if w == 0 else other + part
-                bias = col_vector(bias_smem.at[pl.ds(j * block_k, block_k)], interpret)
-                carry = update(logits, bias, kv_pv, carry)
+                qk, kv_pv = operands(slot, w, q_smem, qpe_smem, kv, pe)
+                carry = update(qk_logits(*qk, interpret), bias_block(bias_smem, j), kv_pv, carry)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return carry
 
             out, lse = _finish(lax.fori_loop(0, n_blocks, block, init_carry()))
-            plgpu.barrier_arrive(xbar)  # both consumers are done with the exchange slots: reuse them as staging
-            plgpu.barrier_wait(xbar)
-            store_out(w, out, lambda i: xch.at[i, w])
+            # The staging slots alias the ring: wait until the other consumer's last wgmma has read it.
+            plgpu.barrier_arrive(done)
+            plgpu.barrier_wait(done)
+            store_out(w, out, stage.at[w])
             if w == 0:
                 store_lse(lse, lse_smem)
             plgpu.wait_smem_to_gmem(0)
@@ -277,58 +286,56 @@ def _mla_kernel(q_ref, qpe_ref, ckv_ref, kpe_ref, idx_ref, bias_ref, o_ref, lse_
         pl.when(wg == 1)(lambda: consumer(0))
         pl.when(wg == 2)(lambda: consumer(1))
 
-    def sequential(q_smem, qpe_smem, kv, pe, idx_smem, bias_smem, xch, lse_smem, q_bar, meta_bar, full):
-        """Interpret mode: one warpgroup plays the three roles in dependency order (same tiles, same copies).
-
-        jax 0.10's GPU interpreter runs each Pallas thread as its own XLA:CPU program, and on a 2-core host two
-        of them blocked in barrier waits starve the third of CPU-client threads (a deadlock), so the
-        warp-specialised schedule is only run on the GPU.
-        """
+    def sequential(q_smem, qpe_smem, kv, pe, stage, idx_smem, bias_smem, lse_smem, q_bar, meta_bar, full):
+        """Interpret mode: one warpgroup plays the three roles in dependency order (module docstring)."""
         load_meta_and_q(idx_smem, bias_smem, q_smem, qpe_smem, q_bar, meta_bar)
         plgpu.barrier_wait(meta_bar)
         plgpu.barrier_wait(q_bar)
         for j in range(min(stages, n_blocks)):
-            gather(idx_smem, kv.at[j], pe.at[j], full.at[j], first=j * block_k)
+            fill(j, j, idx_smem, kv, pe, full)
 
         def block(j, carries):
             slot = lax.rem(j, stages)
             plgpu.barrier_wait(full.at[slot])
             ops = [operands(slot, w, q_smem, qpe_smem, kv, pe) for w in (0, 1)]
-            parts = [_qk(*qk, interpret) for qk, _ in ops]
-            logits = parts[0] + parts[1]
-            bias = col_vector(bias_smem.at[pl.ds(j * block_k, block_k)], interpret)
+            logits = qk_logits(*ops[0][0], interpret)
+            bias = bias_block(bias_smem, j)
             carries = tuple(update(logits, bias, kv_pv, c) for (_, kv_pv), c in zip(ops, carries))
-            pl.when(j + stages < n_blocks)(
-                lambda: gather(idx_smem, kv.at[slot], pe.at[slot], full.at[slot], first=(j + stages) * block_k))
+            pl.when(j + stages < n_blocks)(lambda: fill(slot, j + stages, idx_smem, kv, pe, full))
             return carries
 
         carries = lax.fori_loop(0, n_blocks, block, (init_carry(), init_carry()))
         for w, carry in enumerate(carries):
             out, lse = _finish(carry)
-            store_out(w, out, lambda i: xch.at[i, w])
+            store_out(w, out, stage.at[w])
             if w == 0:
                 store_lse(lse, lse_smem)
         plgpu.wait_smem_to_gmem(0)
 
-    scratch = [
-        plgpu.SMEM((hpc, C), dtype, transforms=sw),
-        plgpu.SMEM((hpc, R), dtype, transforms=sw),
-        kv_alloc,
-        pe_alloc,
+    copies_per_fill = (n_seg + 1) * (block_k if gather_mode == "tma" else 1)
+    meta = [
         plgpu.SMEM((rows_per_split,), jnp.int32),
         plgpu.SMEM((rows_per_split,), jnp.float32),
-        plgpu.SMEM((2, 2, hpc, block_k), jnp.float32),  # partial-logit exchange, then output staging
         plgpu.SMEM((hpc,), jnp.float32),
         plgpu.Barrier(num_arrivals=2),  # q_bar
         plgpu.Barrier(num_arrivals=2),  # meta_bar
-        plgpu.Barrier(num_arrivals=(n_seg + 1) * block_k, num_barriers=stages),  # full: one arrival per row copy
+        plgpu.Barrier(num_arrivals=copies_per_fill, num_barriers=stages),  # full: one arrival per copy
     ]
+    q_types = [plgpu.SMEM((hpc, C), dtype, transforms=sw), plgpu.SMEM((hpc, R), dtype, transforms=sw)]
     if interpret:
-        pl.run_scoped(sequential, *scratch)
+        pl.run_scoped(sequential, *q_types, kv_type, pe_type, stage_type, *meta)
     else:
-        pl.run_scoped(warp_specialized, *scratch,
+        # Three views of the same SMEM: the wgmma operands, the copies' swizzle-only rows, the output staging.
+        swz = (plgpu.SwizzleTransform(128),)
+        ring = plgpu.RefUnion(
+            (kv_type, pe_type),
+            (plgpu.SMEM((stages, n_seg, block_k, seg), dtype, transforms=swz) if gather_mode == "tma" else kv_type,
+             plgpu.SMEM((stages, block_k, R), dtype, transforms=swz) if gather_mode == "tma" else pe_type),
+            stage_type,
+        )
+        pl.run_scoped(warp_specialized, *q_types, ring, *meta,
                       plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # consumed
-                      plgpu.Barrier(num_arrivals=2),  # xbar
+                      plgpu.Barrier(num_arrivals=2),  # done: both consumers left the ring
                       collective_axes="wg")
 
 
@@ -342,7 +349,7 @@ def _combine(o_part, lse):
     return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
 
 
-def _check_inputs(q_lat, q_pe, c_kv, k_pe, idx, valid, scale, interpret: bool):
+def _check_inputs(q_lat, q_pe, c_kv, k_pe, idx, valid, scale, config: MLAConfig, interpret: bool):
     if q_lat.ndim != 4 or q_pe.ndim != 4 or c_kv.ndim != 3 or k_pe.ndim != 3 or idx.ndim != 3:
         raise ValueError(f"expected q_lat [B,T,N,C], q_pe [B,T,N,R], c_kv [B,S,C], k_pe [B,S,R], idx/valid [B,T,K];"
                          f" got {q_lat.shape=}, {q_pe.shape=}, {c_kv.shape=}, {k_pe.shape=}, {idx.shape=}")
@@ -366,13 +373,15 @@ def _check_inputs(q_lat, q_pe, c_kv, k_pe, idx, valid, scale, interpret: bool):
     if N > 64 and N % 64:
         raise ValueError(f"{N=} must be <= 64 or a multiple of 64 (one CTA takes a group of 64 heads)")
     if interpret:
-        if C % 2 or (C // 2) % 8 or (C >= 2 * _SEG and C % (2 * _SEG)):
-            raise ValueError(f"{C=} must be even with C/2 a multiple of 8, and a multiple of {2 * _SEG} above it")
+        if C % 16 or (C >= 2 * _SEG and C % (2 * _SEG)) or R % 8:
+            raise ValueError(f"{C=} must be a multiple of 16 (of {2 * _SEG} from {2 * _SEG} on), {R=} of 8")
     else:
         if N % 64:
             raise ValueError(f"{N=} must be a multiple of 64 (wgmma M: one CTA takes 64 heads)")
         if C % (2 * _SEG) or R != _SEG:
             raise ValueError(f"{C=} must be a multiple of {2 * _SEG} and {R=} must be {_SEG} (128-byte swizzle rows)")
+        if config.block_k % 64:
+            raise ValueError(f"{config.block_k=} must be a multiple of 64 (the PV wgmma K with a 128-byte swizzle)")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
@@ -384,14 +393,12 @@ def sparse_mla_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, scale: float, *, c
     Indices are clamped to [0, S) (out-of-range slots must be marked invalid).
     """
     params = _compat.resolve_interpret(interpret)
-    _check_inputs(q_lat, q_pe, c_kv, k_pe, idx, valid, scale, params is not None)
+    _check_inputs(q_lat, q_pe, c_kv, k_pe, idx, valid, scale, config, params is not None)
     B, T, N, C = q_lat.shape
     R = q_pe.shape[-1]
     S = c_kv.shape[1]
     K = idx.shape[2]
     block_k = config.block_k
-    if (C // 2) % block_k:
-        raise ValueError(f"C/2 = {C // 2} must be a multiple of {block_k=} (output staging tiles)")
     hpc = min(N, 64)
     groups = N // hpc
     seg = _SEG if C % (2 * _SEG) == 0 else C // 2
@@ -405,17 +412,22 @@ def sparse_mla_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, scale: float, *, c
     splits = pl.cdiv(n_blocks_total, n_blocks)
     stages = min(config.num_stages, n_blocks)
     k_pad = splits * n_blocks * block_k
-    smem = (hpc * (C + R) * 2 + stages * block_k * (C + R) * 2 + n_blocks * block_k * 8 + 4 * hpc * block_k * 4
-            + hpc * 4)
+    smem = hpc * (C + R) * 2 + stages * block_k * (C + R) * 2 + n_blocks * block_k * 8 + hpc * 4
     if params is None and smem > _SMEM_BYTES:
-        raise ValueError(f"SMEM {smem} B > {_SMEM_BYTES} B: lower {config.num_stages=} / {block_k=} or raise "
-                         f"num_splits (the split's index list is kept in SMEM)")
-    idx_p = jnp.pad(idx.astype(jnp.int32), ((0, 0), (0, 0), (0, k_pad - K)))
+        raise ValueError(f"SMEM {smem} B > {_SMEM_BYTES} B: lower {config.num_stages=} or raise num_splits (a "
+                         f"split keeps its index and bias lists in SMEM)")
+    idx_p = jnp.pad(jnp.clip(idx.astype(jnp.int32), 0, S - 1), ((0, 0), (0, 0), (0, k_pad - K)))
     bias = jnp.pad(jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32), ((0, 0), (0, 0), (0, k_pad - K)),
                    constant_values=NEG_INF)
+    if config.gather == "xla":
+        rows = jax.vmap(lambda cache, i: cache[i])  # [S, X], [T, K] -> [T, K, X]
+        ckv_in, kpe_in = rows(c_kv, idx_p), rows(k_pe, idx_p)
+    else:
+        ckv_in, kpe_in = c_kv, k_pe
     kernel = plgpu.kernel(
         functools.partial(_mla_kernel, T=T, S=S, hpc=hpc, C=C, R=R, seg=seg, block_k=block_k, stages=stages,
-                          n_blocks=n_blocks, scale_log2=scale * _LOG2E, interpret=params is not None),
+                          n_blocks=n_blocks, scale_log2=scale * _LOG2E, gather_mode=config.gather,
+                          interpret=params is not None),
         out_type=(jax.ShapeDtypeStruct((B, T, splits, N, C), jnp.float32),
                   jax.ShapeDtypeStruct((B, T, splits, N), jnp.float32)),
         grid=(splits, groups, B * T),
@@ -424,6 +436,6 @@ def sparse_mla_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, scale: float, *, c
         thread_name=None if params is not None else "wg",
         interpret=params,
     )
-    o_part, lse = kernel(q_lat, q_pe, c_kv, k_pe, idx_p, bias)
+    o_part, lse = kernel(q_lat, q_pe, ckv_in, kpe_in, idx_p, bias)
     out = o_part[:, :, 0] if splits == 1 else _combine(o_part, lse)
     return out.astype(q_lat.dtype)

@@ -113,9 +113,13 @@ class IndexerConfig:
       block_s * 256 / 128 registers per thread: keep block_s * T * N <= 16384.
     num_stages: depth of the key-chunk TMA ring (>= 2); block_s * H * 2 bytes each.
     ctas_per_batch: scores CTAs per batch element; None -> 2 per SM shared by the batch, at most one per chunk.
-    select_chunk: scores per TMA chunk in the selection kernel (multiple of 128 and of block_s's divisors: the
-      padded length is a multiple of it); select_stages: its TMA ring depth (a row of at most
-      select_chunk * select_stages scores is loaded once and kept in SMEM for all passes).
+    select_chunk: scores per TMA chunk in the selection kernel (a multiple of 128 and of block_s: the padded
+      row length is a multiple of it).
+    select_resident_bytes: a row of at most this many bytes of scores is loaded into SMEM once and kept there
+      for all passes (48K scores by default); longer rows are streamed from L2 every pass through a
+      `select_stages`-deep ring.
+    select: "pallas" (the exact radix select below) or "lax" (`jax.lax.top_k` on the kernel's scores, the
+      last-resort baseline to compare against).
     radix_bits: bits resolved per selection pass (1, 2, 4 or 8): 2^radix_bits - 1 candidate thresholds per pass,
       32 / radix_bits passes at most.
     """
@@ -124,6 +128,8 @@ class IndexerConfig:
     ctas_per_batch: int | None = None
     select_chunk: int = 512
     select_stages: int = 4
+    select_resident_bytes: int = 192 * 1024
+    select: str = "pallas"
     radix_bits: int = 4
 
     def __post_init__(self):
@@ -137,6 +143,10 @@ class IndexerConfig:
             raise ValueError(f"{self.select_chunk=} must be a positive multiple of 128 and of {self.block_s=}")
         if self.select_stages < 1:
             raise ValueError(f"{self.select_stages=} must be >= 1")
+        if self.select_resident_bytes < 0:
+            raise ValueError(f"{self.select_resident_bytes=} must be >= 0")
+        if self.select not in ("pallas", "lax"):
+            raise ValueError(f"{self.select=} must be 'pallas' or 'lax'")
         if self.radix_bits not in (1, 2, 4, 8):
             raise ValueError(f"{self.radix_bits=} must be 1, 2, 4 or 8 (a divisor of 32)")
 
@@ -363,7 +373,10 @@ def select_bins(scores, k: int, *, config: IndexerConfig = IndexerConfig(), inte
     if L % chunk or chunk % 128:
         raise ValueError(f"internal: row length {L} must be a multiple of the select chunk {chunk} (x128)")
     n_chunks = L // chunk
-    stages = min(config.select_stages, n_chunks)
+    if n_chunks * chunk * 4 <= config.select_resident_bytes:
+        stages = n_chunks  # the whole row stays in SMEM: one load, then every pass reads SMEM
+    else:
+        stages = min(config.select_stages, n_chunks)
     params = _compat.resolve_interpret(interpret)
     kernel = plgpu.kernel(
         functools.partial(_select_kernel, k=k, n_chunks=n_chunks, chunk=chunk, stages=stages,
@@ -410,6 +423,11 @@ def indexer_topk(q, head_w, keys, q_pos, scale: float, k: int, *, config: Indexe
     padded = pl.cdiv(S, chunk) * chunk
     scores = _scores_padded(q, head_w, keys, q_pos, scale, padded_len=padded, cfg=config, interpret=interpret)
     flat = scores.reshape(B * T, padded)
+    if config.select == "lax":
+        _, idx = lax.top_k(flat, K)
+        idx = idx.astype(jnp.int32)
+        valid = jnp.take_along_axis(flat, idx, axis=1) > NEG_INF
+        return idx.reshape(B, T, K), valid.reshape(B, T, K)
     bins = select_bins(flat, K, config=dataclasses.replace(config, select_chunk=chunk), interpret=interpret)
     idx = _collect(flat, bins, K)
     valid = jnp.take_along_axis(flat, idx, axis=1) > NEG_INF

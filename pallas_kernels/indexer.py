@@ -135,14 +135,14 @@ class IndexerConfig:
     def __post_init__(self):
         if self.block_s <= 0 or self.block_s % 64:
             raise ValueError(f"{self.block_s=} must be a positive multiple of 64 (the wgmma M)")
-        if self.num_stages < 2:
-            raise ValueError(f"{self.num_stages=} must be >= 2 (double buffering at least)")
+        if not 2 <= self.num_stages <= 32:
+            raise ValueError(f"{self.num_stages=} must be in [2, 32] (double buffering at least; Mosaic barrier groups)")
         if self.ctas_per_batch is not None and self.ctas_per_batch < 1:
             raise ValueError(f"{self.ctas_per_batch=} must be >= 1 or None (auto)")
         if self.select_chunk <= 0 or self.select_chunk % 128 or self.select_chunk % self.block_s:
             raise ValueError(f"{self.select_chunk=} must be a positive multiple of 128 and of {self.block_s=}")
-        if self.select_stages < 1:
-            raise ValueError(f"{self.select_stages=} must be >= 1")
+        if not 1 <= self.select_stages <= 32:
+            raise ValueError(f"{self.select_stages=} must be in [1, 32] (Mosaic barrier groups)")
         if self.select_resident_bytes < 0:
             raise ValueError(f"{self.select_resident_bytes=} must be >= 0")
         if self.select not in ("pallas", "lax"):
@@ -311,13 +311,13 @@ def _select_kernel(scores_ref, out_ref, x_smem, bars, *, k: int, n_chunks: int, 
 
     def fetch(i):
         slot = i % stages if isinstance(i, int) else lax.rem(i, stages)
-        plgpu.copy_gmem_to_smem(scores_ref.at[r, pl.ds(i * rows, rows)], x_smem.at[slot], bars.at[slot])
+        bar = bars.at[0] if resident else bars.at[slot]  # resident: one barrier counts all the chunk copies
+        plgpu.copy_gmem_to_smem(scores_ref.at[r, pl.ds(i * rows, rows)], x_smem.at[slot], bar)
 
     if resident:
         for i in range(n_chunks):
             fetch(i)
-        for i in range(n_chunks):
-            plgpu.barrier_wait(bars.at[i])
+        plgpu.barrier_wait(bars.at[0])
 
     def count_pass(candidates):
         """Totals of count(key >= candidate) over the whole row."""
@@ -382,7 +382,8 @@ def select_bins(scores, k: int, *, config: IndexerConfig = IndexerConfig(), inte
         functools.partial(_select_kernel, k=k, n_chunks=n_chunks, chunk=chunk, stages=stages,
                           radix_bits=config.radix_bits),
         out_type=jax.ShapeDtypeStruct((R, 4), jnp.int32),
-        scratch_types=[plgpu.SMEM((stages, chunk // 128, 128), jnp.float32), plgpu.Barrier(num_barriers=stages)],
+        scratch_types=[plgpu.SMEM((stages, chunk // 128, 128), jnp.float32),
+                       plgpu.Barrier(num_arrivals=n_chunks) if stages == n_chunks else plgpu.Barrier(num_barriers=stages)],
         grid=(R,),
         grid_names=("r",),
         interpret=params,

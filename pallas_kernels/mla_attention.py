@@ -80,8 +80,8 @@ class MLAConfig:
     def __post_init__(self):
         if self.block_k <= 0 or self.block_k % 16:
             raise ValueError(f"{self.block_k=} must be a positive multiple of 16 (64 on the GPU)")
-        if self.num_stages < 1:
-            raise ValueError(f"{self.num_stages=} must be >= 1")
+        if not 1 <= self.num_stages <= 32:
+            raise ValueError(f"{self.num_stages=} must be in [1, 32]")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"{self.num_splits=} must be >= 1 or None (auto)")
         if self.min_rows_per_split < 1:
@@ -135,7 +135,7 @@ def qk_logits(q_segs, kv_segs, interpret: bool):
 
     def compute(acc_ref):
         for q, kv in zip(q_segs, kv_segs):
-            plgpu.wgmma(acc_ref, q, plgpu.transpose_ref(kv, (1, 0)))
+            plgpu.wgmma(acc_ref, q, _compat.transpose_ref(kv, (1, 0)))
         return acc_ref[...]
     return pl.run_scoped(compute, plgpu.ACC((q_segs[0].shape[0], kv_segs[0].shape[0]), jnp.float32))
 

@@ -7,6 +7,9 @@ Keep this tiny. Public names:
   `resolve_interpret(v)`  maps a kernel's `interpret` argument (False / True / InterpretGPUParams) to what
                           `plgpu.kernel(..., interpret=...)` takes: None or an InterpretGPUParams.
   `reset_interpret_state()` clears GPU interpret mode's global state (needed after a kernel raised inside it).
+  `transpose_ref(ref, perm)` a transposed view of a GPU ref (plain traced Ref or TransformedRef); replaces
+                          `plgpu.transpose_ref`, whose `hasattr(ref, "memory_space")` check raises ValueError
+                          on a traced Ref in jax 0.11 (tracers no longer forward plain aval attributes).
   `interpret_mesh()`      context manager: an abstract H100-like GPU mesh, so kernels that query the device
                           (e.g. SM count) trace on a CPU host, as in jax's tests/pallas/gpu_pallas_interpret_test.py.
 """
@@ -16,6 +19,7 @@ import contextlib
 
 import jax
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.state import types as _state_types
 
 try:  # jax >= 0.11
     InterpretGPUParams = plgpu.InterpretGPUParams  # type: ignore[attr-defined]
@@ -54,3 +58,28 @@ def interpret_mesh(device_kind: str = "NVIDIA H100 80GB HBM3", num_cores: int = 
     device = jax.sharding.AbstractDevice(device_kind=device_kind, platform="gpu", num_cores=num_cores)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
         yield
+
+
+def _ref_memory_space(ref):
+    """The memory space of a (possibly transformed) ref, read from its type, never from a tracer attribute."""
+    base = ref.ref if isinstance(ref, _state_types.TransformedRef) else ref
+    try:
+        return jax.typeof(base).memory_space
+    except Exception:  # noqa: BLE001 - best effort, only used for the TMEM check
+        return None
+
+
+def transpose_ref(ref, permutation):
+    """`ref` viewed with its dims permuted (`plgpu.transpose_ref` semantics: a TransposeTransform appended).
+
+    jax 0.10 and 0.11 `plgpu.transpose_ref` is `assert hasattr(ref, "memory_space"); ...; ref.transpose(perm)`;
+    on 0.11 `hasattr` raises ValueError for a traced Ref (e.g. one from `pl.run_scoped`), so we build the same
+    `TransformedRef` directly: `TransformedRef(ref, ()).transpose(perm)` is exactly what `AbstractRef.transpose`
+    does, and `TransformedRef.transpose` appends a `TransposeTransform` to an existing transformed ref.
+    """
+    perm = tuple(int(p) for p in permutation)
+    if str(_ref_memory_space(ref)) == "tmem":
+        raise ValueError("Can't transpose a TMEM reference.")
+    if not isinstance(ref, _state_types.TransformedRef):
+        ref = _state_types.TransformedRef(ref, ())
+    return ref.transpose(perm)

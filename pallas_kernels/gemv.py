@@ -225,7 +225,7 @@ class WeightTiles:
 def mma_bf16_tile(acc, w_tile, x_tile, interpret) -> None:
     """Swap-AB: acc [tn, TP] += w_tile^T [tn, tk] @ x_tile^T [tk, TP]; w_tile [tk, tn], x_tile [TP, tk] in SMEM."""
     if interpret is None:
-        plgpu.wgmma(acc, plgpu.transpose_ref(w_tile, (1, 0)), plgpu.transpose_ref(x_tile, (1, 0)))
+        plgpu.wgmma(acc, _compat.transpose_ref(w_tile, (1, 0)), _compat.transpose_ref(x_tile, (1, 0)))
     else:
         acc[...] += jnp.dot(w_tile[...].T, x_tile[...].T, preferred_element_type=jnp.float32)
 
@@ -238,7 +238,7 @@ def mma_fp8_tile(acc, q_tile, scale, x_tile, interpret) -> None:
     """
     w = (q_tile[...].astype(jnp.float32) * scale).astype(x_tile.dtype)
     if interpret is None:
-        plgpu.wgmma(acc, w, plgpu.transpose_ref(x_tile, (1, 0)))
+        plgpu.wgmma(acc, w, _compat.transpose_ref(x_tile, (1, 0)))
     else:
         acc[...] += jnp.dot(w, x_tile[...].T, preferred_element_type=jnp.float32)
 
@@ -246,10 +246,10 @@ def mma_fp8_tile(acc, q_tile, scale, x_tile, interpret) -> None:
 def scale_x_tile(x_tile, wn_tile, interpret) -> None:
     """In place: x_tile [TP, tk] (swizzled SMEM) *= norm weight wn_tile [tk] (SMEM), rounded to x's dtype."""
     if interpret is None:
-        xt = plgpu.load(plgpu.transpose_ref(x_tile, (1, 0)), (), layout=plgpu.Layout.WGMMA_TRANSPOSED)  # [tk, TP]
+        xt = plgpu.load(_compat.transpose_ref(x_tile, (1, 0)), (), layout=plgpu.Layout.WGMMA_TRANSPOSED)  # [tk, TP]
         wn = plgpu.load(wn_tile, (), layout=plgpu.Layout.WGMMA_TRANSPOSED.reduce(1))
         xs = xt.astype(jnp.float32) * lax.broadcast_in_dim(wn.astype(jnp.float32), xt.shape, (0,))
-        plgpu.transpose_ref(x_tile, (1, 0))[...] = plgpu.layout_cast(xs.astype(x_tile.dtype),
+        _compat.transpose_ref(x_tile, (1, 0))[...] = plgpu.layout_cast(xs.astype(x_tile.dtype),
                                                                      plgpu.Layout.WGMMA_TRANSPOSED)
     else:
         x_tile[...] = (x_tile[...].astype(jnp.float32) * wn_tile[...].astype(jnp.float32)[None, :]).astype(
@@ -268,7 +268,7 @@ def col_scale(acc, vec_ref, interpret):
 def store_acc_t(o_smem, acc, interpret) -> None:
     """o_smem [TP, tn] (plain SMEM) = acc^T, acc [tn, TP] in the wgmma layout; then fence for the TMA store."""
     if interpret is None:
-        plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(acc.astype(o_smem.dtype),
+        _compat.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(acc.astype(o_smem.dtype),
                                                                      plgpu.Layout.WGMMA_TRANSPOSED)
     else:
         o_smem[...] = acc.astype(o_smem.dtype).T

@@ -29,10 +29,16 @@ Top-k (`indexer_topk`): EXACT, in three steps, two of them Pallas.
   Exactness: the returned set equals `jax.lax.top_k`'s. Ties are broken like `lax.top_k` (lower index first), so
   even with equal scores the sets agree; the ORDER differs (ascending index, not descending score). `valid` is
   score > -inf, as in the reference. Scores must be NaN-free.
-  Limits: the selection is one CTA per (b, t) row (B*T CTAs), so it is bound by a single SM: about
-  S * (2^radix_bits + 2) * passes / 128 lane-instructions, i.e. a few us at S = 4K but tens of us at S = 128K.
-  Splitting a row over several CTAs needs a cross-CTA count reduction per pass (grid semaphores, see DESIGN 4),
-  which GPU interpret mode cannot run; that is the next step for long contexts.
+  Rows of up to `select_resident_bytes` (48K scores) are loaded into SMEM once; longer rows are re-streamed from
+  L2 every pass. `select="lax"` swaps steps 2-3 for `jax.lax.top_k` on the kernel's scores (a baseline).
+  Limits (estimates, not yet measured): the selection is one CTA = one warpgroup per (b, t) row, B*T CTAs in all,
+  so it is bound by a single SM. Per pass it costs ~3 * (2^radix_bits - 1) lane-instructions per score plus
+  2^radix_bits - 1 warpgroup reductions, over up to 32 / radix_bits passes (fewer with the early exit); one bit
+  per pass (the default) is the cheapest per resolved bit: ~5 us at S = 4K, ~15 us at 32K (row in SMEM), ~100 us
+  at 128K (row re-read from L2 every pass). One warpgroup because Mosaic GPU's full reductions of strided arrays
+  do not support several Pallas threads; splitting a row over CTAs needs a cross-CTA count reduction per pass
+  (grid semaphores, DESIGN 4), which GPU interpret mode cannot run. That, or a per-lane histogram primitive, is
+  the next step for long contexts; until then `select="lax"` may well be faster there (compare with `main()`).
 """
 from __future__ import annotations
 
@@ -121,7 +127,8 @@ class IndexerConfig:
     select: "pallas" (the exact radix select below) or "lax" (`jax.lax.top_k` on the kernel's scores, the
       last-resort baseline to compare against).
     radix_bits: bits resolved per selection pass (1, 2, 4 or 8): 2^radix_bits - 1 candidate thresholds per pass,
-      32 / radix_bits passes at most.
+      32 / radix_bits passes at most. Fewer passes cost more compares and reductions per resolved bit; 1 is the
+      cheapest unless the row is streamed from L2 (longer than select_resident_bytes).
     """
     block_s: int = 64
     num_stages: int = 4
@@ -130,7 +137,7 @@ class IndexerConfig:
     select_stages: int = 4
     select_resident_bytes: int = 192 * 1024
     select: str = "pallas"
-    radix_bits: int = 4
+    radix_bits: int = 1
 
     def __post_init__(self):
         if self.block_s <= 0 or self.block_s % 64:
@@ -242,8 +249,12 @@ def _scores_padded(q, head_w, keys, q_pos, scale, *, padded_len: int, cfg: Index
     n_chunks = padded_len // block_s
     params = _compat.resolve_interpret(interpret)
     swizzle = mma_swizzle((H, T * N), q.dtype)
-    if swizzle is None and params is None:
-        raise ValueError(f"no wgmma swizzle fits H={H} and T*N={T * N} ({q.dtype}); need multiples of 16 elements")
+    if params is None:
+        if swizzle is None:
+            raise ValueError(f"no wgmma swizzle fits H={H} and T*N={T * N} ({q.dtype}); need multiples of 16 elements")
+        if block_s * T * N > 16384:
+            raise ValueError(f"{block_s=} x T*N = {T * N} f32 accumulators exceed 128 registers per thread: use "
+                             f"block_s={max(64, 16384 // (T * N) // 64 * 64)}")
     if params is not None and n_chunks * block_s > S:
         # jax 0.10's GPU interpreter raises on TMA reads past the end (the GPU zero-fills them).
         keys = jnp.pad(keys, ((0, 0), (0, n_chunks * block_s - S), (0, 0)))
@@ -433,3 +444,45 @@ def indexer_topk(q, head_w, keys, q_pos, scale: float, k: int, *, config: Indexe
     idx = _collect(flat, bins, K)
     valid = jnp.take_along_axis(flat, idx, axis=1) > NEG_INF
     return idx.reshape(B, T, K), valid.reshape(B, T, K)
+
+
+def _bench(fn, *args, iters: int = 20) -> float:
+    """Median wall time (us) of a jitted call, after a warm-up (GPU benchmark helper)."""
+    import time
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e6
+
+
+def main():
+    """Benchmark at GLM-5 shapes on the GPU: Pallas scores / top-k vs the jnp reference (XLA)."""
+    N, H, k = 32, 128, 2048
+    for B, T, S in [(1, 1, 4096), (1, 4, 32768), (1, 1, 131072), (2, 4, 131072)]:
+        ks = jax.random.split(jax.random.key(0), 4)
+        q = jax.random.normal(ks[0], (B, T, N, H), jnp.bfloat16)
+        w = jax.random.normal(ks[1], (B, T, N), jnp.float32) * N ** -0.5
+        keys = jax.random.normal(ks[2], (B, S, H), jnp.bfloat16)
+        q_pos = jnp.full((B, T), S - 1, jnp.int32)
+        scale = H ** -0.5
+        from pallas_kernels import ref
+        rows = {
+            "scores pallas": functools.partial(indexer_scores, scale=scale),
+            "scores xla": jax.jit(functools.partial(ref.indexer_scores, scale=scale)),
+            "top-k pallas": functools.partial(indexer_topk, scale=scale, k=k),
+            "top-k scores+lax": functools.partial(indexer_topk, scale=scale, k=k,
+                                                  config=IndexerConfig(select="lax")),
+            "top-k xla": jax.jit(functools.partial(ref.indexer_topk, scale=scale, k=k)),
+        }
+        gb = B * S * H * 2 / 1e9
+        for name, fn in rows.items():
+            us = _bench(fn, q, w, keys, q_pos)
+            print(f"B={B} T={T} S={S:6d} {name:18s} {us:9.1f} us  (key cache {gb * 1e3:.1f} MB: "
+                  f"{gb / (us * 1e-6):.2f} GB/s)")
+
+
+if __name__ == "__main__":
+    main()

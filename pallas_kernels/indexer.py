@@ -140,8 +140,8 @@ class IndexerConfig:
     radix_bits: int = 1
 
     def __post_init__(self):
-        if self.block_s <= 0 or self.block_s % 64:
-            raise ValueError(f"{self.block_s=} must be a positive multiple of 64 (the wgmma M)")
+        if self.block_s <= 0 or self.block_s % 64 or self.block_s > 256:
+            raise ValueError(f"{self.block_s=} must be a multiple of 64 (the wgmma M) in [64, 256] (a TMA box)")
         if not 2 <= self.num_stages <= 32:
             raise ValueError(f"{self.num_stages=} must be in [2, 32] (double buffering at least; Mosaic barrier groups)")
         if self.ctas_per_batch is not None and self.ctas_per_batch < 1:

@@ -54,7 +54,7 @@ from pallas_kernels.indexer import col_vector, mma_transforms, num_sms
 
 NEG_INF = float("-inf")
 _LOG2E = math.log2(math.e)
-_SMEM_BYTES = 227 * 1024  # opt-in shared memory per block on H100/H200
+_SMEM_BYTES = 227 * 1024 - 4096  # opt-in SMEM per block on H100/H200, less Mosaic scratch, barriers, alignment
 _SEG = 64  # latent segment width: one 128-byte swizzle row of bf16
 _GATHERS = ("tma", "xla")
 
@@ -101,8 +101,8 @@ def _full(shape, value: float, interpret: bool):
 
 
 # ------------------------------------------------------------------------------------------------------ tiles
-def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_dst, pe_dst, full_bar, *, b, first, num_rows: int, seq_len: int):
-    """Issue the per-row TMA copies of rows idx_smem[first : first + num_rows] into one ring slot.
+def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_dst, pe_dst, full_bar, *, b, num_rows: int, seq_len: int):
+    """Issue the per-row TMA copies of rows idx_smem[:num_rows] (this block's indices) into one ring slot.
 
     kv_dst [C/seg, rows, seg] and pe_dst [rows, R] are the slot's copy views; every copy arrives on `full_bar`
     (which therefore expects (C/seg + 1) * num_rows arrivals). Indices are clamped to [0, seq_len).
@@ -111,7 +111,7 @@ def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_dst, pe_dst, full_bar, *, b, firs
 
     @pl.loop(0, num_rows)
     def _row(r):
-        row = jnp.clip(idx_smem[first + r], 0, seq_len - 1)
+        row = jnp.clip(idx_smem[r], 0, seq_len - 1)
         for c in range(n_seg):
             plgpu.copy_gmem_to_smem(ckv_ref.at[b, pl.ds(row, 1), pl.ds(c * seg, seg)], kv_dst.at[c, pl.ds(r, 1)],
                                     full_bar)
@@ -203,8 +203,8 @@ def _mla_kernel(q_ref, qpe_ref, ckv_ref, kpe_ref, idx_ref, bias_ref, o_ref, lse_
 
     def fill(slot, j, idx_smem, kv_copy, pe_copy, full):
         if gather_mode == "tma":
-            gather_rows(ckv_ref, kpe_ref, idx_smem, kv_copy.at[slot], pe_copy.at[slot], full.at[slot], b=b,
-                        first=j * block_k, num_rows=block_k, seq_len=S)
+            gather_rows(ckv_ref, kpe_ref, idx_smem.at[j], kv_copy.at[slot], pe_copy.at[slot], full.at[slot], b=b,
+                        num_rows=block_k, seq_len=S)
         else:
             copy_rows(ckv_ref, kpe_ref, kv_copy.at[slot], pe_copy.at[slot], full.at[slot], b=b, t=t,
                       first=r0 + j * block_k, num_rows=block_k)
@@ -235,13 +235,14 @@ def _mla_kernel(q_ref, qpe_ref, ckv_ref, kpe_ref, idx_ref, bias_ref, o_ref, lse_
                 _full((hpc,), 0.0, interpret))
 
     def load_meta_and_q(idx_smem, bias_smem, q_smem, qpe_smem, q_bar, meta_bar):
-        plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(r0, rows_per_split)], idx_smem, meta_bar)
-        plgpu.copy_gmem_to_smem(bias_ref.at[b, t, pl.ds(r0, rows_per_split)], bias_smem, meta_bar)
+        # [n_blocks, block_k] boxes: a TMA box spans at most 256 elements per dimension.
+        plgpu.copy_gmem_to_smem(idx_ref.at[b, t, pl.ds(split * n_blocks, n_blocks)], idx_smem, meta_bar)
+        plgpu.copy_gmem_to_smem(bias_ref.at[b, t, pl.ds(split * n_blocks, n_blocks)], bias_smem, meta_bar)
         plgpu.copy_gmem_to_smem(q_ref.at[b, t, pl.ds(h0, hpc)], q_smem, q_bar)
         plgpu.copy_gmem_to_smem(qpe_ref.at[b, t, pl.ds(h0, hpc)], qpe_smem, q_bar)
 
     def bias_block(bias_smem, j):
-        return col_vector(bias_smem.at[pl.ds(j * block_k, block_k)], interpret)
+        return col_vector(bias_smem.at[j], interpret)
 
     def warp_specialized(q_smem, qpe_smem, ring, idx_smem, bias_smem, lse_smem, q_bar, meta_bar, full, consumed,
                          done):
@@ -314,8 +315,8 @@ def _mla_kernel(q_ref, qpe_ref, ckv_ref, kpe_ref, idx_ref, bias_ref, o_ref, lse_
 
     copies_per_fill = (n_seg + 1) * (block_k if gather_mode == "tma" else 1)
     meta = [
-        plgpu.SMEM((rows_per_split,), jnp.int32),
-        plgpu.SMEM((rows_per_split,), jnp.float32),
+        plgpu.SMEM((n_blocks, block_k), jnp.int32),
+        plgpu.SMEM((n_blocks, block_k), jnp.float32),
         plgpu.SMEM((hpc,), jnp.float32),
         plgpu.Barrier(num_arrivals=2),  # q_bar
         plgpu.Barrier(num_arrivals=2),  # meta_bar
@@ -403,8 +404,12 @@ def sparse_mla_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, scale: float, *, c
     groups = N // hpc
     seg = _SEG if C % (2 * _SEG) == 0 else C // 2
     n_blocks_total = pl.cdiv(K, block_k)
+    fixed_smem = hpc * (C + R) * 2 + config.num_stages * block_k * (C + R) * 2 + hpc * 4
     if config.num_splits is None:
         splits = max(1, min(num_sms() // (B * T * groups), K // config.min_rows_per_split))
+        # A split keeps its index and bias lists in SMEM (8 B per row): split further if they do not fit.
+        max_blocks = min(256, max(1, (_SMEM_BYTES - fixed_smem) // (8 * block_k)))  # 256: TMA box limit
+        splits = max(splits, pl.cdiv(n_blocks_total, max_blocks))
     else:
         splits = config.num_splits
     splits = min(splits, n_blocks_total)
@@ -436,7 +441,8 @@ def sparse_mla_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, scale: float, *, c
         thread_name=None if params is not None else "wg",
         interpret=params,
     )
-    o_part, lse = kernel(q_lat, q_pe, ckv_in, kpe_in, idx_p, bias)
+    blocks = (B, T, k_pad // block_k, block_k)
+    o_part, lse = kernel(q_lat, q_pe, ckv_in, kpe_in, idx_p.reshape(blocks), bias.reshape(blocks))
     out = o_part[:, :, 0] if splits == 1 else _combine(o_part, lse)
     return out.astype(q_lat.dtype)
 

@@ -288,7 +288,7 @@ class TestAttentionKernelsInterpret(_Cases):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(block_s=96), "block_s"), (dict(num_stages=1), "num_stages"), (dict(ctas_per_batch=0), "ctas_per_batch"),
+    (dict(block_s=96), "block_s"), (dict(block_s=320), "block_s"), (dict(num_stages=1), "num_stages"), (dict(ctas_per_batch=0), "ctas_per_batch"),
     (dict(select_chunk=200), "select_chunk"), (dict(radix_bits=3), "radix_bits"), (dict(select="sort"), "select")])
 def test_indexer_config_checks(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -358,7 +358,7 @@ class TestLowering:
         _lower_for_h200(functools.partial(indexer_topk, scale=h ** -0.5, k=GLM5["topk"]), *args)
 
     @pytest.mark.parametrize("gather", ["tma", "xla"])
-    @pytest.mark.parametrize("b, t", [(1, 1), (2, 4)])
+    @pytest.mark.parametrize("b, t", [(1, 1), (2, 4), (64, 4)])  # B*T = 256: one split no longer fits in SMEM
     def test_sparse_mla(self, b, t, gather):
         sds = jax.ShapeDtypeStruct
         n, c, r, k, s = GLM5["heads"], GLM5["latent"], GLM5["rope"], GLM5["topk"], 32768

@@ -143,7 +143,7 @@ class IndexerConfig:
         if self.block_s <= 0 or self.block_s % 64 or self.block_s > 256:
             raise ValueError(f"{self.block_s=} must be a multiple of 64 (the wgmma M) in [64, 256] (a TMA box)")
         if not 2 <= self.num_stages <= 32:
-            raise ValueError(f"{self.num_stages=} must be in [2, 32] (double buffering at least; Mosaic barrier groups)")
+            raise ValueError(f"{self.num_stages=} must be in [2, 32] (double buffering; Mosaic barrier groups)")
         if self.ctas_per_batch is not None and self.ctas_per_batch < 1:
             raise ValueError(f"{self.ctas_per_batch=} must be >= 1 or None (auto)")
         if self.select_chunk <= 0 or self.select_chunk % 128 or self.select_chunk % self.block_s:
@@ -303,8 +303,8 @@ def _float_key(x):
 def count_tile(x_smem, candidates, counts=None):
     """Per-lane counts of keys >= each candidate over one chunk of scores (the selection's tile body).
 
-    x_smem [chunk / 128, 128] float32 scores; candidates: int32 scalars; counts: per-lane int32 partial counts from earlier
-    chunks (arrays shaped like the chunk) or None. Returns the updated partial counts, one array per candidate.
+    x_smem [chunk / 128, 128] float32 scores; candidates: int32 scalars; counts: per-lane int32 partial counts
+    from earlier chunks (arrays shaped like the chunk) or None. Returns the updated partial counts, one array per candidate.
     """
     key = _float_key(x_smem[...])
     new = [jnp.where(key >= c, 1, 0) for c in candidates]  # select, not a bool->int convert
@@ -394,7 +394,8 @@ def select_bins(scores, k: int, *, config: IndexerConfig = IndexerConfig(), inte
                           radix_bits=config.radix_bits),
         out_type=jax.ShapeDtypeStruct((R, 4), jnp.int32),
         scratch_types=[plgpu.SMEM((stages, chunk // 128, 128), jnp.float32),
-                       plgpu.Barrier(num_arrivals=n_chunks) if stages == n_chunks else plgpu.Barrier(num_barriers=stages)],
+                       plgpu.Barrier(num_arrivals=n_chunks) if stages == n_chunks
+                       else plgpu.Barrier(num_barriers=stages)],
         grid=(R,),
         grid_names=("r",),
         interpret=params,

@@ -33,7 +33,6 @@ import pytest
 
 from pallas_kernels import _compat, ref
 from pallas_kernels import indexer as indexer_mod
-from pallas_kernels import mla_attention as mla_mod
 from pallas_kernels.indexer import IndexerConfig, indexer_scores, indexer_topk
 from pallas_kernels.mla_attention import MLAConfig, sparse_mla_attention
 
@@ -288,7 +287,8 @@ class TestAttentionKernelsInterpret(_Cases):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(block_s=96), "block_s"), (dict(block_s=320), "block_s"), (dict(num_stages=1), "num_stages"), (dict(ctas_per_batch=0), "ctas_per_batch"),
+    (dict(block_s=96), "block_s"), (dict(block_s=320), "block_s"), (dict(num_stages=1), "num_stages"),
+    (dict(ctas_per_batch=0), "ctas_per_batch"),
     (dict(select_chunk=200), "select_chunk"), (dict(radix_bits=3), "radix_bits"), (dict(select="sort"), "select")])
 def test_indexer_config_checks(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -317,32 +317,38 @@ def _select_kernel(scores_ref, out_ref, x_smem, bars, *, k: int, n_chunks: int, 
     r = lax.axis_index("r")
     n_cand = 2**radix_bits - 1
     resident = n_chunks <= stages
-
     rows = chunk // 128  # scores_ref is [R, L / 128, 128]: a TMA box spans at most 256 elements per dimension
 
-    def fetch(i):
-        slot = i % stages if isinstance(i, int) else lax.rem(i, stages)
-        bar = bars.at[0] if resident else bars.at[slot]  # resident: one barrier counts all the chunk copies
-        plgpu.copy_gmem_to_smem(scores_ref.at[r, pl.ds(i * rows, rows)], x_smem.at[slot], bar)
+    def chunk_ref(slot):
+        return x_smem.at[pl.ds(slot * rows, rows)]
 
-    if resident:
-        for i in range(n_chunks):
-            fetch(i)
-        plgpu.barrier_wait(bars.at[0])
+    def fetch(g):  # streaming: the g-th chunk read overall (chunk g % n_chunks) into ring slot g % stages
+        slot = lax.rem(g, stages)
+        i = lax.rem(g, n_chunks)
+        plgpu.copy_gmem_to_smem(scores_ref.at[r, pl.ds(i * rows, rows)], chunk_ref(slot), bars.at[slot])
 
-    def count_pass(candidates):
-        """Totals of count(key >= candidate) over the whole row."""
-        if not resident:
-            for i in range(stages):
-                fetch(i)
+    if resident:  # the whole row in as few TMA boxes as possible (<= 256 rows of 128 each), one barrier
+        total = n_chunks * rows
+        for start in range(0, total, 256):
+            size = min(256, total - start)
+            plgpu.copy_gmem_to_smem(scores_ref.at[r, pl.ds(start, size)], x_smem.at[pl.ds(start, size)], bars)
+        plgpu.barrier_wait(bars)
+    else:  # the ring keeps streaming across passes: the next pass reads the same row, whatever its thresholds
+        for g in range(stages):
+            fetch(jnp.int32(g))
 
+    def count_pass(candidates, g0):
+        """Totals of count(key >= candidate) over the whole row; g0 = chunks streamed before this pass."""
         def step(i, counts):
-            slot = lax.rem(i, stages)
-            if not resident:
+            if resident:
+                slot = i
+            else:
+                g = g0 + i
+                slot = lax.rem(g, stages)
                 plgpu.barrier_wait(bars.at[slot])
-            counts = count_tile(x_smem.at[slot], candidates, counts)
+            counts = count_tile(chunk_ref(slot), candidates, counts)
             if not resident:
-                pl.when(i + stages < n_chunks)(lambda: fetch(i + stages))
+                fetch(g + stages)  # may run one pass ahead of the last: drained after the loop
             return counts
 
         # The first chunk is peeled so that the loop carries start in the registers' layout.
@@ -357,7 +363,8 @@ def _select_kernel(scores_ref, out_ref, x_smem, bars, *, k: int, n_chunks: int, 
     def body(state):
         lo, shift, cnt_lo, cnt_hi, _ = state
         cands = [lo + lax.shift_left(jnp.int32(j), shift) for j in range(1, n_cand + 1)]
-        counts = count_pass(cands)
+        passes_done = lax.div(32 - radix_bits - shift, radix_bits)
+        counts = count_pass(cands, passes_done * n_chunks)
         # counts are non-increasing in j: m = the largest j with count(key >= lo + j*2^shift) >= k.
         m = sum(jnp.where(c >= k, 1, 0) for c in counts)
         ext = [cnt_lo, *counts, cnt_hi]  # ext[j] = count(key >= lo + j * 2^shift), j = 0 .. 2^radix_bits
@@ -370,6 +377,10 @@ def _select_kernel(scores_ref, out_ref, x_smem, bars, *, k: int, n_chunks: int, 
     init = (jnp.int32(_INT32_MIN), jnp.int32(32 - radix_bits), jnp.int32(n_chunks * chunk), jnp.int32(0),
             jnp.int32(0))
     lo, shift, _, cnt_hi, _ = lax.while_loop(cond, body, init)
+    if not resident:  # wait for the chunks fetched ahead for a pass that did not happen
+        g_end = lax.div(32 - radix_bits - shift, radix_bits) * n_chunks
+        for j in range(stages):
+            plgpu.barrier_wait(bars.at[lax.rem(g_end + j, stages)])
     out_ref[r, 0] = lo
     out_ref[r, 1] = shift + radix_bits  # log2 of the final bin width
     out_ref[r, 2] = k - cnt_hi  # keys of the bin that belong to the top-k (all keys above it do)
@@ -393,8 +404,8 @@ def select_bins(scores, k: int, *, config: IndexerConfig = IndexerConfig(), inte
         functools.partial(_select_kernel, k=k, n_chunks=n_chunks, chunk=chunk, stages=stages,
                           radix_bits=config.radix_bits),
         out_type=jax.ShapeDtypeStruct((R, 4), jnp.int32),
-        scratch_types=[plgpu.SMEM((stages, chunk // 128, 128), jnp.float32),
-                       plgpu.Barrier(num_arrivals=n_chunks) if stages == n_chunks
+        scratch_types=[plgpu.SMEM((stages * chunk // 128, 128), jnp.float32),
+                       plgpu.Barrier(num_arrivals=pl.cdiv(L // 128, 256)) if stages == n_chunks
                        else plgpu.Barrier(num_barriers=stages)],
         grid=(R,),
         grid_names=("r",),

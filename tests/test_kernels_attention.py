@@ -24,12 +24,12 @@ each call (best effort).
 """
 import dataclasses
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_testing import case_key, lower_for_h200
 
 from pallas_kernels import _compat, ref
 from pallas_kernels import indexer as indexer_mod
@@ -42,10 +42,6 @@ MLA_TOL = {jnp.bfloat16: (1e-2, 5e-2), jnp.float16: (3e-3, 2e-2)}  # (relative F
 # Shapes: indexer (N heads, H dim, top-k), MLA (N heads, C latent, R rope).
 GLM5 = dict(idx_heads=32, idx_dim=128, topk=2048, heads=64, latent=512, rope=64)
 SMALL = dict(idx_heads=8, idx_dim=64, topk=64, heads=8, latent=64, rope=16)
-
-
-def _key(*parts):
-    return jax.random.key(zlib.crc32(repr(parts).encode()))
 
 
 def _rnd(key, shape, dtype=jnp.bfloat16, scale=1.0):
@@ -154,7 +150,7 @@ class _Cases:
 
     def indexer_inputs(self, B, T, S, **kw):
         sh = self.SHAPES
-        return _indexer_inputs(_key("idx", B, T, S, tuple(kw.items())), B, T, S, sh["idx_heads"], sh["idx_dim"],
+        return _indexer_inputs(case_key("idx", B, T, S, tuple(kw.items())), B, T, S, sh["idx_heads"], sh["idx_dim"],
                                **kw)
 
     # -- indexer -------------------------------------------------------------------------------------------------
@@ -202,7 +198,7 @@ class _Cases:
     def test_select_kernel_is_exact(self, radix_bits):
         """The radix select alone, on rows with heavy ties, -inf runs, negative and positive scores."""
         R, L = 3, (256 if self.INTERPRET else 65536)
-        kv, kk = jax.random.split(_key("select", radix_bits, L))
+        kv, kk = jax.random.split(case_key("select", radix_bits, L))
         vals = jnp.round(jax.random.normal(kv, (R, L)) * 4) / 4  # many exact ties
         vals = vals.at[1, : L // 2].set(-jnp.inf).at[2].set(jnp.where(jnp.arange(L) % 3 == 0, 7.25, vals[2]))
         k = L // 4
@@ -218,7 +214,7 @@ class _Cases:
 
     def mla_inputs(self, B, T, S, K, dtype=jnp.bfloat16, valid_rows=None):
         sh = self.SHAPES
-        return _mla_inputs(_key("mla", B, T, S, K, str(dtype), valid_rows), B, T, S, K, sh["heads"], sh["latent"],
+        return _mla_inputs(case_key("mla", B, T, S, K, str(dtype), valid_rows), B, T, S, K, sh["heads"], sh["latent"],
                            sh["rope"], dtype, valid_rows)
 
     def test_sparse_mla(self, mla_case):
@@ -335,16 +331,6 @@ def test_float_key_is_order_preserving():
 # -- Lowering for the H200 (any host) --------------------------------------------------------------------------
 
 
-def _lower_for_h200(fn, *args):
-    with _compat.interpret_mesh("NVIDIA H200", 132):
-        traced = jax.jit(fn).trace(*args)
-        try:
-            lowered = traced.lower(lowering_platforms=("cuda",))
-        except TypeError as e:  # the cross-platform lowering hook moved
-            pytest.skip(f"cannot lower for CUDA on this jax: {e}")
-    assert "mosaic_gpu" in lowered.as_text()
-
-
 class TestLowering:
     """The compiled (non-interpret) kernels lower for the H200 at GLM-5 shapes, on any host."""
 
@@ -354,8 +340,8 @@ class TestLowering:
         n, h = GLM5["idx_heads"], GLM5["idx_dim"]
         args = (sds((b, t, n, h), jnp.bfloat16), sds((b, t, n), jnp.float32), sds((b, s, h), jnp.bfloat16),
                 sds((b, t), jnp.int32))
-        _lower_for_h200(functools.partial(indexer_scores, scale=h ** -0.5), *args)
-        _lower_for_h200(functools.partial(indexer_topk, scale=h ** -0.5, k=GLM5["topk"]), *args)
+        lower_for_h200(functools.partial(indexer_scores, scale=h ** -0.5), *args)
+        lower_for_h200(functools.partial(indexer_topk, scale=h ** -0.5, k=GLM5["topk"]), *args)
 
     @pytest.mark.parametrize("gather", ["tma", "xla"])
     @pytest.mark.parametrize("b, t", [(1, 1), (2, 4), (64, 4)])  # B*T = 256: one split no longer fits in SMEM
@@ -365,7 +351,7 @@ class TestLowering:
         args = (sds((b, t, n, c), jnp.bfloat16), sds((b, t, n, r), jnp.bfloat16), sds((b, s, c), jnp.bfloat16),
                 sds((b, s, r), jnp.bfloat16), sds((b, t, k), jnp.int32), sds((b, t, k), jnp.bool_))
         config = MLAConfig(gather=gather)
-        _lower_for_h200(functools.partial(sparse_mla_attention, scale=(c + r) ** -0.5, config=config), *args)
+        lower_for_h200(functools.partial(sparse_mla_attention, scale=(c + r) ** -0.5, config=config), *args)
 
     def test_sparse_mla_smem_check(self):
         sds = jax.ShapeDtypeStruct
@@ -373,5 +359,5 @@ class TestLowering:
                 sds((1, 4096, 512), jnp.bfloat16), sds((1, 4096, 64), jnp.bfloat16), sds((1, 1, 2048), jnp.int32),
                 sds((1, 1, 2048), jnp.bool_))
         with pytest.raises(ValueError, match="SMEM"):
-            _lower_for_h200(functools.partial(sparse_mla_attention, scale=0.07,
+            lower_for_h200(functools.partial(sparse_mla_attention, scale=0.07,
                                               config=MLAConfig(num_stages=3, num_splits=1)), *args)

@@ -18,12 +18,12 @@ been written: the interpreter fills fresh buffers with NaN, and on the GPU the a
 memory just before the call (best effort).
 """
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_testing import case_key, lower_for_h200
 
 from pallas_kernels import _compat, fp8, ref
 from pallas_kernels import gemv as gemv_mod
@@ -41,10 +41,6 @@ GEMV_TINY = {"qkv_a": (256, 192, True), "q_b": (128, 256, True), "o_proj": (512,
 # (E, k, D, I, shared I). GLM-5 dims with 64 instead of 256 experts (E only sets the table the ids index).
 MOE_GLM5 = {"shared": (64, 8, 6144, 2048, 2048), "no_shared": (64, 8, 6144, 2048, None)}
 MOE_TINY = {"shared": (8, 2, 128, 128, 256), "no_shared": (6, 2, 128, 128, None)}
-
-
-def _key(*parts):
-    return jax.random.key(zlib.crc32(repr(parts).encode()))
 
 
 def _rnd(key, shape, scale=1.0, dtype=jnp.bfloat16):
@@ -119,14 +115,14 @@ class _Cases:
 
     def test_gemv(self, case, t):
         k, n, norm = self.GEMV[case]
-        kx, kw, kn = jax.random.split(_key(case, t), 3)
+        kx, kw, kn = jax.random.split(case_key(case, t), 3)
         x, w = _rnd(kx, (t, k)), _rnd(kw, (k, n), k ** -0.5)
         nw = (1.0 + _rnd(kn, (k,), 0.2)).astype(jnp.bfloat16) if norm else None
         assert_close(self.run(gemv, x, w, nw, 1e-5), ref.gemv(x, w, nw, 1e-5), "bf16")
 
     def test_gemv_fp8(self, case, t):
         k, n, norm = self.GEMV[case]
-        kx, kw, kn = jax.random.split(_key(case, t, "fp8"), 3)
+        kx, kw, kn = jax.random.split(case_key(case, t, "fp8"), 3)
         x, w = _rnd(kx, (t, k)), fp8.quantize_fp8_blockwise(_rnd(kw, (k, n), k ** -0.5))
         nw = (1.0 + _rnd(kn, (k,), 0.2)).astype(jnp.bfloat16) if norm else None
         assert_close(self.run(gemv_fp8, x, w, nw, 1e-5), fp8.gemv_fp8_ref(x, w, nw, 1e-5), "fp8")
@@ -150,13 +146,13 @@ class _Cases:
 
     def test_moe(self, case, t):
         e, k, d, i, si = self.MOE[case]
-        x, ids, wts, w, shared = _moe_inputs(_key(case, t, "moe"), t, e, k, d, i, si)
+        x, ids, wts, w, shared = _moe_inputs(case_key(case, t, "moe"), t, e, k, d, i, si)
         assert_close(self.run(moe_experts, x, ids, wts, *w, shared), ref.moe_experts(x, ids, wts, *w, shared),
                      "bf16")
 
     def test_moe_fp8(self, case, t):
         e, k, d, i, si = self.MOE[case]
-        x, ids, wts, w, shared = _moe_inputs(_key(case, t, "moe_fp8"), t, e, k, d, i, si)
+        x, ids, wts, w, shared = _moe_inputs(case_key(case, t, "moe_fp8"), t, e, k, d, i, si)
         wq = tuple(fp8.quantize_fp8_blockwise(a) for a in w)
         sq = None if shared is None else tuple(fp8.quantize_fp8_blockwise(a) for a in shared)
         assert_close(self.run(moe_experts_fp8, x, ids, wts, *wq, sq), fp8.moe_experts_fp8_ref(x, ids, wts, *wq, sq),
@@ -256,16 +252,6 @@ def test_pick_k_splits_fills_the_sms():
     assert gemv_mod.pick_k_splits(9 * 32, 48, 132) == 4  # MoE gate/up at T = 1: 9 slots x 32 tiles of I=2048
 
 
-def _lower_for_h200(fn, *args):
-    with _compat.interpret_mesh("NVIDIA H200", 132):
-        traced = jax.jit(fn).trace(*args)
-        try:
-            lowered = traced.lower(lowering_platforms=("cuda",))
-        except TypeError as e:  # the cross-platform lowering hook moved
-            pytest.skip(f"cannot lower for CUDA on this jax: {e}")
-    assert "mosaic_gpu" in lowered.as_text()
-
-
 class TestLowering:
     """The compiled (non-interpret) kernels lower for the H200 at GLM-5 shapes, on any host."""
 
@@ -276,8 +262,8 @@ class TestLowering:
         x, w = sds((3, k), jnp.bfloat16), sds((k, n), jnp.bfloat16)
         nw = sds((k,), jnp.bfloat16) if norm else None
         q = (sds((n, k), jnp.float8_e4m3fn), sds((-(-n // 128), k // 128), jnp.float32))
-        _lower_for_h200(functools.partial(gemv, eps=1e-5), x, w, nw)
-        _lower_for_h200(functools.partial(gemv_fp8, eps=1e-5), x, q, nw)
+        lower_for_h200(functools.partial(gemv, eps=1e-5), x, w, nw)
+        lower_for_h200(functools.partial(gemv_fp8, eps=1e-5), x, q, nw)
 
     @pytest.mark.parametrize("t", [1, 8])
     def test_moe(self, t):
@@ -286,8 +272,8 @@ class TestLowering:
         x, ids, wts = sds((t, d), jnp.bfloat16), sds((t, k), jnp.int32), sds((t, k), jnp.float32)
         w = (sds((e, d, i), jnp.bfloat16), sds((e, d, i), jnp.bfloat16), sds((e, i, d), jnp.bfloat16))
         shared = (sds((d, si), jnp.bfloat16), sds((d, si), jnp.bfloat16), sds((si, d), jnp.bfloat16))
-        _lower_for_h200(moe_experts, x, ids, wts, *w, shared)
+        lower_for_h200(moe_experts, x, ids, wts, *w, shared)
         qs = lambda *shape: (sds(shape, jnp.float8_e4m3fn), sds((*shape[:-2], shape[-2] // 128, shape[-1] // 128),
                                                                   jnp.float32))
-        _lower_for_h200(moe_experts_fp8, x, ids, wts, qs(e, i, d), qs(e, i, d), qs(e, d, i),
+        lower_for_h200(moe_experts_fp8, x, ids, wts, qs(e, i, d), qs(e, i, d), qs(e, d, i),
                         (qs(si, d), qs(si, d), qs(d, si)))

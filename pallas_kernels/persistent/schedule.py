@@ -1,0 +1,535 @@
+"""Ahead-of-time schedule of one decode step for the persistent kernel (DESIGN.md sec. 4): lowering, SM
+assignment, statistics and the on-disk cache.
+
+`compile_schedule(cfg, tokens, options)` lowers one step of the main model (embedding, every decoder layer,
+final norm + LM head) for T = `tokens` query tokens of one sequence (1 + D for MTP verification) into op groups
+of tile-level tasks (`format.Op`): one GEMV task per output column tile, per-head absorb / W_uv tasks, attention
+per head group, indexer score chunks + one top-k merge, the router's logit tiles + selection, expert tasks per
+(routed slot, tile) with the expert id read at run time from the selection's slot table, and a combine per
+column tile. RMSNorms are fused into the consuming GEMVs, RoPE into the cache writes / absorb / score tasks,
+residual adds into o_proj and the dense down projection.
+
+Dependencies: every buffer has a producer op group; an op group waits on the counters of its inputs' producers,
+minus those already implied by another wait (transitive reduction). Every scratch buffer is written exactly
+once per step (per-layer buffers), so there are no write-after-read hazards.
+
+Assignment (deadlock freedom): tasks are ordered by dependency level (longest path from the step's inputs),
+which is a topological order, and dealt greedily to the SM with the fewest bytes so far (LPT within a level,
+largest first). Every SM's list is a subsequence of that one global order, so at any moment the earliest
+unfinished task in the global order is the head of its SM's list and all its producers (earlier in the order)
+are finished: some SM can always progress, whatever the interleaving. `simulate.py` checks it anyway.
+
+    sched = load_or_compile(cfg.model, tokens=4, options=ScheduleOptions(num_sms=132), gpu="H200")
+    sched.sm_records()      # int32 [num_sms, max_tasks, 32]: what the kernel TMA's in
+    python -m pallas_kernels.persistent.schedule glm5_slice     # statistics at T = 1 and 4
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import heapq
+import json
+import math
+import os
+import pathlib
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+from glm_fast.config import ModelConfig, load_config
+from glm_fast.model.rope import attention_scale
+from pallas_kernels.persistent.format import (
+    C_ATTN_SCALE, C_EPS6, C_INDEX_SCALE, C_INDEX_WSCALE, C_RMS_EPS, C_ROUTED_SCALE, ARITY, F_ARGS, F_BYTES, F_ID,
+    F_INPUTS, F_LAYER, F_NWAITS, F_OP, F_OUTPUTS, F_SIGNAL, F_TILE, F_WAITS, F_WEIGHTS, MAX_INPUTS,
+    MAX_OUTPUTS, MAX_WAITS, MAX_WEIGHTS, NUM_ARGS, RECORD_WIDTH, Buffer, Counter, Kind, Op, Task, Weight)
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleOptions:
+    """Tiling and balancing of a schedule (all part of the cache key).
+
+    tile_n: output columns per GEMV / expert task (the GPU tile kernels take 64 or 128; the CPU tests use odd
+    sizes to exercise ragged last tiles). attn_heads: heads per attention task. index_chunks: indexer score
+    tasks per full layer (each covers 1/index_chunks of the visible rows at run time); index_align: row
+    granularity of a chunk. context_hint: cached tokens assumed when weighing the indexer and attention tasks
+    (balancing only). num_sms: task lists (one persistent CTA per SM; 132 on H100/H200).
+    """
+    tile_n: int = 64
+    attn_heads: int = 8
+    index_chunks: int = 32
+    index_align: int = 64
+    context_hint: int = 4096
+    num_sms: int = 132
+
+    def __post_init__(self):
+        for name in ("tile_n", "attn_heads", "index_chunks", "index_align", "context_hint", "num_sms"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ScheduleOptions.{name}={getattr(self, name)}: must be a positive integer")
+
+
+@dataclasses.dataclass
+class _OpGroup:
+    """Tasks sharing op code, weights, buffers and one counter; per-tile args [n, 4] and bytes [n]."""
+    name: str
+    op: Op
+    layer: int
+    weights: tuple[int, ...]
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    args: np.ndarray
+    nbytes: np.ndarray
+    deps: tuple[int, ...] = ()
+    waits: tuple[int, ...] = ()
+    level: int = 0
+
+
+class _Builder:
+    """Collects buffers, weights and op groups; an op's dependencies are the producers of its input buffers."""
+
+    def __init__(self):
+        self.buffers: list[Buffer] = []
+        self.weights: list[Weight] = []
+        self._weight_ids: dict[str, int] = {}
+        self.ops: list[_OpGroup] = []
+        self.producers: dict[int, list[int]] = {}
+
+    def buffer(self, name, shape, dtype, kind=Kind.SCRATCH) -> int:
+        self.buffers.append(Buffer(name, tuple(int(s) for s in shape), dtype, kind))
+        return len(self.buffers) - 1
+
+    def weight(self, name, shape, dtype) -> int:
+        if name not in self._weight_ids:
+            self._weight_ids[name] = len(self.weights)
+            self.weights.append(Weight(name, tuple(int(s) for s in shape), dtype))
+        return self._weight_ids[name]
+
+    def op(self, name, op, layer, weights, inputs, outputs, args, nbytes) -> int:
+        if (len(weights), len(inputs), len(outputs)) != ARITY[op]:
+            raise AssertionError(f"{name}: {op.name} takes {ARITY[op]} (weights, inputs, outputs)")
+        args = np.asarray(args, np.int64).reshape(-1, NUM_ARGS)
+        nbytes = np.broadcast_to(np.asarray(nbytes, np.int64), (len(args),)).copy()
+        deps = sorted({p for b in inputs if b >= 0 for p in self.producers.get(b, ())})
+        oid = len(self.ops)
+        self.ops.append(_OpGroup(name, op, layer, tuple(weights), tuple(inputs), tuple(outputs), args, nbytes,
+                                 tuple(deps)))
+        for b in outputs:
+            self.producers.setdefault(b, []).append(oid)
+        return oid
+
+
+def _col_tiles(n: int, tile: int, *extra) -> list[tuple[int, ...]]:
+    """Args rows (col0, ncols, *extra) covering n columns in tiles of `tile` (the last one ragged)."""
+    rows = [(c, min(tile, n - c), *extra) for c in range(0, n, tile)]
+    return [r + (0,) * (NUM_ARGS - len(r)) for r in rows]
+
+
+class _Lowering:
+    """Lowers one decode step of `m` for T tokens into a `_Builder`'s op groups (DESIGN.md sec. 4 levels)."""
+
+    def __init__(self, m: ModelConfig, tokens: int, opt: ScheduleOptions):
+        self.m, self.t, self.opt, self.b = m, tokens, opt, _Builder()
+        self.dt = m.dtype
+        self.elt = 2 if m.dtype == "bfloat16" else 4
+
+    def gemv(self, name, layer, x, k, n, w_name, out, *, norm=None, eps=-1, residual=-1, transposed=False):
+        """y [T, n] = rmsnorm?(x [T, k]) @ W [k, n] (+ residual), one task per column tile."""
+        b = self.b
+        w = b.weight(w_name, (n, k) if transposed else (k, n), self.dt)
+        nw = b.weight(norm, (k,), self.dt) if norm else -1
+        tiles = _col_tiles(n, self.opt.tile_n, eps if norm else -1, int(transposed))
+        nbytes = [(k * r[1] + self.t * k) * self.elt for r in tiles]
+        return b.op(name, Op.GEMV, layer, (w, nw), (x, residual), (out,), tiles, nbytes)
+
+    def lower(self):
+        m, t, b, dt = self.m, self.t, self.b, self.dt
+        tokens = b.buffer("tokens", (t,), "int32", Kind.INPUT)
+        pos = b.buffer("pos", (t,), "int32", Kind.INPUT)
+        rope = (b.buffer("rope_cos", (t, m.qk_rope_head_dim // 2), dt, Kind.INPUT),
+                b.buffer("rope_sin", (t, m.qk_rope_head_dim // 2), dt, Kind.INPUT))
+        h = b.buffer("h_embed", (t, m.hidden_size), dt)
+        emb = b.weight("embed_tokens/embedding", (m.vocab_size, m.hidden_size), dt)
+        b.op("embed", Op.EMBED, -1, (emb,), (tokens,), (h,), [(0,) * NUM_ARGS], t * m.hidden_size * self.elt)
+        topk = None
+        for layer, (mlp, idx) in enumerate(zip(m.layer_mlp_types, m.layer_indexer_types)):
+            h, topk = self.layer(layer, mlp, idx == "full", h, topk, pos, rope)
+        logits = b.buffer("logits", (t, m.vocab_size), dt, Kind.OUTPUT)
+        head = "embed_tokens/embedding" if m.tie_word_embeddings else "lm_head/kernel"
+        self.gemv("lm_head", -1, h, m.hidden_size, m.vocab_size, head, logits, norm="norm/weight", eps=C_RMS_EPS,
+                  transposed=m.tie_word_embeddings)
+        return b
+
+    def layer(self, l, mlp, full, h, topk, pos, rope):
+        m, t, b, dt, elt, opt = self.m, self.t, self.b, self.dt, self.elt, self.opt
+        d, q, c, r, n = m.hidden_size, m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim, m.num_attention_heads
+        hn, hv, ni, hi, kt = m.qk_nope_head_dim, m.v_head_dim, m.index_n_heads, m.index_head_dim, m.index_topk
+        p, a = f"layers/{l}", f"layers/{l}/self_attn"
+        buf = lambda name, shape, dtype=dt, kind=Kind.SCRATCH: b.buffer(f"{p}/{name}", shape, dtype, kind)  # noqa
+        ln1 = f"{p}/input_layernorm/weight"
+        # Level 1: RMSNorm(h) fused into the four projections of h.
+        qa, kva = buf("q_a", (t, q)), buf("kv_a", (t, c + r))
+        self.gemv(f"{p}/q_a", l, h, d, q, f"{a}/q_a_proj/kernel", qa, norm=ln1, eps=C_RMS_EPS)
+        self.gemv(f"{p}/kv_a", l, h, d, c + r, f"{a}/kv_a_proj_with_mqa/kernel", kva, norm=ln1, eps=C_RMS_EPS)
+        if full:
+            ik, iw = buf("index_k_raw", (t, hi)), buf("index_w", (t, ni))
+            self.gemv(f"{p}/index_wk", l, h, d, hi, f"{p}/indexer/wk/kernel", ik, norm=ln1, eps=C_RMS_EPS)
+            self.gemv(f"{p}/index_wproj", l, h, d, ni, f"{p}/indexer/weights_proj/kernel", iw, norm=ln1,
+                      eps=C_RMS_EPS)
+        # Level 2: q_b / indexer q (q_a RMSNorm fused), cache writes (norms and RoPE fused).
+        qb = buf("q_b", (t, n * (hn + r)))
+        qnorm = f"{a}/q_a_layernorm/weight"
+        self.gemv(f"{p}/q_b", l, qa, q, n * (hn + r), f"{a}/q_b_proj/kernel", qb, norm=qnorm, eps=C_EPS6)
+        c_kv, k_pe = buf("c_kv", (-1, c), kind=Kind.CACHE), buf("k_pe", (-1, r), kind=Kind.CACHE)
+        b.op(f"{p}/kv_write", Op.KV_WRITE, l, (b.weight(f"{a}/kv_a_layernorm/weight", (c,), dt),),
+             (kva, pos, *rope), (c_kv, k_pe), [(C_EPS6, 0, 0, 0)], 2 * t * (c + r) * elt)
+        if full:
+            iq = buf("index_q", (t, ni * hi))
+            self.gemv(f"{p}/index_q", l, qa, q, ni * hi, f"{p}/indexer/wq_b/kernel", iq, norm=qnorm, eps=C_EPS6)
+            index_k = buf("index_k", (-1, hi), kind=Kind.CACHE)
+            b.op(f"{p}/ik_write", Op.IK_WRITE, l,
+                 (b.weight(f"{p}/indexer/k_norm/weight", (hi,), dt), b.weight(f"{p}/indexer/k_norm/bias", (hi,), dt)),
+                 (ik, pos, *rope), (index_k,), [(C_EPS6, 0, 0, 0)], 2 * t * hi * elt)
+            # Level 3: score chunks with local top-K, then the merge.
+            nc = opt.index_chunks
+            cand = buf("index_cand_val", (nc, t, kt), "float32"), buf("index_cand_idx", (nc, t, kt), "int32")
+            b.op(f"{p}/index_score", Op.INDEX_SCORE, l, (), (iq, iw, index_k, pos, *rope), cand,
+                 [(i, nc, opt.index_align, 0) for i in range(nc)], (math.ceil(opt.context_hint / nc) * hi
+                                                                   + t * ni * hi) * elt)
+            topk = buf("topk_idx", (t, kt), "int32"), buf("topk_valid", (t, kt), "int32")
+            b.op(f"{p}/index_topk", Op.INDEX_TOPK, l, (), cand, topk, [(0,) * NUM_ARGS], nc * t * kt * 8)
+        # Level 4: absorb W_uk per head (q_pe RoPE fused), attention per head group over the top-K rows.
+        kv_b = b.weight(f"{a}/kv_b_proj/kernel", (c, n * (hn + hv)), dt)
+        q_lat, q_pe = buf("q_lat", (t, n, c)), buf("q_pe", (t, n, r))
+        b.op(f"{p}/absorb", Op.ABSORB, l, (kv_b,), (qb, *rope), (q_lat, q_pe), [(i, 0, 0, 0) for i in range(n)],
+             (c * hn + t * (hn + r)) * elt)
+        o_lat = buf("o_lat", (t, n, c))
+        g = opt.attn_heads
+        rows = min(kt, opt.context_hint)
+        b.op(f"{p}/attn", Op.ATTN, l, (), (q_lat, q_pe, c_kv, k_pe, *topk), (o_lat,),
+             [(i, min(g, n - i), 0, 0) for i in range(0, n, g)], (rows * (c + r) + t * g * (c + r)) * elt)
+        # Level 5: W_uv per head, o_proj with the residual fused.
+        v = buf("v", (t, n, hv))
+        b.op(f"{p}/uv", Op.UV, l, (kv_b,), (o_lat,), (v,), [(i, 0, 0, 0) for i in range(n)], (c * hv + t * c) * elt)
+        h_mid = buf("h_mid", (t, d))
+        self.gemv(f"{p}/o_proj", l, v, n * hv, d, f"{a}/o_proj/kernel", h_mid, residual=h)
+        h_out = buf("h_out", (t, d))
+        ln2 = f"{p}/post_attention_layernorm/weight"
+        if mlp == "dense":
+            self.swiglu(f"{p}/mlp", l, h_mid, ln2, d, m.intermediate_size, f"{p}/mlp", h_out, residual=h_mid)
+            return h_out, topk
+        # Levels 6-7: router tiles + selection, routed slots, shared expert, combine.
+        e, k = m.n_routed_experts, m.num_experts_per_tok
+        u = min(e, t * k)
+        logits = buf("router_logits", (t, e), "float32")
+        self.gemv(f"{p}/router", l, h_mid, d, e, f"{p}/mlp/gate/weight", logits, norm=ln2, eps=C_RMS_EPS)
+        slots = buf("slot_expert", (u,), "int32"), buf("slot_coef", (u, t), "float32")
+        b.op(f"{p}/router_select", Op.ROUTER_SELECT, l,
+             (b.weight(f"{p}/mlp/gate/e_score_correction_bias", (e,), "float32"),), (logits,), slots,
+             [(k, m.n_group, m.topk_group, int(m.norm_topk_prob))], t * e * 4)
+        i = m.moe_intermediate_size
+        shared = m.n_shared_experts > 0
+        part = buf("moe_part", (u + shared, t, d), "float32")
+        self.swiglu(f"{p}/experts", l, h_mid, ln2, d, i, f"{p}/mlp", part, slots=slots)
+        if shared:
+            self.swiglu(f"{p}/shared", l, h_mid, ln2, d, i * m.n_shared_experts, f"{p}/mlp/shared_experts",
+                        part, out_slot=u)
+        b.op(f"{p}/combine", Op.MOE_COMBINE, l, (), (part, h_mid), (h_out,), _col_tiles(d, opt.tile_n),
+             [(u + shared + 1) * t * r_[1] * 4 for r_ in _col_tiles(d, opt.tile_n)])
+        return h_out, topk
+
+    def swiglu(self, name, l, x, norm, d, i, prefix, out, *, residual=-1, slots=None, out_slot=-1):
+        """SwiGLU as up tiles (gate and up together, norm fused) then down tiles. slots: routed experts, one
+        task per (slot, tile) over the stacked [E, ...] weights; otherwise a plain [D, I] MLP."""
+        b, t, dt, elt, tile = self.b, self.t, self.dt, self.elt, self.opt.tile_n
+        routed = slots is not None
+        u = b.buffers[slots[0]].shape[0] if routed else 0
+        if routed:
+            e = self.m.n_routed_experts
+            wg, wu = (b.weight(f"{prefix}/{w}", (e, d, i), dt) for w in ("gate_proj", "up_proj"))
+            wd = b.weight(f"{prefix}/down_proj", (e, i, d), dt)
+        else:
+            wg, wu = (b.weight(f"{prefix}/{w}/kernel", (d, i), dt) for w in ("gate_proj", "up_proj"))
+            wd = b.weight(f"{prefix}/down_proj/kernel", (i, d), dt)
+        act = b.buffer(f"{name}_act", (u, t, i) if routed else (t, i), dt)
+        slot_ids = range(u) if routed else (-1,)
+        up = [r for s in slot_ids for r in _col_tiles(i, tile, s, C_RMS_EPS)]
+        b.op(f"{name}_up", Op.SWIGLU_UP, l, (wg, wu, b.weight(norm, (d,), dt)), (x, slots[0] if routed else -1),
+             (act,), up, [(2 * d * r[1] + t * d) * elt for r in up])
+        down = [r for s in slot_ids for r in _col_tiles(d, tile, s, s if routed else out_slot)]
+        inputs = (act, residual, *(slots if routed else (-1, -1)))
+        b.op(f"{name}_down", Op.SWIGLU_DOWN, l, (wd,), inputs, (out,), down, [(i * r[1] + t * i) * elt for r in down])
+
+
+def _finish(b: _Builder) -> None:
+    """Levels and transitively reduced waits of every op group (ops are created in a topological order)."""
+    ancestors: list[int] = []
+    for oid, g in enumerate(b.ops):
+        if any(d >= oid for d in g.deps):
+            raise AssertionError(f"op {g.name} depends on a later op")
+        anc = 0
+        for d in g.deps:
+            anc |= ancestors[d] | (1 << d)
+        ancestors.append(anc)
+        implied = 0
+        for d in g.deps:
+            implied |= ancestors[d]
+        g.waits = tuple(d for d in g.deps if not (implied >> d) & 1)
+        g.level = 1 + max((b.ops[d].level for d in g.deps), default=-1)
+
+
+@dataclasses.dataclass
+class Schedule:
+    """A compiled step: tables + task records in global topological order + per-SM lists of task ids.
+
+    records int32 [n_tasks, RECORD_WIDTH] (row i is task i); sm_tasks int32 [num_sms, max_len] (-1 padded);
+    constants float64 (ids `format.C_*`); meta: the cache key fields and sizes.
+    """
+    meta: dict
+    buffers: list[Buffer]
+    weights: list[Weight]
+    counters: list[Counter]
+    constants: np.ndarray
+    records: np.ndarray
+    sm_tasks: np.ndarray
+
+    @property
+    def num_sms(self) -> int:
+        return self.sm_tasks.shape[0]
+
+    def task(self, i: int) -> Task:
+        return Task.decode(self.records[i])
+
+    @property
+    def tasks(self) -> list[Task]:
+        return [Task.decode(r) for r in self.records]
+
+    def sm_lists(self) -> list[list[int]]:
+        return [[int(i) for i in row if i >= 0] for row in self.sm_tasks]
+
+    def sm_records(self) -> np.ndarray:
+        """int32 [num_sms, max_len, RECORD_WIDTH]: each SM's records in order, NOP rows (op 0) as padding."""
+        out = np.zeros((*self.sm_tasks.shape, RECORD_WIDTH), np.int32)
+        mask = self.sm_tasks >= 0
+        out[mask] = self.records[self.sm_tasks[mask]]
+        return out
+
+
+def _constants(m: ModelConfig) -> np.ndarray:
+    c = np.zeros(6)
+    c[[C_RMS_EPS, C_EPS6, C_ATTN_SCALE, C_INDEX_SCALE, C_INDEX_WSCALE, C_ROUTED_SCALE]] = (
+        m.rms_norm_eps, 1e-6, attention_scale(m), m.index_head_dim ** -0.5, m.index_n_heads ** -0.5,
+        m.routed_scaling_factor)
+    return c
+
+
+def _records(b: _Builder) -> tuple[np.ndarray, np.ndarray]:
+    """All tasks' records in (level, -bytes, op, tile) order, renumbered by that order; and op id per task."""
+    rows, op_of = [], []
+    for oid, g in enumerate(b.ops):
+        n = len(g.args)
+        rec = np.full((n, RECORD_WIDTH), -1, np.int64)
+        rec[:, F_OP], rec[:, F_LAYER], rec[:, F_TILE], rec[:, F_SIGNAL] = g.op, g.layer, np.arange(n), oid
+        rec[:, F_BYTES] = g.nbytes
+        for start, values, width in ((F_WEIGHTS, g.weights, MAX_WEIGHTS), (F_INPUTS, g.inputs, MAX_INPUTS),
+                                     (F_OUTPUTS, g.outputs, MAX_OUTPUTS)):
+            if len(values) > width:
+                raise AssertionError(f"{g.name}: {len(values)} > {width}")
+            rec[:, start:start + len(values)] = values
+        rec[:, F_ARGS:F_ARGS + NUM_ARGS] = g.args
+        if len(g.waits) > MAX_WAITS:
+            raise AssertionError(f"{g.name}: {len(g.waits)} waits > {MAX_WAITS}")
+        rec[:, F_NWAITS] = len(g.waits)
+        for j, w in enumerate(g.waits):
+            rec[:, F_WAITS + 2 * j], rec[:, F_WAITS + 2 * j + 1] = w, len(b.ops[w].args)
+        rec[:, F_ID + 1:] = 0
+        rows.append(rec)
+        op_of.append(np.full(n, oid))
+    rec, op_of = np.concatenate(rows), np.concatenate(op_of)
+    level = np.array([g.level for g in b.ops])[op_of]
+    order = np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], level))
+    rec, op_of = rec[order], op_of[order]
+    rec[:, F_ID] = np.arange(len(rec))
+    if rec[:, F_BYTES].max() >= 2 ** 31:
+        raise AssertionError("a task's byte count overflows int32")
+    return rec.astype(np.int32), op_of
+
+
+def _assign(nbytes: np.ndarray, num_sms: int) -> np.ndarray:
+    """Greedy LPT in the given (topological) order: each task to the SM with the fewest bytes so far (lowest
+    id on ties). Returns int32 [num_sms, max_len] task ids, -1 padded; each row increasing."""
+    heap = [(0, s) for s in range(num_sms)]
+    lists: list[list[int]] = [[] for _ in range(num_sms)]
+    for i, w in enumerate(nbytes.tolist()):
+        load, s = heap[0]
+        lists[s].append(i)
+        heapq.heapreplace(heap, (load + w, s))
+    out = np.full((num_sms, max(map(len, lists))), -1, np.int32)
+    for s, lst in enumerate(lists):
+        out[s, :len(lst)] = lst
+    return out
+
+
+def schedule_key(cfg: ModelConfig, tokens: int, options: ScheduleOptions, gpu: str) -> dict:
+    """Everything a schedule depends on (its cache key)."""
+    model = dataclasses.asdict(cfg)
+    return {"format_version": FORMAT_VERSION, "model": model, "tokens": tokens,
+            "options": dataclasses.asdict(options), "gpu": gpu}
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:24]
+
+
+def compile_schedule(cfg: ModelConfig, tokens: int, options: ScheduleOptions = ScheduleOptions(),
+                     gpu: str = "any") -> Schedule:
+    """Lowers one decode step of `cfg` for T = `tokens` query tokens (1 + D with D MTP drafts)."""
+    if tokens < 1:
+        raise ValueError(f"{tokens=}: a decode step has at least one token")
+    cfg.validate()
+    b = _Lowering(cfg, tokens, options).lower()
+    _finish(b)
+    rec, _ = _records(b)
+    waiters = np.bincount(rec[:, F_WAITS:F_WAITS + 2 * MAX_WAITS:2][rec[:, F_WAITS:F_WAITS + 2 * MAX_WAITS:2] >= 0],
+                          minlength=len(b.ops))
+    counters = [Counter(g.name, len(g.args), int(waiters[i])) for i, g in enumerate(b.ops)]
+    key = schedule_key(cfg, tokens, options, gpu)
+    meta = {"key": key, "hash": key_hash(key), "tokens": tokens,
+            "levels": [g.level for g in b.ops]}
+    return Schedule(meta, b.buffers, b.weights, counters, _constants(cfg), rec, _assign(rec[:, F_BYTES],
+                                                                                         options.num_sms))
+
+
+# ---- statistics ----------------------------------------------------------------------------------------------
+
+
+def schedule_stats(s: Schedule) -> dict:
+    """Tasks, bytes per SM (max / mean = imbalance), critical path in dependency hops, scratch bytes."""
+    per_sm = np.array([s.records[row[row >= 0], F_BYTES].astype(np.int64).sum() for row in s.sm_tasks])
+    ops = np.bincount(s.records[:, F_OP], minlength=len(Op))
+    levels = s.meta["levels"]
+    layer_hops = {}
+    for c, lvl in zip(s.counters, levels):
+        layer = c.name.split("/")[1] if c.name.startswith("layers/") else None
+        if layer is not None:
+            lo, hi = layer_hops.get(layer, (lvl, lvl))
+            layer_hops[layer] = (min(lo, lvl), max(hi, lvl))
+    return {
+        "tasks": int(len(s.records)),
+        "tasks_by_op": {Op(i).name: int(n) for i, n in enumerate(ops) if n},
+        "counters": len(s.counters),
+        "total_bytes": int(per_sm.sum()),
+        "bytes_per_sm_max": int(per_sm.max()),
+        "bytes_per_sm_mean": float(per_sm.mean()),
+        "imbalance": float(per_sm.max() / per_sm.mean()),
+        "tasks_per_sm_max": int((s.sm_tasks >= 0).sum(1).max()),
+        "critical_path_hops": int(max(levels)),
+        "hops_per_layer_max": int(max(hi - lo + 1 for lo, hi in layer_hops.values())) if layer_hops else 0,
+        "scratch_bytes": int(sum(b.nbytes for b in s.buffers if b.kind in (Kind.SCRATCH, Kind.OUTPUT))),
+        "record_bytes": int(s.sm_tasks.size * RECORD_WIDTH * 4),
+    }
+
+
+# ---- on-disk cache -------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("GLM_FAST_SCHEDULE_DIR")
+                        or pathlib.Path.home() / ".cache" / "glm_fast" / "schedules").expanduser()
+
+
+def _checksum(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def save_schedule(s: Schedule, path: str | os.PathLike) -> None:
+    """Atomic write (temp file in the same folder + os.replace) of an .npz with the tables as JSON."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tables = {"meta": s.meta, "checksum": _checksum(s.records, s.sm_tasks, s.constants),
+              "buffers": [[b.name, list(b.shape), b.dtype, int(b.kind)] for b in s.buffers],
+              "weights": [[w.name, list(w.shape), w.dtype] for w in s.weights],
+              "counters": [[c.name, c.target, c.waiters] for c in s.counters]}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, records=s.records, sm_tasks=s.sm_tasks, constants=s.constants,
+                     tables=np.frombuffer(json.dumps(tables).encode(), np.uint8))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class CorruptScheduleError(ValueError):
+    """A cached schedule file is unreadable, truncated or does not match its checksum."""
+
+
+def read_schedule(path: str | os.PathLike) -> Schedule:
+    try:
+        with np.load(path) as z:
+            records, sm_tasks, constants = z["records"], z["sm_tasks"], z["constants"]
+            tables = json.loads(z["tables"].tobytes().decode())
+        if tables["checksum"] != _checksum(records, sm_tasks, constants):
+            raise CorruptScheduleError(f"{path}: checksum mismatch")
+        return Schedule(tables["meta"], [Buffer(n, tuple(s), d, Kind(k)) for n, s, d, k in tables["buffers"]],
+                        [Weight(n, tuple(s), d) for n, s, d in tables["weights"]],
+                        [Counter(n, t, w) for n, t, w in tables["counters"]], constants, records, sm_tasks)
+    except CorruptScheduleError:
+        raise
+    except Exception as err:  # zip/pickle/json/key errors all mean the same: rebuild
+        raise CorruptScheduleError(f"{path}: {type(err).__name__}: {err}") from err
+
+
+def load_or_compile(cfg: ModelConfig, tokens: int, options: ScheduleOptions = ScheduleOptions(),
+                    gpu: str = "any", cache_dir: str | os.PathLike | None = None) -> tuple[Schedule, dict]:
+    """The cached schedule for (config, T, options, GPU, format version), compiling and saving it on a miss
+    or a corrupt file (with a warning). Returns (schedule, info) with info = {path, source, seconds}."""
+    key = schedule_key(cfg, tokens, options, gpu)
+    path = pathlib.Path(cache_dir or default_cache_dir()) / f"{key_hash(key)}.npz"
+    start = time.perf_counter()
+    if path.exists():
+        try:
+            s = read_schedule(path)
+            if s.meta["key"] != json.loads(json.dumps(key, default=list)):
+                raise CorruptScheduleError(f"{path}: key mismatch (hash collision or foreign file)")
+            return s, {"path": str(path), "source": "loaded", "seconds": time.perf_counter() - start}
+        except CorruptScheduleError as err:
+            warnings.warn(f"rebuilding the schedule: {err}", RuntimeWarning, stacklevel=2)
+    s = compile_schedule(cfg, tokens, options, gpu)
+    save_schedule(s, path)
+    return s, {"path": str(path), "source": "compiled", "seconds": time.perf_counter() - start}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Compile (or load) decode-step schedules and print statistics.")
+    parser.add_argument("config", help="preset name or YAML path, e.g. glm5_slice")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="T = 1 + MTP drafts")
+    parser.add_argument("--num-sms", type=int, default=132)
+    parser.add_argument("--tile-n", type=int, default=64)
+    parser.add_argument("--gpu", default="H200")
+    parser.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config).model
+    opt = ScheduleOptions(tile_n=args.tile_n, num_sms=args.num_sms)
+    for t in args.tokens:
+        start = time.perf_counter()
+        s = compile_schedule(cfg, t, opt, args.gpu)
+        compile_s = time.perf_counter() - start
+        load_or_compile(cfg, t, opt, args.gpu, args.cache_dir)
+        _, info = load_or_compile(cfg, t, opt, args.gpu, args.cache_dir)
+        stats = schedule_stats(s)
+        print(f"{args.config} T={t}: compile {compile_s:.2f} s, cached load {info['seconds']:.3f} s "
+              f"({info['path']})")
+        for k, v in stats.items():
+            print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
+
+
+if __name__ == "__main__":
+    main()

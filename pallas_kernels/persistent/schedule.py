@@ -14,8 +14,8 @@ minus those already implied by another wait (transitive reduction). Every scratc
 once per step (per-layer buffers), so there are no write-after-read hazards.
 
 Assignment (deadlock freedom): tasks are ordered by dependency level (longest path from the step's inputs),
-which is a topological order, and dealt greedily to the SM with the fewest bytes so far (LPT within a level,
-largest first). Every SM's list is a subsequence of that one global order, so at any moment the earliest
+which is a topological order, and dealt greedily to the SM with the fewest bytes of that level so far (LPT per
+level, largest first). Every SM's list is a subsequence of that one global order, so at any moment the earliest
 unfinished task in the global order is the head of its SM's list and all its producers (earlier in the order)
 are finished: some SM can always progress, whatever the interleaving. `simulate.py` checks it anyway.
 
@@ -358,26 +358,40 @@ def _records(b: _Builder) -> tuple[np.ndarray, np.ndarray]:
     return rec.astype(np.int32), op_of
 
 
-def _assign(nbytes: np.ndarray, num_sms: int) -> np.ndarray:
-    """Greedy LPT in the given (topological) order: each task to the SM with the fewest bytes so far (lowest
-    id on ties). Returns int32 [num_sms, max_len] task ids, -1 padded; each row increasing."""
-    heap = [(0, s) for s in range(num_sms)]
+def _assign(nbytes: np.ndarray, levels: np.ndarray, num_sms: int) -> np.ndarray:
+    """Greedy LPT per dependency level, in the given (topological, level-sorted, largest-first) order: each
+    task goes to the SM with the fewest bytes in its level so far, ties to the fewest bytes overall, then the
+    lowest id. Levels behave like barriers (a level's consumers wait for all its producers), so each level is
+    balanced on its own. Returns int32 [num_sms, max_len] task ids, -1 padded; each row increasing."""
     lists: list[list[int]] = [[] for _ in range(num_sms)]
-    for i, w in enumerate(nbytes.tolist()):
-        load, s = heap[0]
+    total = [0] * num_sms
+    heap: list = []
+    current = None
+    for i, (w, level) in enumerate(zip(nbytes.tolist(), levels.tolist())):
+        if level != current:
+            current = level
+            heap = [(0, total[s], s) for s in range(num_sms)]
+            heapq.heapify(heap)
+        load, _, s = heap[0]
         lists[s].append(i)
-        heapq.heapreplace(heap, (load + w, s))
+        total[s] += w
+        heapq.heapreplace(heap, (load + w, total[s], s))
     out = np.full((num_sms, max(map(len, lists))), -1, np.int32)
     for s, lst in enumerate(lists):
         out[s, :len(lst)] = lst
     return out
 
 
+def _compiler_hash() -> str:
+    """Hash of the compiler's own source, so that editing it invalidates cached schedules."""
+    here = pathlib.Path(__file__).parent
+    return hashlib.sha256(b"".join((here / f).read_bytes() for f in ("format.py", "schedule.py"))).hexdigest()[:16]
+
+
 def schedule_key(cfg: ModelConfig, tokens: int, options: ScheduleOptions, gpu: str) -> dict:
     """Everything a schedule depends on (its cache key)."""
-    model = dataclasses.asdict(cfg)
-    return {"format_version": FORMAT_VERSION, "model": model, "tokens": tokens,
-            "options": dataclasses.asdict(options), "gpu": gpu}
+    return {"format_version": FORMAT_VERSION, "compiler": _compiler_hash(), "model": dataclasses.asdict(cfg),
+            "tokens": tokens, "options": dataclasses.asdict(options), "gpu": gpu}
 
 
 def key_hash(key: dict) -> str:
@@ -399,18 +413,29 @@ def compile_schedule(cfg: ModelConfig, tokens: int, options: ScheduleOptions = S
     key = schedule_key(cfg, tokens, options, gpu)
     meta = {"key": key, "hash": key_hash(key), "tokens": tokens,
             "levels": [g.level for g in b.ops]}
-    return Schedule(meta, b.buffers, b.weights, counters, _constants(cfg), rec, _assign(rec[:, F_BYTES],
-                                                                                         options.num_sms))
+    levels = np.array(meta["levels"])[rec[:, F_SIGNAL]]
+    return Schedule(meta, b.buffers, b.weights, counters, _constants(cfg), rec,
+                    _assign(rec[:, F_BYTES], levels, options.num_sms))
 
 
 # ---- statistics ----------------------------------------------------------------------------------------------
 
 
 def schedule_stats(s: Schedule) -> dict:
-    """Tasks, bytes per SM (max / mean = imbalance), critical path in dependency hops, scratch bytes."""
-    per_sm = np.array([s.records[row[row >= 0], F_BYTES].astype(np.int64).sum() for row in s.sm_tasks])
-    ops = np.bincount(s.records[:, F_OP], minlength=len(Op))
+    """Tasks, bytes per SM (max / mean = imbalance), critical path in dependency hops, scratch bytes.
+
+    level_imbalance: sum over dependency levels of the busiest SM's bytes in that level, over the sum of the
+    means: the slowdown if every level were a barrier (an upper bound of what prefetching across levels hides).
+    """
     levels = s.meta["levels"]
+    sm_of = np.empty(len(s.records), np.int64)
+    mask = s.sm_tasks >= 0
+    sm_of[s.sm_tasks[mask]] = np.nonzero(mask)[0]
+    task_level = np.asarray(levels)[s.records[:, F_SIGNAL]]
+    by_level = np.zeros((max(levels) + 1, s.num_sms))
+    np.add.at(by_level, (task_level, sm_of), s.records[:, F_BYTES].astype(np.float64))
+    per_sm = by_level.sum(0)
+    ops = np.bincount(s.records[:, F_OP], minlength=len(Op))
     layer_hops = {}
     for c, lvl in zip(s.counters, levels):
         layer = c.name.split("/")[1] if c.name.startswith("layers/") else None
@@ -425,6 +450,7 @@ def schedule_stats(s: Schedule) -> dict:
         "bytes_per_sm_max": int(per_sm.max()),
         "bytes_per_sm_mean": float(per_sm.mean()),
         "imbalance": float(per_sm.max() / per_sm.mean()),
+        "level_imbalance": float(by_level.max(1).sum() / by_level.mean(1).sum()),
         "tasks_per_sm_max": int((s.sm_tasks >= 0).sum(1).max()),
         "critical_path_hops": int(max(levels)),
         "hops_per_layer_max": int(max(hi - lo + 1 for lo, hi in layer_hops.values())) if layer_hops else 0,

@@ -18,8 +18,9 @@ from pallas_kernels.persistent import (DeadlockError, Kind, Op, ScheduleOptions,
                                        written_region)
 from pallas_kernels.persistent.format import F_OP, F_SIGNAL, RECORD_WIDTH
 
-# Odd tiles so that every op has a ragged last tile; 3 index chunks over ~40 rows (one shorter than top-K).
-TINY_OPTIONS = ScheduleOptions(tile_n=24, attn_heads=3, index_chunks=3, index_align=8, num_sms=7)
+# Odd tiles so that every op has a ragged last tile (heads 3 + 1, top-K slots 6 + 6 + 4); 3 index chunks
+# over ~40 rows (one shorter than top-K).
+TINY_OPTIONS = ScheduleOptions(tile_n=24, attn_heads=3, attn_splits=3, index_chunks=3, index_align=8, num_sms=7)
 CONTEXT = 40  # cached tokens before the step: > index_topk (16), so DSA really selects
 
 
@@ -227,4 +228,4 @@ def test_glm5_schedule_compiles_fast_and_is_balanced():
     dense, moe = cfg.layer_mlp_types.count("dense"), cfg.layer_mlp_types.count("sparse")
     assert st["hops_per_layer_max"] == 12  # DESIGN.md sec. 4: ~12 dependency hops per MoE layer
     assert st["critical_path_hops"] <= 12 * (dense + moe) + 2
-    assert st["tasks_by_op"]["ATTN"] == cfg.num_hidden_layers * cfg.num_attention_heads // 8
+    assert st["tasks_by_op"]["ATTN"] == cfg.num_hidden_layers * cfg.num_attention_heads // 8 * 8

@@ -34,9 +34,12 @@ Per op: weights / inputs / outputs / args (buffers are row-major; T = query toke
     INDEX_TOPK     - / [cand_val, cand_idx] / [topk_idx, topk_valid] / -    top-K of all candidates
     ABSORB         [kv_b] / [qb, cos, sin] / [q_lat, q_pe] / [head]
                    q_lat[:, head] = q_nope . W_uk[head]; q_pe[:, head] = rope(qb's rope part)
-    ATTN           - / [q_lat, q_pe, c_kv, k_pe, topk_idx, topk_valid] / [o_lat] / [head0, nheads]
-                   absorbed sparse MLA over the selected latent rows (const ATTN_SCALE)
-    UV             [kv_b] / [o_lat] / [v] / [head]              v[:, head] = o_lat[:, head] . W_uv[head]
+    ATTN           - / [q_lat, q_pe, c_kv, k_pe, topk_idx, topk_valid] / [o_part, lse_part] /
+                   [head0, nheads, split, n_splits]   absorbed sparse MLA (const ATTN_SCALE) of heads
+                   [head0, head0 + nheads) over top-K slots [split*ks, (split+1)*ks), ks = ceil(K / n_splits):
+                   normalised partial output o_part[split] and its log-sum-exp (0 / -inf with no valid slot)
+    UV             [kv_b] / [o_part, lse_part] / [v] / [head]   merges the splits: o = sum_s exp(lse_s - lse)
+                   o_s (lse = logsumexp_s lse_s), cast, v[:, head] = o . W_uv[head]
     ROUTER_SELECT  [bias] / [router_logits] / [slot_expert, slot_coef] / [top_k, n_group, topk_group, norm]
                    sigmoid + bias choice, group-limited top-k, normalised weights x ROUTED_SCALE; distinct
                    experts sorted into U slots (-1 = unused), coef[u, t] = token t's weight of slot u
@@ -96,7 +99,7 @@ DTYPES = ("float32", "bfloat16", "int32")  # dtype code = index
 # (weights, inputs, outputs) per op: the positional slots of the table above (-1 marks an unused optional one).
 ARITY = {Op.NOP: (0, 0, 0), Op.EMBED: (1, 1, 1), Op.GEMV: (2, 2, 1), Op.KV_WRITE: (1, 4, 2),
          Op.IK_WRITE: (2, 4, 1), Op.INDEX_SCORE: (0, 6, 2), Op.INDEX_TOPK: (0, 2, 2), Op.ABSORB: (1, 3, 2),
-         Op.ATTN: (0, 6, 1), Op.UV: (1, 1, 1), Op.ROUTER_SELECT: (1, 1, 2), Op.SWIGLU_UP: (3, 2, 1),
+         Op.ATTN: (0, 6, 2), Op.UV: (1, 2, 1), Op.ROUTER_SELECT: (1, 1, 2), Op.SWIGLU_UP: (3, 2, 1),
          Op.SWIGLU_DOWN: (1, 4, 1), Op.MOE_COMBINE: (0, 2, 1)}
 
 # Float constants (`Schedule.constants`), referenced by id from records.
@@ -196,7 +199,7 @@ def written_region(task: Task, buffers: list[Buffer]) -> list[tuple[int, tuple[s
     if op == Op.ABSORB:
         return [(b, (full, a[0])) for b in out]
     if op == Op.ATTN:
-        return [(out[0], (full, slice(a[0], a[0] + a[1])))]
+        return [(b, (a[2], full, slice(a[0], a[0] + a[1]))) for b in out]
     if op == Op.UV:
         return [(out[0], (full, a[0]))]
     cols = slice(a[0], a[0] + a[1])

@@ -54,13 +54,16 @@ class ScheduleOptions:
     """Tiling and balancing of a schedule (all part of the cache key).
 
     tile_n: output columns per GEMV / expert task (the GPU tile kernels take 64 or 128; the CPU tests use odd
-    sizes to exercise ragged last tiles). attn_heads: heads per attention task. index_chunks: indexer score
+    sizes to exercise ragged last tiles). attn_heads, attn_splits: an attention task covers attn_heads heads
+    and 1/attn_splits of the top-K slots (split-KV; the W_uv tasks merge the partial softmaxes), so that no
+    single SM streams all K selected rows. index_chunks: indexer score
     tasks per full layer (each covers 1/index_chunks of the visible rows at run time); index_align: row
     granularity of a chunk. context_hint: cached tokens assumed when weighing the indexer and attention tasks
     (balancing only). num_sms: task lists (one persistent CTA per SM; 132 on H100/H200).
     """
     tile_n: int = 64
     attn_heads: int = 8
+    attn_splits: int = 8
     index_chunks: int = 32
     index_align: int = 64
     context_hint: int = 4096
@@ -206,14 +209,16 @@ class _Lowering:
         q_lat, q_pe = buf("q_lat", (t, n, c)), buf("q_pe", (t, n, r))
         b.op(f"{p}/absorb", Op.ABSORB, l, (kv_b,), (qb, *rope), (q_lat, q_pe), [(i, 0, 0, 0) for i in range(n)],
              (c * hn + t * (hn + r)) * elt)
-        o_lat = buf("o_lat", (t, n, c))
-        g = opt.attn_heads
-        rows = min(kt, opt.context_hint)
-        b.op(f"{p}/attn", Op.ATTN, l, (), (q_lat, q_pe, c_kv, k_pe, *topk), (o_lat,),
-             [(i, min(g, n - i), 0, 0) for i in range(0, n, g)], (rows * (c + r) + t * g * (c + r)) * elt)
-        # Level 5: W_uv per head, o_proj with the residual fused.
+        g, sp = opt.attn_heads, min(opt.attn_splits, kt)
+        o_part, lse = buf("o_part", (sp, t, n, c), "float32"), buf("lse_part", (sp, t, n), "float32")
+        rows = math.ceil(min(kt, opt.context_hint) / sp)
+        b.op(f"{p}/attn", Op.ATTN, l, (), (q_lat, q_pe, c_kv, k_pe, *topk), (o_part, lse),
+             [(i, min(g, n - i), j, sp) for i in range(0, n, g) for j in range(sp)],
+             (rows * (c + r) + t * g * (c + r)) * elt)
+        # Level 5: W_uv per head (merging the split-KV partials), o_proj with the residual fused.
         v = buf("v", (t, n, hv))
-        b.op(f"{p}/uv", Op.UV, l, (kv_b,), (o_lat,), (v,), [(i, 0, 0, 0) for i in range(n)], (c * hv + t * c) * elt)
+        b.op(f"{p}/uv", Op.UV, l, (kv_b,), (o_part, lse), (v,), [(i, 0, 0, 0) for i in range(n)],
+             (c * hv + sp * t * (c + 1) * 2) * elt)
         h_mid = buf("h_mid", (t, d))
         self.gemv(f"{p}/o_proj", l, v, n * hv, d, f"{a}/o_proj/kernel", h_mid, residual=h)
         h_out = buf("h_out", (t, d))

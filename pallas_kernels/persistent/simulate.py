@@ -262,17 +262,26 @@ class _Machine:
 
     def _attn(self, t):
         q_lat, q_pe, c_kv, k_pe, idx, valid = (self.read(b) for b in t.inputs)
-        h0, nh = t.args[:2]
-        out = ref.sparse_mla_attention(q_lat[None, :, h0:h0 + nh], q_pe[None, :, h0:h0 + nh], c_kv[None],
-                                       k_pe[None], idx[None], valid[None].astype(bool), self.consts[C_ATTN_SCALE])
-        self.write(t, out[0])
+        h0, nh, split, n_splits = t.args
+        size = math.ceil(idx.shape[1] / n_splits)
+        heads, slots = slice(h0, h0 + nh), slice(split * size, (split + 1) * size)
+        q_lat, q_pe, idx, valid = q_lat[:, heads], q_pe[:, heads], idx[:, slots], valid[:, slots].astype(bool)
+        out = ref.sparse_mla_attention(q_lat[None], q_pe[None], c_kv[None], k_pe[None], idx[None], valid[None],
+                                       self.consts[C_ATTN_SCALE])[0]  # [T, nh, C], normalised over the split
+        # The split's log-sum-exp, for the merge in the W_uv tasks (the logits as in `ref.sparse_mla_attention`).
+        logits = (jnp.einsum("tnc,tkc->tnk", q_lat, c_kv[idx]) + jnp.einsum("tnr,tkr->tnk", q_pe, k_pe[idx]))
+        logits = jnp.where(valid[:, None, :], logits * self.consts[C_ATTN_SCALE], -jnp.inf)
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [T, nh]
+        self.write(t, jnp.where(jnp.isfinite(lse)[..., None], out, 0.0), lse)
 
     def _uv(self, t):
-        (kv_b,), (o_lat,), (v,), head = t.weights, t.inputs, t.outputs, t.args[0]
+        (kv_b,), (o_part, lse_part), (v,), head = t.weights, t.inputs, t.outputs, t.args[0]
         heads, hv = self.bufs[v].shape[1:]
         nope, _ = self._head_dims(kv_b, heads, v_dim=hv)
+        lse = self.read(lse_part)[:, :, head]  # [splits, T]
+        o = jnp.einsum("st,stc->tc", jnp.exp(lse - jax.nn.logsumexp(lse, axis=0)), self.read(o_part)[:, :, head])
         w_uv = self.weights[kv_b][:, head * (nope + hv) + nope:(head + 1) * (nope + hv)]  # [C, H_v]
-        self.write(t, ref.gemv(self.read(o_lat)[:, head], w_uv))
+        self.write(t, ref.gemv(o.astype(self.dtype(v)), w_uv))
 
     def _router_select(self, t):
         top_k, n_group, topk_group, norm = t.args

@@ -91,8 +91,23 @@ class Engine:
         if key not in self._jitted:
             impl = {"prefill": self._prefill_impl, "mtp_prefill": self._mtp_prefill_impl,
                     "step": self._step_impl}[name]
-            self._jitted[key] = jax.jit(functools.partial(impl, mode=mode, chunk=chunk), donate_argnums=(1,))
+            self._jitted[key] = self._compile(key, functools.partial(impl, mode=mode, chunk=chunk))
         return self._jitted[key]
+
+    # ---- hooks a multi-device engine replaces (`glm_fast.parallel.RolesEngine`) -------------------------
+    def _compile(self, key, impl: Callable) -> Callable:
+        """impl(params, state, ...) -> its compiled form; the state (argument 1) is donated."""
+        del key
+        return jax.jit(impl, donate_argnums=(1,))
+
+    def _new_state(self, batch: int, depth: int) -> DecodeState:
+        return new_state(self.cfg, batch, self.max_len, depth, self.dtype)
+
+    def _main(self, model: Model, caches: list, tokens, pos, ok):
+        return main_cached(model, caches, tokens, pos, ok, self.ops)
+
+    def _mtp(self, model: Model, depth: int, cache, h_prev, ahead, pos, ok):
+        return mtp_cached(model, depth, cache, h_prev, ahead, pos, ok, self.ops)
 
     def _model(self, params) -> Model:
         return nnx.merge(self.graphdef, params)
@@ -111,7 +126,7 @@ class Engine:
         pos = start + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
         ok = pos < lengths[:, None]
         tokens = jax.lax.dynamic_slice_in_dim(state.tokens, start, chunk, axis=1)
-        logits, h, layers = main_cached(model, state.layers, tokens, pos, ok, self.ops)
+        logits, h, layers = self._main(model, state.layers, tokens, pos, ok)
         state = state.replace(layers=layers)
         if mode.depth:
             state = state.replace(hidden=_write_rows(state.hidden, 0, pos, ok, h))
@@ -129,7 +144,7 @@ class Engine:
         for k in range(1, mode.depth + 1):
             h_prev = hidden[k - 1][bi[:, None], jnp.clip(pos, 0)]
             ahead = tokens[bi[:, None], jnp.clip(pos + k, 0)]
-            logits, h, mtp[k - 1] = mtp_cached(model, k, mtp[k - 1], h_prev, ahead, pos, ok, self.ops)
+            logits, h, mtp[k - 1] = self._mtp(model, k, mtp[k - 1], h_prev, ahead, pos, ok)
             if k < mode.depth:
                 hidden = _write_rows(hidden, k, pos, ok, h)
             draft, q = self._pick(jnp.einsum("bw,bwv->bv", row_last, logits.astype(jnp.float32)), keys[k - 1], mode)
@@ -155,7 +170,7 @@ class Engine:
         ok = pos < self.max_len
         tokens = state.tokens[bi[:, None], pos]
         k_accept, k_draft = jax.random.split(key)
-        logits, h, layers = main_cached(model, state.layers, tokens, pos, ok, self.ops)
+        logits, h, layers = self._main(model, state.layers, tokens, pos, ok)
         if mode.greedy:
             target = jnp.argmax(logits, -1).astype(jnp.int32)                               # [B, 1+D]
             n = sampling.accept_greedy(tokens[:, 1:], target)
@@ -193,7 +208,7 @@ class Engine:
         prompts = [list(map(int, p)) for p in (prompt_ids if batched else [prompt_ids])]
         mode = self._check(prompts, max_new_tokens, temperature, top_p, speculative_depth)
         b, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
-        state = new_state(self.cfg, b, self.max_len, mode.depth, self.dtype)
+        state = self._new_state(b, mode.depth)
         padded = np.zeros((b, state.tokens.shape[1]), np.int32)
         for i, p in enumerate(prompts):
             padded[i, : len(p)] = p

@@ -1,7 +1,9 @@
-"""Benchmark the GEMV and MoE Pallas kernels (bf16 and FP8) against their XLA references at GLM-5 shapes.
+"""Benchmark the Pallas kernels (GEMV and MoE in bf16 and FP8, lightning indexer + top-k, sparse MLA attention)
+against their XLA references at GLM-5 shapes.
 
 For every case: median device time per call (CUDA-synchronised wall time of a jitted batch of R back-to-back
-calls on R distinct weight buffers / routings, so weights are not L2-resident; warm-ups first), bytes moved,
+calls on R distinct weight buffers / caches / routings, so the streamed bytes are not L2-resident; warm-ups
+first; shared weights enter the jit as arguments, never as captured constants), bytes moved,
 achieved bandwidth and its fraction of the HBM ceilings measured in the same run (a large device copy, read +
 write bytes; and a large sum, read bytes), next to the jitted reference (`pallas_kernels.ref`, `.fp8`). Each
 case also records the kernel's relative error against the reference, and an `error` field instead of timings if
@@ -32,6 +34,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import fp8, ref  # noqa: E402
 from pallas_kernels.gemv import gemv, gemv_fp8  # noqa: E402
+from pallas_kernels.indexer import indexer_topk  # noqa: E402
+from pallas_kernels.mla_attention import MLAConfig, sparse_mla_attention  # noqa: E402
 from pallas_kernels.moe import moe_experts, moe_experts_fp8  # noqa: E402
 
 L2_BYTES = 50 * 2**20  # H200; rotate at least 4x this per timed batch
@@ -42,6 +46,11 @@ GEMV_CASES = {"qkv_a": (6144, 2048 + 576, True), "q_b": (2048, 64 * 256, True), 
 MOE_CASE = dict(e=256, k=8, d=6144, i=2048, si=2048)
 TINY_GEMV = {"qkv_a": (256, 192, True), "o_proj": (512, 128, False)}
 TINY_MOE = dict(e=8, k=2, d=128, i=128, si=128)
+# Lightning indexer (heads, head dim, top-k) over these context lengths; sparse MLA (heads, C, R, top-k).
+INDEXER_CASE = dict(n=32, h=128, k=2048, contexts=(4096, 32768, 131072))
+TINY_INDEXER = dict(n=8, h=64, k=64, contexts=(512,))
+MLA_CASE = dict(n=64, c=512, r=64, k=2048, contexts=(4096, 32768))
+TINY_MLA = dict(n=8, c=64, r=16, k=64, contexts=(256,))
 
 
 def _rnd(key, shape, scale=1.0, dtype=jnp.bfloat16):
@@ -73,9 +82,9 @@ def measure_ceilings(nbytes: int, reps: int) -> dict:
             "ceiling_bytes": nbytes}
 
 
-def _batched(op, r: int):
-    """One jit running `op` on r argument tuples back to back (one dispatch, r device calls)."""
-    return jax.jit(lambda batch: [op(*args) for args in batch])
+def _batched(op):
+    """One jit running `op(*consts, *args)` on each argument tuple back to back (one dispatch, r device calls)."""
+    return jax.jit(lambda consts, batch: [op(*consts, *args) for args in batch])
 
 
 def _rel_err(out, want) -> float:
@@ -85,23 +94,24 @@ def _rel_err(out, want) -> float:
     return float(np.linalg.norm(out - want) / np.linalg.norm(want))
 
 
-def _run_pair(row: dict, kernel_op, ref_op, batch, nbytes: int, reps: int, ceilings: dict, rows: list):
+def _run_pair(row: dict, kernel_op, ref_op, batch, nbytes: int, reps: int, ceilings: dict, rows: list,
+              consts: tuple = (), compare=None):
     r = len(batch)
     first_out = {}
     for impl, op in (("pallas", kernel_op), ("xla", ref_op)):
         out = dict(row, impl=impl, bytes_per_call=nbytes, calls_per_batch=r)
         try:
-            f = _batched(op, r)
+            f = _batched(op)
             t0 = time.perf_counter()
-            first_out[impl] = jax.block_until_ready(f(batch))[0]
+            first_out[impl] = jax.block_until_ready(f(consts, batch))[0]
             out["first_call_s"] = time.perf_counter() - t0  # compile + run
-            med, p10, p90 = _timed(f, (batch,), reps)
+            med, p10, p90 = _timed(f, (consts, batch), reps)
             out.update(median_us=med / r * 1e6, p10_us=p10 / r * 1e6, p90_us=p90 / r * 1e6)
             out["tb_s"] = nbytes / (med / r) / 1e12
             out["fraction_of_copy_ceiling"] = out["tb_s"] / ceilings["hbm_copy_tb_s"]
             out["fraction_of_read_ceiling"] = out["tb_s"] / ceilings["hbm_read_tb_s"]
             if impl == "xla" and "pallas" in first_out:
-                out["rel_err_pallas_vs_xla"] = _rel_err(first_out["pallas"], first_out["xla"])
+                out["rel_err_pallas_vs_xla"] = (compare or _rel_err)(first_out["pallas"], first_out["xla"])
         except Exception as e:  # noqa: BLE001  (report and go on: one run should show every failure)
             out["error"] = f"{type(e).__name__}: {e}"[:2000]
             out["traceback"] = traceback.format_exc()[-4000:]
@@ -126,16 +136,16 @@ def bench_gemv(cases: dict, tokens: list, fmt: str, reps: int, ceilings: dict, r
                     w = fp8.quantize_fp8_blockwise(w)
                 batch.append((_rnd(jax.random.fold_in(kx, j), (t, k)), w))
             if fmt == "bf16":
-                kop = lambda x, w: gemv(x, w, nw, EPS, interpret=interpret)
-                rop = lambda x, w: ref.gemv(x, w, nw, EPS)
+                kop = lambda nw, x, w: gemv(x, w, nw, EPS, interpret=interpret)
+                rop = lambda nw, x, w: ref.gemv(x, w, nw, EPS)
                 nbytes = w_bytes
             else:
-                kop = lambda x, w: gemv_fp8(x, w, nw, EPS, interpret=interpret)
-                rop = lambda x, w: fp8.gemv_fp8_ref(x, w, nw, EPS)
+                kop = lambda nw, x, w: gemv_fp8(x, w, nw, EPS, interpret=interpret)
+                rop = lambda nw, x, w: fp8.gemv_fp8_ref(x, w, nw, EPS)
                 nbytes = w_bytes + batch[0][1][1].size * 4
             nbytes += t * k * 2 + t * n * 2 + (k * 2 if norm else 0)
             row = dict(kernel="gemv", case=name, fmt=fmt, T=t, K=k, N=n, fused_norm=norm)
-            _run_pair(row, kop, rop, batch, nbytes, reps, ceilings, rows)
+            _run_pair(row, kop, rop, batch, nbytes, reps, ceilings, rows, consts=(nw,))
             del batch
 
 
@@ -164,10 +174,64 @@ def bench_moe(case: dict, tokens: list, fmt: str, reps: int, ceilings: dict, row
         nbytes = int(experts_read * 3 * d * i * itemsize) + t * d * 4
         row = dict(kernel="moe_experts", fmt=fmt, T=t, E=e, k=k, D=d, I=i, shared_I=si,
                    mean_experts_read=experts_read)
-        _run_pair(row, lambda x, ids, wts: kop(x, ids, wts, *w, shared, interpret=interpret),
-                  lambda x, ids, wts: rop(x, ids, wts, *w, shared), batch, nbytes, reps, ceilings, rows)
+        _run_pair(row, lambda w, shared, x, ids, wts: kop(x, ids, wts, *w, shared, interpret=interpret),
+                  lambda w, shared, x, ids, wts: rop(x, ids, wts, *w, shared), batch, nbytes, reps, ceilings, rows,
+                  consts=(w, shared))
     del w, shared
     gc.collect()
+
+
+def _rotation(nbytes: int, cap: int = 8) -> int:
+    """Distinct input copies per timed batch so that the batch streams >= 4x L2 (2..cap)."""
+    return int(min(cap, max(2, -(-4 * L2_BYTES // max(nbytes, 1)))))
+
+
+def bench_indexer(case: dict, tokens: list, reps: int, ceilings: dict, rows: list, interpret):
+    """Scores over S cached index keys + exact top-k. Bytes: the keys once, plus the f32 score row written by the
+    scores kernel and read back by the select kernel (2 x T x S x 4)."""
+    n, h, k = case["n"], case["h"], case["k"]
+    for s_len in case["contexts"]:
+        for t in tokens:
+            key = jax.random.key(zlib.crc32(f"indexer/{s_len}/{t}".encode()))
+            nbytes = s_len * h * 2 + 2 * t * s_len * 4 + t * n * (h * 2 + 4)
+            batch = []
+            for j in range(_rotation(nbytes)):
+                kq, kw, kk = jax.random.split(jax.random.fold_in(key, j), 3)
+                q_pos = jnp.full((1, t), s_len - t, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+                batch.append((_rnd(kq, (1, t, n, h)), jax.random.normal(kw, (1, t, n), jnp.float32),
+                              _rnd(kk, (1, s_len, h)), q_pos))
+            scale = h ** -0.5
+            row = dict(kernel="indexer_topk", T=t, S=s_len, heads=n, head_dim=h, k=k)
+            _run_pair(row, lambda *a: indexer_topk(*a, scale, k, interpret=interpret)[0],
+                      lambda *a: ref.indexer_topk(*a, scale, k)[0], batch, nbytes, reps, ceilings, rows,
+                      compare=_set_mismatch)
+
+
+def _set_mismatch(out, want) -> float:
+    """Fraction of top-k slots whose index differs once both lists are sorted (0.0: the same index sets; the
+    kernel returns them in index order, lax.top_k in score order)."""
+    return float(np.mean(np.sort(np.asarray(out), -1) != np.sort(np.asarray(want), -1)))
+
+
+def bench_mla(case: dict, tokens: list, reps: int, ceilings: dict, rows: list, interpret):
+    """Absorbed sparse MLA decode attention over k selected latent rows per token. Bytes: the gathered rows
+    (k x (C + R) x 2 per token), the queries and the latent output."""
+    n, c, r_dim, k = case["n"], case["c"], case["r"], case["k"]
+    config = MLAConfig(block_k=16) if interpret else MLAConfig()
+    for s_len in case["contexts"]:
+        for t in tokens:
+            key = jax.random.key(zlib.crc32(f"mla/{s_len}/{t}".encode()))
+            nbytes = t * k * (c + r_dim) * 2 + 2 * t * n * (c + r_dim) * 2
+            batch = []
+            for j in range(_rotation(s_len * (c + r_dim) * 2)):
+                ks = jax.random.split(jax.random.fold_in(key, j), 5)
+                idx = jnp.argsort(jax.random.uniform(ks[4], (1, t, s_len)), axis=-1)[..., :k].astype(jnp.int32)
+                batch.append((_rnd(ks[0], (1, t, n, c)), _rnd(ks[1], (1, t, n, r_dim)), _rnd(ks[2], (1, s_len, c)),
+                              _rnd(ks[3], (1, s_len, r_dim)), idx, jnp.ones((1, t, k), bool)))
+            scale = (c + r_dim) ** -0.5
+            row = dict(kernel="sparse_mla_attention", T=t, S=s_len, heads=n, C=c, R=r_dim, k=k)
+            _run_pair(row, lambda *a: sparse_mla_attention(*a, scale, config=config, interpret=interpret),
+                      lambda *a: ref.sparse_mla_attention(*a, scale), batch, nbytes, reps, ceilings, rows)
 
 
 def _machine() -> dict:
@@ -196,22 +260,28 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny shapes in GPU interpret mode (CPU smoke test)")
     p.add_argument("--reps", type=int, default=None, help="timed batches per case (default 20, tiny 2)")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="T values (1 = decode, 4 = 1 + 3 MTP)")
-    p.add_argument("--only", choices=["gemv", "moe"], default=None)
+    p.add_argument("--only", nargs="+", choices=["gemv", "moe", "indexer", "mla"], default=None)
     p.add_argument("--out", default=None, help="output JSON path")
     args = p.parse_args(argv)
     start = time.time()
     interpret = bool(args.tiny)  # GPU interpret mode: 3 simulated CTAs, timings meaningless
     reps = args.reps or (2 if args.tiny else 20)
     gemv_cases, moe_case = (TINY_GEMV, TINY_MOE) if args.tiny else (GEMV_CASES, MOE_CASE)
+    indexer_case, mla_case = (TINY_INDEXER, TINY_MLA) if args.tiny else (INDEXER_CASE, MLA_CASE)
+    only = set(args.only or ("gemv", "moe", "indexer", "mla"))
     ceilings = measure_ceilings(2**20 if args.tiny else 4 * 2**30, reps)
     print("ceilings", ceilings, flush=True)
     rows: list = []
-    if args.only in (None, "gemv"):
-        for fmt in ("bf16", "fp8"):
-            bench_gemv(gemv_cases, args.tokens, fmt, reps, ceilings, rows, interpret)
-    if args.only in (None, "moe"):
+    if "indexer" in only:
+        bench_indexer(indexer_case, args.tokens, reps, ceilings, rows, interpret)
+    if "mla" in only:
+        bench_mla(mla_case, args.tokens, reps, ceilings, rows, interpret)
+    if "moe" in only:
         for fmt in ("bf16", "fp8"):
             bench_moe(moe_case, args.tokens, fmt, reps, ceilings, rows, interpret, r=2 if args.tiny else 8)
+    if "gemv" in only:
+        for fmt in ("bf16", "fp8"):
+            bench_gemv(gemv_cases, args.tokens, fmt, reps, ceilings, rows, interpret)
     result = {
         "experiment": "bench_kernels",
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),

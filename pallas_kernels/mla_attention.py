@@ -101,29 +101,32 @@ def _full(shape, value: float, interpret: bool):
 
 
 # ------------------------------------------------------------------------------------------------------ tiles
-def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_dst, pe_dst, full_bar, *, b, num_rows: int, seq_len: int):
+def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_ring, pe_dst, full_bar, *, b, seg0, n_seg: int, num_rows: int,
+                seq_len: int):
     """Issue the per-row TMA copies of rows idx_smem[:num_rows] (this block's indices) into one ring slot.
 
-    kv_dst [C/seg, rows, seg] and pe_dst [rows, R] are the slot's copy views; every copy arrives on `full_bar`
-    (which therefore expects (C/seg + 1) * num_rows arrivals). Indices are clamped to [0, seq_len).
+    kv_ring [stages * C/seg, rows, seg] holds the slot's latent segments at seg0 .. seg0 + n_seg - 1 (a traced
+    flat index: jax 0.11's run_state lowering rejects static ints mixed into a ref's dynamic index); pe_dst
+    [rows, R] is the slot's rope view. Every copy arrives on `full_bar` (which therefore expects
+    (C/seg + 1) * num_rows arrivals). Indices are clamped to [0, seq_len).
     """
-    n_seg, _, seg = kv_dst.shape
+    seg = kv_ring.shape[-1]
 
     @pl.loop(0, num_rows)
     def _row(r):
         row = jnp.clip(idx_smem[r], 0, seq_len - 1)
         for c in range(n_seg):
-            plgpu.copy_gmem_to_smem(ckv_ref.at[b, pl.ds(row, 1), pl.ds(c * seg, seg)], kv_dst.at[c, pl.ds(r, 1)],
-                                    full_bar)
+            plgpu.copy_gmem_to_smem(ckv_ref.at[b, pl.ds(row, 1), pl.ds(c * seg, seg)],
+                                    kv_ring.at[seg0 + c, pl.ds(r, 1)], full_bar)
         plgpu.copy_gmem_to_smem(kpe_ref.at[b, pl.ds(row, 1)], pe_dst.at[pl.ds(r, 1)], full_bar)
 
 
-def copy_rows(ckv_ref, kpe_ref, kv_dst, pe_dst, full_bar, *, b, t, first, num_rows: int):
+def copy_rows(ckv_ref, kpe_ref, kv_ring, pe_dst, full_bar, *, b, t, first, seg0, n_seg: int, num_rows: int):
     """Copy pre-gathered rows [first, first + num_rows) (ckv_ref [B, T, K, C], kpe_ref [B, T, K, R]) into one ring
-    slot with one TMA per segment; C/seg + 1 arrivals on `full_bar`."""
-    n_seg, _, seg = kv_dst.shape
+    slot (segments seg0.., as in `gather_rows`) with one TMA per segment; C/seg + 1 arrivals on `full_bar`."""
+    seg = kv_ring.shape[-1]
     for c in range(n_seg):
-        plgpu.copy_gmem_to_smem(ckv_ref.at[b, t, pl.ds(first, num_rows), pl.ds(c * seg, seg)], kv_dst.at[c],
+        plgpu.copy_gmem_to_smem(ckv_ref.at[b, t, pl.ds(first, num_rows), pl.ds(c * seg, seg)], kv_ring.at[seg0 + c],
                                 full_bar)
     plgpu.copy_gmem_to_smem(kpe_ref.at[b, t, pl.ds(first, num_rows)], pe_dst, full_bar)
 
@@ -196,23 +199,23 @@ def _mla_kernel(q_ref, qpe_ref, ckv_ref, kpe_ref, idx_ref, bias_ref, o_ref, lse_
     sw = mma_transforms(None if interpret else 128, dtype)
     out_sw = mma_transforms(None if interpret else 128, jnp.float32)
     out_tile = 32 if seg % 32 == 0 else seg  # f32 staging tile width (128 bytes)
-    kv_type = plgpu.SMEM((stages, n_seg, block_k, seg), dtype, transforms=sw)
+    kv_type = plgpu.SMEM((stages * n_seg, block_k, seg), dtype, transforms=sw)  # slot s: segments s*n_seg..
     pe_type = plgpu.SMEM((stages, block_k, R), dtype, transforms=sw)
     stage_type = plgpu.SMEM((2, 2, hpc, out_tile), jnp.float32, transforms=out_sw)  # [consumer, slot]
     update = functools.partial(online_softmax_pv, scale_log2=scale_log2, interpret=interpret)
 
     def fill(slot, j, idx_smem, kv_copy, pe_copy, full):
         if gather_mode == "tma":
-            gather_rows(ckv_ref, kpe_ref, idx_smem.at[j], kv_copy.at[slot], pe_copy.at[slot], full.at[slot], b=b,
-                        num_rows=block_k, seq_len=S)
+            gather_rows(ckv_ref, kpe_ref, idx_smem.at[j], kv_copy, pe_copy.at[slot], full.at[slot], b=b,
+                        seg0=slot * n_seg, n_seg=n_seg, num_rows=block_k, seq_len=S)
         else:
-            copy_rows(ckv_ref, kpe_ref, kv_copy.at[slot], pe_copy.at[slot], full.at[slot], b=b, t=t,
-                      first=r0 + j * block_k, num_rows=block_k)
+            copy_rows(ckv_ref, kpe_ref, kv_copy, pe_copy.at[slot], full.at[slot], b=b, t=t,
+                      first=r0 + j * block_k, seg0=slot * n_seg, n_seg=n_seg, num_rows=block_k)
 
     def operands(slot, w, q_smem, qpe_smem, kv, pe):
         """All QK operand pairs (latent segments and the rope part) and consumer w's PV row segments."""
         q_segs = [q_smem.at[:, pl.ds(c * seg, seg)] for c in range(n_seg)] + [qpe_smem]
-        kv_segs = [kv.at[slot, c] for c in range(n_seg)] + [pe.at[slot]]
+        kv_segs = [kv.at[slot * n_seg + c] for c in range(n_seg)] + [pe.at[slot]]
         return (q_segs, kv_segs), kv_segs[w * half:(w + 1) * half]
 
     def store_out(w, out, stage):
@@ -330,7 +333,7 @@ def _mla_kernel(q_ref, qpe_ref, ckv_ref, kpe_ref, idx_ref, bias_ref, o_ref, lse_
         swz = (plgpu.SwizzleTransform(128),)
         ring = plgpu.RefUnion(
             (kv_type, pe_type),
-            (plgpu.SMEM((stages, n_seg, block_k, seg), dtype, transforms=swz) if gather_mode == "tma" else kv_type,
+            (plgpu.SMEM((stages * n_seg, block_k, seg), dtype, transforms=swz) if gather_mode == "tma" else kv_type,
              plgpu.SMEM((stages, block_k, R), dtype, transforms=swz) if gather_mode == "tma" else pe_type),
             stage_type,
         )

@@ -48,7 +48,14 @@ def main_cached(model: Model, caches: list, tokens, pos, ok, ops: Ops):
     for layer, cache in zip(model.layers, caches):
         h, topk, cache = layer_cached(layer, h, cos, sin, pos, ok, cache, topk, ops)
         out.append(cache)
-    return model.head(h), h, out
+    return head_cached(model, h, model.norm, ops), h, out
+
+
+def head_cached(model: Model, h, norm, ops: Ops):
+    """Final norm + LM head through the op table: h [B, T, D] -> logits [B, T, V]."""
+    b, t, d = h.shape
+    logits = ops.lm_head(h.reshape(b * t, d), model.head_weight(), norm.weight[...], norm.eps)
+    return logits.reshape(b, t, -1)
 
 
 def mtp_cached(model: Model, depth: int, cache: LayerCache, h_prev, ahead_tokens, pos, ok, ops: Ops):
@@ -58,4 +65,4 @@ def mtp_cached(model: Model, depth: int, cache: LayerCache, h_prev, ahead_tokens
     cos, sin = model.rope(pos)
     x = module.combine(h_prev, model.embed_tokens(ahead_tokens))
     h, _, cache = layer_cached(module.block, x, cos, sin, pos, ok, cache, None, ops)
-    return model.head(h, module.norm), h, cache
+    return head_cached(model, h, module.norm, ops), h, cache

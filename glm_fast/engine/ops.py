@@ -1,26 +1,93 @@
 """Decode backends as op tables with one signature (`pallas_kernels.ref`'s): the engine's step functions call
-`ops.indexer_topk`, `ops.sparse_mla_attention` and `ops.moe_experts`, so a backend is a name -> table switch."""
+`ops.indexer_topk`, `ops.sparse_mla_attention`, `ops.moe_experts` and `ops.lm_head`, so a backend is a
+name -> table switch.
+
+`xla`: the jnp references, jitted with the step. `pallas`: the Mosaic GPU kernels of `pallas_kernels` for the
+decode and MTP-verification rows (T <= 8 tokens per step, 16-bit weights). Rows outside a kernel's domain take the
+reference, by static shape: prefill chunks (T > 8 rows for the experts and the head, T*heads > 256 for the
+indexer), float32 models, and dims off the kernels' tile granularity. Without a GPU the kernels run in Pallas
+GPU interpret mode (slow; for tests).
+"""
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
+
 from pallas_kernels import ref
+
+_KERNEL_ROWS = 8  # gemv / MoE kernels: T <= 8 tokens (the wgmma N of the swap-AB tiles)
+_INDEXER_COLS = 256  # indexer scores kernel: T * heads <= 256 and a multiple of 8
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True)
 class Ops:
-    """The decode step's heavy ops (see `pallas_kernels.ref` for shapes)."""
+    """The decode step's heavy ops (see `pallas_kernels.ref` for shapes). lm_head(x [R, D], w [D, V],
+    norm_weight [D], eps) -> logits [R, V] is the final RMSNorm fused with the LM-head GEMV."""
 
     name: str
     indexer_topk: Callable
     sparse_mla_attention: Callable
     moe_experts: Callable
+    lm_head: Callable
 
 
-XLA = Ops("xla", ref.indexer_topk, ref.sparse_mla_attention, ref.moe_experts)
+XLA = Ops("xla", ref.indexer_topk, ref.sparse_mla_attention, ref.moe_experts, ref.gemv)
 
-BACKENDS = {"xla": lambda: XLA}
+
+def _interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+def _pallas_indexer_topk(q, head_w, keys, q_pos, scale, k):
+    from pallas_kernels.indexer import indexer_topk
+    t, n, h = q.shape[1:]
+    if q.dtype in _HALF and keys.dtype == q.dtype and t * n <= _INDEXER_COLS and (t * n) % 8 == 0 and h % 16 == 0:
+        return indexer_topk(q, head_w, keys, q_pos, scale, k, interpret=_interpret())
+    return ref.indexer_topk(q, head_w, keys, q_pos, scale, k)
+
+
+def _mla_fits(q_lat, q_pe) -> bool:
+    n, c = q_lat.shape[2:]
+    r = q_pe.shape[-1]
+    if q_lat.dtype not in _HALF:
+        return False
+    if _interpret():
+        return (n <= 64 or n % 64 == 0) and c % 16 == 0 and (c < 128 or c % 128 == 0) and r % 8 == 0
+    return n % 64 == 0 and c % 128 == 0 and r == 64
+
+
+def _pallas_sparse_mla(q_lat, q_pe, c_kv, k_pe, idx, valid, scale):
+    from pallas_kernels.mla_attention import MLAConfig, sparse_mla_attention
+    if not _mla_fits(q_lat, q_pe):
+        return ref.sparse_mla_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, scale)
+    config = MLAConfig(block_k=16) if _interpret() else MLAConfig()
+    return sparse_mla_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, scale, config=config, interpret=_interpret())
+
+
+def _pallas_moe(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared=None):
+    from pallas_kernels.moe import MoeConfig, moe_experts
+    d, i = w_gate.shape[1:]
+    cfg = MoeConfig()
+    tiles_ok = all(v % m == 0 for v in (d, i) for m in (cfg.tile_k, cfg.tile_n))
+    if x.dtype == jnp.bfloat16 and x.shape[0] <= _KERNEL_ROWS and tiles_ok:
+        return moe_experts(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared, interpret=_interpret())
+    return ref.moe_experts(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared)
+
+
+def _pallas_lm_head(x, w, norm_weight, eps):
+    from pallas_kernels.gemv import gemv
+    if x.dtype == jnp.bfloat16 and x.shape[0] <= _KERNEL_ROWS:
+        return gemv(x, w, norm_weight, eps, interpret=_interpret())
+    return ref.gemv(x, w, norm_weight, eps)
+
+
+PALLAS = Ops("pallas", _pallas_indexer_topk, _pallas_sparse_mla, _pallas_moe, _pallas_lm_head)
+
+BACKENDS = {"xla": lambda: XLA, "pallas": lambda: PALLAS}
 
 
 class BackendError(ValueError):

@@ -48,8 +48,11 @@ class Model(nnx.Module):
     def head(self, h, norm: RMSNorm | None = None):
         """Final norm and LM head: h [..., D] -> logits [..., V] (float32 accumulation, model dtype)."""
         h = (norm or self.norm)(h)
-        w = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32).astype(h.dtype)
+        return jnp.einsum("...d,dv->...v", h, self.head_weight(), preferred_element_type=jnp.float32).astype(h.dtype)
+
+    def head_weight(self):
+        """The LM head's [D, V] matrix (the transposed embedding when tied)."""
+        return self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
 
     def mtp_module(self, depth: int) -> MTPModule:
         """The module for depth k = 1..D (one shared module when `mtp_share_weights`)."""

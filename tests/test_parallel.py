@@ -85,3 +85,30 @@ def test_layouts_match_single_device(layout, cases):
         assert case["finite"], where
         assert case["logits_rel_err"] < 1e-5, (where, case["logits_rel_err"])
         assert case["cache_err"] < 1e-5, (where, case["cache_err"])
+
+
+def test_bench_roles_smoke_and_model_comparison(tmp_path):
+    """bench_roles on 2 simulated devices (tiny, one layout, one step) writes the results schema with the
+    compute / communication / waiting split and the interconnect; roles_model reads it back and compares."""
+    out = tmp_path / "roles_smoke.json"
+    _subprocess([str(REPO / "experiments" / "bench_roles.py"), "--config", "tiny", "--layouts", "hetero",
+                 "--contexts", "32", "--mtp-depths", "0", "--steps", "1", "--warmup", "1", "--no-single",
+                 "--hbm-gib", "0.001", "--comm-max-mib", "0.001", "--out", str(out)], devices=2)
+    record = json.loads(out.read_text())
+    assert record["experiment"] == "bench_roles" and record["config"]["name"] == "tiny"
+    (row,) = record["rows"]
+    assert row["layout"] == "hetero" and row["num_devices"] == 2 and row["ms_per_step"] > 0
+    assert row["collectives_per_step"] == len(row["messages"]) > 0
+    assert abs(row["ms_compute"] + row["ms_comm"] + row["ms_wait"] - row["ms_per_step"]) < 1e-6
+    assert record["ceilings"]["interconnect"]["psum_latency_us"] > 0
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import roles_model
+    roles_model.main(["--compare", str(out), "--out", str(tmp_path), "--name", "cmp"])
+    (cmp,) = json.loads((tmp_path / "cmp.json").read_text())["rows"]
+    assert cmp["model_collectives"] == row["collectives_per_step"]  # the model counts the program's messages
+    assert cmp["model_ms"] > 0 and cmp["measured_ms"] == row["ms_per_step"]
+    roles_model.main(["--contexts", "4096,131072", "--out", str(tmp_path), "--name", "proj"])
+    rows = json.loads((tmp_path / "proj.json").read_text())["rows"]
+    assert {r["layout"] for r in rows} == {"hetero", "homogeneous"} and (tmp_path / "proj.png").stat().st_size > 0
+    assert all(r["tokens_per_s"] > 0 for r in rows)

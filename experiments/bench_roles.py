@@ -153,6 +153,7 @@ def main(argv=None) -> None:
         else:
             engines = {c: RolesEngine(model, layout, n, args.backend, max_len, compilation_cache=False,
                                       branch=branch, comms=c, devices=devices) for c in ("real", "none")}
+            engines["none"].params = engines["real"].params  # same table and mesh: one copy of the weights
             mesh = engines["real"].mesh
             print(engines["real"].table.describe(), flush=True)
         for context in contexts:

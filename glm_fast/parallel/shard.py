@@ -20,7 +20,6 @@ import inspect
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -161,15 +160,17 @@ def _rule(names: tuple[str, ...], ndim: int, cfg: ModelConfig):
     return None
 
 
-def _shards(w: np.ndarray, axis: int, unit: int, split) -> list[np.ndarray]:
-    """Per-device shards of w along `axis` (units of `unit` elements), zero-padded to split.width units."""
+def _shards(w, axis: int, unit: int, split) -> list:
+    """Per-device shards of w along `axis` (units of `unit` elements), zero-padded to split.width units; sliced
+    where w lives (no host round trip for multi-GB expert stacks)."""
     shape = w.shape
     units = w.reshape(*shape[:axis], split.n, unit, *shape[axis + 1:])
     out = []
     for start, count in zip(split.starts, split.counts):
-        part = np.zeros((*shape[:axis], split.width, unit, *shape[axis + 1:]), w.dtype)
-        part[(slice(None),) * axis + (slice(0, count),)] = units[(slice(None),) * axis + (slice(start, start + count),)]
-        out.append(part.reshape(*shape[:axis], split.width * unit, *shape[axis + 1:]))
+        part = lax.slice_in_dim(units, start, start + count, axis=axis)
+        pad = [(0, 0)] * units.ndim
+        pad[axis] = (0, split.width - count)
+        out.append(jnp.pad(part, pad).reshape(*shape[:axis], split.width * unit, *shape[axis + 1:]))
     return out
 
 
@@ -187,8 +188,7 @@ def shard_params(params, table: RoleTable, cfg: ModelConfig, mesh: Mesh):
             continue
         role, axis, unit, _ = rule
         split = table.split(role, x.shape[axis] // unit, "/".join(_names(path)))
-        host = np.asarray(jax.device_get(x))
-        parts = [jax.device_put(s[None], d) for s, d in zip(_shards(host, axis, unit, split), devices)]
+        parts = [jax.device_put(s[None], d) for s, d in zip(_shards(x, axis, unit, split), devices)]
         shape = (len(devices), *parts[0].shape[1:])
         out.append(jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, P(AXIS)), parts))
         specs.append(P(AXIS))

@@ -86,7 +86,8 @@ def calibrated(bench_decode: pathlib.Path | None = BENCH_DECODE, bench_roles: di
             notes.append(f"HBM and efficiency from {pathlib.Path(bench_decode).name}")
     if bench_roles is not None:
         ic = bench_roles["ceilings"].get("interconnect", {})
-        single = [r["roofline_fraction"] for r in bench_roles["rows"] if r["layout"] == "single" and r["mtp_depth"] == 0]
+        single = [r["roofline_fraction"] for r in bench_roles["rows"]
+                  if r["layout"] == "single" and r["mtp_depth"] == 0]
         hw = dataclasses.replace(hw, hbm_tb_s=bench_roles["ceilings"]["hbm_tb_s"],
                                  hbm_efficiency=float(np.median(single)) if single else hw.hbm_efficiency,
                                  collective_us=ic.get("psum_latency_us") or hw.collective_us,

@@ -16,7 +16,6 @@ rows on attention devices only (every attention device keeps the whole latent: a
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -12,7 +12,7 @@ A layout maps a device count to a role set per device:
 | layout | device 0 | devices 1..N-1 |
 |---|---|---|
 | hetero | index | attention + ffn |
-| homogeneous | index + attention + ffn | the same (tensor-parallel attention, expert-parallel MoE, replicated indexer) |
+| homogeneous | index + attention + ffn | the same (TP attention, EP experts, replicated indexer) |
 
 Work a role owns is split as evenly as possible over its devices (64 heads over 7 devices: 10, 9, ..., 9);
 every device of a role must get at least one unit, otherwise the table is refused with a `RoleError`.

@@ -8,7 +8,8 @@ Per layer, as one SPMD program (`Shard.run` = the role's devices only; arrows ar
 4. attention: sparse MLA over the selected latent rows for its heads, W_uv, partial o_proj -> psum -> h.
 5. MoE: index: router top-k; ffn (meanwhile): its slice of the shared expert -> broadcast (ids, weights);
    ffn: its local experts -> psum -> h. Dense layers: ffn: its hidden slice -> psum.
-The output head is split over the vocabulary on the ffn devices -> all_gather -> logits on every device.
+The output head (`ops.lm_head`, norm fused) is split over the vocabulary on the ffn devices -> all_gather ->
+logits on every device.
 When a role is on every device (homogeneous), its steps run everywhere and its broadcasts vanish.
 
 Caches are per role (`LayerCache` on each device): index keys are written on index devices only, latent
@@ -107,17 +108,17 @@ def layer_roles(layer: DecoderLayer, h, cos, sin, pos, ok, cache: LayerCache, pr
     return h + y.astype(h.dtype), topk, cache
 
 
-def head_roles(model: Model, h, norm, sh: Shard):
-    """Final norm + output head split over the vocabulary on the ffn devices: h [B, T, D] -> logits [B, T, V]."""
-    h = norm(h)
+def head_roles(model: Model, h, norm, ops: Ops, sh: Shard):
+    """Final norm + output head (`ops.lm_head`) split over the vocabulary on the ffn devices:
+    h [B, T, D] -> logits [B, T, V] on every device."""
+    b, t, d = h.shape
+    flat = h.reshape(b * t, d)
     if model.lm_head is None:  # tied to the (replicated) embedding: every device computes the whole head
-        return model.head(h, norm=lambda a: a)
-    local = sh.run("ffn", lambda: jnp.einsum("...d,dv->...v", h, model.lm_head.kernel[...],
-                                             preferred_element_type=jnp.float32).astype(h.dtype))
-    every = sh.all_gather(local, "logits")                                   # [N_dev, B, T, v]
-    every = jnp.moveaxis(every, 0, -2).reshape(*h.shape[:-1], -1)             # [B, T, N_dev * v]
+        return ops.lm_head(flat, model.head_weight(), norm.weight[...], norm.eps).reshape(b, t, -1)
+    local = sh.run("ffn", lambda: ops.lm_head(flat, model.lm_head.kernel[...], norm.weight[...], norm.eps))
+    every = jnp.moveaxis(sh.all_gather(local, "logits"), 0, 1).reshape(b * t, -1)    # [BT, N_dev * v]
     order = sh.table.split("ffn", model.cfg.vocab_size, "vocab").gather_order()
-    return jnp.take(every, jnp.asarray(order, np.int32), axis=-1)
+    return jnp.take(every, jnp.asarray(order, np.int32), axis=-1).reshape(b, t, -1)
 
 
 def main_roles(model: Model, caches: list, tokens, pos, ok, ops: Ops, sh: Shard):
@@ -127,7 +128,7 @@ def main_roles(model: Model, caches: list, tokens, pos, ok, ops: Ops, sh: Shard)
     for layer, cache in zip(model.layers, caches):
         h, topk, cache = layer_roles(layer, h, cos, sin, pos, ok, cache, topk, ops, sh)
         out.append(cache)
-    return head_roles(model, h, model.norm, sh), h, out
+    return head_roles(model, h, model.norm, ops, sh), h, out
 
 
 def mtp_roles(model: Model, depth: int, cache: LayerCache, h_prev, ahead_tokens, pos, ok, ops: Ops, sh: Shard):
@@ -136,4 +137,4 @@ def mtp_roles(model: Model, depth: int, cache: LayerCache, h_prev, ahead_tokens,
     cos, sin = model.rope(pos)
     x = module.combine(h_prev, model.embed_tokens(ahead_tokens))
     h, _, cache = layer_roles(module.block, x, cos, sin, pos, ok, cache, None, ops, sh)
-    return head_roles(model, h, module.norm, sh), h, cache
+    return head_roles(model, h, module.norm, ops, sh), h, cache

@@ -74,11 +74,11 @@ def measure_hbm(gib: float = 4.0) -> dict:
 def synthetic_state(cfg, batch: int, context: int, max_len: int, depth: int, dtype, key):
     """A decode state whose caches hold `context` random rows per sequence (pending token at `context`)."""
     state = new_state(cfg, batch, max_len, depth, dtype)
-    valid = (jnp.arange(max_len) < context)[None, :, None]
 
     def fill(arr, k):
         if arr is None:
             return None
+        valid = (jnp.arange(arr.shape[1]) < context)[None, :, None]  # cache rows are padded past max_len
         return jnp.where(valid, jax.random.normal(k, arr.shape, jnp.float32).astype(arr.dtype), 0)
 
     keys = iter(jax.random.split(key, 3 * (len(state.layers) + len(state.mtp)) + 2))

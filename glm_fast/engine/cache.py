@@ -40,8 +40,12 @@ class LayerCache:
         return self.write(pos, jnp.ones_like(pos, bool), **zeros)
 
 
+ROW_ALIGN = 64  # cache rows are allocated in multiples of this: the Pallas kernels' TMA tiles need it
+
+
 def new_layer_cache(cfg: ModelConfig, batch: int, max_len: int, has_indexer: bool, dtype) -> LayerCache:
-    z = lambda d: jnp.zeros((batch, max_len, d), dtype)  # noqa: E731
+    rows = -(-max_len // ROW_ALIGN) * ROW_ALIGN  # rows past max_len are never written (causal masks skip them)
+    z = lambda d: jnp.zeros((batch, rows, d), dtype)  # noqa: E731
     return LayerCache(z(cfg.kv_lora_rank), z(cfg.qk_rope_head_dim), z(cfg.index_head_dim) if has_indexer else None)
 
 

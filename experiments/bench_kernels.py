@@ -15,6 +15,7 @@ it failed, so one run reports everything. Writes experiments/results/kernels_<da
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -34,7 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import fp8, ref  # noqa: E402
 from pallas_kernels.gemv import gemv, gemv_fp8  # noqa: E402
-from pallas_kernels.indexer import indexer_topk  # noqa: E402
+from pallas_kernels.indexer import IndexerConfig, indexer_topk  # noqa: E402
 from pallas_kernels.mla_attention import MLAConfig, sparse_mla_attention  # noqa: E402
 from pallas_kernels.moe import moe_experts, moe_experts_fp8  # noqa: E402
 
@@ -50,6 +51,11 @@ TINY_MOE = dict(e=8, k=2, d=128, i=128, si=128)
 INDEXER_CASE = dict(n=32, h=128, k=2048, contexts=(4096, 32768, 131072))
 TINY_INDEXER = dict(n=8, h=64, k=64, contexts=(512,))
 MLA_CASE = dict(n=64, c=512, r=64, k=2048, contexts=(4096, 32768))
+# Variants timed side by side (the defaults first): where the time goes in the two latency-bound kernels.
+INDEXER_VARIANTS = {"radix_select": IndexerConfig(), "lax_select": IndexerConfig(select="lax")}
+MLA_VARIANTS = {"tma_gather": MLAConfig(), "tma_gather_32_rows_per_split": MLAConfig(min_rows_per_split=32),
+                "xla_gather": MLAConfig(gather="xla"),
+                "xla_gather_32_rows_per_split": MLAConfig(gather="xla", min_rows_per_split=32)}
 TINY_MLA = dict(n=8, c=64, r=16, k=64, contexts=(256,))
 
 
@@ -201,10 +207,11 @@ def bench_indexer(case: dict, tokens: list, reps: int, ceilings: dict, rows: lis
                 batch.append((_rnd(kq, (1, t, n, h)), jax.random.normal(kw, (1, t, n), jnp.float32),
                               _rnd(kk, (1, s_len, h)), q_pos))
             scale = h ** -0.5
-            row = dict(kernel="indexer_topk", T=t, S=s_len, heads=n, head_dim=h, k=k)
-            _run_pair(row, lambda *a: indexer_topk(*a, scale, k, interpret=interpret)[0],
-                      lambda *a: ref.indexer_topk(*a, scale, k)[0], batch, nbytes, reps, ceilings, rows,
-                      compare=_set_mismatch)
+            for variant, config in INDEXER_VARIANTS.items():
+                row = dict(kernel="indexer_topk", variant=variant, T=t, S=s_len, heads=n, head_dim=h, k=k)
+                _run_pair(row, lambda *a, c=config: indexer_topk(*a, scale, k, config=c, interpret=interpret)[0],
+                          lambda *a: ref.indexer_topk(*a, scale, k)[0], batch, nbytes, reps, ceilings, rows,
+                          compare=_set_mismatch)
 
 
 def _set_mismatch(out, want) -> float:
@@ -217,7 +224,6 @@ def bench_mla(case: dict, tokens: list, reps: int, ceilings: dict, rows: list, i
     """Absorbed sparse MLA decode attention over k selected latent rows per token. Bytes: the gathered rows
     (k x (C + R) x 2 per token), the queries and the latent output."""
     n, c, r_dim, k = case["n"], case["c"], case["r"], case["k"]
-    config = MLAConfig(block_k=16) if interpret else MLAConfig()
     for s_len in case["contexts"]:
         for t in tokens:
             key = jax.random.key(zlib.crc32(f"mla/{s_len}/{t}".encode()))
@@ -229,9 +235,13 @@ def bench_mla(case: dict, tokens: list, reps: int, ceilings: dict, rows: list, i
                 batch.append((_rnd(ks[0], (1, t, n, c)), _rnd(ks[1], (1, t, n, r_dim)), _rnd(ks[2], (1, s_len, c)),
                               _rnd(ks[3], (1, s_len, r_dim)), idx, jnp.ones((1, t, k), bool)))
             scale = (c + r_dim) ** -0.5
-            row = dict(kernel="sparse_mla_attention", T=t, S=s_len, heads=n, C=c, R=r_dim, k=k)
-            _run_pair(row, lambda *a: sparse_mla_attention(*a, scale, config=config, interpret=interpret),
-                      lambda *a: ref.sparse_mla_attention(*a, scale), batch, nbytes, reps, ceilings, rows)
+            for variant, config in MLA_VARIANTS.items():
+                if interpret:  # the interpreter's tiles: 16-row blocks
+                    config = dataclasses.replace(config, block_k=16)
+                row = dict(kernel="sparse_mla_attention", variant=variant, T=t, S=s_len, heads=n, C=c, R=r_dim,
+                           k=k)
+                _run_pair(row, lambda *a, cf=config: sparse_mla_attention(*a, scale, config=cf, interpret=interpret),
+                          lambda *a: ref.sparse_mla_attention(*a, scale), batch, nbytes, reps, ceilings, rows)
 
 
 def _machine() -> dict:

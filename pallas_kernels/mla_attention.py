@@ -11,8 +11,9 @@ Design (flash-decoding over the selected rows):
   writes a [64, C] f32 partial), and returns its share's softmax-normalised output [64, C] and log2-sum-exp [64];
   `_combine` (XLA) merges the splits. Three warpgroups on the GPU:
   * producer (WG 0, `gather_rows`): fills a `num_stages` ring with block_k selected rows per step. A row's C
-    latents land as C/64 segments of 64 (one 128-byte swizzle row each) in `kv` [stages, C/64, block_k, 64], its
-    rope part in `pe` [stages, block_k, R]; each [block_k, 64] segment is an (8, 64)-tiled wgmma operand, which is
+    latents land as C/64 segments of 64 (one 128-byte swizzle row each) in `kv` [stages * C/64, block_k, 64]
+    (slot s holds segments s * C/64 ..: one traced flat index, because jax 0.11's run_state lowering rejects
+    static ints mixed into a ref's traced index), its rope part in `pe` [stages, block_k, R]; each [block_k, 64] segment is an (8, 64)-tiled wgmma operand, which is
     laid out row after row, so one row's segment is 128 contiguous (swizzled) bytes. gather="tma": per-row TMA
     copies (TMA gather is Blackwell-only), C/64 + 1 per row, written through a swizzle-only alias of the ring
     (`plgpu.RefUnion`) because a one-row slice of an (8, 64)-tiled ref is not tile-aligned. gather="xla": the

@@ -1,0 +1,652 @@
+"""The persistent decode kernel (DESIGN.md sec. 4): one Pallas Mosaic GPU launch executes a compiled `Schedule`.
+
+    plan = KernelPlan.build(schedule)                   # host: ref layout + per-task dispatch table (once)
+    weights = PersistentWeights.from_model(model, plan)  # device: weights stacked by (shape, dtype) (once)
+    logits, h, rows = persistent_step(plan, weights, caches, tokens, pos, cos, sin, interpret=...)
+
+Layout. The kernel needs static shapes per code path, so every parameter the schedule names is put into a
+*weight stack* of all weights of the same (shape, dtype) (e.g. all MoE layers' q_a [L, K, N]; all layers'
+expert gate weights [L, E, D, I]), and every scratch buffer into a *buffer stack* of the same (shape, dtype)
+(e.g. h_embed, every h_mid and h_out [n, T, D]). A task becomes (branch, dynamic indices): `branch` selects a
+code path specialised on the op, its static args (tile widths, head counts, whether a norm / residual / expert
+slot is present) and the stacks of its weights and buffers; the dynamic part (index of each weight and buffer in
+its stack, column / head / split / chunk / slot numbers) is one int32 row of `KernelPlan.aux`. The kernel
+dispatches with `lax.switch` over the branches. Caches are per-layer refs (read-only in the kernel): the
+KV_WRITE / IK_WRITE tasks write the step's new rows into small `rows` outputs, readers of the cache (indexer
+scores, attention) overlay those rows on the cached ones, and the caller writes the T rows into the caches with
+an XLA scatter at `pos` -- in place under the engine's buffer donation, the same O(T)-row write the XLA backend
+does. (Aliasing the whole cache into the kernel -- `jax.new_ref` or `input_output_aliases` -- does not run in GPU
+interpret mode on jax 0.10.2: closed-over refs have no memory space there, and `pallas_call` scratch barriers
+cannot be initialised.)
+
+Synchronisation seam (`_Seam`): on the GPU, grid = one CTA per SM; CTA c walks its list `schedule.sm_tasks[c]`;
+before a task it waits on each (counter, target) of its record and after it signals its own counter. Counters are
+grid-wide semaphores (`pl.get_global(plgpu.SemaphoreType.REGULAR((n,)))`, verified on the H200 by
+shared/probes/xcta_semaphores.py). Semaphores persist across launches, so waits consume what they see
+(`decrement=True`): a task that completes signals its counter by W = `Counter.waiters` (the number of tasks that
+wait on it) and each waiter waits for and takes `target` (the counter's task count), so every counter returns to
+zero by the end of each launch (W * target signalled, W * target consumed). In GPU interpret mode (no semaphores)
+the seam is replaced by dependency-ordered execution: one CTA walks the global topological order
+(`schedule.records`, task id = position), and wait / signal are no-ops.
+
+Op bodies: version 1 computes every op with plain `jnp` on values loaded from the GMEM refs (register math) --
+the numerics of `simulate.py`'s tile references, which match `main_cached` on the XLA backend. That runs in GPU
+interpret mode (verified on `tiny`, T = 1 and 3). For the CUDA lowering, which ops lower today is
+`lowering_report()`'s answer (see tests/test_persistent_kernel.py); the TMA weight ring + swap-AB wgmma of
+`pallas_kernels.gemv` (prefetching the next task's weight tiles before its dependency wait) is the next step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from glm_fast.model.rope import apply_rope
+from pallas_kernels import _compat
+from pallas_kernels import ref
+from pallas_kernels.persistent.format import (
+    C_ATTN_SCALE, C_INDEX_SCALE, C_INDEX_WSCALE, C_ROUTED_SCALE, F_NWAITS, F_SIGNAL, F_WAITS, MAX_INPUTS,
+    MAX_OUTPUTS, MAX_WAITS, MAX_WEIGHTS, NUM_ARGS, Kind, Op)
+from pallas_kernels.persistent.schedule import Schedule
+from pallas_kernels.persistent.simulate import _layernorm, _rope_front, _route
+
+GRID_AXIS = "sm"
+_JNP = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int32": jnp.int32}
+
+# aux row: [branch, signal, signal_by, n_waits, (counter, target) x MAX_WAITS, weight idx x 3, input idx x 6,
+#           output idx x 2, args x 4]
+A_BRANCH, A_SIGNAL, A_SIGNAL_BY, A_NWAITS, A_WAITS = 0, 1, 2, 3, 4
+A_W = A_WAITS + 2 * MAX_WAITS
+A_IN = A_W + MAX_WEIGHTS
+A_OUT = A_IN + MAX_INPUTS
+A_ARGS = A_OUT + MAX_OUTPUTS
+AUX_WIDTH = A_ARGS + NUM_ARGS
+
+# Per op: the args that change the code path (part of the branch key); the others are read at run time. An
+# expert slot / output slot only enters the key through its sign (present or not).
+_STATIC_ARGS = {Op.EMBED: (), Op.GEMV: (1, 2, 3), Op.KV_WRITE: (0,), Op.IK_WRITE: (0,), Op.INDEX_SCORE: (1, 2),
+                Op.INDEX_TOPK: (), Op.ABSORB: (), Op.ATTN: (1, 3), Op.UV: (), Op.ROUTER_SELECT: (0, 1, 2, 3),
+                Op.SWIGLU_UP: (1, 3), Op.SWIGLU_DOWN: (1,), Op.MOE_COMBINE: (1,)}
+_SIGN_ARGS = {Op.SWIGLU_UP: (2,), Op.SWIGLU_DOWN: (2, 3)}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """Host-side mapping of a schedule onto the kernel's refs (see the module docstring).
+
+    weight_stacks / buffer_stacks: ((shape, dtype), member ids) per stack; weight_slot / buffer_slot: id ->
+    (stack, index) (buffers: ("in", i) for the step's inputs, ("cache", i) for caches, ("stack", s, j) else);
+    branches: the branch keys; aux int32 [n_tasks, AUX_WIDTH]; caches: buffer ids of the CACHE buffers.
+    """
+    schedule: Schedule
+    weight_stacks: tuple
+    weight_slot: tuple
+    buffer_stacks: tuple
+    buffer_slot: tuple
+    caches: tuple
+    inputs: tuple
+    branches: tuple
+    aux: np.ndarray
+    logits_buffer: int
+    hidden_buffer: int
+
+    @classmethod
+    def build(cls, s: Schedule) -> "KernelPlan":
+        groups: dict = {}
+        for i, w in enumerate(s.weights):
+            groups.setdefault((w.shape, w.dtype), []).append(i)
+        weight_stacks = tuple((k, tuple(v)) for k, v in groups.items())
+        weight_slot = [None] * len(s.weights)
+        for si, (_, members) in enumerate(weight_stacks):
+            for j, w in enumerate(members):
+                weight_slot[w] = (si, j)
+        groups, caches, inputs = {}, [], []
+        buffer_slot = [None] * len(s.buffers)
+        for i, b in enumerate(s.buffers):
+            if b.kind == Kind.INPUT:
+                buffer_slot[i] = ("in", len(inputs))
+                inputs.append(b.name)
+            elif b.kind == Kind.CACHE:
+                buffer_slot[i] = ("cache", len(caches))
+                caches.append(i)
+            else:
+                groups.setdefault((b.shape, b.dtype), []).append(i)
+        buffer_stacks = tuple((k, tuple(v)) for k, v in groups.items())
+        for si, (_, members) in enumerate(buffer_stacks):
+            for j, b in enumerate(members):
+                buffer_slot[b] = ("stack", si, j)
+        branches: dict = {}
+        aux = np.full((len(s.records), AUX_WIDTH), 0, np.int32)
+        waiters = np.array([c.waiters for c in s.counters], np.int32)
+        hidden = None
+        for t in s.tasks:
+            static = tuple(t.args[a] for a in _STATIC_ARGS[t.op]) + tuple(
+                int(t.args[a] >= 0) for a in _SIGN_ARGS.get(t.op, ()))
+            key = (int(t.op), static,
+                   tuple(weight_slot[w][0] if w >= 0 else -1 for w in t.weights),
+                   tuple(buffer_slot[b][:2] if b >= 0 else None for b in t.inputs),
+                   tuple(buffer_slot[b][:2] if b >= 0 else None for b in t.outputs))
+            row = aux[t.id]
+            row[A_BRANCH] = branches.setdefault(key, len(branches))
+            row[A_SIGNAL], row[A_SIGNAL_BY], row[A_NWAITS] = t.signal, waiters[t.signal], len(t.waits)
+            for j, (c, target) in enumerate(t.waits):
+                row[A_WAITS + 2 * j], row[A_WAITS + 2 * j + 1] = c, target
+            for base, ids, table in ((A_W, t.weights, weight_slot), (A_IN, t.inputs, buffer_slot),
+                                     (A_OUT, t.outputs, buffer_slot)):
+                for j, x in enumerate(ids):
+                    row[base + j] = table[x][-1] if x >= 0 and table[x][0] != "in" and table[x][0] != "cache" else 0
+            row[A_ARGS:A_ARGS + NUM_ARGS] = t.args
+            if t.layer == -1 and t.op == Op.GEMV:  # the LM head reads the last hidden state
+                hidden = t.inputs[0]
+        logits = next(i for i, b in enumerate(s.buffers) if b.kind == Kind.OUTPUT)
+        return cls(s, weight_stacks, tuple(weight_slot), buffer_stacks, tuple(buffer_slot), tuple(caches),
+                   tuple(inputs), tuple(branches), aux, logits, hidden)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.schedule.meta["tokens"])
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass
+class PersistentWeights:
+    """The schedule's weights stacked per (shape, dtype): `stacks[i]` is [n_i, *shape] (built once per engine)."""
+    stacks: tuple
+
+    def tree_flatten(self):
+        return (self.stacks,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    @classmethod
+    def from_model(cls, model, plan: KernelPlan) -> "PersistentWeights":
+        from pallas_kernels.persistent.simulate import _resolve
+        names = [w.name for w in plan.schedule.weights]
+        stacks = []
+        for (shape, dtype), members in plan.weight_stacks:
+            arrs = [_resolve(model, names[m]) for m in members]
+            for m, a in zip(members, arrs):
+                if a.shape != tuple(shape):
+                    raise ValueError(f"weight {names[m]}: model has {a.shape}, schedule expects {tuple(shape)}")
+            stacks.append(jnp.stack([a.astype(_JNP[dtype]) for a in arrs]))
+        return cls(tuple(stacks))
+
+
+# ---- the synchronisation seam -------------------------------------------------------------------------------
+
+
+class _Seam:
+    """wait(aux_row) / signal(aux_row): GMEM semaphores on the GPU, nothing under dependency-ordered execution."""
+
+    def __init__(self, num_counters: int, ordered: bool):
+        self.ordered = ordered
+        self.sems = None if ordered else pl.get_global(plgpu.SemaphoreType.REGULAR((num_counters,)))
+
+    def wait(self, get):
+        if self.ordered:
+            return
+        for j in range(MAX_WAITS):
+            @pl.when(j < get(A_NWAITS))
+            def _():
+                pl.semaphore_wait(self.sems.at[get(A_WAITS + 2 * j)], get(A_WAITS + 2 * j + 1), decrement=True)
+
+    def signal(self, get):
+        if self.ordered:
+            return
+        pl.semaphore_signal(self.sems.at[get(A_SIGNAL)], get(A_SIGNAL_BY))
+
+
+# ---- op bodies (jnp on values loaded from the refs) ----------------------------------------------------------
+
+
+class _Refs:
+    """Kernel refs by role, and typed reads / writes of schedule buffers for one branch."""
+
+    def __init__(self, plan: KernelPlan, inputs, weights, caches, stacks, rows):
+        self.plan, self.inputs, self.weights, self.caches, self.stacks, self.rows = (
+            plan, inputs, weights, caches, stacks, rows)
+        self.consts = plan.schedule.constants
+
+    def read(self, slot, idx):
+        """The whole buffer at `slot` (static) and stack index `idx` (traced)."""
+        if slot[0] == "in":
+            return self.inputs[slot[1]][...]
+        if slot[0] == "cache":
+            return self.cache(slot[1])
+        return self.stacks[slot[1]][idx]
+
+    def cache(self, ci):
+        """Cache rows [L, X] with this step's new rows (from the KV_WRITE / IK_WRITE outputs) overlaid."""
+        cached, new = self.caches[ci][...], self.rows[ci][...]
+        pos = self.inputs[self.plan.inputs.index("pos")][...]
+        hit = jnp.arange(cached.shape[0])[:, None] == pos[None, :]          # [L, T]
+        src = jnp.argmax(hit, axis=1)
+        return jnp.where(hit.any(1)[:, None], new[src].astype(cached.dtype), cached)
+
+    def write(self, slot, idx, value, *index):
+        """buffer[index] = value at `slot` / stack index `idx`; index: traced scalars or pl.ds (no Python ints)."""
+        ref = self.stacks[slot[1]]
+        ref[(idx, *index)] = value.astype(ref.dtype)
+
+    def full(self, slot):
+        return tuple(pl.ds(jnp.int32(0), n) for n in self.stacks[slot[1]].shape[1:])
+
+
+def _indexer_scores(q, head_w, keys, q_pos, scale):
+    """`ref.indexer_scores` for one sequence (q [T, N, H], head_w [T, N], keys [S, H], q_pos [T]) -> [T, S], with
+    ReLU as `jnp.maximum`: GPU interpret mode cannot run `jax.nn.relu`'s custom_jvp."""
+    dots = jnp.einsum("tnh,sh->tns", q.astype(jnp.float32), keys.astype(jnp.float32)) * scale
+    scores = jnp.einsum("tn,tns->ts", head_w.astype(jnp.float32), jnp.maximum(dots, 0.0))
+    visible = jnp.arange(keys.shape[0])[None, :] <= q_pos[:, None]
+    return jnp.where(visible, scores, -jnp.inf)
+
+
+def _unique_sorted(ids, num_experts: int, size: int):
+    """`jnp.unique(ids, size=size, fill_value=-1)` without scatters (GPU interpret mode runs none): the distinct
+    expert ids in increasing order, -1 padded."""
+    present = (ids.reshape(-1)[:, None] == jnp.arange(num_experts)[None, :]).any(0)        # [E]
+    rank = jnp.cumsum(present.astype(jnp.int32)) - 1
+    hit = present[None, :] & (rank[None, :] == jnp.arange(size)[:, None])                  # [U, E]
+    return jnp.where(hit.any(1), jnp.argmax(hit, axis=1), -1).astype(jnp.int32)
+
+
+def _i32(x):
+    return jnp.asarray(x, jnp.int32)
+
+
+def _branch_fn(key, r: _Refs):
+    """The code path of one branch key: fn(get) with get(j) -> aux[task, j] (a traced int32)."""
+    op, static, wstk, islots, oslots = key
+    op = Op(op)
+    consts = r.consts
+
+    def w(get, j):  # the whole weight j of the task
+        return r.weights[wstk[j]][get(A_W + j)]
+
+    def inp(get, j):
+        return r.read(islots[j], get(A_IN + j))
+
+    def out_dtype(j):
+        return r.stacks[oslots[j][1]].dtype
+
+    def arg(get, a):
+        return get(A_ARGS + a)
+
+    def cos_sin():
+        names = r.plan.inputs
+        return r.inputs[names.index("rope_cos")][...], r.inputs[names.index("rope_sin")][...]
+
+    if op == Op.EMBED:
+        def fn(get):
+            h = jnp.take(w(get, 0), inp(get, 0), axis=0)
+            r.write(oslots[0], get(A_OUT), h, *r.full(oslots[0]))
+        return fn
+
+    if op == Op.GEMV:
+        n, eps, transposed = static
+
+        def fn(get):
+            c0 = arg(get, 0)
+            x = inp(get, 0)
+            x = x.reshape(x.shape[0], -1)
+            if eps >= 0:
+                x = ref.rmsnorm(x, w(get, 1), float(consts[eps]))
+            wref = r.weights[wstk[0]]
+            if transposed:
+                wt = wref[get(A_W), pl.ds(c0, n), :].T
+            else:
+                wt = wref[get(A_W), :, pl.ds(c0, n)]
+            dt = out_dtype(0)
+            y = ref.gemv(x.astype(dt), wt.astype(dt))
+            if islots[1] is not None:
+                y = lax.dynamic_slice_in_dim(inp(get, 1), c0, n, axis=1) + y
+            r.write(oslots[0], get(A_OUT), y, pl.ds(_i32(0), y.shape[0]), pl.ds(c0, n))
+        return fn
+
+    if op == Op.KV_WRITE:
+        (eps,) = static
+
+        def fn(get):
+            kva, (cos, sin) = inp(get, 0), cos_sin()
+            ci_kv, ci_pe = oslots[0][1], oslots[1][1]
+            c = r.caches[ci_kv].shape[1]
+            r.rows[ci_kv][...] = ref.rmsnorm(kva[:, :c], w(get, 0), float(consts[eps])).astype(r.rows[ci_kv].dtype)
+            r.rows[ci_pe][...] = apply_rope(kva[:, c:], cos, sin).astype(r.rows[ci_pe].dtype)
+        return fn
+
+    if op == Op.IK_WRITE:
+        (eps,) = static
+
+        def fn(get):
+            (cos, sin), ci = cos_sin(), oslots[0][1]
+            y = _layernorm(inp(get, 0), w(get, 0), w(get, 1), float(consts[eps]))
+            r.rows[ci][...] = _rope_front(y, cos, sin).astype(r.rows[ci].dtype)
+        return fn
+
+    if op == Op.INDEX_SCORE:
+        n_chunks, align = static
+
+        def fn(get):
+            iq, iw, keys, pos, cos, sin = (inp(get, j) for j in range(6))
+            chunk = arg(get, 0)
+            nt, heads = iw.shape
+            k = r.stacks[oslots[0][1]].shape[-1]
+            q = _rope_front(iq.reshape(nt, heads, -1), cos, sin)
+            wv = iw.astype(jnp.float32) * float(consts[C_INDEX_WSCALE])
+            visible = jnp.max(pos) + 1
+            size = ((visible + n_chunks - 1) // n_chunks + align - 1) // align * align
+            r0 = chunk * size
+            r1 = jnp.minimum(visible, r0 + size)
+            scores = _indexer_scores(q, wv, keys, pos, float(consts[C_INDEX_SCALE]))
+            rows = jnp.arange(keys.shape[0])
+            scores = jnp.where((rows >= r0) & (rows < r1), scores, -jnp.inf)       # [T, L]
+            if scores.shape[1] < k:
+                scores = jnp.pad(scores, ((0, 0), (0, k - scores.shape[1])), constant_values=-jnp.inf)
+            vals, idx = lax.top_k(scores, k)
+            # Slots past the chunk's rows: -inf / row 0, as the schedule's format says.
+            n_rows = jnp.maximum(r1 - r0, 0)
+            pad = jnp.arange(k)[None, :] >= n_rows
+            vals, idx = jnp.where(pad, -jnp.inf, vals), jnp.where(pad, 0, idx)
+            whole = lambda j: (chunk, *r.full(oslots[j])[1:])  # noqa: E731
+            r.write(oslots[0], get(A_OUT), vals, *whole(0))
+            r.write(oslots[1], get(A_OUT + 1), idx, *whole(1))
+        return fn
+
+    if op == Op.INDEX_TOPK:
+        def fn(get):
+            vals, idx = inp(get, 0), inp(get, 1)
+            nc, nt, k = vals.shape
+            vals, idx = (a.transpose(1, 0, 2).reshape(nt, nc * k) for a in (vals, idx))
+            sel, valid = ref.select_topk(vals[None], k)
+            rows = jnp.take_along_axis(idx, sel[0], axis=-1)
+            r.write(oslots[0], get(A_OUT), jnp.where(valid[0], rows, 0), *r.full(oslots[0]))
+            r.write(oslots[1], get(A_OUT + 1), valid[0].astype(jnp.int32), *r.full(oslots[1]))
+        return fn
+
+    def head_dims(get, kv_b_cols, heads, nope=None, v_dim=None):
+        both = kv_b_cols // heads
+        return (both - v_dim, v_dim) if v_dim is not None else (nope, both - nope)
+
+    if op == Op.ABSORB:
+        def fn(get):
+            head = arg(get, 0)
+            qb, (cos, sin) = inp(get, 0), cos_sin()
+            _, heads, rr = r.stacks[oslots[1][1]].shape[1:]
+            nope = qb.shape[1] // heads - rr
+            wref = r.weights[wstk[0]]
+            _, hv = head_dims(get, wref.shape[2], heads, nope=nope)
+            q = lax.dynamic_slice_in_dim(qb, head * (nope + rr), nope + rr, axis=1)
+            w_uk = wref[get(A_W), :, pl.ds(head * (nope + hv), nope)]               # [C, H_n]
+            q_lat = ref.gemv(q[:, :nope], w_uk.T)
+            q_pe = apply_rope(q[:, nope:], cos, sin)
+            for j, val in ((0, q_lat), (1, q_pe)):
+                full = r.full(oslots[j])
+                r.write(oslots[j], get(A_OUT + j), val[:, None, :], full[0], pl.ds(head, 1), full[2])
+        return fn
+
+    if op == Op.ATTN:
+        nh, n_splits = static
+
+        def fn(get):
+            h0, split = arg(get, 0), arg(get, 2)
+            q_lat, q_pe, c_kv, k_pe, idx, valid = (inp(get, j) for j in range(6))
+            kk = idx.shape[1]
+            size = math.ceil(kk / n_splits)
+            q_lat = lax.dynamic_slice_in_dim(q_lat, h0, nh, axis=1)
+            q_pe = lax.dynamic_slice_in_dim(q_pe, h0, nh, axis=1)
+            slot = jnp.arange(kk)[None, :]
+            valid = (valid != 0) & (slot >= split * size) & (slot < (split + 1) * size)
+            scale = float(consts[C_ATTN_SCALE])
+            out = ref.sparse_mla_attention(q_lat[None], q_pe[None], c_kv[None], k_pe[None], idx[None],
+                                           valid[None], scale)[0]
+            logits = (jnp.einsum("tnc,tkc->tnk", q_lat, c_kv[idx]) + jnp.einsum("tnr,tkr->tnk", q_pe, k_pe[idx]))
+            logits = jnp.where(valid[:, None, :], logits * scale, -jnp.inf)
+            lse = jax.nn.logsumexp(logits, axis=-1)                                  # [T, nh]
+            out = jnp.where(jnp.isfinite(lse)[..., None], out, 0.0)
+            f0, f1 = r.full(oslots[0]), r.full(oslots[1])
+            r.write(oslots[0], get(A_OUT), out[None], pl.ds(split, 1), f0[1], pl.ds(h0, nh), f0[3])
+            r.write(oslots[1], get(A_OUT + 1), lse[None], pl.ds(split, 1), f1[1], pl.ds(h0, nh))
+        return fn
+
+    if op == Op.UV:
+        def fn(get):
+            head = arg(get, 0)
+            o_part, lse_part = inp(get, 0), inp(get, 1)
+            heads, hv = r.stacks[oslots[0][1]].shape[2:]
+            wref = r.weights[wstk[0]]
+            nope, _ = head_dims(get, wref.shape[2], heads, v_dim=hv)
+            lse = lax.dynamic_index_in_dim(lse_part, head, axis=2, keepdims=False)      # [S, T]
+            o_h = lax.dynamic_index_in_dim(o_part, head, axis=2, keepdims=False)        # [S, T, C]
+            o = jnp.einsum("st,stc->tc", jnp.exp(lse - jax.nn.logsumexp(lse, axis=0)), o_h)
+            w_uv = wref[get(A_W), :, pl.ds(head * (nope + hv) + nope, hv)]               # [C, H_v]
+            v = ref.gemv(o.astype(out_dtype(0)), w_uv)
+            full = r.full(oslots[0])
+            r.write(oslots[0], get(A_OUT), v[:, None, :], full[0], pl.ds(head, 1), full[2])
+        return fn
+
+    if op == Op.ROUTER_SELECT:
+        top_k, n_group, topk_group, norm = static
+
+        def fn(get):
+            ids, weights = _route(inp(get, 0), w(get, 0), top_k, n_group, topk_group, norm,
+                                  float(consts[C_ROUTED_SCALE]))
+            u = r.stacks[oslots[0][1]].shape[1]
+            uniq = _unique_sorted(ids, r.weights[wstk[0]].shape[1], u)
+            coef = jnp.einsum("tk,tku->ut", weights, (ids[:, :, None] == uniq[None, None, :]).astype(jnp.float32))
+            r.write(oslots[0], get(A_OUT), uniq, *r.full(oslots[0]))
+            r.write(oslots[1], get(A_OUT + 1), coef, *r.full(oslots[1]))
+        return fn
+
+    def expert_cols(get, j, slot_expert, slot, routed, c0, n):
+        """Columns [c0, c0 + n) of weight j, at expert slot_expert[slot] when routed; (tile, present)."""
+        wref = r.weights[wstk[j]]
+        if not routed:
+            return wref[get(A_W + j), :, pl.ds(c0, n)], jnp.bool_(True)
+        e = slot_expert[slot]
+        return wref[get(A_W + j), jnp.maximum(e, 0), :, pl.ds(c0, n)], e >= 0
+
+    if op == Op.SWIGLU_UP:
+        n, eps, routed = static
+
+        def fn(get):
+            c0, slot = arg(get, 0), arg(get, 2)
+            x = inp(get, 0)
+            slots = inp(get, 1) if routed else None
+            (g_w, present), (u_w, _) = (expert_cols(get, j, slots, slot, routed, c0, n) for j in (0, 1))
+            xn = ref.rmsnorm(x, w(get, 2), float(consts[eps])).astype(jnp.float32)
+            g, u = (ref.gemv(xn, wt.astype(jnp.float32)) for wt in (g_w, u_w))
+            y = jnp.where(present, jax.nn.silu(g) * u, 0.0)
+            full = r.full(oslots[0])
+            if routed:
+                r.write(oslots[0], get(A_OUT), y[None], pl.ds(slot, 1), full[1], pl.ds(c0, n))
+            else:
+                r.write(oslots[0], get(A_OUT), y, full[0], pl.ds(c0, n))
+        return fn
+
+    if op == Op.SWIGLU_DOWN:
+        n, routed, to_slot = static
+
+        def fn(get):
+            c0, slot, out_slot = arg(get, 0), arg(get, 2), arg(get, 3)
+            a = inp(get, 0)
+            slots = inp(get, 2) if routed else None
+            wt, present = expert_cols(get, 0, slots, slot, routed, c0, n)
+            if routed:
+                y = ref.gemv(lax.dynamic_index_in_dim(a, slot, 0, keepdims=False).astype(jnp.float32),
+                             wt.astype(jnp.float32))
+                y = y * lax.dynamic_index_in_dim(inp(get, 3), slot, 0, keepdims=False)[:, None]
+                y = jnp.where(present, y, 0.0)
+            else:
+                y = ref.gemv(a.astype(jnp.float32), wt.astype(jnp.float32))
+                if to_slot:  # shared expert: `ref.swiglu` rounds to the activation dtype before the sum
+                    y = y.astype(a.dtype).astype(jnp.float32)
+                else:
+                    y = lax.dynamic_slice_in_dim(inp(get, 1), c0, n, axis=1) + y.astype(a.dtype)
+            full = r.full(oslots[0])
+            if routed or to_slot:
+                r.write(oslots[0], get(A_OUT), y[None], pl.ds(out_slot, 1), full[1], pl.ds(c0, n))
+            else:
+                r.write(oslots[0], get(A_OUT), y, full[0], pl.ds(c0, n))
+        return fn
+
+    if op == Op.MOE_COMBINE:
+        (n,) = static
+
+        def fn(get):
+            c0 = arg(get, 0)
+            h = inp(get, 1)
+            part = lax.dynamic_slice_in_dim(inp(get, 0), c0, n, axis=2)
+            y = lax.dynamic_slice_in_dim(h, c0, n, axis=1) + part.sum(0).astype(h.dtype)
+            r.write(oslots[0], get(A_OUT), y, r.full(oslots[0])[0], pl.ds(c0, n))
+        return fn
+
+    raise NotImplementedError(f"no kernel body for {op.name}")
+
+
+# ---- the kernel ----------------------------------------------------------------------------------------------
+
+
+def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, *refs):
+    s = plan.schedule
+    n_in, n_w, n_c = len(plan.inputs), len(plan.weight_stacks), len(plan.caches)
+    aux_ref, sm_ref, *refs = refs
+    inputs, refs = refs[:n_in], refs[n_in:]
+    weights, refs = refs[:n_w], refs[n_w:]
+    caches, refs = refs[:n_c], refs[n_c:]
+    stacks, rows = refs[:len(plan.buffer_stacks)], refs[len(plan.buffer_stacks):]
+    r = _Refs(plan, inputs, weights, caches, stacks, rows)
+    fns = []
+    for key in plan.branches:
+        if ops is None or Op(key[0]) in ops:
+            fns.append(_branch_fn(key, r))
+        else:
+            fns.append(lambda get: None)
+    seam = _Seam(len(s.counters), ordered)
+
+    def run_task(task):
+        get = lambda j: aux_ref[task, j]  # noqa: E731
+        seam.wait(get)
+        if len(fns) == 1:
+            fns[0](get)
+        else:
+            lax.switch(get(A_BRANCH), [lambda f=f: f(get) for f in fns])
+        seam.signal(get)
+
+    if ordered:  # dependency-ordered execution: the global topological order on one CTA
+        @pl.loop(0, len(s.records))
+        def _(task):
+            run_task(task)
+    else:
+        cta = lax.axis_index(GRID_AXIS)
+
+        @pl.loop(0, sm_ref.shape[1])
+        def _(i):
+            task = sm_ref[cta, i]
+
+            @pl.when(task >= 0)
+            def _():
+                run_task(task)
+
+
+def _step_inputs(plan: KernelPlan, tokens, pos, cos, sin):
+    values = {"tokens": tokens.astype(jnp.int32), "pos": pos.astype(jnp.int32), "rope_cos": cos, "rope_sin": sin}
+    out = []
+    for name in plan.inputs:
+        b = plan.schedule.buffers[plan.buffer_slot.index(("in", plan.inputs.index(name)))]
+        out.append(values[name].reshape(b.shape).astype(_JNP[b.dtype]))
+    return out
+
+
+def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens, pos, cos, sin, *,
+                    interpret=False, ops=None):
+    """One decode step in one kernel launch.
+
+    caches: per CACHE buffer of `plan.caches`, its array [L, X] (batch squeezed); tokens, pos int [T];
+    cos, sin [T, R/2]. Returns (logits [T, V], h [T, D] (the last layer's output, before the final norm),
+    new rows per cache buffer [T, X]). interpret: False (compile for the GPU) or True / InterpretGPUParams
+    (GPU interpret mode; the seam is then dependency-ordered execution on one CTA). ops: restrict the compiled
+    branches to these opcodes (the others become no-ops; for lowering checks only).
+    """
+    params = _compat.resolve_interpret(interpret)
+    ordered = params is not None
+    s = plan.schedule
+    stack_types = [jax.ShapeDtypeStruct((len(m), *shape), _JNP[dtype]) for (shape, dtype), m in plan.buffer_stacks]
+    row_types = [jax.ShapeDtypeStruct((plan.tokens, s.buffers[b].shape[1]), caches[i].dtype)
+                 for i, b in enumerate(plan.caches)]
+    kernel = plgpu.kernel(
+        lambda *refs: _body(plan, ordered, None if ops is None else frozenset(ops), *refs),
+        out_type=(*stack_types, *row_types),
+        grid=(1 if ordered else s.num_sms,),
+        grid_names=(GRID_AXIS,),
+        interpret=params,
+    )
+    outs = kernel(jnp.asarray(plan.aux), jnp.asarray(s.sm_tasks), *_step_inputs(plan, tokens, pos, cos, sin),
+                  *weights.stacks, *caches)
+    stacks, rows = outs[:len(stack_types)], outs[len(stack_types):]
+
+    def buffer(b):
+        _, si, j = plan.buffer_slot[b]
+        return stacks[si][j]
+
+    return buffer(plan.logits_buffer), buffer(plan.hidden_buffer), list(rows)
+
+
+class PersistentDecoder:
+    """The main-model forward of decode / verification steps (batch 1, T = 1 + D) through `persistent_step`:
+    schedules and plans per T compiled on first use (`load_or_compile`'s disk cache), weights stacked once."""
+
+    def __init__(self, model, options=None, interpret=None, cache_dir=None):
+        from pallas_kernels.persistent.schedule import ScheduleOptions
+        self.cfg = model.cfg
+        self.options = options or ScheduleOptions()
+        self.interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
+        self.cache_dir = cache_dir
+        self._plans: dict = {}
+        self._weights: dict = {}
+        self._model = model
+
+    def plan(self, tokens: int) -> KernelPlan:
+        if tokens not in self._plans:
+            from pallas_kernels.persistent.schedule import compile_schedule, load_or_compile
+            if self.cache_dir is False:
+                s = compile_schedule(self.cfg, tokens, self.options)
+            else:
+                s, _ = load_or_compile(self.cfg, tokens, self.options, cache_dir=self.cache_dir)
+            self._plans[tokens] = KernelPlan.build(s)
+        return self._plans[tokens]
+
+    def weights(self, tokens: int) -> PersistentWeights:
+        """Stacked weights (the stacking depends only on the weight table, shared by every T)."""
+        plan = self.plan(tokens)
+        key = tuple((k, len(m)) for k, m in plan.weight_stacks)
+        if key not in self._weights:
+            self._weights[key] = PersistentWeights.from_model(self._model, plan)
+        return self._weights[key]
+
+    def __call__(self, model, weights: PersistentWeights, layer_caches: list, tokens, pos, ok):
+        """tokens, pos, ok [1, T] -> (logits [1, T, V], h [1, T, D], caches with the T rows written)."""
+        b, t = tokens.shape
+        if b != 1:
+            raise ValueError(f"the persistent kernel decodes batch 1, got batch {b}")
+        plan = self.plan(t)
+        cos, sin = model.rope(pos)
+        arrays = []
+        for bid in plan.caches:
+            _, layer, field = plan.schedule.buffers[bid].name.split("/")
+            arrays.append(getattr(layer_caches[int(layer)], field)[0])
+        logits, h, rows = persistent_step(plan, weights, arrays, tokens[0], pos[0], cos[0], sin[0],
+                                          interpret=self.interpret)
+        new = [dict() for _ in layer_caches]
+        for bid, r in zip(plan.caches, rows):
+            _, layer, field = plan.schedule.buffers[bid].name.split("/")
+            new[int(layer)][field] = r[None]
+        caches = [c.write(pos, ok, **rows_) for c, rows_ in zip(layer_caches, new)]
+        return logits[None], h[None], caches

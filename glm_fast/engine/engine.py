@@ -84,6 +84,11 @@ class Engine:
         self.graphdef, self.params = nnx.split(model)
         self.dtype = model.dtype
         self._jitted: dict = {}
+        self._persistent = None
+        if backend == "persistent":  # decode / verification steps in one kernel launch; prefill and MTP on XLA
+            from pallas_kernels.persistent.kernel import PersistentDecoder
+            self._persistent = PersistentDecoder(model)
+            self.params = (self.params, self._persistent.weights(1))
 
     # ---- compiled pieces ---------------------------------------------------------------------------------
     def _fn(self, name: str, mode: _Mode, chunk: int = 0) -> Callable:
@@ -110,7 +115,13 @@ class Engine:
         return mtp_cached(model, depth, cache, h_prev, ahead, pos, ok, self.ops)
 
     def _model(self, params) -> Model:
-        return nnx.merge(self.graphdef, params)
+        return nnx.merge(self.graphdef, params[0] if self._persistent is not None else params)
+
+    def _main_step(self, params, model: Model, caches: list, tokens, pos, ok):
+        """The main-model pass of a decode / verification step (`_main`, or the persistent kernel)."""
+        if self._persistent is not None:
+            return self._persistent(model, params[1], caches, tokens, pos, ok)
+        return self._main(model, caches, tokens, pos, ok)
 
     def _pick(self, logits, key, mode: _Mode):
         """Next token and its distribution from logits [B, V]."""
@@ -170,7 +181,7 @@ class Engine:
         ok = pos < self.max_len
         tokens = state.tokens[bi[:, None], pos]
         k_accept, k_draft = jax.random.split(key)
-        logits, h, layers = self._main(model, state.layers, tokens, pos, ok)
+        logits, h, layers = self._main_step(params, model, state.layers, tokens, pos, ok)
         if mode.greedy:
             target = jnp.argmax(logits, -1).astype(jnp.int32)                               # [B, 1+D]
             n = sampling.accept_greedy(tokens[:, 1:], target)
@@ -281,6 +292,8 @@ class Engine:
     def _check(self, prompts, max_new_tokens, temperature, top_p, depth) -> _Mode:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GenerationError("empty prompt: give at least one token id")
+        if self._persistent is not None and len(prompts) > 1:
+            raise GenerationError(f"backend 'persistent' decodes one sequence; got a batch of {len(prompts)}")
         vocab = self.cfg.vocab_size
         bad = [t for p in prompts for t in p if not 0 <= t < vocab]
         if bad:

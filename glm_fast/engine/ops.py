@@ -87,7 +87,11 @@ def _pallas_lm_head(x, w, norm_weight, eps):
 
 PALLAS = Ops("pallas", _pallas_indexer_topk, _pallas_sparse_mla, _pallas_moe, _pallas_lm_head)
 
-BACKENDS = {"xla": lambda: XLA, "pallas": lambda: PALLAS}
+# "persistent": the engine runs decode / verification steps' main model through one kernel launch
+# (`pallas_kernels.persistent.kernel`); this table serves what stays outside it (prefill, MTP drafting): XLA.
+PERSISTENT = dataclasses.replace(XLA, name="persistent")
+
+BACKENDS = {"xla": lambda: XLA, "pallas": lambda: PALLAS, "persistent": lambda: PERSISTENT}
 
 
 class BackendError(ValueError):

@@ -1,0 +1,101 @@
+"""The persistent decode kernel (`pallas_kernels.persistent.kernel`): its body in Pallas GPU interpret mode on `tiny`
+(the cross-CTA semaphore seam replaced by dependency-ordered execution, DESIGN.md sec. 8) against the XLA backend's
+`main_cached` -- logits, the last hidden state and the cache rows, T = 1 and 3, context past index_topk --
+greedy tokens of `Engine(backend="persistent")` (with and without MTP drafts), the CUDA lowering at glm5_slice
+shapes (lowering only), and the H200 test (marked `gpu`). Run the GPU test with
+`GLM_FAST_TEST_PLATFORMS=cuda pytest -m gpu tests/test_persistent_kernel.py`.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from glm_fast import Engine, Model, load_config
+from glm_fast.engine.cache import new_state
+from glm_fast.engine.forward import main_cached
+from glm_fast.engine.ops import XLA
+from pallas_kernels.persistent import Op, ScheduleOptions, compile_schedule
+from pallas_kernels.persistent.kernel import KernelPlan, PersistentDecoder
+
+# Odd tiles (ragged last GEMV / attention tiles), 3 index chunks, 7 SM lists (the GPU path's; interpret mode walks
+# the global order).
+OPTIONS = ScheduleOptions(tile_n=24, attn_heads=3, attn_splits=3, index_chunks=3, index_align=8, num_sms=7)
+CONTEXT = 40  # > index_topk (16): DSA really selects
+BF16 = {"model.dtype": "bfloat16", "model.moe_intermediate_size": 128}  # the Pallas backend's tiny variant
+# Tolerance on max |logit error| / max |logit|: float32 is exact up to summation order; bf16 rounds the
+# activations at different points than XLA's fused graph (fused norms, dense-MLP silu*u rounding, see simulate.py).
+TOL = {"float32": 1e-5, "bfloat16": 3e-2}
+
+
+def _prefilled(cfg, seed, t):
+    model = Model(cfg, rngs=nnx.Rngs(seed))
+    tokens = jax.random.randint(jax.random.key(100 + seed), (1, CONTEXT + t), 0, cfg.vocab_size)
+    pos = jnp.arange(CONTEXT)[None]
+    state = new_state(cfg, 1, CONTEXT + 16, 0, model.dtype)
+    _, _, caches = main_cached(model, state.layers, tokens[:, :CONTEXT], pos, jnp.ones_like(pos, bool), XLA)
+    return model, caches, tokens[:, CONTEXT:], CONTEXT + jnp.arange(t)[None]
+
+
+@pytest.mark.parametrize("dtype,t,seed", [("float32", 1, 0), ("float32", 3, 1), ("bfloat16", 1, 2),
+                                          ("bfloat16", 3, 0)])
+def test_kernel_step_matches_xla_backend_in_interpret_mode(dtype, t, seed):
+    cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
+    model, caches, tokens, pos = _prefilled(cfg, seed, t)
+    ok = jnp.ones((1, t), bool)
+    expected, expected_h, expected_caches = main_cached(model, caches, tokens, pos, ok, XLA)
+    dec = PersistentDecoder(model, OPTIONS, interpret=True, cache_dir=False)
+    logits, h, got_caches = jax.jit(lambda w, c: dec(model, w, c, tokens, pos, ok))(dec.weights(t), caches)
+    assert np.isfinite(np.asarray(logits, np.float32)).all()
+    scale = float(jnp.abs(expected.astype(jnp.float32)).max())
+    assert scale > 0
+    err = float(jnp.abs(logits.astype(jnp.float32) - expected.astype(jnp.float32)).max()) / scale
+    assert err < TOL[dtype], err
+    h_err = float(jnp.abs(h.astype(jnp.float32) - expected_h.astype(jnp.float32)).max())
+    assert h_err < TOL[dtype] * float(jnp.abs(expected_h.astype(jnp.float32)).max()), h_err
+    for layer, (a, b) in enumerate(zip(got_caches, expected_caches)):
+        for field in ("c_kv", "k_pe", "index_k"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None) == (y is None)
+            if x is None:
+                continue
+            x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+            assert np.abs(y[0, np.asarray(pos[0])]).max() > 0  # the step wrote real rows
+            untouched = np.setdiff1d(np.arange(x.shape[1]), np.asarray(pos[0]))
+            np.testing.assert_array_equal(x[0, untouched], y[0, untouched], err_msg=f"{layer} {field}")
+            atol = 1e-5 if dtype == "float32" else 3e-2 * np.abs(y).max()
+            np.testing.assert_allclose(x, y, atol=atol, err_msg=f"{layer} {field}")
+
+
+def test_plan_covers_every_op_and_dispatch_table_is_consistent():
+    cfg = load_config("tiny").model
+    s = compile_schedule(cfg, 3, OPTIONS)
+    plan = KernelPlan.build(s)
+    ops = {Op(k[0]) for k in plan.branches}
+    assert ops == set(Op) - {Op.NOP}
+    assert plan.aux.shape[0] == len(s.records)
+    assert plan.aux[:, 0].max() == len(plan.branches) - 1
+    # every weight and scratch buffer lands in exactly one stack slot
+    assert sorted(m for _, ms in plan.weight_stacks for m in ms) == list(range(len(s.weights)))
+
+
+def _engine_tokens(model, backend, depth, steps=4):
+    prompt = np.asarray(jax.random.randint(jax.random.key(7), (CONTEXT,), 0, model.cfg.vocab_size)).tolist()
+    engine = Engine(model, backend=backend, max_len=CONTEXT + 16, compilation_cache=False)
+    return engine.generate(prompt, steps, speculative_depth=depth).tokens
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+def test_engine_persistent_greedy_tokens_equal_xla(depth, monkeypatch, tmp_path):
+    monkeypatch.setenv("GLM_FAST_SCHEDULE_DIR", str(tmp_path))
+    model = Model(load_config("tiny").model, rngs=nnx.Rngs(3))
+    assert _engine_tokens(model, "persistent", depth) == _engine_tokens(model, "xla", depth)
+
+
+def test_engine_persistent_rejects_a_batch(monkeypatch, tmp_path):
+    from glm_fast.engine.engine import GenerationError
+    monkeypatch.setenv("GLM_FAST_SCHEDULE_DIR", str(tmp_path))
+    engine = Engine(Model(load_config("tiny").model, rngs=nnx.Rngs(0)), backend="persistent", max_len=64,
+                    compilation_cache=False)
+    with pytest.raises(GenerationError, match="one sequence"):
+        engine.generate([[1, 2], [3, 4]], 2)

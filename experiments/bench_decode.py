@@ -243,6 +243,9 @@ def main(argv=None) -> None:
                             compilation_cache=False)
             for depth in depths:
                 for batch in batches:
+                    if backend == "persistent" and batch > 1:  # the persistent kernel decodes one sequence
+                        print(f"skip: backend persistent at batch {batch}", flush=True)
+                        continue
                     r = bench_engine(engine, batch, context, depth, args.steps, args.warmup)
                     nbytes = accounting.bytes_per_decode_step(cfg, context, dtype, tokens=1 + depth, batch=batch)
                     row = {"backend": backend, "layout": "single", "batch": batch, "context_len": context,

@@ -66,7 +66,7 @@ A_W = A_WAITS + 2 * MAX_WAITS
 A_IN = A_W + MAX_WEIGHTS
 A_OUT = A_IN + MAX_INPUTS
 A_ARGS = A_OUT + MAX_OUTPUTS
-AUX_WIDTH = A_ARGS + NUM_ARGS
+AUX_WIDTH = 32  # >= A_ARGS + NUM_ARGS (28); 128-byte rows for the TMA of a CTA's table
 
 # Per op: the args that change the code path (part of the branch key); the others are read at run time. An
 # expert slot / output slot only enters the key through its sign (present or not).
@@ -148,6 +148,13 @@ class KernelPlan:
         return cls(s, weight_stacks, tuple(weight_slot), buffer_stacks, tuple(buffer_slot), tuple(caches),
                    tuple(inputs), tuple(branches), aux, logits, hidden)
 
+    def sm_aux(self) -> np.ndarray:
+        """int32 [num_sms, max_len, AUX_WIDTH]: each SM's aux rows in list order; padding rows have branch -1."""
+        tasks = self.schedule.sm_tasks
+        out = np.full((*tasks.shape, AUX_WIDTH), -1, np.int32)
+        out[tasks >= 0] = self.aux[tasks[tasks >= 0]]
+        return out
+
     @property
     def tokens(self) -> int:
         return int(self.schedule.meta["tokens"])
@@ -201,7 +208,13 @@ class _Seam:
     def signal(self, get):
         if self.ordered:
             return
-        pl.semaphore_signal(self.sems.at[get(A_SIGNAL)], get(A_SIGNAL_BY))
+        # W increments of 1: Mosaic GPU (jax 0.10.2) lowers `semaphore_signal` only with a constant increment
+        # (`_ir_constant`), while `semaphore_wait` takes a run-time value. TODO(perf): one atomic of W.
+        sem = self.sems.at[get(A_SIGNAL)]
+
+        @pl.loop(0, get(A_SIGNAL_BY))
+        def _(_):
+            pl.semaphore_signal(sem, 1)
 
 
 # ---- op bodies (jnp on values loaded from the refs) ----------------------------------------------------------
@@ -531,8 +544,7 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, *refs):
             fns.append(lambda get: None)
     seam = _Seam(len(s.counters), ordered)
 
-    def run_task(task):
-        get = lambda j: aux_ref[task, j]  # noqa: E731
+    def run_task(get):
         seam.wait(get)
         if len(fns) == 1:
             fns[0](get)
@@ -543,17 +555,21 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, *refs):
     if ordered:  # dependency-ordered execution: the global topological order on one CTA
         @pl.loop(0, len(s.records))
         def _(task):
-            run_task(task)
-    else:
+            run_task(lambda j: aux_ref[task, j])
+    else:  # this CTA's rows of the per-SM table, in SMEM (Mosaic reads scalars from SMEM, not GMEM)
         cta = lax.axis_index(GRID_AXIS)
 
-        @pl.loop(0, sm_ref.shape[1])
-        def _(i):
-            task = sm_ref[cta, i]
+        def walk(table, bar):
+            plgpu.copy_gmem_to_smem(sm_ref.at[cta], table, bar)
+            plgpu.barrier_wait(bar)
 
-            @pl.when(task >= 0)
-            def _():
-                run_task(task)
+            @pl.loop(0, sm_ref.shape[1])
+            def _(i):
+                @pl.when(table[i, A_BRANCH] >= 0)
+                def _():
+                    run_task(lambda j: table[i, j])
+
+        pl.run_scoped(walk, plgpu.SMEM(sm_ref.shape[1:], jnp.int32), plgpu.Barrier(num_arrivals=1))
 
 
 def _step_inputs(plan: KernelPlan, tokens, pos, cos, sin):
@@ -588,7 +604,7 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
         grid_names=(GRID_AXIS,),
         interpret=params,
     )
-    outs = kernel(jnp.asarray(plan.aux), jnp.asarray(s.sm_tasks), *_step_inputs(plan, tokens, pos, cos, sin),
+    outs = kernel(jnp.asarray(plan.aux), jnp.asarray(plan.sm_aux()), *_step_inputs(plan, tokens, pos, cos, sin),
                   *weights.stacks, *caches)
     stacks, rows = outs[:len(stack_types)], outs[len(stack_types):]
 

@@ -1,6 +1,7 @@
 """Decode backends as op tables with one signature (`pallas_kernels.ref`'s): the engine's step functions call
 `ops.indexer_topk`, `ops.sparse_mla_attention`, `ops.moe_experts` and `ops.lm_head`, so a backend is a
-name -> table switch.
+name -> table switch. `ops.moe_experts_fp8` is the MoE op on FP8 expert stacks ((q, scale) pairs of
+`pallas_kernels.fp8`; the role-sharded engine's expert_format="fp8").
 
 `xla`: the jnp references, jitted with the step. `pallas`: the Mosaic GPU kernels of `pallas_kernels` for the
 decode and MTP-verification rows (T <= 8 tokens per step, 16-bit weights). Rows outside a kernel's domain take the
@@ -33,6 +34,26 @@ class Ops:
     sparse_mla_attention: Callable
     moe_experts: Callable
     lm_head: Callable
+    moe_experts_fp8: Callable = None  # None: the XLA one (`xla_moe_experts_fp8`)
+
+    def __post_init__(self):
+        if self.moe_experts_fp8 is None:
+            object.__setattr__(self, "moe_experts_fp8", xla_moe_experts_fp8)
+
+
+def xla_moe_experts_fp8(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared=None):
+    """`ref.moe_experts` on FP8 expert stacks (w_gate/w_up/w_down = (q, scale) pairs, as `moe_experts_fp8` takes):
+    only the distinct chosen experts (U = min(E, T k)) are gathered and dequantized to x's dtype, then run
+    exactly as `ref.moe_experts` runs them, so the result equals `ref.moe_experts` on the dequantized stacks
+    (and `fp8.moe_experts_fp8_ref` up to summation order). x [T, D], ids/weights [T, k] -> [T, D]."""
+    from pallas_kernels import fp8
+    t, k = expert_ids.shape
+    uniq = jnp.unique(expert_ids.reshape(-1), size=min(w_gate[0].shape[0], t * k), fill_value=-1)   # [U]
+    slot = jnp.argmax(expert_ids[..., None] == uniq, axis=-1).astype(expert_ids.dtype)            # [T, k]
+    deq = lambda w: fp8.dequantize_fp8_blockwise(w[0][uniq], w[1][uniq], dtype=x.dtype)  # noqa: E731
+    if shared is not None:
+        shared = tuple(fp8.dequantize_fp8_blockwise(*w, dtype=x.dtype) for w in shared)
+    return ref.moe_experts(x, slot, expert_weights, deq(w_gate), deq(w_up), deq(w_down), shared)
 
 
 XLA = Ops("xla", ref.indexer_topk, ref.sparse_mla_attention, ref.moe_experts, ref.gemv)
@@ -78,6 +99,17 @@ def _pallas_moe(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared=None
     return ref.moe_experts(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared)
 
 
+def _pallas_moe_fp8(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared=None):
+    from pallas_kernels.moe import MoeConfig, moe_experts_fp8
+    i, d = w_gate[0].shape[1:]
+    cfg = MoeConfig()
+    tiles_ok = all(v % m == 0 for v in (d, i) for m in (cfg.tile_k, cfg.tile_n))
+    if x.dtype == jnp.bfloat16 and x.shape[0] <= _KERNEL_ROWS and tiles_ok:
+        return moe_experts_fp8(x, expert_ids, expert_weights, tuple(w_gate), tuple(w_up), tuple(w_down),
+                               shared and tuple(tuple(w) for w in shared), interpret=_interpret())
+    return xla_moe_experts_fp8(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared)
+
+
 def _pallas_lm_head(x, w, norm_weight, eps):
     from pallas_kernels.gemv import gemv
     if x.dtype == jnp.bfloat16 and x.shape[0] <= _KERNEL_ROWS:
@@ -85,7 +117,7 @@ def _pallas_lm_head(x, w, norm_weight, eps):
     return ref.gemv(x, w, norm_weight, eps)
 
 
-PALLAS = Ops("pallas", _pallas_indexer_topk, _pallas_sparse_mla, _pallas_moe, _pallas_lm_head)
+PALLAS = Ops("pallas", _pallas_indexer_topk, _pallas_sparse_mla, _pallas_moe, _pallas_lm_head, _pallas_moe_fp8)
 
 # "persistent": the engine runs decode / verification steps' main model through one kernel launch
 # (`pallas_kernels.persistent.kernel`); this table serves what stays outside it (prefill, MTP drafting): XLA.

@@ -3,6 +3,8 @@ role layout, every compiled step one `shard_map` program.
 
     engine = RolesEngine(model, layout="hetero", num_devices=8)
     engine.generate(prompt_ids, max_new_tokens=64, speculative_depth=2).tokens   # == Engine(model)'s
+    # full GLM-5: random weights drawn on the devices, FP8 routed experts (`glm_fast.parallel.init`)
+    engine = RolesEngine(init.abstract_model(cfg), "hetero", 8, init_key=jax.random.key(0), expert_format="fp8")
 
 Everything but the forward pass is the single-device engine's own code (sampling, MTP acceptance, rollback),
 run replicated on every device inside the shard_map body: its inputs (logits, tokens) are identical on every
@@ -20,6 +22,8 @@ from glm_fast.engine.cache import DecodeState
 from glm_fast.engine.engine import Engine
 from glm_fast.model import Model
 from glm_fast.parallel.forward import main_roles, mtp_roles
+from glm_fast.parallel.fp8 import check_expert_format
+from glm_fast.parallel.init import random_params
 from glm_fast.parallel.roles import RoleError, build_roles
 from glm_fast.parallel.shard import AXIS, Shard, local_params, shard_map, shard_params
 
@@ -43,11 +47,15 @@ class RolesEngine(Engine):
     branch="cond" skips other roles' work with `lax.cond`; "mask" computes it everywhere and discards it (no
     conditionals). comms="none" is a timing variant whose collectives are local no-ops (wrong results).
     `collectives[key]` lists the messages the compiled function `key` sends per call (op, what, bytes).
+    expert_format: "bf16" (routed experts in the model dtype) or "fp8" (e4m3 + block scales, `parallel.fp8`).
+    Weights: `model`'s, sliced per role; with `init_key`, random ones drawn on the devices (`init.random_params`;
+    `model` may then be abstract); `params=(params, specs)` reuses another engine's on the same mesh and table.
     """
 
     def __init__(self, model: Model, layout: str = "hetero", num_devices: int = 0, backend: str = "xla",
                  max_len: int | None = None, prefill_chunk: int = 256, compilation_cache=None,
-                 branch: str = "cond", comms: str = "real", devices=None):
+                 branch: str = "cond", comms: str = "real", devices=None, expert_format: str = "bf16",
+                 init_key=None, params=None):
         super().__init__(model, backend, max_len, prefill_chunk, compilation_cache)
         available = list(jax.devices() if devices is None else devices)
         n = num_devices or len(available)
@@ -56,10 +64,18 @@ class RolesEngine(Engine):
                             "(CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax)")
         if branch not in BRANCHES or comms not in COMMS:
             raise RoleError(f"{branch=}, {comms=}: branch is one of {BRANCHES}, comms one of {COMMS}")
+        self.expert_format = check_expert_format(expert_format)
         self.table = build_roles(layout, n, self.cfg)
         self.layout, self.branch, self.comms = layout, branch, comms
         self.mesh = Mesh(np.array(available[:n]), (AXIS,))
-        self.params, self._param_specs = shard_params(self.params, self.table, self.cfg, self.mesh)
+        if params is not None:
+            self.params, self._param_specs = params
+        elif init_key is not None:
+            self.params, self._param_specs = random_params(model, self.table, self.cfg, self.mesh, init_key,
+                                                           expert_format)
+        else:
+            self.params, self._param_specs = shard_params(self.params, self.table, self.cfg, self.mesh,
+                                                          expert_format)
         self.collectives: dict = {}
         self._shard: Shard | None = None  # the device view of the shard_map body being traced
 

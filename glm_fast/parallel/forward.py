@@ -7,7 +7,8 @@ Per layer, as one SPMD program (`Shard.run` = the role's devices only; arrows ar
 3. -> broadcast top-k (index -> all); "shared" layers reuse the previous layer's top-k without a message.
 4. attention: sparse MLA over the selected latent rows for its heads, W_uv, partial o_proj -> psum -> h.
 5. MoE: index: router top-k; ffn (meanwhile): its slice of the shared expert -> broadcast (ids, weights);
-   ffn: its local experts -> psum -> h. Dense layers: ffn: its hidden slice -> psum.
+   ffn: its local experts (`ops.moe_experts`, or `ops.moe_experts_fp8` on `fp8.Fp8Weight` stacks) -> psum -> h.
+   Dense layers: ffn: its hidden slice -> psum.
 The output head (`ops.lm_head`, norm fused) is split over the vocabulary on the ffn devices -> all_gather ->
 logits on every device.
 When a role is on every device (homogeneous), its steps run everywhere and its broadcasts vanish.
@@ -25,6 +26,7 @@ from glm_fast.engine.ops import Ops
 from glm_fast.model.layer import DecoderLayer
 from glm_fast.model.rope import apply_rope
 from glm_fast.model.transformer import Model
+from glm_fast.parallel import fp8
 from glm_fast.parallel.shard import Shard
 from pallas_kernels import ref
 
@@ -98,8 +100,9 @@ def layer_roles(layer: DecoderLayer, h, cos, sin, pos, ok, cache: LayerCache, pr
 
         def experts():
             local_ids, local_weights = _local_experts(sh, ids, weights, moe.num_experts)
-            routed = ops.moe_experts(flat, local_ids, local_weights, moe.gate_proj[...], moe.up_proj[...],
-                                     moe.down_proj[...])
+            stacks = [fp8.stored(w) for w in (moe.gate_proj, moe.up_proj, moe.down_proj)]
+            moe_op = ops.moe_experts_fp8 if isinstance(stacks[0], fp8.Fp8Weight) else ops.moe_experts
+            routed = moe_op(flat, local_ids, local_weights, *stacks)
             return routed.astype(jnp.float32) + shared
 
         y = sh.psum(sh.run("ffn", experts), "moe output").reshape(b, t, d)

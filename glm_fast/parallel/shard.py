@@ -11,7 +11,9 @@ that measures compute alone (its results are wrong).
 
 Parameters: weights a role splits live only on its devices, as [num_devices, ...] arrays sharded along the
 mesh axis (zero shards on devices without the role, zero padding for uneven splits: a zero head, hidden
-column or vocabulary entry contributes exactly nothing); everything else is replicated.
+column or vocabulary entry contributes exactly nothing); everything else is replicated. With
+expert_format="fp8" each device's routed-expert shard is stored as `fp8.Fp8Weight` (e4m3 + block scales).
+`glm_fast.parallel.init` builds the same sharded tree from random weights generated on the devices.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from glm_fast.config import ModelConfig
+from glm_fast.parallel import fp8
 from glm_fast.parallel.roles import RoleTable
 
 AXIS = "d"
@@ -148,7 +151,7 @@ def _rule(names: tuple[str, ...], ndim: int, cfg: ModelConfig):
         return "attention", 1, cfg.qk_nope_head_dim + cfg.v_head_dim, "heads"
     if tail == ("self_attn", "o_proj", "kernel"):
         return "attention", 0, cfg.v_head_dim, "heads"
-    if names[-2] == "mlp" and names[-1] in ("gate_proj", "up_proj", "down_proj") and ndim == 3:
+    if fp8.is_expert_leaf(names, ndim):
         return "ffn", 0, 1, "experts"
     if names[-1] == "kernel" and len(names) >= 3 and names[-3] in ("mlp", "shared_experts"):
         if names[-2] in ("gate_proj", "up_proj"):
@@ -174,27 +177,43 @@ def _shards(w, axis: int, unit: int, split) -> list:
     return out
 
 
-def shard_params(params, table: RoleTable, cfg: ModelConfig, mesh: Mesh):
+def _global(parts: list, mesh: Mesh):
+    """Per-device arrays [1, ...] (in mesh order) -> one [num_devices, ...] array sharded over the mesh."""
+    shape = (len(parts), *parts[0].shape[1:])
+    return jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, P(AXIS)), parts)
+
+
+def shard_params(params, table: RoleTable, cfg: ModelConfig, mesh: Mesh, expert_format: str = "bf16"):
     """nnx parameter state -> (the same tree with role-split weights as [num_devices, ...] arrays sharded over
-    the mesh and the rest replicated, the matching tree of PartitionSpecs)."""
+    the mesh and the rest replicated, the matching tree of PartitionSpecs). expert_format="fp8": routed-expert
+    shards quantized on their device (`fp8.Fp8Weight` leaves)."""
+    fp8.check_expert_format(expert_format)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     devices = list(mesh.devices.flat)
+    quantize = jax.jit(fp8.quantize_experts)
     out, specs = [], []
     for path, x in leaves:
-        rule = _rule(_names(path), x.ndim, cfg)
+        names = _names(path)
+        rule = _rule(names, x.ndim, cfg)
         if rule is None:
             out.append(jax.device_put(x, NamedSharding(mesh, P())))
             specs.append(P())
             continue
         role, axis, unit, _ = rule
-        split = table.split(role, x.shape[axis] // unit, "/".join(_names(path)))
+        split = table.split(role, x.shape[axis] // unit, "/".join(names))
         parts = [jax.device_put(s[None], d) for s, d in zip(_shards(x, axis, unit, split), devices)]
-        shape = (len(devices), *parts[0].shape[1:])
-        out.append(jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, P(AXIS)), parts))
+        if expert_format == "fp8" and fp8.is_expert_leaf(names, x.ndim):
+            qs = [quantize(p) for p in parts]
+            out.append(fp8.Fp8Weight(*(_global([q[i] for q in qs], mesh) for i in range(2))))
+            specs.append(fp8.Fp8Weight(P(AXIS), P(AXIS)))
+            continue
+        out.append(_global(parts, mesh))
         specs.append(P(AXIS))
+    # an Fp8Weight in a leaf's place becomes a subtree of two leaves (q, scale), in params and specs alike
     return jax.tree_util.tree_unflatten(treedef, out), jax.tree_util.tree_unflatten(treedef, specs)
 
 
 def local_params(params, specs):
     """Inside shard_map: drop the leading device axis (size 1) of the role-split weights."""
-    return jax.tree.map(lambda x, s: x[0] if s == P(AXIS) else x, params, specs)
+    return jax.tree.map(lambda s, x: x[0] if s == P(AXIS) else x, specs, params,
+                        is_leaf=lambda s: isinstance(s, P))

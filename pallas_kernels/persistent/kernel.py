@@ -30,10 +30,15 @@ the seam is replaced by dependency-ordered execution: one CTA walks the global t
 (`schedule.records`, task id = position), and wait / signal are no-ops.
 
 Op bodies: version 1 computes every op with plain `jnp` on values loaded from the GMEM refs (register math) --
-the numerics of `simulate.py`'s tile references, which match `main_cached` on the XLA backend. That runs in GPU
-interpret mode (verified on `tiny`, T = 1 and 3). For the CUDA lowering, which ops lower today is
-`lowering_report()`'s answer (see tests/test_persistent_kernel.py); the TMA weight ring + swap-AB wgmma of
-`pallas_kernels.gemv` (prefetching the next task's weight tiles before its dependency wait) is the next step.
+the numerics of `simulate.py`'s tile references, which match `main_cached` on the XLA backend. All 13 opcodes run
+in GPU interpret mode (tests/test_persistent_kernel.py: tiny, float32 and bf16, T = 1 and 3, context past
+index_topk; Engine(backend="persistent") greedy == XLA with D = 0 and 1). For CUDA, the kernel's skeleton lowers
+at glm5_slice shapes (132 CTAs, each CTA's table TMA'd to SMEM, the semaphore seam, the lax.switch over all
+branches, op bodies compiled out with `ops=()`); the jnp op bodies do NOT lower yet (Mosaic GPU has no gather,
+top_k, dot_general in the Lane semantics, and needs register vectors of 128-multiples). Next: the GEMV-family
+bodies (GEMV, SWIGLU_UP/DOWN, ABSORB, UV) as TMA weight tiles into a ring + swap-AB wgmma (`pallas_kernels.gemv`
+`WeightTiles` / `mma_bf16_tile`), issuing the next task's first tiles before its dependency wait; then the
+attention / indexer bodies from `mla_attention.py` / `indexer.py`, and router / combine on 128-aligned tiles.
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ greedy tokens of `Engine(backend="persistent")` (with and without MTP drafts), t
 shapes (lowering only), and the H200 test (marked `gpu`). Run the GPU test with
 `GLM_FAST_TEST_PLATFORMS=cuda pytest -m gpu tests/test_persistent_kernel.py`.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,14 +39,16 @@ def _prefilled(cfg, seed, t):
     return model, caches, tokens[:, CONTEXT:], CONTEXT + jnp.arange(t)[None]
 
 
-@pytest.mark.parametrize("dtype,t,seed", [("float32", 1, 0), ("float32", 3, 1), ("bfloat16", 1, 2),
-                                          ("bfloat16", 3, 0)])
-def test_kernel_step_matches_xla_backend_in_interpret_mode(dtype, t, seed):
+@pytest.mark.parametrize("dtype,t,seed,sms", [("float32", 1, 0, 7), ("float32", 3, 1, 7), ("bfloat16", 1, 2, 7),
+                                              ("bfloat16", 3, 0, 7), ("float32", 3, 2, 1)])
+def test_kernel_step_matches_xla_backend_in_interpret_mode(dtype, t, seed, sms):
+    """sms = 7: one CTA walks the global order from GMEM; sms = 1: the GPU path's walk (the CTA's dispatch table
+    TMA'd into SMEM, padding rows skipped) over a 1-SM schedule, whose list is the global order."""
     cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
     model, caches, tokens, pos = _prefilled(cfg, seed, t)
     ok = jnp.ones((1, t), bool)
     expected, expected_h, expected_caches = main_cached(model, caches, tokens, pos, ok, XLA)
-    dec = PersistentDecoder(model, OPTIONS, interpret=True, cache_dir=False)
+    dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, num_sms=sms), interpret=True, cache_dir=False)
     logits, h, got_caches = jax.jit(lambda w, c: dec(model, w, c, tokens, pos, ok))(dec.weights(t), caches)
     assert np.isfinite(np.asarray(logits, np.float32)).all()
     scale = float(jnp.abs(expected.astype(jnp.float32)).max())

@@ -557,11 +557,12 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, *refs):
             lax.switch(get(A_BRANCH), [lambda f=f: f(get) for f in fns])
         seam.signal(get)
 
-    if ordered:  # dependency-ordered execution: the global topological order on one CTA
+    if ordered and s.num_sms > 1:  # dependency-ordered execution: the global topological order on one CTA
         @pl.loop(0, len(s.records))
         def _(task):
             run_task(lambda j: aux_ref[task, j])
-    else:  # this CTA's rows of the per-SM table, in SMEM (Mosaic reads scalars from SMEM, not GMEM)
+    else:  # this CTA's rows of the per-SM table, in SMEM (Mosaic reads scalars from SMEM, not GMEM); a 1-SM
+        # schedule in interpret mode takes this path too (its one list is the global order), testing the table walk
         cta = lax.axis_index(GRID_AXIS)
 
         def walk(table, bar):

@@ -102,9 +102,10 @@ def _experts_touched(m: ModelConfig, tokens: int) -> float:
 
 
 def layer_phases(m: ModelConfig, layout: str, n: int, context: int, tokens: int, batch: int, mlp: str,
-                 indexer: str, elem: int = 2) -> tuple[list, list]:
+                 indexer: str, elem: int = 2, expert_elem: float | None = None) -> tuple[list, list]:
     """One layer: (phases, messages). A phase is {device group: (bytes, flops)} (groups run side by side);
-    a message is (op, per-device payload bytes). Groups: "index" and "mla" (hetero) or "all" (homogeneous)."""
+    a message is (op, per-device payload bytes). Groups: "index" and "mla" (hetero) or "all" (homogeneous).
+    expert_elem: bytes per routed-expert weight (default elem; FP8 e4m3 with 128 x 128 f32 scales: 1 + 4/128^2)."""
     table = build_roles(layout, n, m)
     n_attn, n_ffn = len(table.devices("attention")), len(table.devices("ffn"))
     hetero = not table.everywhere("index")
@@ -130,7 +131,7 @@ def layer_phases(m: ModelConfig, layout: str, n: int, context: int, tokens: int,
     if mlp == "sparse":
         router = mm(d * m.n_routed_experts)
         shared = mm(3 * d * m.moe_intermediate_size * m.n_shared_experts // n_ffn)
-        experts = (_experts_touched(m, bt) / n_ffn * 3 * d * m.moe_intermediate_size * elem,
+        experts = (_experts_touched(m, bt) / n_ffn * 3 * d * m.moe_intermediate_size * (expert_elem or elem),
                    2 * bt * m.num_experts_per_tok / n_ffn * 3 * d * m.moe_intermediate_size)
     else:
         router, shared, experts = (0, 0), (0, 0), mm(3 * d * m.intermediate_size // n_ffn)
@@ -156,17 +157,18 @@ def head_phases(m: ModelConfig, layout: str, n: int, tokens: int, batch: int, el
             [("all_gather", batch * tokens * v * elem)])
 
 
-def step_time(m: ModelConfig, layout: str, n: int, context: int, depth: int, batch: int, hw: Hardware) -> dict:
+def step_time(m: ModelConfig, layout: str, n: int, context: int, depth: int, batch: int, hw: Hardware,
+              expert_elem: float | None = None) -> dict:
     """Modelled seconds of one decode step (verify 1 + D tokens, then D draft depths): total and parts."""
     parts = []  # (phases, messages) of every pass in order
     tokens = 1 + depth
     for mlp, idx in zip(m.layer_mlp_types, m.layer_indexer_types):
-        parts.append(layer_phases(m, layout, n, context, tokens, batch, mlp, idx))
+        parts.append(layer_phases(m, layout, n, context, tokens, batch, mlp, idx, expert_elem=expert_elem))
     parts.append(head_phases(m, layout, n, tokens, batch))
     for _ in range(depth):  # draft depths: eh_proj (replicated), one MTP block over the 2D-row window, head
         w = 2 * depth
         parts.append(([{"all": (2 * m.hidden_size ** 2 * 2, 4 * batch * w * m.hidden_size ** 2)}], []))
-        parts.append(layer_phases(m, layout, n, context, w, batch, m.mtp_mlp_type, "full"))
+        parts.append(layer_phases(m, layout, n, context, w, batch, m.mtp_mlp_type, "full", expert_elem=expert_elem))
         parts.append(head_phases(m, layout, n, w, batch))
     compute = comm = 0.0
     messages = conds = 0

@@ -1,6 +1,6 @@
 """Heterogeneous device roles (DESIGN.md section 5): role tables, the role-sharded forward pass under
-`shard_map`, and `RolesEngine`, the decode engine on a device mesh; FP8 routed experts, random weights drawn on the devices and
-the per-device memory plan."""
+`shard_map`, and `RolesEngine`, the decode engine on a device mesh; FP8 routed experts, random weights drawn on the
+devices and the per-device memory plan."""
 from glm_fast.parallel.engine import RolesEngine
 from glm_fast.parallel.fp8 import EXPERT_FORMATS, Fp8Weight
 from glm_fast.parallel.init import abstract_model, random_params, reference_model, reference_params

@@ -148,4 +148,4 @@ def device_capacity(default: int = int(0.95 * H200_BYTES)) -> tuple[int, str]:
         stats = {}
     if stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), f"{jax.devices()[0].device_kind} allocator bytes_limit"
-    return default, "assumed (0.95 x H200 143771 MiB)"
+    return default, f"assumed: {default / H200_BYTES:.2f} x an H200's 143771 MiB"

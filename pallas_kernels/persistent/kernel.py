@@ -29,16 +29,19 @@ zero by the end of each launch (W * target signalled, W * target consumed). In G
 the seam is replaced by dependency-ordered execution: one CTA walks the global topological order
 (`schedule.records`, task id = position), and wait / signal are no-ops.
 
-Op bodies: version 1 computes every op with plain `jnp` on values loaded from the GMEM refs (register math) --
-the numerics of `simulate.py`'s tile references, which match `main_cached` on the XLA backend. All 13 opcodes run
-in GPU interpret mode (tests/test_persistent_kernel.py: tiny, float32 and bf16, T = 1 and 3, context past
-index_topk; Engine(backend="persistent") greedy == XLA with D = 0 and 1). For CUDA, the kernel's skeleton lowers
-at glm5_slice shapes (132 CTAs, each CTA's table TMA'd to SMEM, the semaphore seam, the lax.switch over all
-branches, op bodies compiled out with `ops=()`); the jnp op bodies do NOT lower yet (Mosaic GPU has no gather,
-top_k, dot_general in the Lane semantics, and needs register vectors of 128-multiples). Next: the GEMV-family
-bodies (GEMV, SWIGLU_UP/DOWN, ABSORB, UV) as TMA weight tiles into a ring + swap-AB wgmma (`pallas_kernels.gemv`
-`WeightTiles` / `mma_bf16_tile`), issuing the next task's first tiles before its dependency wait; then the
-attention / indexer bodies from `mla_attention.py` / `indexer.py`, and router / combine on 128-aligned tiles.
+Op bodies. GEMV (fused RMSNorm, residual, [N, K] weights, f32 router logits), SWIGLU_UP and SWIGLU_DOWN (dense,
+shared, routed with the expert id read at run time) are TMA weight tiles through an SMEM ring + swap-AB wgmma
+(`tiles.py`, reusing `pallas_kernels.gemv`'s tile functions): they lower for CUDA at glm5_slice and run in GPU
+interpret mode on the CPU tests' configs. Where a branch's shapes do not split into the tiles (tiny's 16-wide
+heads feeding o_proj), and for every other opcode (EMBED, KV_WRITE, IK_WRITE, INDEX_SCORE, INDEX_TOPK, ABSORB,
+ATTN, UV, ROUTER_SELECT, MOE_COMBINE), the v1 body runs: plain `jnp` on values loaded from the GMEM refs, the
+numerics of `simulate.py`'s tile references; those run in interpret mode only (Mosaic GPU has no gather, top_k,
+general dot_general, and wants register vectors of 128-multiples). All 13 opcodes run in GPU interpret mode
+(tests/test_persistent_kernel.py: tiny, float32 and bf16, T = 1 and 3, context past index_topk;
+Engine(backend="persistent") greedy == XLA with D = 0 and 1). The kernel's skeleton (132 CTAs, per-CTA table
+TMA'd to SMEM, semaphore seam, lax.switch over all branches) lowers at glm5_slice. Next: the weight ring across
+consecutive tasks (issue the next task's first tiles before its dependency wait), ABSORB / UV on the same tiles,
+the attention / indexer bodies from `mla_attention.py` / `indexer.py`, router / combine on 128-aligned tiles.
 """
 from __future__ import annotations
 
@@ -54,7 +57,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from glm_fast.model.rope import apply_rope
 from pallas_kernels import _compat
+from pallas_kernels import gemv as gemv_mod
 from pallas_kernels import ref
+from pallas_kernels.persistent import tiles as tl
 from pallas_kernels.persistent.format import (
     C_ATTN_SCALE, C_INDEX_SCALE, C_INDEX_WSCALE, C_ROUTED_SCALE, F_NWAITS, F_SIGNAL, F_WAITS, MAX_INPUTS,
     MAX_OUTPUTS, MAX_WAITS, MAX_WEIGHTS, NUM_ARGS, Kind, Op)
@@ -228,10 +233,11 @@ class _Seam:
 class _Refs:
     """Kernel refs by role, and typed reads / writes of schedule buffers for one branch."""
 
-    def __init__(self, plan: KernelPlan, inputs, weights, caches, stacks, rows):
+    def __init__(self, plan: KernelPlan, inputs, weights, caches, stacks, rows, tiles: tl.Tiles | None = None):
         self.plan, self.inputs, self.weights, self.caches, self.stacks, self.rows = (
             plan, inputs, weights, caches, stacks, rows)
         self.consts = plan.schedule.constants
+        self.tiles = tiles
 
     def read(self, slot, idx):
         """The whole buffer at `slot` (static) and stack index `idx` (traced)."""
@@ -280,11 +286,21 @@ def _i32(x):
     return jnp.asarray(x, jnp.int32)
 
 
+# Op bodies as TMA weight tiles + swap-AB wgmma (tiles.py); a body returns None where the shapes do not fit its
+# tiles, and the jnp body below runs instead (CPU test configs only).
+_TILED = {Op.GEMV: tl.gemv_body, Op.SWIGLU_UP: tl.swiglu_up_body, Op.SWIGLU_DOWN: tl.swiglu_down_body}
+
+
 def _branch_fn(key, r: _Refs):
     """The code path of one branch key: fn(get) with get(j) -> aux[task, j] (a traced int32)."""
     op, static, wstk, islots, oslots = key
     op = Op(op)
     consts = r.consts
+    tiled = _TILED.get(op)
+    body = tiled(r, key, consts) if tiled is not None else None
+    if body is not None:
+        return lambda get: body(tl.TaskView(lambda j: get(A_W + j), lambda j: get(A_IN + j),
+                                            lambda j: get(A_OUT + j), lambda a: get(A_ARGS + a)))
 
     def w(get, j):  # the whole weight j of the task
         return r.weights[wstk[j]][get(A_W + j)]
@@ -532,7 +548,23 @@ def _branch_fn(key, r: _Refs):
 # ---- the kernel ----------------------------------------------------------------------------------------------
 
 
-def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, *refs):
+def _slot_shapes(plan: KernelPlan):
+    """((U,), (U, T)) of the router's slot tables, None without routed experts."""
+    for b in plan.schedule.buffers:
+        if b.name.endswith("/slot_expert"):
+            return b.shape, (b.shape[0], plan.tokens)
+    return None
+
+
+def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None) -> dict:
+    if tiles is None:
+        return {}
+    dtype = _JNP[plan.schedule.buffers[plan.hidden_buffer].dtype]  # the model's activation / weight dtype
+    return tl.scratch_types(dtype, plan.tokens, _slot_shapes(plan), tiles)
+
+
+def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.TileConfig | None, interpret: bool,
+          *refs, **scratch):
     s = plan.schedule
     n_in, n_w, n_c = len(plan.inputs), len(plan.weight_stacks), len(plan.caches)
     aux_ref, sm_ref, *refs = refs
@@ -540,7 +572,8 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, *refs):
     weights, refs = refs[:n_w], refs[n_w:]
     caches, refs = refs[:n_c], refs[n_c:]
     stacks, rows = refs[:len(plan.buffer_stacks)], refs[len(plan.buffer_stacks):]
-    r = _Refs(plan, inputs, weights, caches, stacks, rows)
+    r = _Refs(plan, inputs, weights, caches, stacks, rows,
+              tl.Tiles(scratch, tiles, interpret, lax.axis_index(GRID_AXIS) * 0) if tiles is not None else None)
     fns = []
     for key in plan.branches:
         if ops is None or Op(key[0]) in ops:
@@ -588,24 +621,29 @@ def _step_inputs(plan: KernelPlan, tokens, pos, cos, sin):
 
 
 def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens, pos, cos, sin, *,
-                    interpret=False, ops=None):
+                    interpret=False, ops=None, tiles: tl.TileConfig | None = tl.TileConfig()):
     """One decode step in one kernel launch.
 
     caches: per CACHE buffer of `plan.caches`, its array [L, X] (batch squeezed); tokens, pos int [T];
     cos, sin [T, R/2]. Returns (logits [T, V], h [T, D] (the last layer's output, before the final norm),
     new rows per cache buffer [T, X]). interpret: False (compile for the GPU) or True / InterpretGPUParams
     (GPU interpret mode; the seam is then dependency-ordered execution on one CTA). ops: restrict the compiled
-    branches to these opcodes (the others become no-ops; for lowering checks only).
+    branches to these opcodes (the others become no-ops; for lowering checks only). tiles: the TMA + wgmma
+    bodies' tuning (tiles.py), None for the v1 jnp bodies everywhere.
     """
-    params = _compat.resolve_interpret(interpret)
+    # Out-of-bounds TMA reads (x rows T..7, the columns past a ragged last tile) zero-fill on the GPU and only
+    # reach accumulator rows that are never stored; the interpreter must be told to allow them.
+    params = gemv_mod.interpret_params(interpret)
     ordered = params is not None
     s = plan.schedule
     stack_types = [jax.ShapeDtypeStruct((len(m), *shape), _JNP[dtype]) for (shape, dtype), m in plan.buffer_stacks]
     row_types = [jax.ShapeDtypeStruct((plan.tokens, s.buffers[b].shape[1]), caches[i].dtype)
                  for i, b in enumerate(plan.caches)]
     kernel = plgpu.kernel(
-        lambda *refs: _body(plan, ordered, None if ops is None else frozenset(ops), *refs),
+        lambda *refs, **scratch: _body(plan, ordered, None if ops is None else frozenset(ops), tiles, ordered,
+                                       *refs, **scratch),
         out_type=(*stack_types, *row_types),
+        scratch_types=_scratch_types(plan, tiles),
         grid=(1 if ordered else s.num_sms,),
         grid_names=(GRID_AXIS,),
         interpret=params,

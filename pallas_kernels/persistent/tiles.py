@@ -1,0 +1,396 @@
+"""GEMV-family op bodies of the persistent kernel as TMA weight tiles + swap-AB wgmma (DESIGN.md sec. 4).
+
+The weight bytes of a decode step are GEMV-shaped (o_proj and the experts are ~85% of them), so these bodies
+are the ones that must stream at the HBM ceiling. Each task streams its [TK x TN] weight tiles through a ring of
+`TileConfig.slots` SMEM slots (`plgpu.copy_gmem_to_smem` + one barrier per slot, refilled as soon as the wgmma
+that read a slot retired) and multiplies them with the swap-AB wgmma of `pallas_kernels.gemv` (the weight's
+columns in the wgmma M slot, the T <= 8 tokens in N; see gemv.py's docstring): acc [TN, TP] += W_tile^T @
+x_tile^T, both operands straight from swizzled SMEM. The tile functions are gemv.py's (`mma_bf16_tile`,
+`col_scale`, `store_acc_t`, `swizzle_transforms`). The fused RMSNorm computes 1/rms per token in a prologue
+(overlapping the first weight loads) and normalises each x tile in place, rounding where `ref.rmsnorm` does
+(`Tiles.norm_x`; gemv.py's diag(r) epilogue flips bf16 router near-ties against the XLA backend).
+
+Shapes. TK = TN = 64 (one 128-byte swizzle row of bf16 per tile row), so a weight stored [K, N] (tile [TK, TN],
+MN-major A operand) and one stored [N, K] (the tied / transposed case and W_uk in ABSORB: tile [TN, TK],
+K-major) share one ring. A task's columns [c0, c0 + n) with n <= TN are the first n rows of the accumulator;
+the tile past the weight's last column is zero-filled by TMA on the GPU (out-of-bounds reads in interpret
+mode, which only reach accumulator rows that are never stored). x rows T..TP-1 likewise.
+
+Which bodies use this path: a branch whose contraction splits into whole TK tiles (`fits`); the CPU test
+configs' odd shapes (e.g. tiny's 16-wide heads in o_proj / ABSORB) keep the v1 jnp bodies, which compute the
+same function. On glm5-sized configs every GEMV-family branch fits.
+
+Cross-task prefetch (DESIGN.md sec. 4: issue the next task's first weight tiles before its dependency wait) is
+NOT done yet: every task fills and drains its own ring.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _compat
+from pallas_kernels.gemv import TP, col_scale, mma_bf16_tile, store_acc_t, swizzle_transforms
+
+TN = 64  # weight columns per tile = the wgmma M granule (swap-AB)
+TK = 64  # contraction rows per tile (== TN: both weight orientations share the ring)
+ARRIVALS = (2, 3, 4)  # TMA copies per ring step: weight + x (+ norm weight) (+ second weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """slots: the SMEM weight ring depth (TMA steps in flight per CTA)."""
+    slots: int = 4
+
+    def __post_init__(self):
+        if not 2 <= self.slots <= 16:
+            raise ValueError(f"slots must be in [2, 16], got {self.slots=}")
+
+
+def rows_per_copy(shape, itemsize: int) -> int:
+    """Stack rows per TMA of a small buffer: Mosaic (warpgroup semantics) moves multiples of 128 bytes only, so a
+    buffer of fewer bytes is copied with the rows after it (past the stack's end: zero-filled)."""
+    nbytes = math.prod(shape) * itemsize
+    return 128 // math.gcd(128, nbytes)
+
+
+def scratch_types(dtype, tokens: int, slot_shapes, cfg: TileConfig) -> dict:
+    """The kernel-wide SMEM of the tile bodies (allocated once, reused by every task).
+
+    dtype: the model's activation / weight dtype; slot_shapes: ((U,), (U, T)) of the router's slot tables or
+    None when the schedule has no routed experts.
+    """
+    s = cfg.slots
+    sw = swizzle_transforms(dtype)
+    out = dict(
+        t_w0=plgpu.SMEM((s, TK, TN), dtype, transforms=sw),
+        t_w1=plgpu.SMEM((s, TK, TN), dtype, transforms=sw),
+        t_x=plgpu.SMEM((s, TP, TK), dtype, transforms=sw),
+        t_wn=plgpu.SMEM((s, TK), dtype),
+        t_o=plgpu.SMEM((TP, TN), dtype),
+        t_o32=plgpu.SMEM((TP, TN), jnp.float32),
+        t_res=plgpu.SMEM((TP, TN), dtype),
+        t_r=plgpu.SMEM((TP,), jnp.float32),
+        t_vec=plgpu.SMEM((TP,), jnp.float32),
+        t_ebar=plgpu.Barrier(num_arrivals=1),
+    )
+    for a in ARRIVALS:
+        out[f"t_bar{a}"] = plgpu.Barrier(num_arrivals=a, num_barriers=s)
+    if slot_shapes is not None:
+        out["t_sel"] = plgpu.SMEM((rows_per_copy(slot_shapes[0], 4), *slot_shapes[0]), jnp.int32)
+    del tokens
+    return out
+
+
+class Tiles:
+    """The scratch refs (from `scratch_types`) and the task-level building blocks."""
+
+    def __init__(self, scratch: dict, cfg: TileConfig, interpret: bool, zero):
+        self.s, self.cfg, self.interpret, self.zero = scratch, cfg, interpret, zero
+        self.dtype = scratch["t_x"].dtype
+        self.mode = True if interpret else None  # gemv.py's tile functions take interpret=None for the GPU
+
+    def c(self, value):
+        """A traced int32 scalar: Mosaic's TMA lowering takes no literal arrays as indices (jax 0.10.2) and jax
+        0.11's run_state lowering rejects Python ints mixed into traced ref indices, so every index is traced."""
+        return self.zero + jnp.int32(value)
+
+    # -- streaming ------------------------------------------------------------------------------------------
+
+    def stream(self, ksteps: int, n_acc: int, arrivals: int, issue, compute, prologue=None):
+        """Runs `ksteps` ring steps of one task and returns the f32 accumulators [TN, TP] (values).
+
+        issue(k0, slot, barrier): start the step's TMA copies (exactly `arrivals` of them) into ring slot `slot`;
+        compute(slot, accs): the step's wgmmas. prologue(): work that overlaps the first loads.
+        """
+        slots = self.cfg.slots
+        bars = self.s[f"t_bar{arrivals}"]
+        for j in range(min(slots, ksteps)):
+            issue(self.c(j * TK), self.c(j), bars.at[self.c(j)])
+        if prologue is not None:
+            prologue()
+        if self.interpret:
+            acc_types = [plgpu.SMEM((TN, TP), jnp.float32) for _ in range(n_acc)]
+        else:
+            acc_types = [plgpu.ACC((TN, TP), jnp.float32) for _ in range(n_acc)]
+
+        def scope(*accs):
+            if self.interpret:
+                for a in accs:
+                    a[...] = jnp.zeros(a.shape, jnp.float32)
+
+            @pl.loop(0, ksteps)
+            def _step(kk):
+                slot = kk % slots
+                plgpu.barrier_wait(bars.at[slot])
+                compute(slot, accs)
+                if not self.interpret:
+                    plgpu.wgmma_wait(0)  # the slot is free once the wgmmas that read it retired
+
+                @pl.when(kk + slots < ksteps)
+                def _():
+                    issue((kk + slots) * TK, slot, bars.at[slot])
+
+            return tuple(a[...] for a in accs)
+
+        return pl.run_scoped(scope, *acc_types)
+
+    def mma(self, acc, w_tile, x_tile, transposed: bool):
+        """acc [TN, TP] += W^T x^T; w_tile [TK, TN] (weight stored [K, N]) or [TN, TK] (stored [N, K])."""
+        if not transposed:
+            mma_bf16_tile(acc, w_tile, x_tile, None if not self.interpret else True)
+        elif self.interpret:
+            acc[...] += jnp.dot(w_tile[...], x_tile[...].T, preferred_element_type=jnp.float32)
+        else:
+            plgpu.wgmma(acc, w_tile, _compat.transpose_ref(x_tile, (1, 0)))
+
+    def norm_x(self, slot):
+        """In place: x tile [TP, TK] = rmsnorm(x) as `ref.rmsnorm` rounds it: (x * r_t rounded to x's dtype) * w
+        rounded again (r = `inv_rms`'s t_r). Rounding where the reference does keeps the router's top-k choices
+        (near-ties in bf16) equal to the XLA backend's; gemv.py's cheaper diag(r) epilogue does not."""
+        x_tile, wn_tile, r = self.s["t_x"].at[slot], self.s["t_wn"].at[slot], self.s["t_r"]
+        dt = x_tile.dtype
+        if self.interpret:
+            xs = (x_tile[...].astype(jnp.float32) * r[...][:, None]).astype(dt)
+            x_tile[...] = (xs.astype(jnp.float32) * wn_tile[...].astype(jnp.float32)[None, :]).astype(dt)
+        else:
+            lay = plgpu.Layout.WGMMA_TRANSPOSED
+            xt_ref = _compat.transpose_ref(x_tile, (1, 0))
+            xt = plgpu.load(xt_ref, (), layout=lay)                                              # [TK, TP]
+            wn = plgpu.load(wn_tile, (), layout=lay.reduce(1)).astype(jnp.float32)
+            rr = plgpu.load(r, (), layout=lay.reduce(0))
+            xs = (xt.astype(jnp.float32) * plgpu.layout_cast(lax.broadcast_in_dim(rr, xt.shape, (1,)), lay)).astype(dt)
+            xs = xs.astype(jnp.float32) * lax.broadcast_in_dim(wn, xt.shape, (0,))
+            xt_ref[...] = plgpu.layout_cast(xs.astype(dt), lay)
+        plgpu.commit_smem()  # generic-proxy writes -> the wgmma (async proxy) that reads them
+
+    def inv_rms(self, x_row, k: int, tokens: int, eps: float):
+        """t_r[t] = rsqrt(mean(x[t]^2) + eps) for t < T, 0 for the padding rows; x_row(t, c0, n) -> [n] values."""
+        chunk = math.gcd(k, 4096)
+        r = self.s["t_r"]
+        for t in range(TP):
+            if t >= tokens:
+                r[self.c(t)] = jnp.float32(0.0)
+                continue
+            ss = jnp.float32(0.0)
+            for c in range(k // chunk):
+                row = x_row(self.c(t), self.c(c * chunk), chunk).astype(jnp.float32)
+                ss = ss + jnp.sum(row * row)
+            r[self.c(t)] = lax.rsqrt(ss / k + eps)
+
+    def col_scale(self, acc, vec_name: str):
+        return col_scale(acc, self.s[vec_name], self.mode)
+
+    # -- epilogue -------------------------------------------------------------------------------------------
+
+    def load_small(self, src, dst_name: str):
+        """TMA a small GMEM view into the named SMEM scratch and wait for it."""
+        bar = self.s["t_ebar"]
+        plgpu.copy_gmem_to_smem(src, self.s[dst_name], bar)
+        plgpu.barrier_wait(bar)
+
+    def load_row(self, stack_ref, idx, dst_name: str):
+        """dst[0] = stack_ref[idx] for a small buffer (dst holds `rows_per_copy` stack rows; see there)."""
+        rows = self.s[dst_name].shape[0]
+        self.load_small(stack_ref.at[pl.ds(idx, rows)], dst_name)
+
+    def store(self, acc, dst, tokens: int, n: int, residual=None):
+        """dst [T, n] (a GMEM view) = (residual [TP, TN] view +) acc^T cast to dst's dtype, then wait for the write
+        (the task's completion signal follows)."""
+        o = self.s["t_o" if dst.dtype == self.dtype else "t_o32"]
+        store_acc_t(o, acc, self.mode)
+        if residual is not None:
+            self.load_small(residual, "t_res")
+            o[...] = (o[...] + self.s["t_res"][...].astype(o.dtype)).astype(o.dtype)
+            plgpu.commit_smem()
+        view = o if (tokens == TP and n == TN) else o.at[pl.ds(self.c(0), tokens), pl.ds(self.c(0), n)]
+        plgpu.copy_smem_to_gmem(view, dst)
+        plgpu.wait_smem_to_gmem(0)
+
+
+# ---- branch bodies ------------------------------------------------------------------------------------------
+
+
+def x_tiles_fit(x_shape) -> bool:
+    """An activation [T, K] or [T, heads, hd] splits into [TP, TK] tiles (heads: TK divides hd)."""
+    return x_shape[-1] % TK == 0
+
+
+def x_view(tiles, x_ref, idx, k0, x_shape):
+    """The [TP, TK] GMEM view of x (stack index idx) at contraction offset k0."""
+    if len(x_shape) == 2:
+        return x_ref.at[idx, pl.ds(tiles.c(0), TP), pl.ds(k0, TK)]
+    hd = x_shape[-1]
+    return x_ref.at[idx, pl.ds(tiles.c(0), TP), k0 // hd, pl.ds(k0 % hd, TK)]
+
+
+class TaskView:
+    """The dynamic part of one task as the bodies see it: w(j) / inp(j) / out(j) stack indices, arg(a)."""
+
+    def __init__(self, w, inp, out, arg):
+        self.w, self.inp, self.out, self.arg = w, inp, out, arg
+
+
+def _silu(g):
+    # g * sigmoid(g) without `jax.nn.silu`'s custom_jvp (GPU interpret mode cannot run it)
+    return g / (1.0 + jnp.exp(-g))
+
+
+def _stack(r, slot):
+    """The stack ref of a scratch buffer slot, or None for step inputs / caches."""
+    return r.stacks[slot[1]] if slot is not None and slot[0] == "stack" else None
+
+
+def gemv_body(r, key, consts):
+    """GEMV (fused RMSNorm, residual, [K, N] or [N, K] weight) or None when the shapes do not fit the tiles."""
+    _, (n, eps, transposed), wstk, islots, oslots = key
+    tiles, x_ref, out_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0])
+    if tiles is None or x_ref is None or out_ref is None or n > TN:
+        return None
+    wref = r.weights[wstk[0]]
+    xs = x_ref.shape[1:]
+    norm = eps >= 0
+    if not x_tiles_fit(xs) or wref.dtype != tiles.dtype or x_ref.dtype != tiles.dtype or (norm and len(xs) != 2):
+        return None
+    tokens, k = xs[0], math.prod(xs[1:])
+    res_ref = _stack(r, islots[1])
+    if islots[1] is not None and res_ref is None:
+        return None
+    s = tiles.s
+
+    def fn(t: TaskView):
+        c0, wi, xi = t.arg(0), t.w(0), t.inp(0)
+
+        def issue(k0, slot, bar):
+            src = (wref.at[wi, pl.ds(c0, TN), pl.ds(k0, TK)] if transposed
+                   else wref.at[wi, pl.ds(k0, TK), pl.ds(c0, TN)])
+            plgpu.copy_gmem_to_smem(src, s["t_w0"].at[slot], bar)
+            plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[slot], bar)
+            if norm:
+                plgpu.copy_gmem_to_smem(r.weights[wstk[1]].at[t.w(1), pl.ds(k0, TK)], s["t_wn"].at[slot], bar)
+
+        def compute(slot, accs):
+            if norm:
+                tiles.norm_x(slot)
+            tiles.mma(accs[0], s["t_w0"].at[slot], s["t_x"].at[slot], transposed)
+
+        prologue = None
+        if norm:
+            def prologue():
+                tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
+        (acc,) = tiles.stream(k // TK, 1, 2 + norm, issue, compute, prologue)
+        res = None if res_ref is None else res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, TN)]
+        tiles.store(acc, out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)], tokens, n, residual=res)
+    return fn
+
+
+def _expert(tiles, r, slot_ref, idx, slot):
+    """(expert id clamped to >= 0, 1.0 / 0.0 whether the slot is used) of routed slot `slot`."""
+    tiles.load_row(slot_ref, idx, "t_sel")
+    e = tiles.s["t_sel"][tiles.c(0), slot]
+    return jnp.maximum(e, 0), (e >= 0).astype(jnp.float32)
+
+
+def swiglu_up_body(r, key, consts):
+    """SWIGLU_UP (gate and up tiles of one x stream, fused RMSNorm, routed or dense) or None."""
+    _, (n, eps, routed), wstk, islots, oslots = key
+    tiles, x_ref, out_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0])
+    if tiles is None or x_ref is None or out_ref is None or n > TN:
+        return None
+    xs = x_ref.shape[1:]
+    wg, wu = r.weights[wstk[0]], r.weights[wstk[1]]
+    if (len(xs) != 2 or not x_tiles_fit(xs) or x_ref.dtype != tiles.dtype
+            or any(w.dtype != tiles.dtype for w in (wg, wu))):
+        return None
+    tokens, k = xs
+    s = tiles.s
+
+    def fn(t: TaskView):
+        c0, slot, xi = t.arg(0), t.arg(2), t.inp(0)
+        if routed:
+            e, present = _expert(tiles, r, _stack(r, islots[1]), t.inp(1), slot)
+
+        def wsrc(wref, j, k0):
+            if routed:
+                return wref.at[t.w(j), e, pl.ds(k0, TK), pl.ds(c0, TN)]
+            return wref.at[t.w(j), pl.ds(k0, TK), pl.ds(c0, TN)]
+
+        def issue(k0, sl, bar):
+            plgpu.copy_gmem_to_smem(wsrc(wg, 0, k0), s["t_w0"].at[sl], bar)
+            plgpu.copy_gmem_to_smem(wsrc(wu, 1, k0), s["t_w1"].at[sl], bar)
+            plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[sl], bar)
+            plgpu.copy_gmem_to_smem(r.weights[wstk[2]].at[t.w(2), pl.ds(k0, TK)], s["t_wn"].at[sl], bar)
+
+        def compute(sl, accs):
+            tiles.norm_x(sl)
+            tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
+            tiles.mma(accs[1], s["t_w1"].at[sl], s["t_x"].at[sl], False)
+
+        def prologue():
+            tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
+
+        g, u = tiles.stream(k // TK, 2, 4, issue, compute, prologue)
+        y = _silu(g) * u
+        if routed:
+            y = y * present
+            dst = out_ref.at[t.out(0), slot, pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
+        else:
+            dst = out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
+        tiles.store(y, dst, tokens, n)
+    return fn
+
+
+def swiglu_down_body(r, key, consts):
+    """SWIGLU_DOWN (routed slot x coefficient, shared expert into a partial slot, dense + residual) or None."""
+    _, (n, routed, to_slot), wstk, islots, oslots = key
+    tiles, a_ref, out_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0])
+    if tiles is None or a_ref is None or out_ref is None or n > TN:
+        return None
+    xs = a_ref.shape[2:] if routed else a_ref.shape[1:]
+    wd = r.weights[wstk[0]]
+    if not x_tiles_fit(xs) or a_ref.dtype != tiles.dtype or wd.dtype != tiles.dtype:
+        return None
+    res_ref = _stack(r, islots[1])
+    if islots[1] is not None and res_ref is None:
+        return None
+    tokens, k = xs
+    s = tiles.s
+
+    def fn(t: TaskView):
+        c0, slot, out_slot, ai = t.arg(0), t.arg(2), t.arg(3), t.inp(0)
+        if routed:
+            e, present = _expert(tiles, r, _stack(r, islots[2]), t.inp(2), slot)
+
+        def issue(k0, sl, bar):
+            if routed:
+                wsrc = wd.at[t.w(0), e, pl.ds(k0, TK), pl.ds(c0, TN)]
+                xsrc = a_ref.at[ai, slot, pl.ds(tiles.c(0), TP), pl.ds(k0, TK)]
+            else:
+                wsrc = wd.at[t.w(0), pl.ds(k0, TK), pl.ds(c0, TN)]
+                xsrc = x_view(tiles, a_ref, ai, k0, xs)
+            plgpu.copy_gmem_to_smem(wsrc, s["t_w0"].at[sl], bar)
+            plgpu.copy_gmem_to_smem(xsrc, s["t_x"].at[sl], bar)
+
+        def compute(sl, accs):
+            tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
+
+        (y,) = tiles.stream(k // TK, 1, 2, issue, compute)
+        if routed:
+            # coef [U, T] is read as GMEM scalars: its [U, 1] rows have 4-byte strides, which TMA cannot move
+            coef, vec, ci = _stack(r, islots[3]), s["t_vec"], t.inp(3)
+            for tt in range(TP):
+                vec[tiles.c(tt)] = coef[ci, slot, tiles.c(tt)] * present if tt < tokens else jnp.float32(0.0)
+            y = tiles.col_scale(y, "t_vec")
+        elif to_slot:  # shared expert: `ref.swiglu` rounds to the activation dtype before the sum
+            y = y.astype(a_ref.dtype).astype(jnp.float32)
+        if routed or to_slot:
+            dst = out_ref.at[t.out(0), out_slot, pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
+            tiles.store(y, dst, tokens, n)
+        else:
+            res = res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, TN)]
+            tiles.store(y, out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)], tokens, n, residual=res)
+    return fn

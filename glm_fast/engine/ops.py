@@ -89,22 +89,25 @@ def _pallas_sparse_mla(q_lat, q_pe, c_kv, k_pe, idx, valid, scale):
     return sparse_mla_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, scale, config=config, interpret=_interpret())
 
 
-def _pallas_moe(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared=None):
-    from pallas_kernels.moe import MoeConfig, moe_experts
-    d, i = w_gate.shape[1:]
+def _moe_fits(x, w_gate_shape) -> bool:
+    """The MoE kernels' domain: bf16 tokens, T <= 8 rows, D and I multiples of the weight tiles."""
+    from pallas_kernels.moe import MoeConfig
     cfg = MoeConfig()
+    d, i = w_gate_shape[1:]  # [E, D, I]
     tiles_ok = all(v % m == 0 for v in (d, i) for m in (cfg.tile_k, cfg.tile_n))
-    if x.dtype == jnp.bfloat16 and x.shape[0] <= _KERNEL_ROWS and tiles_ok:
+    return x.dtype == jnp.bfloat16 and x.shape[0] <= _KERNEL_ROWS and tiles_ok
+
+
+def _pallas_moe(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared=None):
+    from pallas_kernels.moe import moe_experts
+    if _moe_fits(x, w_gate.shape):
         return moe_experts(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared, interpret=_interpret())
     return ref.moe_experts(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared)
 
 
 def _pallas_moe_fp8(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared=None):
-    from pallas_kernels.moe import MoeConfig, moe_experts_fp8
-    i, d = w_gate[0].shape[1:]
-    cfg = MoeConfig()
-    tiles_ok = all(v % m == 0 for v in (d, i) for m in (cfg.tile_k, cfg.tile_n))
-    if x.dtype == jnp.bfloat16 and x.shape[0] <= _KERNEL_ROWS and tiles_ok:
+    from pallas_kernels.moe import moe_experts_fp8
+    if _moe_fits(x, w_gate[0].shape):
         return moe_experts_fp8(x, expert_ids, expert_weights, tuple(w_gate), tuple(w_up), tuple(w_down),
                                shared and tuple(tuple(w) for w in shared), interpret=_interpret())
     return xla_moe_experts_fp8(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared)

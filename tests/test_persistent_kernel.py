@@ -19,10 +19,12 @@ from glm_fast.engine.forward import main_cached
 from glm_fast.engine.ops import XLA
 from pallas_kernels.persistent import Op, ScheduleOptions, compile_schedule
 from pallas_kernels.persistent.kernel import KernelPlan, PersistentDecoder
+from pallas_kernels.persistent.tiles import TileConfig
 
 # Odd tiles (ragged last GEMV / attention tiles), 3 index chunks, 7 SM lists (the GPU path's; interpret mode walks
 # the global order).
 OPTIONS = ScheduleOptions(tile_n=24, attn_heads=3, attn_splits=3, index_chunks=3, index_align=8, num_sms=7)
+SMALL_TILES = TileConfig(tile_n=32, tile_k=16)  # interpret mode only: tiny's heads are 16 wide
 CONTEXT = 40  # > index_topk (16): DSA really selects
 BF16 = {"model.dtype": "bfloat16", "model.moe_intermediate_size": 128}  # the Pallas backend's tiny variant
 # Tolerance on max |logit error| / max |logit|: float32 is exact up to summation order; bf16 rounds the
@@ -39,16 +41,19 @@ def _prefilled(cfg, seed, t):
     return model, caches, tokens[:, CONTEXT:], CONTEXT + jnp.arange(t)[None]
 
 
-@pytest.mark.parametrize("dtype,t,seed,sms", [("float32", 1, 0, 7), ("bfloat16", 1, 2, 7), ("bfloat16", 3, 0, 7),
-                                              ("float32", 3, 2, 1)])
-def test_kernel_step_matches_xla_backend_in_interpret_mode(dtype, t, seed, sms):
+@pytest.mark.parametrize("dtype,t,seed,sms,tiles", [("float32", 1, 0, 7, None), ("bfloat16", 3, 0, 7, None),
+                                                    ("float32", 3, 2, 1, None), ("bfloat16", 1, 2, 7, SMALL_TILES)])
+def test_kernel_step_matches_xla_backend_in_interpret_mode(dtype, t, seed, sms, tiles):
     """sms = 7: one CTA walks the global order from GMEM; sms = 1: the GPU path's walk (the CTA's dispatch table
-    TMA'd into SMEM, padding rows skipped) over a 1-SM schedule, whose list is the global order."""
+    TMA'd into SMEM, padding rows skipped) over a 1-SM schedule, whose list is the global order. tiles: the GPU's
+    64 x 64 weight tiles (None; tiny's 16-wide heads then keep o_proj and ABSORB on the jnp bodies) or 32 x 16
+    tiles, with which every GEMV-family branch of tiny (o_proj, ABSORB too) runs the TMA + wgmma bodies."""
     cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
     model, caches, tokens, pos = _prefilled(cfg, seed, t)
     ok = jnp.ones((1, t), bool)
     expected, expected_h, expected_caches = main_cached(model, caches, tokens, pos, ok, XLA)
-    dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, num_sms=sms), interpret=True, cache_dir=False)
+    dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, num_sms=sms), interpret=True, cache_dir=False,
+                            tiles=tiles)
     logits, h, got_caches = jax.jit(lambda w, c: dec(model, w, c, tokens, pos, ok))(dec.weights(t), caches)
     assert np.isfinite(np.asarray(logits, np.float32)).all()
     scale = float(jnp.abs(expected.astype(jnp.float32)).max())
@@ -129,13 +134,15 @@ def test_kernel_skeleton_lowers_for_cuda_at_glm5_slice():
     _lower_glm5_slice(frozenset())
 
 
-GEMV_FAMILY = (Op.GEMV, Op.SWIGLU_UP, Op.SWIGLU_DOWN)
+LOWERING = (Op.GEMV, Op.SWIGLU_UP, Op.SWIGLU_DOWN, Op.ABSORB, Op.MOE_COMBINE, Op.EMBED)
 
 
-@pytest.mark.parametrize("op", GEMV_FAMILY)
-def test_gemv_family_bodies_lower_for_cuda(op):
+@pytest.mark.parametrize("op", LOWERING)
+def test_tile_bodies_lower_for_cuda(op):
     """GEMV (fused norm, residual, f32 router output), SWIGLU_UP / SWIGLU_DOWN (dense, shared, routed): TMA weight
-    tiles through the SMEM ring + swap-AB wgmma (tiles.py) lower for the H200 at glm5_slice."""
+    tiles through the SMEM ring + swap-AB wgmma (tiles.py); ABSORB (W_uk tiles K-major, RoPE as an SMEM scalar
+    loop); MOE_COMBINE on [8, 64] SMEM tiles; EMBED as per-token
+    row TMAs: they lower for the H200 at glm5_slice."""
     _lower_glm5_slice(frozenset([op]))
 
 

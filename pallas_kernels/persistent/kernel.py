@@ -31,16 +31,18 @@ the seam is replaced by dependency-ordered execution: one CTA walks the global t
 
 Op bodies. GEMV (fused RMSNorm, residual, [N, K] weights, f32 router logits), SWIGLU_UP and SWIGLU_DOWN (dense,
 shared, routed with the expert id read at run time) are TMA weight tiles through an SMEM ring + swap-AB wgmma
-(`tiles.py`, reusing `pallas_kernels.gemv`'s tile functions): they lower for CUDA at glm5_slice and run in GPU
-interpret mode on the CPU tests' configs. Where a branch's shapes do not split into the tiles (tiny's 16-wide
-heads feeding o_proj), and for every other opcode (EMBED, KV_WRITE, IK_WRITE, INDEX_SCORE, INDEX_TOPK, ABSORB,
-ATTN, UV, ROUTER_SELECT, MOE_COMBINE), the v1 body runs: plain `jnp` on values loaded from the GMEM refs, the
+(`tiles.py`, reusing `pallas_kernels.gemv`'s tile functions); ABSORB is the same over K-major W_uk tiles plus
+RoPE as an SMEM scalar loop; MOE_COMBINE adds [8, 64] SMEM tiles; EMBED moves one row per token by TMA. These
+six lower for CUDA at glm5_slice and run in GPU interpret mode on the CPU tests' configs (with 64 x 64 tiles as
+on the GPU, and with 32 x 16 tiles that fit tiny's 16-wide heads). Where a branch's shapes do not split into
+the tiles, and for the other opcodes (KV_WRITE, IK_WRITE, INDEX_SCORE, INDEX_TOPK, ATTN, UV, ROUTER_SELECT),
+the v1 body runs: plain `jnp` on values loaded from the GMEM refs, the
 numerics of `simulate.py`'s tile references; those run in interpret mode only (Mosaic GPU has no gather, top_k,
 general dot_general, and wants register vectors of 128-multiples). All 13 opcodes run in GPU interpret mode
 (tests/test_persistent_kernel.py: tiny, float32 and bf16, T = 1 and 3, context past index_topk;
 Engine(backend="persistent") greedy == XLA with D = 0 and 1). The kernel's skeleton (132 CTAs, per-CTA table
 TMA'd to SMEM, semaphore seam, lax.switch over all branches) lowers at glm5_slice. Next: the weight ring across
-consecutive tasks (issue the next task's first tiles before its dependency wait), ABSORB / UV on the same tiles,
+consecutive tasks (issue the next task's first tiles before its dependency wait), UV on the same tiles,
 the attention / indexer bodies from `mla_attention.py` / `indexer.py`, router / combine on 128-aligned tiles.
 """
 from __future__ import annotations
@@ -288,7 +290,8 @@ def _i32(x):
 
 # Op bodies as TMA weight tiles + swap-AB wgmma (tiles.py); a body returns None where the shapes do not fit its
 # tiles, and the jnp body below runs instead (CPU test configs only).
-_TILED = {Op.GEMV: tl.gemv_body, Op.SWIGLU_UP: tl.swiglu_up_body, Op.SWIGLU_DOWN: tl.swiglu_down_body}
+_TILED = {Op.GEMV: tl.gemv_body, Op.SWIGLU_UP: tl.swiglu_up_body, Op.SWIGLU_DOWN: tl.swiglu_down_body,
+          Op.MOE_COMBINE: tl.combine_body, Op.EMBED: tl.embed_body, Op.ABSORB: tl.absorb_body}
 
 
 def _branch_fn(key, r: _Refs):
@@ -556,11 +559,14 @@ def _slot_shapes(plan: KernelPlan):
     return None
 
 
-def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None) -> dict:
+def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None, interpret: bool) -> dict:
     if tiles is None:
         return {}
-    dtype = _JNP[plan.schedule.buffers[plan.hidden_buffer].dtype]  # the model's activation / weight dtype
-    return tl.scratch_types(dtype, plan.tokens, _slot_shapes(plan), tiles)
+    hidden = plan.schedule.buffers[plan.hidden_buffer]
+    parts = [b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/moe_part")]
+    rope = 2 * next(b.shape[-1] for b in plan.schedule.buffers if b.name == "rope_cos")
+    return tl.scratch_types(_JNP[hidden.dtype], hidden.shape[-1], rope, max(parts, default=0), _slot_shapes(plan), tiles,
+                            interpret)
 
 
 def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.TileConfig | None, interpret: bool,
@@ -643,7 +649,7 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
         lambda *refs, **scratch: _body(plan, ordered, None if ops is None else frozenset(ops), tiles, ordered,
                                        *refs, **scratch),
         out_type=(*stack_types, *row_types),
-        scratch_types=_scratch_types(plan, tiles),
+        scratch_types=_scratch_types(plan, tiles, ordered),
         grid=(1 if ordered else s.num_sms,),
         grid_names=(GRID_AXIS,),
         interpret=params,
@@ -663,8 +669,9 @@ class PersistentDecoder:
     """The main-model forward of decode / verification steps (batch 1, T = 1 + D) through `persistent_step`:
     schedules and plans per T compiled on first use (`load_or_compile`'s disk cache), weights stacked once."""
 
-    def __init__(self, model, options=None, interpret=None, cache_dir=None):
+    def __init__(self, model, options=None, interpret=None, cache_dir=None, tiles: tl.TileConfig | None = None):
         from pallas_kernels.persistent.schedule import ScheduleOptions
+        self.tiles = tiles or tl.TileConfig()
         self.cfg = model.cfg
         self.options = options or ScheduleOptions()
         self.interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
@@ -703,7 +710,7 @@ class PersistentDecoder:
             _, layer, field = plan.schedule.buffers[bid].name.split("/")
             arrays.append(getattr(layer_caches[int(layer)], field)[0])
         logits, h, rows = persistent_step(plan, weights, arrays, tokens[0], pos[0], cos[0], sin[0],
-                                          interpret=self.interpret)
+                                          interpret=self.interpret, tiles=self.tiles)
         new = [dict() for _ in layer_caches]
         for bid, r in zip(plan.caches, rows):
             _, layer, field = plan.schedule.buffers[bid].name.split("/")

@@ -1,4 +1,5 @@
-"""GEMV-family op bodies of the persistent kernel as TMA weight tiles + swap-AB wgmma (DESIGN.md sec. 4).
+"""Op bodies of the persistent kernel that lower for Mosaic GPU (DESIGN.md sec. 4): the GEMV family (GEMV,
+SWIGLU_UP, SWIGLU_DOWN, ABSORB) as TMA weight tiles + swap-AB wgmma, MOE_COMBINE and EMBED on SMEM tiles.
 
 The weight bytes of a decode step are GEMV-shaped (o_proj and the experts are ~85% of them), so these bodies
 are the ones that must stream at the HBM ceiling. Each task streams its [TK x TN] weight tiles through a ring of
@@ -10,15 +11,16 @@ x_tile^T, both operands straight from swizzled SMEM. The tile functions are gemv
 (overlapping the first weight loads) and normalises each x tile in place, rounding where `ref.rmsnorm` does
 (`Tiles.norm_x`; gemv.py's diag(r) epilogue flips bf16 router near-ties against the XLA backend).
 
-Shapes. TK = TN = 64 (one 128-byte swizzle row of bf16 per tile row), so a weight stored [K, N] (tile [TK, TN],
-MN-major A operand) and one stored [N, K] (the tied / transposed case and W_uk in ABSORB: tile [TN, TK],
-K-major) share one ring. A task's columns [c0, c0 + n) with n <= TN are the first n rows of the accumulator;
+Shapes (`TileConfig`). On the GPU TK = TN = 64 (one 128-byte swizzle row of bf16 per tile row), so a weight
+stored [K, N] (tile [TK, TN], MN-major A operand) and one stored [N, K] (the tied / transposed case and W_uk in
+ABSORB: tile [TN, TK], K-major) share one ring. A task's columns [c0, c0 + n) with n <= TN are the first n rows of the accumulator;
 the tile past the weight's last column is zero-filled by TMA on the GPU (out-of-bounds reads in interpret
 mode, which only reach accumulator rows that are never stored). x rows T..TP-1 likewise.
 
-Which bodies use this path: a branch whose contraction splits into whole TK tiles (`fits`); the CPU test
-configs' odd shapes (e.g. tiny's 16-wide heads in o_proj / ABSORB) keep the v1 jnp bodies, which compute the
-same function. On glm5-sized configs every GEMV-family branch fits.
+Which branches use this path: those whose contraction splits into whole TK tiles (`x_tiles_fit`); the CPU test
+configs' odd shapes (e.g. tiny's 16-wide heads in o_proj / ABSORB with 64-wide tiles) keep the v1 jnp bodies,
+which compute the same function; GPU interpret mode also takes smaller tiles (untiled SMEM) to cover those.
+On glm5-sized configs every branch of these opcodes fits.
 
 Cross-task prefetch (DESIGN.md sec. 4: issue the next task's first weight tiles before its dependency wait) is
 NOT done yet: every task fills and drains its own ring.
@@ -36,19 +38,29 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import _compat
 from pallas_kernels.gemv import TP, col_scale, mma_bf16_tile, store_acc_t, swizzle_transforms
 
-TN = 64  # weight columns per tile = the wgmma M granule (swap-AB)
-TK = 64  # contraction rows per tile (== TN: both weight orientations share the ring)
 ARRIVALS = (2, 3, 4)  # TMA copies per ring step: weight + x (+ norm weight) (+ second weight)
 
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """slots: the SMEM weight ring depth (TMA steps in flight per CTA)."""
+    """tile_n (TN): weight columns per tile = the wgmma M granule (swap-AB), 64 on the GPU; tile_k (TK):
+    contraction rows per tile, == tile_n on the GPU so that both weight orientations share the ring; smaller
+    tiles are for GPU interpret mode only (the CPU tests' tiny heads). slots: the SMEM ring depth (TMA steps in
+    flight per CTA)."""
+    tile_n: int = 64
+    tile_k: int = 64
     slots: int = 4
 
     def __post_init__(self):
         if not 2 <= self.slots <= 16:
             raise ValueError(f"slots must be in [2, 16], got {self.slots=}")
+        if self.tile_n < 8 or self.tile_k < 8 or self.tile_n % 8 or self.tile_k % 8:
+            raise ValueError(f"tile_n and tile_k must be positive multiples of 8, got {self.tile_n=} {self.tile_k=}")
+
+    def check_gpu(self):
+        if (self.tile_n, self.tile_k) != (64, 64):
+            raise ValueError(f"the GPU tile bodies take tile_n = tile_k = 64 (wgmma M, one 128-byte swizzle row), "
+                             f"got {self.tile_n=} {self.tile_k=}; smaller tiles run in interpret mode only")
 
 
 def rows_per_copy(shape, itemsize: int) -> int:
@@ -58,31 +70,42 @@ def rows_per_copy(shape, itemsize: int) -> int:
     return 128 // math.gcd(128, nbytes)
 
 
-def scratch_types(dtype, tokens: int, slot_shapes, cfg: TileConfig) -> dict:
+def scratch_types(dtype, hidden: int, rope: int, part_slots: int, slot_shapes, cfg: TileConfig,
+                  interpret: bool) -> dict:
     """The kernel-wide SMEM of the tile bodies (allocated once, reused by every task).
 
-    dtype: the model's activation / weight dtype; slot_shapes: ((U,), (U, T)) of the router's slot tables or
-    None when the schedule has no routed experts.
+    dtype: the model's activation / weight dtype; hidden: D (one embedding row); rope: R; part_slots: the MoE partial-sum
+    slots (U + shared, 0 without MoE layers); slot_shapes: ((U,), (U, T)) of the router's slot tables or None
+    when the schedule has no routed experts.
     """
     s = cfg.slots
-    sw = swizzle_transforms(dtype)
+    sw = () if interpret else swizzle_transforms(dtype)  # the interpreter's jnp.dot reads plain tiles
+    if not interpret:
+        cfg.check_gpu()
     out = dict(
-        t_w0=plgpu.SMEM((s, TK, TN), dtype, transforms=sw),
-        t_w1=plgpu.SMEM((s, TK, TN), dtype, transforms=sw),
-        t_x=plgpu.SMEM((s, TP, TK), dtype, transforms=sw),
-        t_wn=plgpu.SMEM((s, TK), dtype),
-        t_o=plgpu.SMEM((TP, TN), dtype),
-        t_o32=plgpu.SMEM((TP, TN), jnp.float32),
-        t_res=plgpu.SMEM((TP, TN), dtype),
+        t_w0=plgpu.SMEM((s, cfg.tile_k, cfg.tile_n), dtype, transforms=sw),
+        t_w1=plgpu.SMEM((s, cfg.tile_k, cfg.tile_n), dtype, transforms=sw),
+        t_x=plgpu.SMEM((s, TP, cfg.tile_k), dtype, transforms=sw),
+        t_wn=plgpu.SMEM((s, cfg.tile_k), dtype),
+        t_o=plgpu.SMEM((TP, cfg.tile_n), dtype),
+        t_o32=plgpu.SMEM((TP, cfg.tile_n), jnp.float32),
+        t_res=plgpu.SMEM((TP, cfg.tile_n), dtype),
         t_r=plgpu.SMEM((TP,), jnp.float32),
         t_vec=plgpu.SMEM((TP,), jnp.float32),
         t_ebar=plgpu.Barrier(num_arrivals=1),
+        t_emb=plgpu.SMEM((1, math.gcd(hidden, 256)), dtype),  # TMA boxes span <= 256 elements per dim
     )
+    if part_slots:
+        out["t_part"] = plgpu.SMEM((part_slots, TP, cfg.tile_n), jnp.float32)
     for a in ARRIVALS:
         out[f"t_bar{a}"] = plgpu.Barrier(num_arrivals=a, num_barriers=s)
+    if cfg.tile_k != cfg.tile_n:  # the [N, K]-stored weights' ring (interpret mode only; else t_w0 serves)
+        out["t_wt"] = plgpu.SMEM((s, cfg.tile_n, cfg.tile_k), dtype, transforms=sw)
+    if rope:
+        out.update(t_pe=plgpu.SMEM((TP, rope), dtype), t_pe_out=plgpu.SMEM((TP, rope), dtype),
+                   t_cos=plgpu.SMEM((TP, rope // 2), dtype), t_sin=plgpu.SMEM((TP, rope // 2), dtype))
     if slot_shapes is not None:
         out["t_sel"] = plgpu.SMEM((rows_per_copy(slot_shapes[0], 4), *slot_shapes[0]), jnp.int32)
-    del tokens
     return out
 
 
@@ -93,6 +116,8 @@ class Tiles:
         self.s, self.cfg, self.interpret, self.zero = scratch, cfg, interpret, zero
         self.dtype = scratch["t_x"].dtype
         self.mode = True if interpret else None  # gemv.py's tile functions take interpret=None for the GPU
+        self.tk, self.tn = cfg.tile_k, cfg.tile_n
+        self.wt_ring = scratch.get("t_wt", scratch["t_w0"])  # ring of [TN, TK] tiles ([N, K]-stored weights)
 
     def c(self, value):
         """A traced int32 scalar: Mosaic's TMA lowering takes no literal arrays as indices (jax 0.10.2) and jax
@@ -110,13 +135,13 @@ class Tiles:
         slots = self.cfg.slots
         bars = self.s[f"t_bar{arrivals}"]
         for j in range(min(slots, ksteps)):
-            issue(self.c(j * TK), self.c(j), bars.at[self.c(j)])
+            issue(self.c(j * self.tk), self.c(j), bars.at[self.c(j)])
         if prologue is not None:
             prologue()
         if self.interpret:
-            acc_types = [plgpu.SMEM((TN, TP), jnp.float32) for _ in range(n_acc)]
+            acc_types = [plgpu.SMEM((self.tn, TP), jnp.float32) for _ in range(n_acc)]
         else:
-            acc_types = [plgpu.ACC((TN, TP), jnp.float32) for _ in range(n_acc)]
+            acc_types = [plgpu.ACC((self.tn, TP), jnp.float32) for _ in range(n_acc)]
 
         def scope(*accs):
             if self.interpret:
@@ -133,7 +158,7 @@ class Tiles:
 
                 @pl.when(kk + slots < ksteps)
                 def _():
-                    issue((kk + slots) * TK, slot, bars.at[slot])
+                    issue((kk + slots) * self.tk, slot, bars.at[slot])
 
             return tuple(a[...] for a in accs)
 
@@ -207,7 +232,26 @@ class Tiles:
             self.load_small(residual, "t_res")
             o[...] = (o[...] + self.s["t_res"][...].astype(o.dtype)).astype(o.dtype)
             plgpu.commit_smem()
-        view = o if (tokens == TP and n == TN) else o.at[pl.ds(self.c(0), tokens), pl.ds(self.c(0), n)]
+        self.flush(o, dst, tokens, n)
+
+    def load_s(self, ref):
+        """A [TP, TN] SMEM tile in one strided register layout whatever its dtype (Mosaic's inferred strided
+        layouts differ between f32 and bf16, and it will not add values of different layouts)."""
+        if self.interpret:
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WG_STRIDED((TP, self.tn), vec_size=4))
+
+    def store_s(self, o, value):
+        """o [TP, TN] SMEM = value (from `load_s` math), then fence for a TMA store."""
+        if self.interpret:
+            o[...] = value
+        else:
+            o[...] = plgpu.layout_cast(value, plgpu.Layout.WG_STRIDED((TP, self.tn), vec_size=4))
+        plgpu.commit_smem()
+
+    def flush(self, o, dst, tokens: int, n: int):
+        """TMA rows [0, T) and columns [0, n) of the [TP, TN] SMEM tile `o` to dst and wait for the write."""
+        view = o if (tokens == TP and n == self.tn) else o.at[pl.ds(self.c(0), tokens), pl.ds(self.c(0), n)]
         plgpu.copy_smem_to_gmem(view, dst)
         plgpu.wait_smem_to_gmem(0)
 
@@ -215,17 +259,17 @@ class Tiles:
 # ---- branch bodies ------------------------------------------------------------------------------------------
 
 
-def x_tiles_fit(x_shape) -> bool:
+def x_tiles_fit(tiles, x_shape) -> bool:
     """An activation [T, K] or [T, heads, hd] splits into [TP, TK] tiles (heads: TK divides hd)."""
-    return x_shape[-1] % TK == 0
+    return x_shape[-1] % tiles.tk == 0
 
 
 def x_view(tiles, x_ref, idx, k0, x_shape):
     """The [TP, TK] GMEM view of x (stack index idx) at contraction offset k0."""
     if len(x_shape) == 2:
-        return x_ref.at[idx, pl.ds(tiles.c(0), TP), pl.ds(k0, TK)]
+        return x_ref.at[idx, pl.ds(tiles.c(0), TP), pl.ds(k0, tiles.tk)]
     hd = x_shape[-1]
-    return x_ref.at[idx, pl.ds(tiles.c(0), TP), k0 // hd, pl.ds(k0 % hd, TK)]
+    return x_ref.at[idx, pl.ds(tiles.c(0), TP), k0 // hd, pl.ds(k0 % hd, tiles.tk)]
 
 
 class TaskView:
@@ -249,41 +293,42 @@ def gemv_body(r, key, consts):
     """GEMV (fused RMSNorm, residual, [K, N] or [N, K] weight) or None when the shapes do not fit the tiles."""
     _, (n, eps, transposed), wstk, islots, oslots = key
     tiles, x_ref, out_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0])
-    if tiles is None or x_ref is None or out_ref is None or n > TN:
+    if tiles is None or x_ref is None or out_ref is None or n > tiles.tn:
         return None
     wref = r.weights[wstk[0]]
     xs = x_ref.shape[1:]
     norm = eps >= 0
-    if not x_tiles_fit(xs) or wref.dtype != tiles.dtype or x_ref.dtype != tiles.dtype or (norm and len(xs) != 2):
+    if not x_tiles_fit(tiles, xs) or wref.dtype != tiles.dtype or x_ref.dtype != tiles.dtype or (norm and len(xs) != 2):
         return None
     tokens, k = xs[0], math.prod(xs[1:])
     res_ref = _stack(r, islots[1])
     if islots[1] is not None and res_ref is None:
         return None
     s = tiles.s
+    ring = tiles.wt_ring if transposed else s["t_w0"]
 
     def fn(t: TaskView):
         c0, wi, xi = t.arg(0), t.w(0), t.inp(0)
 
         def issue(k0, slot, bar):
-            src = (wref.at[wi, pl.ds(c0, TN), pl.ds(k0, TK)] if transposed
-                   else wref.at[wi, pl.ds(k0, TK), pl.ds(c0, TN)])
-            plgpu.copy_gmem_to_smem(src, s["t_w0"].at[slot], bar)
+            src = (wref.at[wi, pl.ds(c0, tiles.tn), pl.ds(k0, tiles.tk)] if transposed
+                   else wref.at[wi, pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)])
+            plgpu.copy_gmem_to_smem(src, ring.at[slot], bar)
             plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[slot], bar)
             if norm:
-                plgpu.copy_gmem_to_smem(r.weights[wstk[1]].at[t.w(1), pl.ds(k0, TK)], s["t_wn"].at[slot], bar)
+                plgpu.copy_gmem_to_smem(r.weights[wstk[1]].at[t.w(1), pl.ds(k0, tiles.tk)], s["t_wn"].at[slot], bar)
 
         def compute(slot, accs):
             if norm:
                 tiles.norm_x(slot)
-            tiles.mma(accs[0], s["t_w0"].at[slot], s["t_x"].at[slot], transposed)
+            tiles.mma(accs[0], ring.at[slot], s["t_x"].at[slot], transposed)
 
         prologue = None
         if norm:
             def prologue():
                 tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
-        (acc,) = tiles.stream(k // TK, 1, 2 + norm, issue, compute, prologue)
-        res = None if res_ref is None else res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, TN)]
+        (acc,) = tiles.stream(k // tiles.tk, 1, 2 + norm, issue, compute, prologue)
+        res = None if res_ref is None else res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, tiles.tn)]
         tiles.store(acc, out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)], tokens, n, residual=res)
     return fn
 
@@ -299,11 +344,11 @@ def swiglu_up_body(r, key, consts):
     """SWIGLU_UP (gate and up tiles of one x stream, fused RMSNorm, routed or dense) or None."""
     _, (n, eps, routed), wstk, islots, oslots = key
     tiles, x_ref, out_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0])
-    if tiles is None or x_ref is None or out_ref is None or n > TN:
+    if tiles is None or x_ref is None or out_ref is None or n > tiles.tn:
         return None
     xs = x_ref.shape[1:]
     wg, wu = r.weights[wstk[0]], r.weights[wstk[1]]
-    if (len(xs) != 2 or not x_tiles_fit(xs) or x_ref.dtype != tiles.dtype
+    if (len(xs) != 2 or not x_tiles_fit(tiles, xs) or x_ref.dtype != tiles.dtype
             or any(w.dtype != tiles.dtype for w in (wg, wu))):
         return None
     tokens, k = xs
@@ -316,14 +361,14 @@ def swiglu_up_body(r, key, consts):
 
         def wsrc(wref, j, k0):
             if routed:
-                return wref.at[t.w(j), e, pl.ds(k0, TK), pl.ds(c0, TN)]
-            return wref.at[t.w(j), pl.ds(k0, TK), pl.ds(c0, TN)]
+                return wref.at[t.w(j), e, pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)]
+            return wref.at[t.w(j), pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)]
 
         def issue(k0, sl, bar):
             plgpu.copy_gmem_to_smem(wsrc(wg, 0, k0), s["t_w0"].at[sl], bar)
             plgpu.copy_gmem_to_smem(wsrc(wu, 1, k0), s["t_w1"].at[sl], bar)
             plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[sl], bar)
-            plgpu.copy_gmem_to_smem(r.weights[wstk[2]].at[t.w(2), pl.ds(k0, TK)], s["t_wn"].at[sl], bar)
+            plgpu.copy_gmem_to_smem(r.weights[wstk[2]].at[t.w(2), pl.ds(k0, tiles.tk)], s["t_wn"].at[sl], bar)
 
         def compute(sl, accs):
             tiles.norm_x(sl)
@@ -333,7 +378,7 @@ def swiglu_up_body(r, key, consts):
         def prologue():
             tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
 
-        g, u = tiles.stream(k // TK, 2, 4, issue, compute, prologue)
+        g, u = tiles.stream(k // tiles.tk, 2, 4, issue, compute, prologue)
         y = _silu(g) * u
         if routed:
             y = y * present
@@ -348,11 +393,11 @@ def swiglu_down_body(r, key, consts):
     """SWIGLU_DOWN (routed slot x coefficient, shared expert into a partial slot, dense + residual) or None."""
     _, (n, routed, to_slot), wstk, islots, oslots = key
     tiles, a_ref, out_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0])
-    if tiles is None or a_ref is None or out_ref is None or n > TN:
+    if tiles is None or a_ref is None or out_ref is None or n > tiles.tn:
         return None
     xs = a_ref.shape[2:] if routed else a_ref.shape[1:]
     wd = r.weights[wstk[0]]
-    if not x_tiles_fit(xs) or a_ref.dtype != tiles.dtype or wd.dtype != tiles.dtype:
+    if not x_tiles_fit(tiles, xs) or a_ref.dtype != tiles.dtype or wd.dtype != tiles.dtype:
         return None
     res_ref = _stack(r, islots[1])
     if islots[1] is not None and res_ref is None:
@@ -367,10 +412,10 @@ def swiglu_down_body(r, key, consts):
 
         def issue(k0, sl, bar):
             if routed:
-                wsrc = wd.at[t.w(0), e, pl.ds(k0, TK), pl.ds(c0, TN)]
-                xsrc = a_ref.at[ai, slot, pl.ds(tiles.c(0), TP), pl.ds(k0, TK)]
+                wsrc = wd.at[t.w(0), e, pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)]
+                xsrc = a_ref.at[ai, slot, pl.ds(tiles.c(0), TP), pl.ds(k0, tiles.tk)]
             else:
-                wsrc = wd.at[t.w(0), pl.ds(k0, TK), pl.ds(c0, TN)]
+                wsrc = wd.at[t.w(0), pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)]
                 xsrc = x_view(tiles, a_ref, ai, k0, xs)
             plgpu.copy_gmem_to_smem(wsrc, s["t_w0"].at[sl], bar)
             plgpu.copy_gmem_to_smem(xsrc, s["t_x"].at[sl], bar)
@@ -378,7 +423,7 @@ def swiglu_down_body(r, key, consts):
         def compute(sl, accs):
             tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
 
-        (y,) = tiles.stream(k // TK, 1, 2, issue, compute)
+        (y,) = tiles.stream(k // tiles.tk, 1, 2, issue, compute)
         if routed:
             # coef [U, T] is read as GMEM scalars: its [U, 1] rows have 4-byte strides, which TMA cannot move
             coef, vec, ci = _stack(r, islots[3]), s["t_vec"], t.inp(3)
@@ -391,6 +436,118 @@ def swiglu_down_body(r, key, consts):
             dst = out_ref.at[t.out(0), out_slot, pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
             tiles.store(y, dst, tokens, n)
         else:
-            res = res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, TN)]
+            res = res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, tiles.tn)]
             tiles.store(y, out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)], tokens, n, residual=res)
+    return fn
+
+
+def combine_body(r, key, consts):
+    """MOE_COMBINE: h[:, c] = h_mid[:, c] + cast(sum over slots of part[:, :, c]) on [TP, TN] tiles, or None."""
+    _, (n,), _, islots, oslots = key
+    tiles, part_ref, h_ref, out_ref = r.tiles, _stack(r, islots[0]), _stack(r, islots[1]), _stack(r, oslots[0])
+    if tiles is None or part_ref is None or h_ref is None or out_ref is None or n > tiles.tn or "t_part" not in tiles.s:
+        return None
+    slots, tokens = part_ref.shape[1:3]
+    if h_ref.dtype != tiles.dtype or out_ref.dtype != tiles.dtype or slots != tiles.s["t_part"].shape[0]:
+        return None
+    s, c = tiles.s, tiles.c
+
+    def fn(t: TaskView):
+        c0 = t.arg(0)
+        tiles.load_small(part_ref.at[t.inp(0), pl.ds(c(0), slots), pl.ds(c(0), TP), pl.ds(c0, tiles.tn)], "t_part")
+        tiles.load_small(h_ref.at[t.inp(1), pl.ds(c(0), TP), pl.ds(c0, tiles.tn)], "t_res")
+        part, o = s["t_part"], s["t_o"]
+        total = tiles.load_s(part.at[c(0)])
+        for j in range(1, slots):
+            total = total + tiles.load_s(part.at[c(j)])
+        y = tiles.load_s(s["t_res"]).astype(jnp.float32) + total.astype(o.dtype).astype(jnp.float32)
+        tiles.store_s(o, y.astype(o.dtype))
+        tiles.flush(o, out_ref.at[t.out(0), pl.ds(c(0), tokens), pl.ds(c0, n)], tokens, n)
+    return fn
+
+
+def embed_body(r, key, consts):
+    """EMBED: h[t] = embedding[tokens[t]], one row TMA'd through SMEM per token, or None."""
+    _, _, wstk, islots, oslots = key
+    tiles, out_ref = r.tiles, _stack(r, oslots[0])
+    emb = r.weights[wstk[0]]
+    if tiles is None or out_ref is None or islots[0][0] != "in" or emb.dtype != tiles.dtype:
+        return None
+    d, chunk = emb.shape[-1], tiles.s["t_emb"].shape[1]
+    if d % chunk or chunk * emb.dtype.itemsize % 128:
+        return None
+    tok_ref = r.inputs[islots[0][1]]
+    s, c = tiles.s, tiles.c
+
+    def fn(t: TaskView):
+        for tt in range(out_ref.shape[1]):
+            tok = tok_ref[c(tt)]  # a GMEM scalar (the step's input, written by the launcher)
+
+            @pl.loop(0, d // chunk)
+            def _(j):
+                cols = pl.ds(j * chunk, chunk)
+                tiles.load_small(emb.at[t.w(0), pl.ds(tok, 1), cols], "t_emb")
+                plgpu.copy_smem_to_gmem(s["t_emb"], out_ref.at[t.out(0), pl.ds(c(tt), 1), cols])
+                plgpu.wait_smem_to_gmem(0)  # t_emb is refilled next
+    return fn
+
+
+def absorb_body(r, key, consts):
+    """ABSORB for one head: q_lat[:, head] = q_nope @ W_uk[head]^T as [TN, TK] tiles of kv_b (stored [C, ...]:
+    K-major A operands) over the C / TN column tiles; q_pe[:, head] = RoPE of qb's rope part, a scalar loop over
+    SMEM rounding where `apply_rope` does (x's dtype). None when the shapes do not fit."""
+    _, _, wstk, islots, oslots = key
+    tiles, qb_ref, lat_ref, pe_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0]), _stack(r, oslots[1])
+    if tiles is None or any(a is None for a in (qb_ref, lat_ref, pe_ref)) or "t_pe" not in tiles.s:
+        return None
+    kv_b = r.weights[wstk[0]]
+    tokens, heads, c_dim = lat_ref.shape[1:]
+    rr = pe_ref.shape[-1]
+    hn = qb_ref.shape[-1] // heads - rr
+    hv = kv_b.shape[-1] // heads - hn
+    if (hn % tiles.tk or c_dim % tiles.tn or tiles.s["t_pe"].shape[1] != rr
+            or any(a.dtype != tiles.dtype for a in (kv_b, qb_ref, lat_ref, pe_ref))):
+        return None
+    s, c = tiles.s, tiles.c
+    cos_ref, sin_ref = (r.inputs[sl[1]] for sl in islots[1:3])
+    dt = tiles.dtype
+
+    def rnd(v):  # one op of `apply_rope` in x's dtype
+        return v.astype(dt).astype(jnp.float32)
+
+    def fn(t: TaskView):
+        head, wi, xi, oi = t.arg(0), t.w(0), t.inp(0), t.out(0)
+        q0, w0 = head * (hn + rr), head * (hn + hv)
+
+        @pl.loop(0, c_dim // tiles.tn)
+        def _(ct):
+            c0 = ct * tiles.tn
+
+            def issue(k0, slot, bar):
+                plgpu.copy_gmem_to_smem(kv_b.at[wi, pl.ds(c0, tiles.tn), pl.ds(w0 + k0, tiles.tk)],
+                                        tiles.wt_ring.at[slot], bar)
+                plgpu.copy_gmem_to_smem(qb_ref.at[xi, pl.ds(c(0), TP), pl.ds(q0 + k0, tiles.tk)], s["t_x"].at[slot],
+                                        bar)
+
+            def compute(slot, accs):
+                tiles.mma(accs[0], tiles.wt_ring.at[slot], s["t_x"].at[slot], True)
+
+            (acc,) = tiles.stream(hn // tiles.tk, 1, 2, issue, compute)
+            tiles.store(acc, lat_ref.at[oi, pl.ds(c(0), tokens), head, pl.ds(c0, tiles.tn)], tokens, tiles.tn)
+
+        tiles.load_small(qb_ref.at[xi, pl.ds(c(0), TP), pl.ds(q0 + hn, rr)], "t_pe")
+        tiles.load_small(cos_ref.at[pl.ds(c(0), TP)], "t_cos")
+        tiles.load_small(sin_ref.at[pl.ds(c(0), TP)], "t_sin")
+        x, cs, sn, o = s["t_pe"], s["t_cos"], s["t_sin"], s["t_pe_out"]
+        for tt in range(tokens):
+            @pl.loop(0, rr // 2)
+            def _(j):
+                ti = c(tt)
+                even, odd = x[ti, 2 * j].astype(jnp.float32), x[ti, 2 * j + 1].astype(jnp.float32)
+                co, si = cs[ti, j].astype(jnp.float32), sn[ti, j].astype(jnp.float32)
+                o[ti, j] = (rnd(even * co) - rnd(odd * si)).astype(dt)
+                o[ti, j + rr // 2] = (rnd(odd * co) + rnd(even * si)).astype(dt)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o.at[pl.ds(c(0), tokens)], pe_ref.at[t.out(1), pl.ds(c(0), tokens), head])
+        plgpu.wait_smem_to_gmem(0)
     return fn

@@ -134,21 +134,21 @@ def test_kernel_skeleton_lowers_for_cuda_at_glm5_slice():
     _lower_glm5_slice(frozenset())
 
 
-LOWERING = (Op.GEMV, Op.SWIGLU_UP, Op.SWIGLU_DOWN, Op.ABSORB, Op.MOE_COMBINE, Op.EMBED)
+LOWERING = (Op.GEMV, Op.SWIGLU_UP, Op.SWIGLU_DOWN, Op.ABSORB, Op.MOE_COMBINE, Op.EMBED, Op.KV_WRITE, Op.IK_WRITE)
 
 
 @pytest.mark.parametrize("op", LOWERING)
 def test_tile_bodies_lower_for_cuda(op):
     """GEMV (fused norm, residual, f32 router output), SWIGLU_UP / SWIGLU_DOWN (dense, shared, routed): TMA weight
     tiles through the SMEM ring + swap-AB wgmma (tiles.py); ABSORB (W_uk tiles K-major, RoPE as an SMEM scalar
-    loop); MOE_COMBINE on [8, 64] SMEM tiles; EMBED as per-token
-    row TMAs: they lower for the H200 at glm5_slice."""
+    loop); KV_WRITE (norm on x tiles, RoPE loop); IK_WRITE (row LayerNorm, RoPE loop); MOE_COMBINE on [8, 64]
+    SMEM tiles; EMBED as per-token row TMAs: they lower for the H200 at glm5_slice (lowering only: no GPU here)."""
     _lower_glm5_slice(frozenset([op]))
 
 
 @pytest.mark.xfail(reason="jnp register-math bodies (gathers, top_k, dot_general, unaligned vectors) that Mosaic "
                           "GPU does not lower; TMA / SMEM tile bodies are the next step", strict=True)
-@pytest.mark.parametrize("op", [Op.ATTN])
+@pytest.mark.parametrize("op", [Op.ATTN, Op.UV, Op.INDEX_SCORE, Op.INDEX_TOPK, Op.ROUTER_SELECT])
 def test_op_bodies_lower_for_cuda(op):
     _lower_glm5_slice(frozenset([op]))
 

@@ -70,11 +70,12 @@ def rows_per_copy(shape, itemsize: int) -> int:
     return 128 // math.gcd(128, nbytes)
 
 
-def scratch_types(dtype, hidden: int, rope: int, part_slots: int, slot_shapes, cfg: TileConfig,
+def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int, slot_shapes, cfg: TileConfig,
                   interpret: bool) -> dict:
     """The kernel-wide SMEM of the tile bodies (allocated once, reused by every task).
 
-    dtype: the model's activation / weight dtype; hidden: D (one embedding row); rope: R; part_slots: the MoE partial-sum
+    dtype: the model's activation / weight dtype; hidden: D (one embedding row); rope: R; index_dim: the indexer's
+    key width (0 without indexer layers); part_slots: the MoE partial-sum
     slots (U + shared, 0 without MoE layers); slot_shapes: ((U,), (U, T)) of the router's slot tables or None
     when the schedule has no routed experts.
     """
@@ -104,6 +105,8 @@ def scratch_types(dtype, hidden: int, rope: int, part_slots: int, slot_shapes, c
     if rope:
         out.update(t_pe=plgpu.SMEM((TP, rope), dtype), t_pe_out=plgpu.SMEM((TP, rope), dtype),
                    t_cos=plgpu.SMEM((TP, rope // 2), dtype), t_sin=plgpu.SMEM((TP, rope // 2), dtype))
+    if index_dim:
+        out["t_ik"] = plgpu.SMEM((TP, index_dim), dtype)
     if slot_shapes is not None:
         out["t_sel"] = plgpu.SMEM((rows_per_copy(slot_shapes[0], 4), *slot_shapes[0]), jnp.int32)
     return out
@@ -173,15 +176,17 @@ class Tiles:
         else:
             plgpu.wgmma(acc, w_tile, _compat.transpose_ref(x_tile, (1, 0)))
 
-    def norm_x(self, slot):
-        """In place: x tile [TP, TK] = rmsnorm(x) as `ref.rmsnorm` rounds it: (x * r_t rounded to x's dtype) * w
-        rounded again (r = `inv_rms`'s t_r). Rounding where the reference does keeps the router's top-k choices
-        (near-ties in bf16) equal to the XLA backend's; gemv.py's cheaper diag(r) epilogue does not."""
+    def norm_x(self, slot, out=None):
+        """x tile [TP, TK] = rmsnorm(x) as `ref.rmsnorm` rounds it: (x * r_t rounded to x's dtype) * w rounded
+        again (r = `inv_rms`'s t_r), in place or into `out` (a plain [TP, TK] SMEM ref). Rounding where the
+        reference does keeps the router's top-k choices (near-ties in bf16) equal to the XLA backend's; gemv.py's
+        cheaper diag(r) epilogue does not."""
         x_tile, wn_tile, r = self.s["t_x"].at[slot], self.s["t_wn"].at[slot], self.s["t_r"]
+        out = x_tile if out is None else out
         dt = x_tile.dtype
         if self.interpret:
             xs = (x_tile[...].astype(jnp.float32) * r[...][:, None]).astype(dt)
-            x_tile[...] = (xs.astype(jnp.float32) * wn_tile[...].astype(jnp.float32)[None, :]).astype(dt)
+            out[...] = (xs.astype(jnp.float32) * wn_tile[...].astype(jnp.float32)[None, :]).astype(dt)
         else:
             lay = plgpu.Layout.WGMMA_TRANSPOSED
             xt_ref = _compat.transpose_ref(x_tile, (1, 0))
@@ -190,8 +195,34 @@ class Tiles:
             rr = plgpu.load(r, (), layout=lay.reduce(0))
             xs = (xt.astype(jnp.float32) * plgpu.layout_cast(lax.broadcast_in_dim(rr, xt.shape, (1,)), lay)).astype(dt)
             xs = xs.astype(jnp.float32) * lax.broadcast_in_dim(wn, xt.shape, (0,))
-            xt_ref[...] = plgpu.layout_cast(xs.astype(dt), lay)
+            _compat.transpose_ref(out, (1, 0))[...] = plgpu.layout_cast(xs.astype(dt), lay)
         plgpu.commit_smem()  # generic-proxy writes -> the wgmma (async proxy) that reads them
+
+    def rope(self, src, cos_ref, sin_ref, tokens: int, x_smem=None):
+        """t_pe_out [TP, R] = `apply_rope` (interleaved in, halves out) of the GMEM view src [TP, R] (or of the
+        first R columns of the SMEM ref x_smem), rounding to x's dtype where the reference's jnp ops do; a scalar
+        loop over SMEM (R / 2 pairs per token)."""
+        s, c, dt = self.s, self.c, self.dtype
+        rr = s["t_pe"].shape[1]
+        if x_smem is None:
+            self.load_small(src, "t_pe")
+        self.load_small(cos_ref.at[pl.ds(c(0), TP)], "t_cos")
+        self.load_small(sin_ref.at[pl.ds(c(0), TP)], "t_sin")
+        x = s["t_pe"] if x_smem is None else x_smem
+        cs, sn, o = s["t_cos"], s["t_sin"], s["t_pe_out"]
+
+        def rnd(v):
+            return v.astype(dt).astype(jnp.float32)
+
+        for tt in range(tokens):
+            @pl.loop(0, rr // 2)
+            def _(j):
+                ti = c(tt)
+                even, odd = x[ti, 2 * j].astype(jnp.float32), x[ti, 2 * j + 1].astype(jnp.float32)
+                co, si = cs[ti, j].astype(jnp.float32), sn[ti, j].astype(jnp.float32)
+                o[ti, j] = (rnd(even * co) - rnd(odd * si)).astype(dt)
+                o[ti, j + rr // 2] = (rnd(odd * co) + rnd(even * si)).astype(dt)
+        plgpu.commit_smem()
 
     def inv_rms(self, x_row, k: int, tokens: int, eps: float):
         """t_r[t] = rsqrt(mean(x[t]^2) + eps) for t < T, 0 for the padding rows; x_row(t, c0, n) -> [n] values."""
@@ -510,10 +541,6 @@ def absorb_body(r, key, consts):
         return None
     s, c = tiles.s, tiles.c
     cos_ref, sin_ref = (r.inputs[sl[1]] for sl in islots[1:3])
-    dt = tiles.dtype
-
-    def rnd(v):  # one op of `apply_rope` in x's dtype
-        return v.astype(dt).astype(jnp.float32)
 
     def fn(t: TaskView):
         head, wi, xi, oi = t.arg(0), t.w(0), t.inp(0), t.out(0)
@@ -535,19 +562,81 @@ def absorb_body(r, key, consts):
             (acc,) = tiles.stream(hn // tiles.tk, 1, 2, issue, compute)
             tiles.store(acc, lat_ref.at[oi, pl.ds(c(0), tokens), head, pl.ds(c0, tiles.tn)], tokens, tiles.tn)
 
-        tiles.load_small(qb_ref.at[xi, pl.ds(c(0), TP), pl.ds(q0 + hn, rr)], "t_pe")
-        tiles.load_small(cos_ref.at[pl.ds(c(0), TP)], "t_cos")
-        tiles.load_small(sin_ref.at[pl.ds(c(0), TP)], "t_sin")
-        x, cs, sn, o = s["t_pe"], s["t_cos"], s["t_sin"], s["t_pe_out"]
-        for tt in range(tokens):
-            @pl.loop(0, rr // 2)
-            def _(j):
-                ti = c(tt)
-                even, odd = x[ti, 2 * j].astype(jnp.float32), x[ti, 2 * j + 1].astype(jnp.float32)
-                co, si = cs[ti, j].astype(jnp.float32), sn[ti, j].astype(jnp.float32)
-                o[ti, j] = (rnd(even * co) - rnd(odd * si)).astype(dt)
-                o[ti, j + rr // 2] = (rnd(odd * co) + rnd(even * si)).astype(dt)
-        plgpu.commit_smem()
+        tiles.rope(qb_ref.at[xi, pl.ds(c(0), TP), pl.ds(q0 + hn, rr)], cos_ref, sin_ref, tokens)
+        o = s["t_pe_out"]
         plgpu.copy_smem_to_gmem(o.at[pl.ds(c(0), tokens)], pe_ref.at[t.out(1), pl.ds(c(0), tokens), head])
+        plgpu.wait_smem_to_gmem(0)
+    return fn
+
+
+def kv_write_body(r, key, consts):
+    """KV_WRITE: the step's cache rows c_kv = rmsnorm(kva[:, :C]) (TK-wide tiles normalised by `Tiles.norm_x`)
+    and k_pe = RoPE(kva[:, C:]) (`Tiles.rope`), TMA'd to the kernel's row outputs; None when they do not fit."""
+    _, (eps,), wstk, islots, oslots = key
+    tiles, kva_ref = r.tiles, _stack(r, islots[0])
+    if tiles is None or kva_ref is None or "t_pe" not in tiles.s or tiles.tk > tiles.tn:
+        return None
+    ckv_rows, pe_rows = r.rows[oslots[0][1]], r.rows[oslots[1][1]]
+    tokens, c_dim = ckv_rows.shape
+    rr = pe_rows.shape[1]
+    if (c_dim % tiles.tk or rr != tiles.s["t_pe"].shape[1]
+            or any(a.dtype != tiles.dtype for a in (kva_ref, ckv_rows, pe_rows, r.weights[wstk[0]]))):
+        return None
+    s, c = tiles.s, tiles.c
+    cos_ref, sin_ref = (r.inputs[sl[1]] for sl in islots[2:4])
+    bar = s["t_bar2"].at[c(0)]
+
+    def fn(t: TaskView):
+        xi = t.inp(0)
+        tiles.inv_rms(lambda tt, c0, m: kva_ref[xi, tt, pl.ds(c0, m)], c_dim, tokens, float(consts[eps]))
+        o = s["t_o"].at[:, pl.ds(c(0), tiles.tk)]
+        for kk in range(c_dim // tiles.tk):
+            k0 = c(kk * tiles.tk)
+            plgpu.copy_gmem_to_smem(kva_ref.at[xi, pl.ds(c(0), TP), pl.ds(k0, tiles.tk)], s["t_x"].at[c(0)], bar)
+            plgpu.copy_gmem_to_smem(r.weights[wstk[0]].at[t.w(0), pl.ds(k0, tiles.tk)], s["t_wn"].at[c(0)], bar)
+            plgpu.barrier_wait(bar)
+            tiles.norm_x(c(0), out=o)
+            tiles.flush(o, ckv_rows.at[pl.ds(c(0), tokens), pl.ds(k0, tiles.tk)], tokens, tiles.tk)
+        tiles.rope(kva_ref.at[xi, pl.ds(c(0), TP), pl.ds(c(c_dim), rr)], cos_ref, sin_ref, tokens)
+        plgpu.copy_smem_to_gmem(s["t_pe_out"].at[pl.ds(c(0), tokens)], pe_rows.at[pl.ds(c(0), tokens)])
+        plgpu.wait_smem_to_gmem(0)
+    return fn
+
+
+def ik_write_body(r, key, consts):
+    """IK_WRITE: the step's indexer-key rows = RoPE on the first R dims of LayerNorm(ik) (`_layernorm`,
+    `_rope_front` of simulate.py): per token a row-vector LayerNorm into SMEM, then `Tiles.rope` of its first R
+    dims; two TMA stores (rope part, rest). None when the shapes do not fit."""
+    _, (eps,), wstk, islots, oslots = key
+    tiles, ik_ref = r.tiles, _stack(r, islots[0])
+    if tiles is None or ik_ref is None or "t_ik" not in tiles.s or "t_pe" not in tiles.s:
+        return None
+    rows = r.rows[oslots[0][1]]
+    tokens, hi = rows.shape
+    rr = tiles.s["t_pe"].shape[1]
+    ln_w, ln_b = r.weights[wstk[0]], r.weights[wstk[1]]
+    if (tiles.s["t_ik"].shape[1] != hi or hi < rr
+            or any(a.dtype != tiles.dtype for a in (ik_ref, rows, ln_w, ln_b))):
+        return None
+    s, c, dt = tiles.s, tiles.c, tiles.dtype
+    cos_ref, sin_ref = (r.inputs[sl[1]] for sl in islots[2:4])
+    eps_v = float(consts[eps])
+
+    def fn(t: TaskView):
+        xi, buf = t.inp(0), s["t_ik"]
+        full = pl.ds(c(0), hi)
+        w = ln_w[t.w(0), full].astype(jnp.float32)
+        b = ln_b[t.w(1), full].astype(jnp.float32)
+        for tt in range(tokens):
+            x = ik_ref[xi, c(tt), full].astype(jnp.float32)
+            d = x - jnp.sum(x) / hi
+            y = d * lax.rsqrt(jnp.sum(d * d) / hi + eps_v)
+            buf[c(tt), full] = (y * w + b).astype(dt)
+        plgpu.commit_smem()
+        tiles.rope(None, cos_ref, sin_ref, tokens, x_smem=buf)
+        plgpu.copy_smem_to_gmem(s["t_pe_out"].at[pl.ds(c(0), tokens)], rows.at[:, pl.ds(c(0), rr)])
+        if hi > rr:
+            plgpu.copy_smem_to_gmem(buf.at[pl.ds(c(0), tokens), pl.ds(c(rr), hi - rr)],
+                                    rows.at[:, pl.ds(c(rr), hi - rr)])
         plgpu.wait_smem_to_gmem(0)
     return fn

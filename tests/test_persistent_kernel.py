@@ -46,8 +46,8 @@ def _prefilled(cfg, seed, t):
 def test_kernel_step_matches_xla_backend_in_interpret_mode(dtype, t, seed, sms, tiles):
     """sms = 7: one CTA walks the global order from GMEM; sms = 1: the GPU path's walk (the CTA's dispatch table
     TMA'd into SMEM, padding rows skipped) over a 1-SM schedule, whose list is the global order. tiles: the GPU's
-    64 x 64 weight tiles (None; tiny's 16-wide heads then keep o_proj and ABSORB on the jnp bodies) or 32 x 16
-    tiles, with which every GEMV-family branch of tiny (o_proj, ABSORB too) runs the TMA + wgmma bodies."""
+    64 x 64 weight tiles (None; tiny's 16-wide heads / 32-wide latent then keep o_proj, ABSORB, UV and KV_WRITE on
+    the jnp bodies) or 32 x 16 tiles, with which every branch of tiny's tiled opcodes runs the tile bodies."""
     cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
     model, caches, tokens, pos = _prefilled(cfg, seed, t)
     ok = jnp.ones((1, t), bool)
@@ -134,21 +134,23 @@ def test_kernel_skeleton_lowers_for_cuda_at_glm5_slice():
     _lower_glm5_slice(frozenset())
 
 
-LOWERING = (Op.GEMV, Op.SWIGLU_UP, Op.SWIGLU_DOWN, Op.ABSORB, Op.MOE_COMBINE, Op.EMBED, Op.KV_WRITE, Op.IK_WRITE)
+LOWERING = (Op.GEMV, Op.SWIGLU_UP, Op.SWIGLU_DOWN, Op.ABSORB, Op.UV, Op.MOE_COMBINE, Op.EMBED, Op.KV_WRITE,
+            Op.IK_WRITE)
 
 
 @pytest.mark.parametrize("op", LOWERING)
 def test_tile_bodies_lower_for_cuda(op):
     """GEMV (fused norm, residual, f32 router output), SWIGLU_UP / SWIGLU_DOWN (dense, shared, routed): TMA weight
     tiles through the SMEM ring + swap-AB wgmma (tiles.py); ABSORB (W_uk tiles K-major, RoPE as an SMEM scalar
-    loop); KV_WRITE (norm on x tiles, RoPE loop); IK_WRITE (row LayerNorm, RoPE loop); MOE_COMBINE on [8, 64]
-    SMEM tiles; EMBED as per-token row TMAs: they lower for the H200 at glm5_slice (lowering only: no GPU here)."""
+    loop); UV (split-KV merge into the x tiles in registers, then W_uv tiles); KV_WRITE (norm on x tiles, RoPE
+    loop); IK_WRITE (row LayerNorm, RoPE loop); MOE_COMBINE on [8, 64] SMEM tiles; EMBED as per-token row TMAs: they
+    lower for the H200 at glm5_slice (lowering only: no GPU here)."""
     _lower_glm5_slice(frozenset([op]))
 
 
 @pytest.mark.xfail(reason="jnp register-math bodies (gathers, top_k, dot_general, unaligned vectors) that Mosaic "
                           "GPU does not lower; TMA / SMEM tile bodies are the next step", strict=True)
-@pytest.mark.parametrize("op", [Op.ATTN, Op.UV, Op.INDEX_SCORE, Op.INDEX_TOPK, Op.ROUTER_SELECT])
+@pytest.mark.parametrize("op", [Op.ATTN, Op.INDEX_SCORE, Op.INDEX_TOPK, Op.ROUTER_SELECT])
 def test_op_bodies_lower_for_cuda(op):
     _lower_glm5_slice(frozenset([op]))
 

@@ -32,18 +32,19 @@ the seam is replaced by dependency-ordered execution: one CTA walks the global t
 Op bodies. GEMV (fused RMSNorm, residual, [N, K] weights, f32 router logits), SWIGLU_UP and SWIGLU_DOWN (dense,
 shared, routed with the expert id read at run time) are TMA weight tiles through an SMEM ring + swap-AB wgmma
 (`tiles.py`, reusing `pallas_kernels.gemv`'s tile functions); ABSORB is the same over K-major W_uk tiles plus RoPE
-as an SMEM scalar loop; KV_WRITE normalises x tiles (RoPE loop), IK_WRITE is a row LayerNorm + RoPE loop;
-MOE_COMBINE adds [8, 64] SMEM tiles; EMBED moves one row per token by TMA. These eight lower for CUDA at glm5_slice
-and run in GPU interpret mode on the CPU tests' configs (with 64 x 64 tiles as on the GPU, and with 32 x 16 tiles
-that fit tiny's 16-wide heads). Where a branch's shapes do not split into the tiles, and for the other opcodes
-(INDEX_SCORE, INDEX_TOPK, ATTN, UV, ROUTER_SELECT), the v1 body runs: plain `jnp` on values loaded from the GMEM
-refs, the numerics of `simulate.py`'s tile references; those run in interpret mode only (Mosaic GPU has no gather,
-top_k, general dot_general, and wants register vectors of 128-multiples). All 13 opcodes run in GPU interpret mode
-(tests/test_persistent_kernel.py: tiny, float32 and bf16, T = 1 and 3, context past index_topk;
-Engine(backend="persistent") greedy == XLA with D = 0 and 1). The kernel's skeleton (132 CTAs, per-CTA table TMA'd
-to SMEM, semaphore seam, lax.switch over all branches) lowers at glm5_slice. Next: the weight ring across
-consecutive tasks (issue the next task's first tiles before its dependency wait), UV on the same tiles, the
-attention / indexer bodies from `mla_attention.py` / `indexer.py`, ROUTER_SELECT (top-k) as SMEM loops.
+as an SMEM scalar loop; UV merges the split-KV partials into each x tile in registers, then W_uv tiles; KV_WRITE
+normalises x tiles (RoPE loop), IK_WRITE is a row LayerNorm + RoPE loop; MOE_COMBINE adds [8, 64] SMEM tiles; EMBED
+moves one row per token by TMA. These nine lower for CUDA at glm5_slice and run in GPU interpret mode on the CPU
+tests' configs (with 64 x 64 tiles as on the GPU, and with 32 x 16 tiles that fit tiny's 16-wide heads). Where a
+branch's shapes do not split into the tiles, and for the other opcodes (INDEX_SCORE, INDEX_TOPK, ATTN,
+ROUTER_SELECT), the v1 body runs: plain `jnp` on values loaded from the GMEM refs, the numerics of `simulate.py`'s
+tile references; those run in interpret mode only (Mosaic GPU has no gather, top_k, general dot_general, and wants
+register vectors of 128-multiples). All 13 opcodes run in GPU interpret mode (tests/test_persistent_kernel.py: tiny,
+float32 and bf16, T = 1 and 3, context past index_topk; Engine(backend="persistent") greedy == XLA with D = 0 and
+1). The kernel's skeleton (132 CTAs, per-CTA table TMA'd to SMEM, semaphore seam, lax.switch over all branches)
+lowers at glm5_slice. Next: the weight ring across consecutive tasks (issue the next task's first tiles before its
+dependency wait), the attention / indexer bodies from `mla_attention.py` / `indexer.py`, ROUTER_SELECT (top-k) as
+SMEM loops.
 """
 from __future__ import annotations
 
@@ -292,7 +293,7 @@ def _i32(x):
 # tiles, and the jnp body below runs instead (CPU test configs only).
 _TILED = {Op.GEMV: tl.gemv_body, Op.SWIGLU_UP: tl.swiglu_up_body, Op.SWIGLU_DOWN: tl.swiglu_down_body,
           Op.MOE_COMBINE: tl.combine_body, Op.EMBED: tl.embed_body, Op.ABSORB: tl.absorb_body,
-          Op.KV_WRITE: tl.kv_write_body, Op.IK_WRITE: tl.ik_write_body}
+          Op.KV_WRITE: tl.kv_write_body, Op.IK_WRITE: tl.ik_write_body, Op.UV: tl.uv_body}
 
 
 def _branch_fn(key, r: _Refs):
@@ -566,9 +567,10 @@ def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None, interpret: boo
     hidden = plan.schedule.buffers[plan.hidden_buffer]
     parts = [b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/moe_part")]
     rope = 2 * next(b.shape[-1] for b in plan.schedule.buffers if b.name == "rope_cos")
+    splits = [b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/o_part")]
     index_dim = max((b.shape[-1] for b in plan.schedule.buffers if b.name.endswith("/index_k")), default=0)
     return tl.scratch_types(_JNP[hidden.dtype], hidden.shape[-1], rope, index_dim, max(parts, default=0), _slot_shapes(plan), tiles,
-                            interpret)
+                            interpret, max(splits, default=0))
 
 
 def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.TileConfig | None, interpret: bool,

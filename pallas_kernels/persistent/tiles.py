@@ -1,5 +1,6 @@
 """Op bodies of the persistent kernel that lower for Mosaic GPU (DESIGN.md sec. 4): the GEMV family (GEMV,
-SWIGLU_UP, SWIGLU_DOWN, ABSORB) as TMA weight tiles + swap-AB wgmma, MOE_COMBINE and EMBED on SMEM tiles.
+SWIGLU_UP, SWIGLU_DOWN, ABSORB, UV) as TMA weight tiles + swap-AB wgmma; KV_WRITE, IK_WRITE (norms, RoPE as SMEM
+scalar loops), MOE_COMBINE and EMBED on SMEM tiles.
 
 The weight bytes of a decode step are GEMV-shaped (o_proj and the experts are ~85% of them), so these bodies
 are the ones that must stream at the HBM ceiling. Each task streams its [TK x TN] weight tiles through a ring of
@@ -71,7 +72,7 @@ def rows_per_copy(shape, itemsize: int) -> int:
 
 
 def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int, slot_shapes, cfg: TileConfig,
-                  interpret: bool) -> dict:
+                  interpret: bool, attn_splits: int = 0) -> dict:
     """The kernel-wide SMEM of the tile bodies (allocated once, reused by every task).
 
     dtype: the model's activation / weight dtype; hidden: D (one embedding row); rope: R; index_dim: the indexer's
@@ -107,6 +108,10 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
                    t_cos=plgpu.SMEM((TP, rope // 2), dtype), t_sin=plgpu.SMEM((TP, rope // 2), dtype))
     if index_dim:
         out["t_ik"] = plgpu.SMEM((TP, index_dim), dtype)
+    if attn_splits:  # UV: the split-KV partial outputs of a TK slice, per ring slot, and the merge weights
+        sw32 = () if interpret else swizzle_transforms(jnp.float32)
+        out["t_op"] = plgpu.SMEM((s, attn_splits, TP, cfg.tile_k), jnp.float32, transforms=sw32)
+        out["t_mw"] = plgpu.SMEM((attn_splits, TP), jnp.float32)
     if slot_shapes is not None:
         out["t_sel"] = plgpu.SMEM((rows_per_copy(slot_shapes[0], 4), *slot_shapes[0]), jnp.int32)
     return out
@@ -639,4 +644,76 @@ def ik_write_body(r, key, consts):
             plgpu.copy_smem_to_gmem(buf.at[pl.ds(c(0), tokens), pl.ds(c(rr), hi - rr)],
                                     rows.at[:, pl.ds(c(rr), hi - rr)])
         plgpu.wait_smem_to_gmem(0)
+    return fn
+
+
+def uv_body(r, key, consts):
+    """UV for one head: merge the split-KV partials (o = sum_s exp(lse_s - logsumexp lse) o_s, weights as scalars
+    in SMEM) into each x tile in registers, then v[:, head] = o . W_uv[head] as swap-AB wgmma over kv_b tiles.
+    None when the shapes do not fit."""
+    _, _, wstk, islots, oslots = key
+    tiles, op_ref, lse_ref, v_ref = r.tiles, _stack(r, islots[0]), _stack(r, islots[1]), _stack(r, oslots[0])
+    if tiles is None or any(a is None for a in (op_ref, lse_ref, v_ref)) or "t_op" not in tiles.s:
+        return None
+    kv_b = r.weights[wstk[0]]
+    splits, tokens, heads, c_dim = op_ref.shape[1:]
+    hv = v_ref.shape[-1]
+    hn = kv_b.shape[-1] // heads - hv
+    if (splits != tiles.s["t_op"].shape[1] or c_dim % tiles.tk or (hv > tiles.tn and hv % tiles.tn)
+            or kv_b.dtype != tiles.dtype or v_ref.dtype != tiles.dtype):
+        return None
+    s, c, dt = tiles.s, tiles.c, tiles.dtype
+    n = min(hv, tiles.tn)
+
+    def merge(slot):
+        """t_x[slot] = cast(sum_s t_mw[s, t] * t_op[slot, s])."""
+        op, mw, x = s["t_op"].at[slot], s["t_mw"], s["t_x"].at[slot]
+        if tiles.interpret:
+            x[...] = jnp.sum(mw[...][:, :, None] * op[...], axis=0).astype(dt)
+        else:
+            lay = plgpu.Layout.WGMMA_TRANSPOSED
+            total = None
+            for j in range(splits):
+                o_j = plgpu.load(_compat.transpose_ref(op.at[c(j)], (1, 0)), (), layout=lay)      # [TK, TP]
+                w_j = plgpu.load(mw.at[c(j)], (), layout=lay.reduce(0))
+                term = o_j * plgpu.layout_cast(lax.broadcast_in_dim(w_j, o_j.shape, (1,)), lay)
+                total = term if total is None else total + term
+            _compat.transpose_ref(x, (1, 0))[...] = plgpu.layout_cast(total.astype(dt), lay)
+        plgpu.commit_smem()
+
+    def fn(t: TaskView):
+        head, wi, pi, li = t.arg(0), t.w(0), t.inp(0), t.inp(1)
+        w0 = head * (hn + hv) + hn
+        mw = s["t_mw"]
+        for tt in range(TP):
+            if tt >= tokens:
+                for j in range(splits):
+                    mw[c(j), c(tt)] = jnp.float32(0.0)
+                continue
+            ls = [lse_ref[li, c(j), c(tt), head] for j in range(splits)]  # GMEM scalars
+            m = ls[0]
+            for v in ls[1:]:
+                m = jnp.maximum(m, v)
+            m_safe = jnp.where(m == -jnp.inf, jnp.float32(0.0), m)
+            tot = sum(jnp.exp(v - m_safe) for v in ls)
+            lse = m_safe + jnp.log(tot)
+            for j in range(splits):
+                mw[c(j), c(tt)] = jnp.exp(ls[j] - lse)
+
+        @pl.loop(0, max(hv // tiles.tn, 1))
+        def _(ct):
+            c0 = ct * tiles.tn
+
+            def issue(k0, slot, bar):
+                plgpu.copy_gmem_to_smem(kv_b.at[wi, pl.ds(k0, tiles.tk), pl.ds(w0 + c0, tiles.tn)],
+                                        s["t_w0"].at[slot], bar)
+                plgpu.copy_gmem_to_smem(op_ref.at[pi, pl.ds(c(0), splits), pl.ds(c(0), TP), head,
+                                                  pl.ds(k0, tiles.tk)], s["t_op"].at[slot], bar)
+
+            def compute(slot, accs):
+                merge(slot)
+                tiles.mma(accs[0], s["t_w0"].at[slot], s["t_x"].at[slot], False)
+
+            (acc,) = tiles.stream(c_dim // tiles.tk, 1, 2, issue, compute)
+            tiles.store(acc, v_ref.at[t.out(0), pl.ds(c(0), tokens), head, pl.ds(c0, n)], tokens, n)
     return fn

@@ -34,17 +34,17 @@ shared, routed with the expert id read at run time) are TMA weight tiles through
 (`tiles.py`, reusing `pallas_kernels.gemv`'s tile functions); ABSORB is the same over K-major W_uk tiles plus RoPE
 as an SMEM scalar loop; UV merges the split-KV partials into each x tile in registers, then W_uv tiles; KV_WRITE
 normalises x tiles (RoPE loop), IK_WRITE is a row LayerNorm + RoPE loop; MOE_COMBINE adds [8, 64] SMEM tiles; EMBED
-moves one row per token by TMA. These nine lower for CUDA at glm5_slice and run in GPU interpret mode on the CPU
-tests' configs (with 64 x 64 tiles as on the GPU, and with 32 x 16 tiles that fit tiny's 16-wide heads). Where a
-branch's shapes do not split into the tiles, and for the other opcodes (INDEX_SCORE, INDEX_TOPK, ATTN,
-ROUTER_SELECT), the v1 body runs: plain `jnp` on values loaded from the GMEM refs, the numerics of `simulate.py`'s
-tile references; those run in interpret mode only (Mosaic GPU has no gather, top_k, general dot_general, and wants
-register vectors of 128-multiples). All 13 opcodes run in GPU interpret mode (tests/test_persistent_kernel.py: tiny,
-float32 and bf16, T = 1 and 3, context past index_topk; Engine(backend="persistent") greedy == XLA with D = 0 and
-1). The kernel's skeleton (132 CTAs, per-CTA table TMA'd to SMEM, semaphore seam, lax.switch over all branches)
-lowers at glm5_slice. Next: the weight ring across consecutive tasks (issue the next task's first tiles before its
-dependency wait), the attention / indexer bodies from `mla_attention.py` / `indexer.py`, ROUTER_SELECT (top-k) as
-SMEM loops.
+moves one row per token by TMA; ROUTER_SELECT is scalar loops over SMEM (E is small). These ten lower for CUDA at
+glm5_slice and run in GPU interpret mode on the CPU tests' configs (with 64 x 64 tiles as on the GPU, and with 32 x
+16 tiles that fit tiny's 16-wide heads). Where a branch's shapes do not split into the tiles, and for the other
+opcodes (INDEX_SCORE, INDEX_TOPK, ATTN), the v1 body runs: plain `jnp` on values loaded from the GMEM refs, the
+numerics of `simulate.py`'s tile references; those run in interpret mode only (Mosaic GPU has no gather, top_k,
+general dot_general, and wants register vectors of 128-multiples). All 13 opcodes run in GPU interpret mode
+(tests/test_persistent_kernel.py: tiny, float32 and bf16, T = 1 and 3, context past index_topk;
+Engine(backend="persistent") greedy == XLA with D = 0 and 1). The kernel's skeleton (132 CTAs, per-CTA table TMA'd
+to SMEM, semaphore seam, lax.switch over all branches) lowers at glm5_slice. Next: the weight ring across
+consecutive tasks (issue the next task's first tiles before its dependency wait), the attention / indexer bodies
+from `mla_attention.py` / `indexer.py`.
 """
 from __future__ import annotations
 
@@ -293,7 +293,8 @@ def _i32(x):
 # tiles, and the jnp body below runs instead (CPU test configs only).
 _TILED = {Op.GEMV: tl.gemv_body, Op.SWIGLU_UP: tl.swiglu_up_body, Op.SWIGLU_DOWN: tl.swiglu_down_body,
           Op.MOE_COMBINE: tl.combine_body, Op.EMBED: tl.embed_body, Op.ABSORB: tl.absorb_body,
-          Op.KV_WRITE: tl.kv_write_body, Op.IK_WRITE: tl.ik_write_body, Op.UV: tl.uv_body}
+          Op.KV_WRITE: tl.kv_write_body, Op.IK_WRITE: tl.ik_write_body, Op.UV: tl.uv_body,
+          Op.ROUTER_SELECT: tl.router_body}
 
 
 def _branch_fn(key, r: _Refs):
@@ -561,6 +562,17 @@ def _slot_shapes(plan: KernelPlan):
     return None
 
 
+def _router_shape(plan: KernelPlan):
+    """(E, top_k, n_group, U) of the ROUTER_SELECT tasks, None without."""
+    for key in plan.branches:
+        if key[0] == Op.ROUTER_SELECT:
+            top_k, n_group = key[1][0], key[1][1]
+            e = next(b.shape[-1] for b in plan.schedule.buffers if b.name.endswith("/router_logits"))
+            u = next(b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/slot_expert"))
+            return e, top_k, n_group, u
+    return None
+
+
 def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None, interpret: bool) -> dict:
     if tiles is None:
         return {}
@@ -570,7 +582,7 @@ def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None, interpret: boo
     splits = [b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/o_part")]
     index_dim = max((b.shape[-1] for b in plan.schedule.buffers if b.name.endswith("/index_k")), default=0)
     return tl.scratch_types(_JNP[hidden.dtype], hidden.shape[-1], rope, index_dim, max(parts, default=0), _slot_shapes(plan), tiles,
-                            interpret, max(splits, default=0))
+                            interpret, max(splits, default=0), _router_shape(plan))
 
 
 def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.TileConfig | None, interpret: bool,

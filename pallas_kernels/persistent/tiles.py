@@ -1,6 +1,6 @@
 """Op bodies of the persistent kernel that lower for Mosaic GPU (DESIGN.md sec. 4): the GEMV family (GEMV,
 SWIGLU_UP, SWIGLU_DOWN, ABSORB, UV) as TMA weight tiles + swap-AB wgmma; KV_WRITE, IK_WRITE (norms, RoPE as SMEM
-scalar loops), MOE_COMBINE and EMBED on SMEM tiles.
+scalar loops), MOE_COMBINE and EMBED on SMEM tiles; ROUTER_SELECT as scalar SMEM loops.
 
 The weight bytes of a decode step are GEMV-shaped (o_proj and the experts are ~85% of them), so these bodies
 are the ones that must stream at the HBM ceiling. Each task streams its [TK x TN] weight tiles through a ring of
@@ -72,7 +72,7 @@ def rows_per_copy(shape, itemsize: int) -> int:
 
 
 def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int, slot_shapes, cfg: TileConfig,
-                  interpret: bool, attn_splits: int = 0) -> dict:
+                  interpret: bool, attn_splits: int = 0, router=None) -> dict:
     """The kernel-wide SMEM of the tile bodies (allocated once, reused by every task).
 
     dtype: the model's activation / weight dtype; hidden: D (one embedding row); rope: R; index_dim: the indexer's
@@ -108,6 +108,11 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
                    t_cos=plgpu.SMEM((TP, rope // 2), dtype), t_sin=plgpu.SMEM((TP, rope // 2), dtype))
     if index_dim:
         out["t_ik"] = plgpu.SMEM((TP, index_dim), dtype)
+    if router is not None:  # ROUTER_SELECT: (E, top_k, n_group, U)
+        e, k, g, u = router
+        out.update(t_rs=plgpu.SMEM((3, e), jnp.float32), t_rid=plgpu.SMEM((TP, k), jnp.int32),
+                   t_rw=plgpu.SMEM((TP, k), jnp.float32), t_pres=plgpu.SMEM((e,), jnp.int32),
+                   t_gk=plgpu.SMEM((g,), jnp.float32), t_rsel=plgpu.SMEM((u,), jnp.int32))
     if attn_splits:  # UV: the split-KV partial outputs of a TK slice, per ring slot, and the merge weights
         sw32 = () if interpret else swizzle_transforms(jnp.float32)
         out["t_op"] = plgpu.SMEM((s, attn_splits, TP, cfg.tile_k), jnp.float32, transforms=sw32)
@@ -716,4 +721,105 @@ def uv_body(r, key, consts):
 
             (acc,) = tiles.stream(c_dim // tiles.tk, 1, 2, issue, compute)
             tiles.store(acc, v_ref.at[t.out(0), pl.ds(c(0), tokens), head, pl.ds(c0, n)], tokens, n)
+    return fn
+
+
+def router_body(r, key, consts):
+    """ROUTER_SELECT as scalar loops over SMEM (E is small): sigmoid + bias choice, group-limited top-k (ties to the
+    lower index, as `lax.top_k`), normalised weights x ROUTED_SCALE (`simulate._route`), the distinct experts in
+    increasing order into the U slots and coef[u, t]; outputs stored as GMEM scalars. None when it does not fit."""
+    from pallas_kernels.persistent.format import C_ROUTED_SCALE
+    _, (top_k, n_group, topk_group, norm), wstk, islots, oslots = key
+    tiles, lg_ref, sel_ref, coef_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0]), _stack(r, oslots[1])
+    if tiles is None or any(a is None for a in (lg_ref, sel_ref, coef_ref)) or "t_rs" not in tiles.s:
+        return None
+    bias = r.weights[wstk[0]]
+    tokens, e = lg_ref.shape[1:]
+    u = sel_ref.shape[1]
+    if tiles.s["t_rs"].shape[1] != e or tiles.s["t_rid"].shape[1] != top_k or tiles.s["t_gk"].shape[0] != n_group:
+        return None
+    s, c = tiles.s, tiles.c
+    gsize = e // n_group
+    scale = float(consts[C_ROUTED_SCALE])
+    neg = jnp.float32(-jnp.inf)
+
+    def fn(t: TaskView):
+        li, bi, rs, gk, pres = t.inp(0), t.w(0), s["t_rs"], s["t_gk"], s["t_pres"]
+        rid, rw, rsel = s["t_rid"], s["t_rw"], s["t_rsel"]
+
+        @pl.loop(0, e)
+        def _(i):
+            pres[i] = jnp.int32(0)
+
+        for tt in range(tokens):
+            ti = c(tt)
+
+            @pl.loop(0, e)
+            def _(i):
+                sg = 1.0 / (1.0 + jnp.exp(-lg_ref[li, ti, i]))
+                rs[c(0), i] = sg
+                rs[c(1), i] = sg + bias[bi, i]
+
+            gscores = []
+            for g in range(n_group):  # sum of the group's top-2 choices
+                def top2(i, carry, g=g):
+                    m1, m2 = carry
+                    v = rs[c(1), g * gsize + i]
+                    return jnp.where(v > m1, v, m1), jnp.where(v > m1, m1, jnp.where(v > m2, v, m2))
+                m1, m2 = lax.fori_loop(0, gsize, top2, (neg, neg))
+                gscores.append(m1 + m2)
+            taken = [c(0) > 0] * n_group  # traced: Mosaic lowers no boolean constants
+            for _ in range(topk_group):  # the topk_group best groups, lowest index first on ties
+                best, bidx = neg, c(-1)
+                for g in range(n_group):
+                    better = jnp.logical_and(jnp.logical_not(taken[g]), jnp.logical_or(gscores[g] > best,
+                                                                                      bidx < 0))
+                    best, bidx = jnp.where(better, gscores[g], best), jnp.where(better, c(g), bidx)
+                taken = [jnp.logical_or(taken[g], bidx == g) for g in range(n_group)]
+            for g in range(n_group):
+                gk[c(g)] = jnp.where(taken[g], jnp.float32(1.0), jnp.float32(0.0))
+
+            @pl.loop(0, e)
+            def _(i):
+                rs[c(2), i] = jnp.where(gk[i // gsize] > 0, rs[c(1), i], neg)
+
+            total = jnp.float32(0.0)
+            for j in range(top_k):
+                def amax(i, carry):
+                    bv, bix = carry
+                    v = rs[c(2), i]
+                    better = jnp.logical_or(v > bv, bix < 0)
+                    return jnp.where(better, v, bv), jnp.where(better, i, bix)
+                _, bix = lax.fori_loop(0, e, amax, (neg, c(-1)))
+                rs[c(2), bix] = neg
+                rid[ti, c(j)] = bix
+                wv = rs[c(0), bix]
+                rw[ti, c(j)] = wv
+                total = total + wv
+                pres[bix] = jnp.int32(1)
+            denom = total + 1e-20 if norm else jnp.float32(1.0)
+            for j in range(top_k):
+                rw[ti, c(j)] = rw[ti, c(j)] / denom * scale if norm else rw[ti, c(j)] * scale
+
+        for j in range(u):
+            rsel[c(j)] = jnp.int32(-1)
+
+        def place(i, n_used):
+            hit = pres[i] > 0
+
+            @pl.when(hit)
+            def _():
+                rsel[n_used] = i
+            return n_used + hit.astype(jnp.int32)
+        lax.fori_loop(0, e, place, c(0))
+
+        oi, oc = t.out(0), t.out(1)
+        for j in range(u):
+            ex = rsel[c(j)]
+            sel_ref[oi, c(j)] = ex
+            for tt in range(tokens):
+                acc = jnp.float32(0.0)
+                for kk in range(top_k):
+                    acc = acc + jnp.where(rid[c(tt), c(kk)] == ex, rw[c(tt), c(kk)], jnp.float32(0.0))
+                coef_ref[oc, c(j), c(tt)] = acc
     return fn

@@ -5,7 +5,7 @@
     python3 experiments/bench_glm5_8gpu.py --merge a.json b.json --out merged.json   # runs split over commands
 
 Per layout (hetero: 1 index worker + 7 MLA/expert workers; homogeneous), backend, context (4K, 32K, 128K) and MTP
-depth (0, 3): the back-to-back ms per decode step at batch 1 (`bench_roles.time_step`), bytes per step
+depth (0, 3): the back-to-back ms per decode step at batch 1 (`bench_decode.time_step`), bytes per step
 (`glm_fast.accounting`: weights once, FP8 experts, cache traffic; D > 0 adds the D MTP draft passes), roofline
 fraction = bytes / (N x HBM bandwidth measured in this run) / time, and `roles_model`'s prediction of the same
 step beside it. Random weights accept no drafts, so tokens/s with MTP is projected with the acceptance measured
@@ -50,8 +50,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import roles_model  # noqa: E402
-from bench_decode import measure_hbm, synthetic_state  # noqa: E402
-from bench_roles import measure_interconnect, time_step  # noqa: E402
+from bench_decode import measure_hbm, synthetic_state, time_step  # noqa: E402
+from bench_roles import measure_interconnect  # noqa: E402
 
 from glm_fast import accounting, load_config, results  # noqa: E402
 from glm_fast.engine.cache import new_state  # noqa: E402

@@ -34,30 +34,12 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_decode import measure_hbm, synthetic_state  # noqa: E402
+from bench_decode import measure_hbm, synthetic_state, time_step  # noqa: E402
 
 from glm_fast import Engine, Model, accounting, load_config, results  # noqa: E402
 from glm_fast.engine.engine import _Mode  # noqa: E402
 from glm_fast.parallel import RolesEngine  # noqa: E402
 from glm_fast.parallel.shard import AXIS, shard_map  # noqa: E402
-
-
-def time_step(engine: Engine, state, depth: int, steps: int, warmup: int) -> dict:
-    """Back-to-back ms per decode step of `engine` from `state` (donated), plus compile time."""
-    step = engine._fn("step", _Mode(depth, True, 0.0, 1.0))
-    key = jax.random.key(0)
-    tc = time.perf_counter()
-    compiled = step.lower(engine.params, state, key).compile()
-    compile_s = time.perf_counter() - tc
-    for _ in range(warmup):
-        state, emitted, n = compiled(engine.params, state, key)
-    jax.block_until_ready(state)
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, emitted, n = compiled(engine.params, state, key)
-    jax.block_until_ready((state, emitted))
-    return {"ms_per_step": 1e3 * (time.perf_counter() - t) / steps, "step_compile_s": compile_s,
-            "measured_accepted_per_step": 1 + float(np.mean(np.asarray(n)))}
 
 
 def time_collective(mesh, op: str, nbytes: int, dtype: str = "float32", reps: int = 20, trials: int = 5) -> float:

@@ -1,8 +1,10 @@
-"""Helpers shared by the kernel test files: per-case random keys and lowering the kernels for the H200."""
+"""Helpers shared by the kernel test files: per-case random keys, the interpret/GPU runner base class, and
+lowering the kernels for the H200."""
 import inspect
 import zlib
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import _compat
@@ -21,3 +23,23 @@ def lower_for_h200(fn, *args):
             pytest.skip("cannot lower for CUDA on this jax: Traced.lower has no lowering_platforms")
         lowered = traced.lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
+
+
+class KernelRunner:
+    """Base of the kernel test classes: `INTERPRET` picks Pallas GPU interpret mode (CPU) or the compiled kernel.
+
+    On the GPU, `run` first frees a NaN-filled 256 MB block so the kernel's outputs land in NaN memory: an
+    output element the kernel never writes stays NaN and fails the comparison."""
+    INTERPRET = False
+
+    @pytest.fixture(autouse=True)
+    def _fresh_interpreter(self):
+        if self.INTERPRET:
+            _compat.reset_interpret_state()  # GPU interpret mode keeps process-wide state
+        yield
+
+    def run(self, fn, *args, **kwargs):
+        if not self.INTERPRET:
+            poison = jnp.full((64 * 1024 * 1024,), jnp.nan, jnp.float32).block_until_ready()
+            del poison  # the next allocations reuse this NaN-filled memory
+        return jax.block_until_ready(fn(*args, interpret=self.INTERPRET, **kwargs))

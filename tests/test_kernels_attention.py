@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_testing import case_key, lower_for_h200
+from kernel_testing import KernelRunner, case_key, lower_for_h200
 
-from pallas_kernels import _compat, ref
+from pallas_kernels import ref
 from pallas_kernels import indexer as indexer_mod
 from pallas_kernels.indexer import IndexerConfig, indexer_scores, indexer_topk
 from pallas_kernels.mla_attention import MLAConfig, sparse_mla_attention
@@ -126,7 +126,7 @@ def check_topk(idx, valid, scores, k, ref_scores=None, tol=0.0, exact_ref=False)
                 assert (np.abs(r[diff] - kth) <= tol).all(), f"({b},{t}): non-tie indices differ from the reference"
 
 
-class _Cases:
+class _Cases(KernelRunner):
     INTERPRET = False
     SHAPES = GLM5
     SCORE_GRID = [(b, t, s) for b in (1, 2) for t in (1, 4) for s in (4096, 32768, 131072)] + [(2, 4, 4000)]
@@ -135,18 +135,6 @@ class _Cases:
     MLA_K = 2048
     INDEXER_CONFIGS = [IndexerConfig(), IndexerConfig(block_s=128, num_stages=3, select_resident_bytes=0)]
     MLA_CONFIGS = [MLAConfig(), MLAConfig(gather="xla"), MLAConfig(num_splits=1, num_stages=1)]
-
-    @pytest.fixture(autouse=True)
-    def _fresh_interpreter(self):
-        if self.INTERPRET:
-            _compat.reset_interpret_state()  # GPU interpret mode keeps process-wide state
-        yield
-
-    def run(self, fn, *args, **kwargs):
-        if not self.INTERPRET:
-            poison = jnp.full((64 * 1024 * 1024,), jnp.nan, jnp.float32).block_until_ready()
-            del poison  # the next allocations reuse this NaN-filled memory
-        return jax.block_until_ready(fn(*args, interpret=self.INTERPRET, **kwargs))
 
     def indexer_inputs(self, B, T, S, **kw):
         sh = self.SHAPES

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_testing import case_key, lower_for_h200
+from kernel_testing import KernelRunner, case_key, lower_for_h200
 
-from pallas_kernels import _compat, fp8, ref
+from pallas_kernels import fp8, ref
 from pallas_kernels import gemv as gemv_mod
 from pallas_kernels import moe as moe_mod
 from pallas_kernels.gemv import GemvConfig, gemv, gemv_fp8
@@ -92,24 +92,11 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("case,t", grid, ids=[f"{c}-T{t}" for c, t in grid])
 
 
-class _Cases:
+class _Cases(KernelRunner):
     INTERPRET = False
     GEMV = GEMV_GLM5
     MOE = MOE_GLM5
     GRID = FULL_GRID
-
-    @pytest.fixture(autouse=True)
-    def _fresh_interpreter(self):
-        if self.INTERPRET:
-            _compat.reset_interpret_state()  # GPU interpret mode keeps process-wide state
-        yield
-
-    def run(self, fn, *args, **kwargs):
-        if not self.INTERPRET:
-            poison = jnp.full((64 * 1024 * 1024,), jnp.nan, jnp.float32).block_until_ready()
-            del poison  # the next allocations reuse this NaN-filled memory
-        out = fn(*args, interpret=self.INTERPRET, **kwargs)
-        return jax.block_until_ready(out)
 
     # -- GEMV --------------------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pallas_kernels import _compat
@@ -43,3 +44,15 @@ class KernelRunner:
             poison = jnp.full((64 * 1024 * 1024,), jnp.nan, jnp.float32).block_until_ready()
             del poison  # the next allocations reuse this NaN-filled memory
         return jax.block_until_ready(fn(*args, interpret=self.INTERPRET, **kwargs))
+
+
+def assert_rel_close(out, want, tol_rel: float, tol_max: float, what: str = ""):
+    """Every output finite (unwritten outputs are NaN-poisoned on the GPU), then the norm-relative error < tol_rel
+    and max |error| / max |want| < tol_max."""
+    out, want = np.asarray(out, np.float32), np.asarray(want, np.float32)
+    assert out.shape == want.shape, (out.shape, want.shape)
+    bad = ~np.isfinite(out)
+    assert not bad.any(), f"{bad.sum()} of {out.size} outputs non-finite (unwritten/poisoned or NaN)"
+    rel = np.linalg.norm(out - want) / np.linalg.norm(want)
+    mx = np.abs(out - want).max() / np.abs(want).max()
+    assert rel < tol_rel and mx < tol_max, f"{what}relative error {rel:.3g} (< {tol_rel}), max {mx:.3g} (< {tol_max})"

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_testing import KernelRunner, case_key, lower_for_h200
+from kernel_testing import KernelRunner, assert_rel_close, case_key, lower_for_h200
 
 from pallas_kernels import ref
 from pallas_kernels import indexer as indexer_mod
@@ -86,14 +86,7 @@ def assert_scores_close(out, want, dtype):
 
 
 def assert_mla_close(out, want, dtype):
-    out, want = np.asarray(out, np.float32), np.asarray(want, np.float32)
-    assert out.shape == want.shape, (out.shape, want.shape)
-    bad = ~np.isfinite(out)
-    assert not bad.any(), f"{bad.sum()} of {out.size} outputs non-finite (unwritten/poisoned or NaN)"
-    rel = np.linalg.norm(out - want) / np.linalg.norm(want)
-    mx = np.abs(out - want).max() / np.abs(want).max()
-    tol_rel, tol_max = MLA_TOL[dtype]
-    assert rel < tol_rel and mx < tol_max, f"relative error {rel:.3g} (< {tol_rel}), max {mx:.3g} (< {tol_max})"
+    assert_rel_close(out, want, *MLA_TOL[dtype])
 
 
 def check_topk(idx, valid, scores, k, ref_scores=None, tol=0.0, exact_ref=False):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_testing import KernelRunner, case_key, lower_for_h200
+from kernel_testing import KernelRunner, assert_rel_close, case_key, lower_for_h200
 
 from pallas_kernels import fp8, ref
 from pallas_kernels import gemv as gemv_mod
@@ -48,14 +48,7 @@ def _rnd(key, shape, scale=1.0, dtype=jnp.bfloat16):
 
 
 def assert_close(out, want, fmt: str):
-    out, want = np.asarray(out, np.float32), np.asarray(want, np.float32)
-    assert out.shape == want.shape, (out.shape, want.shape)
-    bad = ~np.isfinite(out)
-    assert not bad.any(), f"{bad.sum()} of {out.size} outputs non-finite (unwritten/poisoned or NaN)"
-    rel = np.linalg.norm(out - want) / np.linalg.norm(want)
-    mx = np.abs(out - want).max() / np.abs(want).max()
-    tol_rel, tol_max = TOL[fmt]
-    assert rel < tol_rel and mx < tol_max, f"{fmt}: relative error {rel:.3g} (< {tol_rel}), max {mx:.3g} (< {tol_max})"
+    assert_rel_close(out, want, *TOL[fmt], what=f"{fmt}: ")
 
 
 def _moe_inputs(key, t, e, k, d, i, si):

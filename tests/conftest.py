@@ -1,7 +1,9 @@
 """Shared test set-up: GPU tests skip with a reason on machines without a CUDA device."""
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", os.environ.get("GLM_FAST_TEST_PLATFORMS", "cpu"))
+_platforms = os.environ.get("GLM_FAST_TEST_PLATFORMS", "cpu")
+# The first platform is the default backend; the CPU stays listed for host callbacks (`jax.debug.callback`).
+os.environ.setdefault("JAX_PLATFORMS", _platforms if "cpu" in _platforms.split(",") else f"{_platforms},cpu")
 
 import jax  # noqa: E402  (platform must be chosen before jax initialises)
 import pytest  # noqa: E402

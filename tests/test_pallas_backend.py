@@ -1,6 +1,7 @@
 """`backend="pallas"`: the engine's decode step through the Pallas kernels gives the XLA backend's greedy tokens
 and logits. CPU: a bf16 `tiny` variant on the kernels' tile granularity, kernels in GPU interpret mode, checking
-that every kernel really ran. GPU (`gpu` mark): `glm5_slice` with random weights, 256 greedy steps."""
+that every kernel really ran. GPU (`gpu` mark): `glm5_slice` with random weights: each kernel call against its reference inside the jitted
+step, whole-step logits against a float32 step (bf16 XLA's own distance is the bound), 256 greedy steps."""
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from flax import nnx
 from glm_fast import Engine, Model, load_config
 from glm_fast.engine.cache import new_state
 from glm_fast.engine.forward import main_cached
-from glm_fast.engine.ops import PALLAS, XLA
+from glm_fast.engine.ops import PALLAS, XLA, checked
 from pallas_kernels import gemv, indexer, mla_attention, moe
 
 # The kernels each backend op should reach at decode shapes (module, function name).
@@ -31,16 +32,22 @@ def _counting(monkeypatch):
     return calls
 
 
+def _forward(graphdef, ops):
+    """Jitted cached forward of the model `graphdef` through `ops`: (params, caches, tokens [B, T], pos [B, T])
+    -> (logits [B, T, V], caches)."""
+    return jax.jit(lambda p, caches, tok, pos: main_cached(nnx.merge(graphdef, p), caches, tok, pos,
+                                                            jnp.ones_like(pos, bool), ops)[::2])
+
+
 def _step_logits(model, ops, tokens, ctx: int, rows: int):
     """Prefill `ctx` prompt tokens with XLA, then `rows` new tokens through `ops`: logits [B, rows, V] f32."""
     graphdef, params = nnx.split(model)
-    run = jax.jit(lambda p, caches, tok, pos, o: main_cached(nnx.merge(graphdef, p), caches, tok, pos,
-                                                              jnp.ones_like(pos, bool), o), static_argnums=(4,))
     b = tokens.shape[0]
     state = new_state(model.cfg, b, ctx + rows + 8, 0, model.dtype)
-    _, _, caches = run(params, state.layers, tokens[:, :ctx], jnp.broadcast_to(jnp.arange(ctx), (b, ctx)), XLA)
+    _, caches = _forward(graphdef, XLA)(params, state.layers, tokens[:, :ctx],
+                                        jnp.broadcast_to(jnp.arange(ctx), (b, ctx)))
     pos = jnp.broadcast_to(ctx + jnp.arange(rows), (b, rows))
-    logits, _, _ = run(params, caches, tokens[:, ctx:ctx + rows], pos, ops)
+    logits, _ = _forward(graphdef, ops)(params, caches, tokens[:, ctx:ctx + rows], pos)
     return np.asarray(logits, np.float32)
 
 
@@ -71,14 +78,91 @@ def test_pallas_backend_matches_xla_in_interpret_mode(monkeypatch):
     _assert_same_greedy(model, prompt, 6)
     assert {name for _, name in KERNELS} <= set(calls), calls
     _compare_logits(model, ctx=40, rows=3, tol=2e-2)
+    worst = _in_step_errors(model, ctx=40, rows=3)
+    assert worst.pop("indexer_topk") == 0.0 and all(v < 2e-2 for v in worst.values()), worst
+
+
+def _in_step_errors(model, ctx: int, rows: int) -> dict:
+    """Every backend op's calls inside one jitted step, each against its reference on the same inputs:
+    {op: worst error over calls and rows} (`ops.checked`)."""
+    log = []
+    tokens = jax.random.randint(jax.random.key(ctx + rows), (1, ctx + rows), 0, model.cfg.vocab_size)
+    _step_logits(model, checked(PALLAS, log), tokens, ctx, rows)
+    worst = {}
+    for r in log:
+        worst[r["op"]] = max(worst.get(r["op"], 0.0), *r["rel_err_per_row"])
+    return worst
 
 
 @pytest.mark.gpu
-def test_pallas_backend_matches_xla_on_glm5_slice():
-    """glm5_slice, random bf16 weights, 4K-row cache: 256 greedy steps identical; decode (T=1) and MTP
-    verification (T=4) logits within 2e-2 of max |logit|."""
+@pytest.mark.parametrize("rows", [1, 4])
+def test_pallas_kernels_match_references_inside_the_glm5_slice_step(rows):
+    """glm5_slice, random bf16 weights, 3000 cached tokens (past index_topk), a decode (T=1) or MTP verification
+    (T=4) step: every kernel call within 2e-2 of its reference on the same in-step inputs (measured <= 4e-3),
+    the indexer's top-k sets identical."""
     model = Model(load_config("glm5_slice").model, rngs=nnx.Rngs(0))
-    for rows in (1, 4):
-        _compare_logits(model, ctx=3000, rows=rows, tol=2e-2)
-    prompt = list(np.random.RandomState(1).randint(0, model.cfg.vocab_size, 2500))
-    _assert_same_greedy(model, prompt, 256)
+    worst = _in_step_errors(model, ctx=3000, rows=rows)
+    assert set(worst) == {"indexer_topk", "sparse_mla_attention", "moe_experts", "lm_head"}, worst
+    assert worst.pop("indexer_topk") == 0.0
+    assert all(v < 2e-2 for v in worst.values()), worst
+
+
+def _float32(model):
+    """The same model with float32 weights (the rounding-free reference)."""
+    graphdef, params = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(
+        lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, params))
+
+
+def _decode(model, ops, prompt, steps: int, forced=None) -> np.ndarray:
+    """Prefill `prompt` [1, P] with XLA, then `steps` decode steps (T=1) through `ops`, each feeding the previous
+    argmax, or forced[i] (teacher forcing) when given: the prefill's argmax, then each step's [1 + steps]."""
+    graphdef, params = nnx.split(model)
+    n = prompt.shape[1]
+    state = new_state(model.cfg, 1, n + steps + 8, 0, model.dtype)
+    logits, caches = _forward(graphdef, XLA)(params, state.layers, prompt, jnp.arange(n)[None])
+    step, out = _forward(graphdef, ops), [int(logits[0, -1].argmax())]
+    for i in range(steps):
+        tok = out[-1] if forced is None else int(forced[i])
+        logits, caches = step(params, caches, jnp.full((1, 1), tok), jnp.full((1, 1), n + i))
+        out.append(int(logits[0, 0].argmax()))
+    return np.array(out)
+
+
+@pytest.mark.gpu
+def test_pallas_backend_is_as_close_to_float32_as_xla_on_glm5_slice():
+    """Whole-step logits against a float32 XLA step on the same weights: per token row, the pallas backend is
+    no further from float32 than the bf16 XLA backend (x1.25 + 5e-3). Past index_topk, bf16 rounding flips DSA
+    top-k rows and MoE experts downstream, so bf16 XLA itself sits up to ~25% of max |logit| from float32
+    (experiments/diagnose_backend.py); a direct pallas-vs-XLA bound at 2e-2 would test that chaos, not the
+    kernels (their own error is the test above)."""
+    model = Model(load_config("glm5_slice").model, rngs=nnx.Rngs(0))
+    ctx, rows = 3000, 4
+    tokens = jax.random.randint(jax.random.key(1), (1, ctx + rows), 0, model.cfg.vocab_size)
+    xla, pallas = (_step_logits(model, ops, tokens, ctx, rows)[0] for ops in (XLA, PALLAS))
+    model32 = _float32(model)
+    f32 = _step_logits(model32, XLA, tokens, ctx, rows)[0]
+    assert np.isfinite(pallas).all() and np.isfinite(xla).all()
+    err = lambda got: np.abs(got - f32).max(-1) / np.abs(f32).max(-1)  # noqa: E731  per row
+    assert (err(pallas) <= 1.25 * err(xla) + 5e-3).all(), (err(pallas), err(xla))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prompt_len", [1000, 2500])
+def test_pallas_backend_greedy_tracks_xla_on_glm5_slice(prompt_len):
+    """glm5_slice, random bf16 weights, 256 greedy steps after a 1000-token (DSA selects every row) or 2500-token
+    (past index_topk) prompt. XLA's greedy tokens are fed to both backends (teacher forcing); the pallas
+    backend's argmax must agree with XLA's at least as often as a float32 XLA step's does.
+
+    Why not free-running identity: a random model's logits are nearly flat (max ~7, top-2 gap ~0.3 and often
+    far less over 155K candidates), and bf16 rounding alone moves a logit by ~0.4%, so any two bf16
+    implementations with different summation orders part ways within a few steps (measured: step 5 after the
+    1000-token prompt); the discrete DSA top-k and MoE routing then amplify it (see the float32 test)."""
+    model = Model(load_config("glm5_slice").model, rngs=nnx.Rngs(0))
+    prompt = jnp.asarray(np.random.RandomState(prompt_len).randint(0, model.cfg.vocab_size, (1, prompt_len)))
+    want = _decode(model, XLA, prompt, 256)  # XLA's free-running greedy tokens
+    model32 = _float32(model)
+    agree = {name: float((_decode(m, ops, prompt, 256, forced=want)[1:] == want[1:]).mean())
+             for name, m, ops in [("pallas", model, PALLAS), ("float32", model32, XLA)]}
+    print(f"teacher-forced argmax agreement with XLA bf16, prompt {prompt_len}: {agree}")
+    assert agree["pallas"] >= agree["float32"], agree

@@ -22,6 +22,11 @@ from pallas_kernels import ref
 _KERNEL_ROWS = 8  # gemv / MoE kernels: T <= 8 tokens (the wgmma N of the swap-AB tiles)
 _INDEXER_COLS = 256  # indexer scores kernel: T * heads <= 256 and a multiple of 8
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# Tuning measured on the H200 (experiments/results/bench_kernels_attention_variants_h200.json): the radix
+# select beats lax.top_k on the kernel's scores up to 4K cached rows and loses from 32K on (131K, T=1: 755 vs
+# 131 us); the XLA-gathered sparse MLA beats per-row TMA copies everywhere (4K, T=1: 44 vs 94 us).
+_RADIX_SELECT_MAX_ROWS = 8192
+_MLA_GATHER = "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +69,12 @@ def _interpret() -> bool:
 
 
 def _pallas_indexer_topk(q, head_w, keys, q_pos, scale, k):
-    from pallas_kernels.indexer import indexer_topk
+    from pallas_kernels.indexer import IndexerConfig, indexer_topk
     t, n, h = q.shape[1:]
     if q.dtype in _HALF and keys.dtype == q.dtype and t * n <= _INDEXER_COLS and (t * n) % 8 == 0 and h % 16 == 0:
-        return indexer_topk(q, head_w, keys, q_pos, scale, k, interpret=_interpret())
+        select = "pallas" if keys.shape[1] <= _RADIX_SELECT_MAX_ROWS else "lax"
+        return indexer_topk(q, head_w, keys, q_pos, scale, k, config=IndexerConfig(select=select),
+                            interpret=_interpret())
     return ref.indexer_topk(q, head_w, keys, q_pos, scale, k)
 
 
@@ -85,7 +92,7 @@ def _pallas_sparse_mla(q_lat, q_pe, c_kv, k_pe, idx, valid, scale):
     from pallas_kernels.mla_attention import MLAConfig, sparse_mla_attention
     if not _mla_fits(q_lat, q_pe):
         return ref.sparse_mla_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, scale)
-    config = MLAConfig(block_k=16) if _interpret() else MLAConfig()
+    config = MLAConfig(block_k=16) if _interpret() else MLAConfig(gather=_MLA_GATHER)
     return sparse_mla_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, scale, config=config, interpret=_interpret())
 
 
@@ -127,6 +134,38 @@ PALLAS = Ops("pallas", _pallas_indexer_topk, _pallas_sparse_mla, _pallas_moe, _p
 PERSISTENT = dataclasses.replace(XLA, name="persistent")
 
 BACKENDS = {"xla": lambda: XLA, "pallas": lambda: PALLAS, "persistent": lambda: PERSISTENT}
+
+
+OP_FIELDS = ("indexer_topk", "sparse_mla_attention", "moe_experts", "lm_head")
+
+
+def row_err(got, want, axis):
+    """max |got - want| over `axis` / max |want| (float32), per remaining (token-row) index."""
+    got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+    return jnp.abs(got - want).max(axis=axis) / jnp.abs(want).max()
+
+
+def checked(backend: Ops, log: list, fields=OP_FIELDS, reference: Ops = XLA) -> Ops:
+    """`reference`'s table with `fields` taken from `backend`, each call also checked against `reference` on the
+    same in-step inputs: {"op", "call", "rel_err_per_row"} dicts are appended to `log` from inside the jit (via
+    `jax.debug.callback`). Errors: the fraction of differing top-k indices (sets compared sorted) for the indexer,
+    max |kernel - reference| / max |reference| per token row otherwise. Isolates a kernel's own error from the
+    divergence that flipped discrete choices (DSA top-k, MoE routing) cause downstream in a whole step."""
+    def wrap(op: str):
+        fast, slow = getattr(backend, op), getattr(reference, op)
+
+        def run(*args):
+            out, want = fast(*args), slow(*args)
+            if op == "indexer_topk":  # kernel order is by index, the reference's by score
+                err = (jnp.sort(out[0], -1) != jnp.sort(want[0], -1)).mean(axis=(0, 2))
+            else:  # sparse MLA [B, T, N, C] -> per T; experts / head [rows, X] -> per row
+                err = row_err(out, want, (0, 2, 3) if op == "sparse_mla_attention" else (1,))
+            jax.debug.callback(lambda e: log.append({"op": op, "call": sum(r["op"] == op for r in log),
+                                                     "rel_err_per_row": [round(float(v), 5) for v in e]}), err)
+            return out
+        return run
+    return dataclasses.replace(reference, name=f"checked:{backend.name}:{','.join(fields)}",
+                               **{f: wrap(f) for f in fields})
 
 
 class BackendError(ValueError):

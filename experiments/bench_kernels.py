@@ -18,11 +18,9 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import json
 import os
-import platform
+import pathlib
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -33,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from glm_fast import results  # noqa: E402
 from pallas_kernels import fp8, ref  # noqa: E402
 from pallas_kernels.gemv import gemv, gemv_fp8  # noqa: E402
 from pallas_kernels.indexer import IndexerConfig, indexer_topk  # noqa: E402
@@ -244,27 +243,6 @@ def bench_mla(case: dict, tokens: list, reps: int, ceilings: dict, rows: list, i
                           lambda *a: ref.sparse_mla_attention(*a, scale), batch, nbytes, reps, ceilings, rows)
 
 
-def _machine() -> dict:
-    devs = jax.devices()
-    info = {"device": devs[0].device_kind, "device_count": len(devs), "platform": devs[0].platform,
-            "cpu": platform.processor() or platform.machine(), "host": platform.node()}
-    try:
-        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
-    except Exception:  # noqa: BLE001
-        info["driver"] = None
-    return info
-
-
-def _git_commit() -> str | None:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny shapes in GPU interpret mode (CPU smoke test)")
@@ -292,27 +270,14 @@ def main(argv=None):
     if "gemv" in only:
         for fmt in ("bf16", "fp8"):
             bench_gemv(gemv_cases, args.tokens, fmt, reps, ceilings, rows, interpret)
-    result = {
-        "experiment": "bench_kernels",
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "git_commit": _git_commit(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                     "jaxlib": __import__("jaxlib").__version__},
-        "config": {"name": "tiny" if args.tiny else "glm5", "tokens": args.tokens, "reps": reps,
-                   "l2_rotation_bytes": 4 * L2_BYTES, "interpret": interpret},
-        "ceilings": ceilings,
-        "rows": rows,
-        "wall_s": time.time() - start,
-    }
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"kernels_{datetime.date.today().isoformat()}{'_tiny' if args.tiny else ''}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    print(f"wrote {out} ({len(rows)} rows, {result['wall_s']:.0f} s)")
-    return result
+    config = {"name": "tiny" if args.tiny else "glm5", "tokens": args.tokens, "reps": reps,
+              "l2_rotation_bytes": 4 * L2_BYTES, "interpret": interpret}
+    record = results.result("bench_kernels", config, rows, ceilings, wall_s=time.time() - start)
+    out = pathlib.Path(args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                       f"kernels_{datetime.date.today().isoformat()}{'_tiny' if args.tiny else ''}.json"))
+    results.write(record, out.parent, out.stem)
+    print(f"wrote {out} ({len(rows)} rows, {record['wall_s']:.0f} s)")
+    return record
 
 
 if __name__ == "__main__":

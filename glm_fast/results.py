@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import pathlib
 import platform
@@ -46,11 +47,23 @@ def git_commit() -> str | None:
         return None
 
 
+def source_hash() -> str:
+    """sha256 of the Python sources (glm_fast, pallas_kernels, experiments): identifies the code that ran even
+    where the checkout's git metadata is stale (the device machine gets a working-tree copy). Check a commit with
+    `python -c "from glm_fast.results import source_hash; print(source_hash())"`."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted(p for d in ("glm_fast", "pallas_kernels", "experiments") for p in (root / d).rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def result(experiment: str, config: dict, rows: list[dict], ceilings: dict | None = None,
            extra_versions: tuple[str, ...] = (), **fields) -> dict:
     """A result record; `command` is this process's exact command line."""
     return {"experiment": experiment, "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]),
-            "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "git_commit": git_commit(), "source_hash": source_hash(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "machine": machine(), "versions": versions(extra_versions), "config": config,
             "ceilings": ceilings or {}, "rows": rows, **fields}
 

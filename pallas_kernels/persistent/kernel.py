@@ -206,8 +206,9 @@ class PersistentWeights:
 class _Seam:
     """wait(aux_row) / signal(aux_row): GMEM semaphores on the GPU, nothing under dependency-ordered execution."""
 
-    def __init__(self, num_counters: int, ordered: bool):
+    def __init__(self, num_counters: int, max_waiters: int, ordered: bool):
         self.ordered = ordered
+        self.signal_bits = max(1, int(max_waiters).bit_length())
         self.sems = None if ordered else pl.get_global(plgpu.SemaphoreType.REGULAR((num_counters,)))
 
     def wait(self, get):
@@ -219,15 +220,16 @@ class _Seam:
                 pl.semaphore_wait(self.sems.at[get(A_WAITS + 2 * j)], get(A_WAITS + 2 * j + 1), decrement=True)
 
     def signal(self, get):
+        """Add W = aux[A_SIGNAL_BY] (the counter's waiter count) to the task's counter. Mosaic GPU (jax 0.10.2)
+        lowers `semaphore_signal` only with a constant increment, so W is added as its binary digits: at most
+        `signal_bits` atomics (12 at glm5_slice, whose counters have up to 2420 waiters) instead of W single
+        increments -- those averaged 143 atomics per task, ~1 us each, and made the bodiless launch take 9.7 ms
+        on the H200 (experiments/results/bench_persistent_glm5_slice.json, variant skeleton)."""
         if self.ordered:
             return
-        # W increments of 1: Mosaic GPU (jax 0.10.2) lowers `semaphore_signal` only with a constant increment
-        # (`_ir_constant`), while `semaphore_wait` takes a run-time value. TODO(perf): one atomic of W.
-        sem = self.sems.at[get(A_SIGNAL)]
-
-        @pl.loop(0, get(A_SIGNAL_BY))
-        def _(_):
-            pl.semaphore_signal(sem, 1)
+        sem, by = self.sems.at[get(A_SIGNAL)], get(A_SIGNAL_BY)
+        for bit in range(self.signal_bits):
+            pl.when(lax.rem(lax.div(by, 1 << bit), 2) == 1)(lambda b=bit: pl.semaphore_signal(sem, 1 << b))
 
 
 # ---- op bodies (jnp on values loaded from the refs) ----------------------------------------------------------
@@ -602,7 +604,7 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
             fns.append(_branch_fn(key, r))
         else:
             fns.append(lambda get: None)
-    seam = _Seam(len(s.counters), ordered)
+    seam = _Seam(len(s.counters), max((c.waiters for c in s.counters), default=1), ordered)
 
     def run_task(get):
         seam.wait(get)

@@ -1,0 +1,143 @@
+"""The persistent decode kernel on the GPU, one stage at a time: which opcode sets compile and run across all
+SMs, whether the tasks that ran computed the right values, and what each stage costs. Writes JSON.
+
+    python experiments/bench_persistent.py --config glm5_slice --context 4096 --out experiments/results
+
+Variants (`persistent_step(..., ops=...)`: opcodes outside the set compile to no-ops, yet every task still waits
+on and signals its dependency counters, so the full cross-CTA schedule runs in each):
+* skeleton: no op bodies: the per-SM table walk, `lax.switch` dispatch and the semaphore chain (46 dependency
+  hops per glm5_slice step) alone;
+* lowered: the ten opcodes with TMA + wgmma / SMEM bodies (all but ATTN, INDEX_SCORE and INDEX_TOPK);
+* each of those ten alone (the bytes it streams over its time).
+For `lowered`, the layer-0 rows the step appends to the caches (EMBED -> fused-norm kv_a / indexer-key GEMV ->
+KV_WRITE / IK_WRITE: no attention upstream) are compared with the XLA step's. Later layers read no-op attention
+outputs, so only timing and completion are meaningful there. Each variant runs in a subprocess with a time
+limit: a deadlocked launch is reported as such instead of hanging the run. The XLA step of the same state is timed
+side by side (`bench_decode.time_step`'s method: jitted, back to back, one sync).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+LOWERED = ("GEMV", "SWIGLU_UP", "SWIGLU_DOWN", "ABSORB", "UV", "MOE_COMBINE", "EMBED", "KV_WRITE", "IK_WRITE",
+           "ROUTER_SELECT")
+
+
+def _median_ms(fn, args, reps: int) -> float:
+    import jax
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+def run_variant(config: str, context: int, ops: list[str] | None, reps: int) -> dict:
+    """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from experiments.bench_decode import synthetic_state
+    from glm_fast import Model, load_config
+    from glm_fast.engine.forward import main_cached
+    from glm_fast.engine.ops import XLA
+    from pallas_kernels.persistent.format import Op
+    from pallas_kernels.persistent.kernel import PersistentDecoder, persistent_step
+
+    cfg = load_config(config).model
+    model = Model(cfg, rngs=nnx.Rngs(0))
+    state = synthetic_state(cfg, 1, context, context + 64, 0, model.dtype, jax.random.key(1))
+    caches = state.layers
+    tokens = jax.random.randint(jax.random.key(2), (1, 1), 0, cfg.vocab_size)
+    pos = jnp.full((1, 1), context, jnp.int32)
+    ok = jnp.ones((1, 1), bool)
+    graphdef, params = nnx.split(model)
+    xla = jax.jit(lambda p, c: main_cached(nnx.merge(graphdef, p), c, tokens, pos, ok, XLA))
+    if ops is None:
+        t0 = time.perf_counter()
+        jax.block_until_ready(xla(params, caches))
+        return {"first_call_s": time.perf_counter() - t0,
+                "median_ms": _median_ms(xla, (params, caches), reps)}
+    interpret = jax.default_backend() != "gpu"  # CPU: GPU interpret mode, a smoke test of this script
+    dec = PersistentDecoder(model, interpret=interpret, cache_dir=False)
+    plan, weights = dec.plan(1), dec.weights(1)
+    arrays = []
+    for bid in plan.caches:
+        _, layer, field = plan.schedule.buffers[bid].name.split("/")
+        arrays.append(getattr(caches[int(layer)], field)[0])
+    cos, sin = model.rope(pos)
+    op_set = frozenset(Op[o] for o in ops)
+    step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
+                                                ops=op_set))
+    t0 = time.perf_counter()
+    logits, h, rows = jax.block_until_ready(step(weights, arrays))
+    out = {"first_call_s": time.perf_counter() - t0, "median_ms": _median_ms(step, (weights, arrays), reps),
+           "bytes_of_ops": int(sum(t.nbytes for t in plan.schedule.tasks if t.op in op_set))}
+    if {"EMBED", "GEMV", "KV_WRITE", "IK_WRITE"} <= set(ops):
+        _, _, new = xla(params, caches)
+        errs = {}
+        for bid, got in zip(plan.caches, rows):
+            _, layer, field = plan.schedule.buffers[bid].name.split("/")
+            if int(layer) != 0:
+                continue
+            want = getattr(new[0], field)[0, context].astype(jnp.float32)
+            g = got[0].astype(jnp.float32)
+            errs[field] = {"rel_err": float(jnp.abs(g - want).max() / jnp.abs(want).max()),
+                           "finite": bool(jnp.isfinite(g).all())}
+        out["layer0_rows_vs_xla"] = errs
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="glm5_slice")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--variants", default="xla,skeleton,lowered," + ",".join(LOWERED),
+                   help="comma list of: xla, skeleton, lowered, or an opcode name")
+    p.add_argument("--timeout", type=int, default=240, help="seconds per variant (compile + run)")
+    p.add_argument("--out", default=None, help="results directory (default experiments/results)")
+    p.add_argument("--name", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is not None:  # one variant; the parent reads the last stdout line
+        ops = None if args.child == "xla" else ([] if args.child == "skeleton" else
+                                                 list(LOWERED) if args.child == "lowered" else [args.child])
+        print(json.dumps(run_variant(args.config, args.context, ops, args.reps)), flush=True)
+        return
+    from glm_fast import results
+    rows = []
+    for v in args.variants.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--context", str(args.context),
+               "--reps", str(args.reps), "--child", v]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            row = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
+                "error": f"exit {proc.returncode}: " + proc.stderr.strip()[-1500:]}
+        except subprocess.TimeoutExpired:
+            row = {"error": f"no result in {args.timeout} s (compile hang or deadlocked launch)"}
+        row = {"variant": v, **row, "wall_s": round(time.perf_counter() - t0, 1)}
+        rows.append(row)
+        print(json.dumps(row)[:2000], flush=True)
+    record = results.result("bench_persistent", {"config": args.config, "context": args.context,
+                                                 "reps": args.reps}, rows)
+    path = results.write(record, args.out, args.name or f"bench_persistent_{args.config}")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

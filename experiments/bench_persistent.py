@@ -137,6 +137,7 @@ def main(argv=None):
                                                  "reps": args.reps}, rows)
     path = results.write(record, args.out, args.name or f"bench_persistent_{args.config}")
     print("wrote", path)
+    return record
 
 
 if __name__ == "__main__":

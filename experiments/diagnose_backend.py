@@ -86,6 +86,7 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print("wrote", out)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Experiment entry points on the CPU: the tiny sweep end to end (results.jsonl, table.md, PNGs), resuming it,
-a bad sweep file's error, every shipped sweep file validating, and an mtp_acceptance smoke run.
+a bad sweep file's error, every shipped sweep file validating, an mtp_acceptance smoke run, and the GPU
+diagnostics (diagnose_backend, bench_persistent) on `tiny` with the kernels in GPU interpret mode.
 
 All runs use a 2-layer `tiny` with 1 MTP depth so they share small compiled programs (< 90 s on 2 cores).
 """
@@ -82,3 +83,37 @@ def test_mtp_acceptance_random_init_smoke(tmp_path):
         assert r["speedup_steps"] >= 1 - 1e-9 and (d or r["speedup_steps"] == 1)
     assert rows[(0, "greedy")]["sequence_steps"] == 2 * (6 - 1)
     assert stored["config"]["resolved"]["model"]["mtp_depth"] == 1 and stored["prompts"]["split"] == "validation"
+
+
+def test_diagnose_backend_smoke(tmp_path):
+    """Per-op swaps, in-step kernel checks (every op called, kernels within 2e-2 of their references, identical
+    top-k sets) and the float32 floor, on a bf16 tiny on the kernels' tile granularity."""
+    out = tmp_path / "diag.json"
+    rec = _entry_point("diagnose_backend").main(
+        ["--config", "tiny", "--set", "model.dtype=bfloat16", "--set", "model.moe_intermediate_size=128",
+         "--context", "40", "--rows", "3", "--out", str(out)])
+    assert json.loads(out.read_text())["swaps"] == rec["swaps"]
+    assert [r["swap"] for r in rec["swaps"]] == ["indexer_topk", "sparse_mla_attention", "moe_experts", "lm_head",
+                                                 "all"]
+    assert all(r["finite"] for r in rec["swaps"])
+    ops = {r["op"] for r in rec["in_step_checks"]}
+    assert ops == {"indexer_topk", "sparse_mla_attention", "moe_experts", "lm_head"}
+    for r in rec["in_step_checks"]:
+        assert len(r["rel_err_per_row"]) == 3
+        assert max(r["rel_err_per_row"]) == 0.0 if r["op"] == "indexer_topk" else max(r["rel_err_per_row"]) < 2e-2
+    assert set(rec["float32_floor"]) == {"xla", "pallas"}
+
+
+def test_bench_persistent_smoke(tmp_path):
+    """Each variant runs in its own subprocess (GPU interpret mode here); the `lowered` variant's layer-0 cache
+    rows (no attention upstream) equal the XLA step's."""
+    rec = _entry_point("bench_persistent").main(
+        ["--config", "tiny", "--context", "40", "--reps", "1", "--variants", "xla,skeleton,lowered",
+         "--out", str(tmp_path), "--name", "bp"])
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "bp.json").read_text())["rows"]}
+    assert rows == {r["variant"]: r for r in rec["rows"]} and set(rows) == {"xla", "skeleton", "lowered"}
+    assert all("error" not in r and r["median_ms"] > 0 for r in rows.values()), rows
+    assert rows["skeleton"]["bytes_of_ops"] == 0 < rows["lowered"]["bytes_of_ops"]
+    errs = rows["lowered"]["layer0_rows_vs_xla"]
+    assert set(errs) == {"c_kv", "k_pe", "index_k"}
+    assert all(e["finite"] and e["rel_err"] < 1e-5 for e in errs.values()), errs

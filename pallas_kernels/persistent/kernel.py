@@ -42,9 +42,13 @@ numerics of `simulate.py`'s tile references; those run in interpret mode only (M
 general dot_general, and wants register vectors of 128-multiples). All 13 opcodes run in GPU interpret mode
 (tests/test_persistent_kernel.py: tiny, float32 and bf16, T = 1 and 3, context past index_topk;
 Engine(backend="persistent") greedy == XLA with D = 0 and 1). The kernel's skeleton (132 CTAs, per-CTA table TMA'd
-to SMEM, semaphore seam, lax.switch over all branches) lowers at glm5_slice. Next: the weight ring across
-consecutive tasks (issue the next task's first tiles before its dependency wait), the attention / indexer bodies
-from `mla_attention.py` / `indexer.py`.
+to SMEM, semaphore seam, lax.switch over all branches) lowers at glm5_slice and ran on the H200.
+
+Weight prefetch. The dense GEMV / SWIGLU bodies are `prefetching`: they issue their first ring slots' weight tiles
+(and norm weights), then take the task's dependency wait, then copy the activations, so each SM streams the next
+task's weights while the producers of its inputs finish (routed experts wait first: their expert id is the
+router's output). Not yet: a producer warpgroup that streams across task boundaries, and the attention /
+indexer bodies from `mla_attention.py` / `indexer.py`.
 """
 from __future__ import annotations
 
@@ -300,15 +304,32 @@ _TILED = {Op.GEMV: tl.gemv_body, Op.SWIGLU_UP: tl.swiglu_up_body, Op.SWIGLU_DOWN
 
 
 def _branch_fn(key, r: _Refs):
-    """The code path of one branch key: fn(get) with get(j) -> aux[task, j] (a traced int32)."""
+    """The code path of one branch key: fn(get, wait) with get(j) -> aux[task, j] (a traced int32) and wait() the
+    task's dependency wait: called first, or by a `prefetching` tile body itself after its first weight tiles."""
+    tiled = _TILED.get(Op(key[0]))
+    body = tiled(r, key, r.consts) if tiled is not None else None
+    if body is None:
+        jnp_body = _jnp_body(key, r)
+
+        def run(get, wait):
+            wait()
+            jnp_body(get)
+        return run
+    prefetch = getattr(body, "prefetching", False)
+
+    def run(get, wait):
+        if not prefetch:
+            wait()
+        body(tl.TaskView(lambda j: get(A_W + j), lambda j: get(A_IN + j), lambda j: get(A_OUT + j),
+                         lambda a: get(A_ARGS + a), wait if prefetch else (lambda: None)))
+    return run
+
+
+def _jnp_body(key, r: _Refs):
+    """The v1 body of one branch key (GPU interpret mode only): fn(get), plain jnp on values loaded from the refs."""
     op, static, wstk, islots, oslots = key
     op = Op(op)
     consts = r.consts
-    tiled = _TILED.get(op)
-    body = tiled(r, key, consts) if tiled is not None else None
-    if body is not None:
-        return lambda get: body(tl.TaskView(lambda j: get(A_W + j), lambda j: get(A_IN + j),
-                                            lambda j: get(A_OUT + j), lambda a: get(A_ARGS + a)))
 
     def w(get, j):  # the whole weight j of the task
         return r.weights[wstk[j]][get(A_W + j)]
@@ -603,15 +624,15 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
         if ops is None or Op(key[0]) in ops:
             fns.append(_branch_fn(key, r))
         else:
-            fns.append(lambda get: None)
+            fns.append(lambda get, wait: wait())
     seam = _Seam(len(s.counters), max((c.waiters for c in s.counters), default=1), ordered)
 
     def run_task(get):
-        seam.wait(get)
+        wait = lambda: seam.wait(get)  # noqa: E731
         if len(fns) == 1:
-            fns[0](get)
+            fns[0](get, wait)
         else:
-            lax.switch(get(A_BRANCH), [lambda f=f: f(get) for f in fns])
+            lax.switch(get(A_BRANCH), [lambda f=f: f(get, wait) for f in fns])
         seam.signal(get)
 
     if ordered and s.num_sms > 1:  # dependency-ordered execution: the global topological order on one CTA

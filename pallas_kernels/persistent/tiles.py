@@ -139,15 +139,26 @@ class Tiles:
 
     # -- streaming ------------------------------------------------------------------------------------------
 
-    def stream(self, ksteps: int, n_acc: int, arrivals: int, issue, compute, prologue=None):
+    def stream(self, ksteps: int, n_acc: int, arrivals: int, issue, compute, prologue=None, issue_w=None,
+               wait=None):
         """Runs `ksteps` ring steps of one task and returns the f32 accumulators [TN, TP] (values).
 
-        issue(k0, slot, barrier): start the step's TMA copies (exactly `arrivals` of them) into ring slot `slot`;
-        compute(slot, accs): the step's wgmmas. prologue(): work that overlaps the first loads.
+        issue(k0, slot, barrier): start the step's TMA copies into ring slot `slot` (`arrivals` of them in all,
+        counting issue_w's); compute(slot, accs): the step's wgmmas. prologue(): work that overlaps the first
+        loads. Weight prefetch: with `wait` (the task's dependency wait) and `issue_w` (the step's weight copies,
+        which depend on no other task), the first ring slots' weight tiles are issued *before* the wait, so the
+        weight stream runs while the producers of this task's activations finish; `issue` then copies only the
+        activations.
         """
         slots = self.cfg.slots
         bars = self.s[f"t_bar{arrivals}"]
-        for j in range(min(slots, ksteps)):
+        first = range(min(slots, ksteps))
+        if issue_w is not None:
+            for j in first:
+                issue_w(self.c(j * self.tk), self.c(j), bars.at[self.c(j)])
+        if wait is not None:
+            wait()
+        for j in first:
             issue(self.c(j * self.tk), self.c(j), bars.at[self.c(j)])
         if prologue is not None:
             prologue()
@@ -171,6 +182,8 @@ class Tiles:
 
                 @pl.when(kk + slots < ksteps)
                 def _():
+                    if issue_w is not None:
+                        issue_w((kk + slots) * self.tk, slot, bars.at[slot])
                     issue((kk + slots) * self.tk, slot, bars.at[slot])
 
             return tuple(a[...] for a in accs)
@@ -314,10 +327,18 @@ def x_view(tiles, x_ref, idx, k0, x_shape):
 
 
 class TaskView:
-    """The dynamic part of one task as the bodies see it: w(j) / inp(j) / out(j) stack indices, arg(a)."""
+    """The dynamic part of one task as the bodies see it: w(j) / inp(j) / out(j) stack indices, arg(a), and
+    wait(): the task's dependency wait, which a body marked `prefetching` calls itself (after issuing its first
+    weight tiles); the kernel waits before any other body."""
 
-    def __init__(self, w, inp, out, arg):
-        self.w, self.inp, self.out, self.arg = w, inp, out, arg
+    def __init__(self, w, inp, out, arg, wait=lambda: None):
+        self.w, self.inp, self.out, self.arg, self.wait = w, inp, out, arg, wait
+
+
+def prefetching(fn):
+    """Marks a body fn that calls `t.wait()` itself, after issuing weight tiles that depend on no other task."""
+    fn.prefetching = True
+    return fn
 
 
 def _silu(g):
@@ -348,16 +369,19 @@ def gemv_body(r, key, consts):
     s = tiles.s
     ring = tiles.wt_ring if transposed else s["t_w0"]
 
+    @prefetching
     def fn(t: TaskView):
         c0, wi, xi = t.arg(0), t.w(0), t.inp(0)
 
-        def issue(k0, slot, bar):
+        def issue_w(k0, slot, bar):
             src = (wref.at[wi, pl.ds(c0, tiles.tn), pl.ds(k0, tiles.tk)] if transposed
                    else wref.at[wi, pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)])
             plgpu.copy_gmem_to_smem(src, ring.at[slot], bar)
-            plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[slot], bar)
             if norm:
                 plgpu.copy_gmem_to_smem(r.weights[wstk[1]].at[t.w(1), pl.ds(k0, tiles.tk)], s["t_wn"].at[slot], bar)
+
+        def issue(k0, slot, bar):
+            plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[slot], bar)
 
         def compute(slot, accs):
             if norm:
@@ -368,7 +392,7 @@ def gemv_body(r, key, consts):
         if norm:
             def prologue():
                 tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
-        (acc,) = tiles.stream(k // tiles.tk, 1, 2 + norm, issue, compute, prologue)
+        (acc,) = tiles.stream(k // tiles.tk, 1, 2 + norm, issue, compute, prologue, issue_w, t.wait)
         res = None if res_ref is None else res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, tiles.tn)]
         tiles.store(acc, out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)], tokens, n, residual=res)
     return fn
@@ -395,9 +419,11 @@ def swiglu_up_body(r, key, consts):
     tokens, k = xs
     s = tiles.s
 
+    @prefetching
     def fn(t: TaskView):
         c0, slot, xi = t.arg(0), t.arg(2), t.inp(0)
-        if routed:
+        if routed:  # the expert id comes from the router task: wait first, no prefetch
+            t.wait()
             e, present = _expert(tiles, r, _stack(r, islots[1]), t.inp(1), slot)
 
         def wsrc(wref, j, k0):
@@ -405,11 +431,13 @@ def swiglu_up_body(r, key, consts):
                 return wref.at[t.w(j), e, pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)]
             return wref.at[t.w(j), pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)]
 
-        def issue(k0, sl, bar):
+        def issue_w(k0, sl, bar):
             plgpu.copy_gmem_to_smem(wsrc(wg, 0, k0), s["t_w0"].at[sl], bar)
             plgpu.copy_gmem_to_smem(wsrc(wu, 1, k0), s["t_w1"].at[sl], bar)
-            plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[sl], bar)
             plgpu.copy_gmem_to_smem(r.weights[wstk[2]].at[t.w(2), pl.ds(k0, tiles.tk)], s["t_wn"].at[sl], bar)
+
+        def issue(k0, sl, bar):
+            plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[sl], bar)
 
         def compute(sl, accs):
             tiles.norm_x(sl)
@@ -419,7 +447,7 @@ def swiglu_up_body(r, key, consts):
         def prologue():
             tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
 
-        g, u = tiles.stream(k // tiles.tk, 2, 4, issue, compute, prologue)
+        g, u = tiles.stream(k // tiles.tk, 2, 4, issue, compute, prologue, issue_w, None if routed else t.wait)
         y = _silu(g) * u
         if routed:
             y = y * present
@@ -446,25 +474,27 @@ def swiglu_down_body(r, key, consts):
     tokens, k = xs
     s = tiles.s
 
+    @prefetching
     def fn(t: TaskView):
         c0, slot, out_slot, ai = t.arg(0), t.arg(2), t.arg(3), t.inp(0)
-        if routed:
+        if routed:  # the expert id comes from the router task: wait first, no prefetch
+            t.wait()
             e, present = _expert(tiles, r, _stack(r, islots[2]), t.inp(2), slot)
 
-        def issue(k0, sl, bar):
-            if routed:
-                wsrc = wd.at[t.w(0), e, pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)]
-                xsrc = a_ref.at[ai, slot, pl.ds(tiles.c(0), TP), pl.ds(k0, tiles.tk)]
-            else:
-                wsrc = wd.at[t.w(0), pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)]
-                xsrc = x_view(tiles, a_ref, ai, k0, xs)
+        def issue_w(k0, sl, bar):
+            wsrc = (wd.at[t.w(0), e, pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)] if routed
+                    else wd.at[t.w(0), pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)])
             plgpu.copy_gmem_to_smem(wsrc, s["t_w0"].at[sl], bar)
+
+        def issue(k0, sl, bar):
+            xsrc = (a_ref.at[ai, slot, pl.ds(tiles.c(0), TP), pl.ds(k0, tiles.tk)] if routed
+                    else x_view(tiles, a_ref, ai, k0, xs))
             plgpu.copy_gmem_to_smem(xsrc, s["t_x"].at[sl], bar)
 
         def compute(sl, accs):
             tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
 
-        (y,) = tiles.stream(k // tiles.tk, 1, 2, issue, compute)
+        (y,) = tiles.stream(k // tiles.tk, 1, 2, issue, compute, None, issue_w, None if routed else t.wait)
         if routed:
             # coef [U, T] is read as GMEM scalars: its [U, 1] rows have 4-byte strides, which TMA cannot move
             coef, vec, ci = _stack(r, islots[3]), s["t_vec"], t.inp(3)

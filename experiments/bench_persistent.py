@@ -5,10 +5,11 @@ SMs, whether the tasks that ran computed the right values, and what each stage c
 
 Variants (`persistent_step(..., ops=...)`: opcodes outside the set compile to no-ops, yet every task still waits
 on and signals its dependency counters, so the full cross-CTA schedule runs in each):
-* skeleton: no op bodies: the per-SM table walk, `lax.switch` dispatch and the semaphore chain (46 dependency
-  hops per glm5_slice step) alone;
-* lowered: the ten opcodes with TMA + wgmma / SMEM bodies (all but ATTN, INDEX_SCORE and INDEX_TOPK);
-* each of those ten alone (the bytes it streams over its time).
+* walk: no op bodies and no cross-CTA waits or signals: the per-SM table walk and `lax.switch` dispatch alone;
+* skeleton: no op bodies: the walk plus the semaphore chain (46 dependency hops per glm5_slice step);
+* lowered: the opcodes with TMA + wgmma / SMEM bodies that compile on the GPU (all but INDEX_SCORE and
+  INDEX_TOPK);
+* each of those alone (the bytes it streams over its time).
 For `lowered`, the layer-0 rows the step appends to the caches (EMBED -> fused-norm kv_a / indexer-key GEMV ->
 KV_WRITE / IK_WRITE: no attention upstream) are compared with the XLA step's. Later layers read no-op attention
 outputs, so only timing and completion are meaningful there. Each variant runs in a subprocess with a time
@@ -30,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 LOWERED = ("GEMV", "SWIGLU_UP", "SWIGLU_DOWN", "ABSORB", "UV", "MOE_COMBINE", "EMBED", "KV_WRITE", "IK_WRITE",
-           "ROUTER_SELECT")
+           "ROUTER_SELECT", "ATTN")
 
 
 def _median_ms(fn, args, reps: int) -> float:
@@ -43,8 +44,9 @@ def _median_ms(fn, args, reps: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def run_variant(config: str, context: int, ops: list[str] | None, reps: int) -> dict:
-    """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step."""
+def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True) -> dict:
+    """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
+    sync=False: no cross-CTA waits or signals."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -80,7 +82,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int) -> 
     cos, sin = model.rope(pos)
     op_set = frozenset(Op[o] for o in ops)
     step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
-                                                ops=op_set))
+                                                ops=op_set, sync=sync))
     t0 = time.perf_counter()
     logits, h, rows = jax.block_until_ready(step(weights, arrays))
     out = {"first_call_s": time.perf_counter() - t0, "median_ms": _median_ms(step, (weights, arrays), reps),
@@ -105,17 +107,18 @@ def main(argv=None):
     p.add_argument("--config", default="glm5_slice")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--variants", default="xla,skeleton,lowered," + ",".join(LOWERED),
-                   help="comma list of: xla, skeleton, lowered, or an opcode name")
+    p.add_argument("--variants", default="xla,walk,skeleton,lowered," + ",".join(LOWERED),
+                   help="comma list of: xla, walk, skeleton, lowered, or an opcode name")
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant (compile + run)")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:  # one variant; the parent reads the last stdout line
-        ops = None if args.child == "xla" else ([] if args.child == "skeleton" else
+        ops = None if args.child == "xla" else ([] if args.child in ("walk", "skeleton") else
                                                  list(LOWERED) if args.child == "lowered" else [args.child])
-        print(json.dumps(run_variant(args.config, args.context, ops, args.reps)), flush=True)
+        print(json.dumps(run_variant(args.config, args.context, ops, args.reps, sync=args.child != "walk")),
+              flush=True)
         return
     from glm_fast import results
     rows = []

@@ -159,6 +159,21 @@ class IndexerConfig:
 
 
 # ------------------------------------------------------------------------------------------------------- scores
+def score_rows(dots, w_smem, *, start, limits, num_heads: int, interpret: bool):
+    """The scores epilogue on dots [block_s, Q*N] f32 (key rows x query heads, column q*N + n is query q's head n):
+    [block_s] score vectors, one per query q < Q: sum_n w[q, n] * relu(dots[:, q*N + n]) where start + i <=
+    limits[q], else -inf. w_smem [Q*N] f32 head weights (scale folded in); limits: Q int32 scalars."""
+    block_s = dots.shape[0]
+    num_q = dots.shape[1] // num_heads
+    w = col_vector(w_smem, interpret)
+    x = jnp.maximum(dots, 0.0) * lax.broadcast_in_dim(w, dots.shape, [1])
+    # Row positions as a row vector: an iota in the tile layout, reduced along the columns.
+    rows = wgmma_iota((block_s, num_heads), 0, interpret).astype(jnp.float32)
+    pos = jnp.max(rows, axis=1) + start.astype(jnp.float32)  # exact below 2^24 keys
+    return [jnp.where(pos <= limits[t].astype(jnp.float32), jnp.sum(x[:, t * num_heads:(t + 1) * num_heads], axis=1),
+                      NEG_INF) for t in range(num_q)]
+
+
 def scores_tile(keys_smem, qt_smem, w_smem, out_smem, *, start, limits, num_heads: int, interpret: bool):
     """Indexer scores of one chunk of keys (the reusable tile body).
 
@@ -166,18 +181,12 @@ def scores_tile(keys_smem, qt_smem, w_smem, out_smem, *, start, limits, num_head
     query t's head n; w_smem [T*N] f32 head weights with the softmax scale folded in; out_smem [T, block_s] f32
     receives score[t, i] = sum_n w[t, n] * relu(k_{start+i} . q[t, n]) where start + i <= limits[t], else -inf.
     start: int32 scalar, position of the chunk's first key; limits: T int32 scalars, min(q_pos[t], S - 1).
+    The epilogue is `score_rows` (shared with the persistent kernel's INDEX_SCORE body).
     """
-    block_s = keys_smem.shape[0]
-    num_q = qt_smem.shape[1] // num_heads
     dots = mma(keys_smem, qt_smem)  # [block_s, T*N] float32
-    w = col_vector(w_smem, interpret)
-    x = jnp.maximum(dots, 0.0) * lax.broadcast_in_dim(w, dots.shape, [1])
-    # Row positions as a row vector: an iota in the tile layout, reduced along the columns.
-    rows = wgmma_iota((block_s, num_heads), 0, interpret).astype(jnp.float32)
-    pos = jnp.max(rows, axis=1) + start.astype(jnp.float32)  # exact below 2^24 keys
-    for t in range(num_q):
-        score_t = jnp.sum(x[:, t * num_heads:(t + 1) * num_heads], axis=1)
-        out_smem[t] = jnp.where(pos <= limits[t].astype(jnp.float32), score_t, NEG_INF)
+    rows = score_rows(dots, w_smem, start=start, limits=limits, num_heads=num_heads, interpret=interpret)
+    for t, row in enumerate(rows):
+        out_smem[t] = row
 
 
 def _scores_kernel(qt_ref, w_ref, keys_ref, qpos_ref, out_ref, qt_smem, w_smem, k_smem, o_smem, q_bar, k_bars, *,

@@ -103,23 +103,38 @@ def _full(shape, value: float, interpret: bool):
 
 # ------------------------------------------------------------------------------------------------------ tiles
 def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_ring, pe_dst, full_bar, *, b, seg0, n_seg: int, num_rows: int,
-                seq_len: int):
+                seq_len: int, overlay=None):
     """Issue the per-row TMA copies of rows idx_smem[:num_rows] (this block's indices) into one ring slot.
 
     kv_ring [stages * C/seg, rows, seg] holds the slot's latent segments at seg0 .. seg0 + n_seg - 1 (a traced
     flat index: jax 0.11's run_state lowering rejects static ints mixed into a ref's dynamic index); pe_dst
     [rows, R] is the slot's rope view. Every copy arrives on `full_bar` (which therefore expects
     (C/seg + 1) * num_rows arrivals). Indices are clamped to [0, seq_len).
+    b: the batch index of ckv_ref [B, S, C] / kpe_ref [B, S, R], or None for unbatched [S, C] / [S, R] refs.
+    overlay: None, or (new_ckv [T, C], new_kpe [T, R], pos: T traced scalars): a row equal to pos[t] is copied
+    from row t of the new rows instead (the first such t; rows written this step but not yet in the cache).
     """
     seg = kv_ring.shape[-1]
+
+    def copy(ckv, kpe, bb, row, r):
+        at = (lambda ref, *i: ref.at[i]) if bb is None else (lambda ref, *i: ref.at[(bb, *i)])
+        for c in range(n_seg):
+            plgpu.copy_gmem_to_smem(at(ckv, pl.ds(row, 1), pl.ds(c * seg, seg)),
+                                    kv_ring.at[seg0 + c, pl.ds(r, 1)], full_bar)
+        plgpu.copy_gmem_to_smem(at(kpe, pl.ds(row, 1)), pe_dst.at[pl.ds(r, 1)], full_bar)
 
     @pl.loop(0, num_rows)
     def _row(r):
         row = jnp.clip(idx_smem[r], 0, seq_len - 1)
-        for c in range(n_seg):
-            plgpu.copy_gmem_to_smem(ckv_ref.at[b, pl.ds(row, 1), pl.ds(c * seg, seg)],
-                                    kv_ring.at[seg0 + c, pl.ds(r, 1)], full_bar)
-        plgpu.copy_gmem_to_smem(kpe_ref.at[b, pl.ds(row, 1)], pe_dst.at[pl.ds(r, 1)], full_bar)
+        if overlay is None:
+            copy(ckv_ref, kpe_ref, b, row, r)
+            return
+        new_ckv, new_kpe, pos = overlay
+        which = row * 0 - 1
+        for t in reversed(range(len(pos))):
+            which = jnp.where(row == pos[t], row * 0 + t, which)
+        pl.when(which < 0)(lambda: copy(ckv_ref, kpe_ref, b, row, r))
+        pl.when(which >= 0)(lambda: copy(new_ckv, new_kpe, None, jnp.maximum(which, 0), r))
 
 
 def copy_rows(ckv_ref, kpe_ref, kv_ring, pe_dst, full_bar, *, b, t, first, seg0, n_seg: int, num_rows: int):

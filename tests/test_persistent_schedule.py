@@ -16,7 +16,7 @@ from glm_fast.engine.ops import XLA
 from pallas_kernels.persistent import (DeadlockError, Kind, Op, ScheduleOptions, Task, compile_schedule,
                                        load_or_compile, read_schedule, run_counters, schedule_stats, simulate_step,
                                        written_region)
-from pallas_kernels.persistent.format import F_OP, F_SIGNAL, RECORD_WIDTH
+from pallas_kernels.persistent.format import F_LAYER, F_NWAITS, F_OP, F_SIGNAL, F_WAITS, MAX_WAITS, RECORD_WIDTH
 
 # Odd tiles so that every op has a ragged last tile (heads 3 + 1, top-K slots 6 + 6 + 4); 3 index chunks
 # over ~40 rows (one shorter than top-K).
@@ -179,17 +179,33 @@ def test_glm5_slice_random_interleavings_never_deadlock(t):
 
 
 def test_a_task_before_its_producer_in_one_list_deadlocks(tiny_schedule):
-    """The detector fires and names the blocked task: move the last task (an LM-head tile, which depends on
-    everything) to the front of the list that holds the embedding."""
+    """The detector fires and names the blocked task: move the last task that still waits itself (an LM-head
+    tile, which depends on everything; its list-mates' waits were dropped as known) to the front of the list that
+    holds the embedding."""
     s = tiny_schedule
     lists = s.sm_lists()
-    last = len(s.records) - 1
+    last = max(t for t in range(len(s.records)) if s.records[t, F_NWAITS] > 0)
+    assert Op(s.records[last, F_OP]) == Op.GEMV and s.records[last, F_LAYER] == -1
     owner = next(i for i, lst in enumerate(lists) if last in lst)
     lists[owner].remove(last)
     embed = next(i for i, lst in enumerate(lists) if 0 in lst)
     lists[embed].insert(0, last)
     with pytest.raises(DeadlockError, match=f"task {last} \\(GEMV"):
         run_counters(s, 0, lists=lists)
+
+
+def test_known_waits_are_dropped_per_list(tiny_schedule):
+    """No task waits on a counter that an earlier task of its SM list already waited for (directly), and every
+    counter's waiter count matches the records."""
+    s = tiny_schedule
+    waits = s.records[:, F_WAITS:F_WAITS + 2 * MAX_WAITS:2]
+    for lst in s.sm_lists():
+        seen: set = set()
+        for t in lst:
+            mine = {int(c) for c in waits[t, :s.records[t, F_NWAITS]]}
+            assert not mine & seen, (t, mine & seen)
+            seen |= mine
+    assert [c.waiters for c in s.counters] == np.bincount(waits[waits >= 0], minlength=len(s.counters)).tolist()
 
 
 def test_compile_is_deterministic_and_cached(tiny, tmp_path):

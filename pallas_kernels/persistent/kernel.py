@@ -66,6 +66,8 @@ from glm_fast.model.rope import apply_rope
 from pallas_kernels import _compat
 from pallas_kernels import gemv as gemv_mod
 from pallas_kernels import ref
+from pallas_kernels.persistent import attn_tiles
+from pallas_kernels.persistent import index_tiles
 from pallas_kernels.persistent import tiles as tl
 from pallas_kernels.persistent.format import (
     C_ATTN_SCALE, C_INDEX_SCALE, C_INDEX_WSCALE, C_ROUTED_SCALE, F_NWAITS, F_SIGNAL, F_WAITS, MAX_INPUTS,
@@ -112,6 +114,7 @@ class KernelPlan:
     aux: np.ndarray
     logits_buffer: int
     hidden_buffer: int
+    arg_align: tuple = ()
 
     @classmethod
     def build(cls, s: Schedule) -> "KernelPlan":
@@ -163,7 +166,7 @@ class KernelPlan:
                 hidden = t.inputs[0]
         logits = next(i for i, b in enumerate(s.buffers) if b.kind == Kind.OUTPUT)
         return cls(s, weight_stacks, tuple(weight_slot), buffer_stacks, tuple(buffer_slot), tuple(caches),
-                   tuple(inputs), tuple(branches), aux, logits, hidden)
+                   tuple(inputs), tuple(branches), aux, logits, hidden, _arg_align(aux, len(branches)))
 
     def sm_aux(self) -> np.ndarray:
         """int32 [num_sms, max_len, AUX_WIDTH]: each SM's aux rows in list order; padding rows have branch -1."""
@@ -300,10 +303,26 @@ def _i32(x):
 _TILED = {Op.GEMV: tl.gemv_body, Op.SWIGLU_UP: tl.swiglu_up_body, Op.SWIGLU_DOWN: tl.swiglu_down_body,
           Op.MOE_COMBINE: tl.combine_body, Op.EMBED: tl.embed_body, Op.ABSORB: tl.absorb_body,
           Op.KV_WRITE: tl.kv_write_body, Op.IK_WRITE: tl.ik_write_body, Op.UV: tl.uv_body,
-          Op.ROUTER_SELECT: tl.router_body}
+          Op.ROUTER_SELECT: tl.router_body, Op.ATTN: attn_tiles.attn_body,
+          Op.INDEX_SCORE: index_tiles.index_score_body, Op.INDEX_TOPK: index_tiles.index_topk_body}
 
 
-def _branch_fn(key, r: _Refs):
+def _arg_align(aux: np.ndarray, n_branches: int, cap: int = 1 << 12) -> tuple:
+    """Per branch, per task argument: the largest power of two (<= cap) dividing the argument in every task of
+    the branch. Told to Mosaic (`pl.multiple_of`): a TMA box whose GMEM offset comes from the dispatch table
+    must be known tile-aligned for the SMEM tiling of its destination (jax >= 0.11's layout inference)."""
+    out = []
+    for b in range(n_branches):
+        args = aux[aux[:, A_BRANCH] == b, A_ARGS:A_ARGS + NUM_ARGS].astype(np.int64)
+        align = []
+        for col in args.T:
+            g = int(np.gcd.reduce(np.append(col, cap)))
+            align.append(g & -g)  # its largest power-of-two factor
+        out.append(tuple(align))
+    return tuple(out)
+
+
+def _branch_fn(key, r: _Refs, align=(1,) * NUM_ARGS):
     """The code path of one branch key: fn(get, wait) with get(j) -> aux[task, j] (a traced int32) and wait() the
     task's dependency wait: called first, or by a `prefetching` tile body itself after its first weight tiles."""
     tiled = _TILED.get(Op(key[0]))
@@ -320,8 +339,11 @@ def _branch_fn(key, r: _Refs):
     def run(get, wait):
         if not prefetch:
             wait()
-        body(tl.TaskView(lambda j: get(A_W + j), lambda j: get(A_IN + j), lambda j: get(A_OUT + j),
-                         lambda a: get(A_ARGS + a), wait if prefetch else (lambda: None)))
+        def arg(a):
+            v = get(A_ARGS + a)
+            return v if align[a] == 1 else pl.multiple_of(v, align[a])
+        body(tl.TaskView(lambda j: get(A_W + j), lambda j: get(A_IN + j), lambda j: get(A_OUT + j), arg,
+                         wait if prefetch else (lambda: None)))
     return run
 
 
@@ -605,11 +627,12 @@ def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None, interpret: boo
     splits = [b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/o_part")]
     index_dim = max((b.shape[-1] for b in plan.schedule.buffers if b.name.endswith("/index_k")), default=0)
     return tl.scratch_types(_JNP[hidden.dtype], hidden.shape[-1], rope, index_dim, max(parts, default=0), _slot_shapes(plan), tiles,
-                            interpret, max(splits, default=0), _router_shape(plan))
+                            interpret, max(splits, default=0), _router_shape(plan),
+                            attn=attn_tiles.plan_shape(plan), index=index_tiles.plan_shape(plan, interpret))
 
 
 def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.TileConfig | None, interpret: bool,
-          *refs, **scratch):
+          sync: bool, *refs, **scratch):
     s = plan.schedule
     n_in, n_w, n_c = len(plan.inputs), len(plan.weight_stacks), len(plan.caches)
     aux_ref, sm_ref, *refs = refs
@@ -620,12 +643,12 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
     r = _Refs(plan, inputs, weights, caches, stacks, rows,
               tl.Tiles(scratch, tiles, interpret, lax.axis_index(GRID_AXIS) * 0) if tiles is not None else None)
     fns = []
-    for key in plan.branches:
+    for key, align in zip(plan.branches, plan.arg_align):
         if ops is None or Op(key[0]) in ops:
-            fns.append(_branch_fn(key, r))
+            fns.append(_branch_fn(key, r, align))
         else:
             fns.append(lambda get, wait: wait())
-    seam = _Seam(len(s.counters), max((c.waiters for c in s.counters), default=1), ordered)
+    seam = _Seam(len(s.counters), max((c.waiters for c in s.counters), default=1), ordered or not sync)
 
     def run_task(get):
         wait = lambda: seam.wait(get)  # noqa: E731
@@ -656,6 +679,19 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
         pl.run_scoped(walk, plgpu.SMEM(sm_ref.shape[1:], jnp.int32), plgpu.Barrier(num_arrivals=1))
 
 
+def abstract_step_args(plan: KernelPlan, max_len: int) -> tuple:
+    """ShapeDtypeStructs of `persistent_step`'s (weights, caches, tokens, pos, cos, sin) for `plan` with caches of
+    `max_len` rows: lowering and compiling the kernel without any arrays."""
+    s = plan.schedule
+    weights = PersistentWeights(tuple(jax.ShapeDtypeStruct((len(m), *shape), _JNP[dt])
+                                      for (shape, dt), m in plan.weight_stacks))
+    caches = [jax.ShapeDtypeStruct((max_len, s.buffers[b].shape[1]), _JNP[s.buffers[b].dtype]) for b in plan.caches]
+    ids = jax.ShapeDtypeStruct((plan.tokens,), jnp.int32)
+    rope = s.buffers[plan.buffer_slot.index(("in", plan.inputs.index("rope_cos")))]
+    half = jax.ShapeDtypeStruct((plan.tokens, rope.shape[-1]), _JNP[rope.dtype])
+    return weights, caches, ids, ids, half, half
+
+
 def _step_inputs(plan: KernelPlan, tokens, pos, cos, sin):
     values = {"tokens": tokens.astype(jnp.int32), "pos": pos.astype(jnp.int32), "rope_cos": cos, "rope_sin": sin}
     out = []
@@ -666,7 +702,7 @@ def _step_inputs(plan: KernelPlan, tokens, pos, cos, sin):
 
 
 def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens, pos, cos, sin, *,
-                    interpret=False, ops=None, tiles: tl.TileConfig | None = tl.TileConfig()):
+                    interpret=False, ops=None, tiles: tl.TileConfig | None = tl.TileConfig(), sync: bool = True):
     """One decode step in one kernel launch.
 
     caches: per CACHE buffer of `plan.caches`, its array [L, X] (batch squeezed); tokens, pos int [T];
@@ -674,7 +710,8 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     new rows per cache buffer [T, X]). interpret: False (compile for the GPU) or True / InterpretGPUParams
     (GPU interpret mode; the seam is then dependency-ordered execution on one CTA). ops: restrict the compiled
     branches to these opcodes (the others become no-ops; for lowering checks only). tiles: the TMA + wgmma
-    bodies' tuning (tiles.py), None for the v1 jnp bodies everywhere.
+    bodies' tuning (tiles.py), None for the v1 jnp bodies everywhere. sync=False compiles the cross-CTA waits
+    and signals out (a race: for timing the bare table walk only).
     """
     # Out-of-bounds TMA reads (x rows T..7, the columns past a ragged last tile) zero-fill on the GPU and only
     # reach accumulator rows that are never stored; the interpreter must be told to allow them.
@@ -686,7 +723,7 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
                  for i, b in enumerate(plan.caches)]
     kernel = plgpu.kernel(
         lambda *refs, **scratch: _body(plan, ordered, None if ops is None else frozenset(ops), tiles, ordered,
-                                       *refs, **scratch),
+                                       sync, *refs, **scratch),
         out_type=(*stack_types, *row_types),
         scratch_types=_scratch_types(plan, tiles, ordered),
         grid=(1 if ordered else s.num_sms,),

@@ -72,7 +72,7 @@ def rows_per_copy(shape, itemsize: int) -> int:
 
 
 def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int, slot_shapes, cfg: TileConfig,
-                  interpret: bool, attn_splits: int = 0, router=None) -> dict:
+                  interpret: bool, attn_splits: int = 0, router=None, attn=None, index=None) -> dict:
     """The kernel-wide SMEM of the tile bodies (allocated once, reused by every task).
 
     dtype: the model's activation / weight dtype; hidden: D (one embedding row); rope: R; index_dim: the indexer's
@@ -119,6 +119,11 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
         out["t_mw"] = plgpu.SMEM((attn_splits, TP), jnp.float32)
     if slot_shapes is not None:
         out["t_sel"] = plgpu.SMEM((rows_per_copy(slot_shapes[0], 4), *slot_shapes[0]), jnp.int32)
+    if attn is not None:  # ATTN (attn_tiles.AttnShape): its SMEM, sharing the big rings' memory on the GPU
+        out = attn.add_scratch(out, interpret)
+    if index is not None and index_dim:  # INDEX_SCORE / INDEX_TOPK (index_tiles.plan_shape: (T, N, SB))
+        from pallas_kernels.persistent.index_tiles import add_scratch as index_scratch
+        out = index_scratch(out, index, index_dim, dtype, cfg, interpret)
     return out
 
 
@@ -126,6 +131,8 @@ class Tiles:
     """The scratch refs (from `scratch_types`) and the task-level building blocks."""
 
     def __init__(self, scratch: dict, cfg: TileConfig, interpret: bool, zero):
+        from pallas_kernels.persistent.attn_tiles import unalias  # the GPU's SMEM union of ATTN and the rings
+        scratch = unalias(scratch)
         self.s, self.cfg, self.interpret, self.zero = scratch, cfg, interpret, zero
         self.dtype = scratch["t_x"].dtype
         self.mode = True if interpret else None  # gemv.py's tile functions take interpret=None for the GPU

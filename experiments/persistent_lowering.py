@@ -1,0 +1,101 @@
+"""Which of the persistent kernel's op bodies lower and compile on this jax / GPU, and where the ones that do not
+fail (the Mosaic op and the Python line that built it). Writes JSON.
+
+    python experiments/persistent_lowering.py --config glm5_slice --ops all
+
+Each entry compiles the whole persistent kernel with only that opcode's branches (`persistent_step(ops=...)`,
+the others no-ops) from abstract arguments: no arrays, no launch. Mosaic GPU's layout inference changed between
+jax 0.10 (CI) and 0.11 (the device image): a body that lowers on one can fail on the other, so run this on the
+GPU host after touching a body. For a layout-inference failure the failing transfer op is read from the
+inference's own frame (its error message is an assertion on jax 0.11.2).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _failure(e: BaseException) -> dict:
+    """The exception, and the Mosaic op under inspection where a layout-inference check raised."""
+    info = {"error": f"{type(e).__name__}: {str(e)[:600]}", "traceback_tail": traceback.format_exc()[-800:]}
+    tb = e.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name.startswith("_check") and "op" in frame.f_locals:
+            op = frame.f_locals["op"]
+            info["mosaic_op"] = str(op)[:800]
+            info["location"] = str(getattr(op, "location", ""))[:400]
+        tb = tb.tb_next
+    return info
+
+
+def check(config: str, ops: list[str], max_len: int, sms: int) -> list[dict]:
+    """Per opcode name ("skeleton" = no bodies): lower + compile times or the failure. On a CPU host: lowering
+    for CUDA only (what CI's jax accepts)."""
+    import jax
+
+    from glm_fast import load_config
+    from pallas_kernels import _compat
+    from pallas_kernels.persistent import ScheduleOptions, compile_schedule
+    from pallas_kernels.persistent.format import Op
+    from pallas_kernels.persistent.kernel import KernelPlan, abstract_step_args, persistent_step
+
+    on_gpu = jax.default_backend() == "gpu"
+    plan = KernelPlan.build(compile_schedule(load_config(config).model, 1, ScheduleOptions(num_sms=sms)))
+    args = abstract_step_args(plan, max_len)
+    rows = []
+    for name in ops:
+        op_set = frozenset() if name == "skeleton" else frozenset(Op[o] for o in name.split("+"))
+        row = {"ops": name}
+        t0 = time.perf_counter()
+        fn = jax.jit(lambda *a: persistent_step(plan, *a, interpret=False, ops=op_set))
+        try:
+            if on_gpu:
+                lowered = fn.lower(*args)
+            else:  # a CPU host: lower for CUDA on an abstract H200 (no compile)
+                with _compat.interpret_mesh("NVIDIA H200", sms):
+                    lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
+            row["lower_s"] = round(time.perf_counter() - t0, 2)
+            t1 = time.perf_counter()
+            if on_gpu:
+                lowered.compile()
+                row["compile_s"] = round(time.perf_counter() - t1, 2)
+            row["ok"] = True
+        except Exception as e:  # noqa: BLE001 -- every failure is the result being measured
+            row.update(ok=False, **_failure(e))
+        print(name, "ok" if row["ok"] else row["error"][:200], row.get("location", ""), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    from pallas_kernels.persistent.format import Op
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="glm5_slice")
+    p.add_argument("--ops", default="all", help="comma list of opcode names (A+B for several in one kernel), "
+                                                "'skeleton', or 'all' (each opcode with a body alone)")
+    p.add_argument("--max-len", type=int, default=4352, help="cache rows")
+    p.add_argument("--sms", type=int, default=132)
+    p.add_argument("--out", default=None, help="results directory (default experiments/results)")
+    p.add_argument("--name", default=None)
+    args = p.parse_args(argv)
+    ops = [o.name for o in Op if o != Op.NOP] if args.ops == "all" else args.ops.split(",")
+    from glm_fast import results
+    rows = []
+    for op in ops:  # the record is rewritten after each entry: a run cut off by a time limit keeps its rows
+        rows += check(args.config, [op], args.max_len, args.sms)
+        record = results.result("persistent_lowering", {"config": args.config, "max_len": args.max_len,
+                                                        "sms": args.sms}, rows)
+        path = results.write(record, args.out, args.name or f"persistent_lowering_{args.config}")
+    print("wrote", path)
+    return record
+
+
+if __name__ == "__main__":
+    main()

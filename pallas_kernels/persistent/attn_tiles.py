@@ -1,0 +1,286 @@
+"""The ATTN op body of the persistent kernel (format.py's ATTN record): absorbed sparse MLA of one head group over
+one split of the top-K slots, per query token, built from `pallas_kernels.mla_attention`'s tiles.
+
+What one task does (heads [h0, h0 + nh), slots [split * ks, (split + 1) * ks), ks = ceil(K / n_splits)), for
+each token t (a static loop; every token has its own top-K list):
+  * one TMA each for q_lat[t, h0:h0+nh] and q_pe[t, h0:h0+nh] into the first nh rows of a [M = 64, C] / [64, R]
+    q tile (the wgmma M is 64; rows nh.. hold stale data, are computed row-independently and never stored), and
+    the split's index and valid lists as [block_k] chunks (TMA reads past K zero-fill on the GPU; slots past the
+    split's end are masked by an iota in any case);
+  * the selected rows, `block_k` per ring slot, by per-row TMAs (`mla_attention.gather_rows`, indices clamped to
+    the cache) -- rows equal to this step's pos[t'] come from the KV_WRITE `rows` outputs instead of the cache
+    (gather_rows' overlay; `_Refs.cache`'s semantics);
+  * per block: logits [64, block_k] = `qk_logits` over the C/64 latent segments and the rope segment, masked by
+    a column bias (0 valid / -inf), then `online_softmax_pv` into an f32 accumulator [64, C / n_pass];
+  * `_finish`, then o_part[split, t, h0:h0+nh] (rounded to q_lat's dtype, as the jnp body's
+    `ref.sparse_mla_attention` returns it) through a [2, 64, 32] f32 staging tile, and lse_part (natural log:
+    the log2-domain lse x ln 2; 0 / -inf for a split without a valid slot, as the jnp body).
+The kernel runs one warpgroup, so a [64, C] f32 accumulator (256 registers per thread at C = 512) cannot stay in
+registers: C is covered in n_pass = C / 256 column passes, each recomputing the logits over all rows (the second
+pass re-reads the split's rows, mostly from L2) and accumulating its half of C (128 registers per thread).
+
+SMEM at glm5_slice (64 heads, C = 512, R = 64, K = 2048, 8 heads x 8 splits per task: ks = 256 = 4 blocks of 64):
+q 64 KB + q_pe 8 KB, one ring stage of 64 rows (C + R) bf16 = 72 KB, index + valid lists 2 KB, lse 256 B, the
+output staging [2, 64, 32] f32 = 16 KB aliased to the drained ring: ~146 KB. On the GPU these share one
+`plgpu.RefUnion` ("t_alias", see `add_scratch`) with the tile bodies' big rings t_w0, t_w1 (weights), t_op (UV's
+split partials) and t_part (MoE partials), 146 KB together, so ATTN adds no SMEM beyond its barriers: the kernel's
+scratch stays at ~162 KB (+ the CTA's dispatch table). That aliasing is safe because every body drains its SMEM
+(TMA loads waited, wgmmas retired, TMA stores waited) before it returns and tasks of one CTA run one after the
+other; a future cross-task prefetch that fills t_w0 / t_w1 while an ATTN task runs must exclude them from the
+union. A second ring stage (overlapping the next block's row gathers with this block's wgmmas) is taken when it
+fits `SMEM_BUDGET` -- not at glm5_slice, where the body issues a block's 576 row TMAs, waits, then computes.
+
+Interpret mode (CPU): the same code with block_k = 8, a plain allocation per ref (jax 0.10's interpreter has no
+RefUnion), the wgmma products as jnp.dot (`qk_logits` / `online_softmax_pv`'s interpret paths) and the per-row
+copies straight into the (untiled) ring. Only exercised on the GPU: the union aliasing and its swizzle-only copy
+view of the ring (a one-row slice of an (8, 64)-tiled ref is not tile-aligned), the 128-byte swizzled tiles,
+the wgmma paths, TMA zero-fill past K, and register pressure / spills of the two-pass accumulator; the lowering
+for the H200 at glm5_slice is tested on any host (tests/test_persistent_attn_tiles.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import mla_attention as mla
+from pallas_kernels.indexer import col_vector, mma_transforms
+from pallas_kernels.persistent.format import C_ATTN_SCALE
+from pallas_kernels.persistent.tiles import TaskView, _stack
+
+SEG = 64  # latent segment width on the GPU: one 128-byte swizzle row of bf16
+M = 64  # the wgmma M: q rows per tile (a task's nh <= 64 heads in the first rows)
+ACC_COLS = 256  # accumulator columns per pass: [64, 256] f32 = 128 registers per thread of one warpgroup
+OUT_TILE = 32  # f32 staging tile width (128 bytes)
+SMEM_BUDGET = 200 * 1024  # the kernel's scratch with ATTN's (a second ring stage only if it fits)
+ALIASED = ("t_w0", "t_w1", "t_op", "t_part")  # tile-body rings that share SMEM with ATTN's on the GPU
+_LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnShape:
+    """The ATTN branches' shapes (the largest head group and split over all branches): C, R, K (top-K slots),
+    ks (slots per split), nh (heads per task), dtype (q_lat's)."""
+    c: int
+    r: int
+    k: int
+    ks: int
+    nh: int
+    dtype: object
+
+    def geometry(self, interpret: bool):
+        """(block_k, n_blocks, seg, n_pass, m) of the scratch: rows per ring slot, blocks per split, latent
+        segment width, accumulator column passes, q tile rows."""
+        bk = 8 if interpret else 64
+        seg = SEG if self.c % SEG == 0 else self.c
+        n_seg = self.c // seg
+        n_pass = max(1, math.ceil(self.c / ACC_COLS))
+        while n_seg % n_pass:
+            n_pass += 1
+        m = -(-self.nh // 8) * 8 if interpret else M
+        return bk, -(-self.ks // bk), seg, n_pass, m
+
+    def fits_gpu(self) -> bool:
+        bk, _, seg, n_pass, _ = self.geometry(False)
+        return (jnp.dtype(self.dtype).itemsize == 2 and seg == SEG and self.r == SEG and self.nh <= M
+                and self.nh % 8 == 0 and self.ks % 4 == 0 and self.k % 4 == 0 and (self.c // n_pass) % OUT_TILE == 0)
+
+    def groups(self, stages: int, interpret: bool) -> tuple[dict, dict, dict]:
+        """(tiled views, per-row copy views, output staging): the three views of ATTN's SMEM. Keys sort so that
+        the ring (a0_kv, a1_pe) comes first in every group (a RefUnion lays a group out in tree order)."""
+        bk, n_blocks, seg, _, m = self.geometry(interpret)
+        dt = self.dtype
+        sw = mma_transforms(None if interpret else 128, dt)
+        tiled = dict(
+            a0_kv=plgpu.SMEM((stages * (self.c // seg), bk, seg), dt, transforms=sw),
+            a1_pe=plgpu.SMEM((stages, bk, self.r), dt, transforms=sw),
+            a2_q=plgpu.SMEM((m, self.c), dt, transforms=sw),
+            a3_qpe=plgpu.SMEM((m, self.r), dt, transforms=sw),
+            a4_idx=plgpu.SMEM((n_blocks, bk), jnp.int32),
+            a5_valid=plgpu.SMEM((n_blocks, bk), jnp.int32),
+            a6_lse=plgpu.SMEM((m,), jnp.float32),
+        )
+        swz = () if interpret else (plgpu.SwizzleTransform(128),)
+        copy = dict(a0_kvc=plgpu.SMEM(tiled["a0_kv"].shape, dt, transforms=swz),
+                    a1_pec=plgpu.SMEM(tiled["a1_pe"].shape, dt, transforms=swz))
+        width = math.gcd(OUT_TILE, self.c)
+        stage = dict(a0_o=plgpu.SMEM((2, m, width), jnp.float32,
+                                     transforms=mma_transforms(None if interpret else 128, jnp.float32)))
+        return tiled, copy, stage
+
+    def add_scratch(self, out: dict, interpret: bool) -> dict:
+        """`out` (tiles.scratch_types' dict) with ATTN's SMEM and barriers added. GPU: ATTN's views and the
+        ALIASED rings become one RefUnion "t_alias" (unpacked by `unalias`); interpret mode: plain entries."""
+        bk, n_blocks, seg, _, _ = self.geometry(interpret)
+        out = dict(out)
+        aliased = {k: out.pop(k) for k in ALIASED if k in out and not interpret}
+        stages = 2 if n_blocks > 1 else 1
+        if not interpret:
+            rest = sum(_nbytes(v) for v in out.values())
+            while stages > 1 and rest + max(_group_bytes(aliased), _group_bytes(self.groups(stages, False)[0])) \
+                    > SMEM_BUDGET:
+                stages -= 1
+        tiled, copy, stage = self.groups(stages, interpret)
+        if interpret:
+            out.update(tiled)
+            out.update(stage)
+        else:
+            if _group_bytes(stage) > _nbytes(tiled["a0_kv"]):
+                raise ValueError("ATTN's output staging must fit in its ring")
+            out["t_alias"] = plgpu.RefUnion(aliased, tiled, copy, stage)
+        out["a_full"] = plgpu.Barrier(num_arrivals=(self.c // seg + 1) * bk, num_barriers=stages)
+        out["a_meta"] = plgpu.Barrier(num_arrivals=2 + 2 * n_blocks)
+        return out
+
+
+def _nbytes(t) -> int:
+    if isinstance(t, plgpu.RefUnion):
+        return t.shape[0]
+    if isinstance(t, plgpu.Barrier) or not hasattr(t, "dtype"):
+        return 0
+    return math.prod(t.shape) * jnp.dtype(t.dtype).itemsize
+
+
+def _group_bytes(group: dict) -> int:
+    return sum(-(-_nbytes(v) // 128) * 128 for v in group.values())
+
+
+def unalias(scratch: dict) -> dict:
+    """The scratch dict with the "t_alias" RefUnion (GPU) replaced by its views, by name."""
+    if "t_alias" not in scratch:
+        return scratch
+    scratch = dict(scratch)
+    for group in scratch.pop("t_alias"):
+        scratch.update(group)
+    return scratch
+
+
+def plan_shape(plan) -> AttnShape | None:
+    """The AttnShape of a KernelPlan's ATTN branches (None without attention)."""
+    from pallas_kernels.persistent.format import Op
+    shapes = []
+    for op, static, _, islots, _ in plan.branches:
+        if op != Op.ATTN:
+            continue
+        nh, n_splits = static
+        (q_shape, q_dt), _ = plan.buffer_stacks[islots[0][1]]
+        (pe_shape, _), _ = plan.buffer_stacks[islots[1][1]]
+        (idx_shape, _), _ = plan.buffer_stacks[islots[4][1]]
+        k = idx_shape[-1]
+        shapes.append((q_shape[-1], pe_shape[-1], k, -(-k // n_splits), nh, q_dt))
+    if not shapes:
+        return None
+    from pallas_kernels.persistent.kernel import _JNP
+    c, r, k = shapes[0][:3]
+    if any(s[:3] != (c, r, k) or s[5] != shapes[0][5] for s in shapes):
+        return None
+    return AttnShape(c, r, k, max(s[3] for s in shapes), max(s[4] for s in shapes), _JNP[shapes[0][5]])
+
+
+def attn_body(r, key, consts):
+    """ATTN for one (head group, split): see the module docstring. None when the shapes do not fit the scratch."""
+    _, (nh, n_splits), _, islots, oslots = key
+    tiles = r.tiles
+    if tiles is None or "a2_q" not in tiles.s or any(islots[j][0] != "cache" for j in (2, 3)):
+        return None
+    q_ref, qpe_ref, idx_ref, valid_ref = (_stack(r, islots[j]) for j in (0, 1, 4, 5))
+    o_ref, lse_ref = _stack(r, oslots[0]), _stack(r, oslots[1])
+    if any(a is None for a in (q_ref, qpe_ref, idx_ref, valid_ref, o_ref, lse_ref)):
+        return None
+    ci_kv, ci_pe = islots[2][1], islots[3][1]
+    ckv, kpe, new_ckv, new_kpe = r.caches[ci_kv], r.caches[ci_pe], r.rows[ci_kv], r.rows[ci_pe]
+    tokens, _, c_dim = q_ref.shape[1:]
+    rr, kk = qpe_ref.shape[-1], idx_ref.shape[-1]
+    ks = -(-kk // n_splits)
+    s, c, interpret = tiles.s, tiles.c, tiles.interpret
+    shape = AttnShape(c_dim, rr, kk, ks, nh, q_ref.dtype)
+    bk, n_blocks, seg, n_pass, m = shape.geometry(interpret)
+    kv, pe, q, qpe = s["a0_kv"], s["a1_pe"], s["a2_q"], s["a3_qpe"]
+    idx_s, val_s, lse_s, stage = s["a4_idx"], s["a5_valid"], s["a6_lse"], s["a0_o"]
+    kv_copy, pe_copy = s.get("a0_kvc", kv), s.get("a1_pec", pe)
+    stages = pe.shape[0]
+    n_seg = c_dim // seg
+    if (kv.shape[1:] != (bk, seg) or kv.shape[0] != stages * n_seg or pe.shape[2] != rr or q.shape != (m, c_dim)
+            or idx_s.shape != (n_blocks, bk) or nh > q.shape[0] or (not interpret and not shape.fits_gpu())
+            or any(a.dtype != q_ref.dtype for a in (qpe_ref, ckv, kpe, kv))):
+        return None
+    half = n_seg // n_pass  # latent segments per pass
+    width = stage.shape[-1]
+    scale_log2 = float(consts[C_ATTN_SCALE]) * mla._LOG2E
+    pos_ref = r.inputs[r.plan.inputs.index("pos")]
+    full, meta = s["a_full"], s["a_meta"]
+    seq_len = ckv.shape[0]
+
+    def fn(t: TaskView):
+        h0, split = t.arg(0), t.arg(2)
+        qi, pi, ii, vi, oi, li = t.inp(0), t.inp(1), t.inp(4), t.inp(5), t.out(0), t.out(1)
+        base = split * ks
+        n_here = jnp.clip(kk - base, 0, ks)  # valid slot positions of this split
+        pos = tuple(pos_ref[c(j)] for j in range(tokens))  # GMEM scalars (the step's input)
+        heads = pl.ds(c(0), nh)
+
+        def fill(slot, j):
+            mla.gather_rows(ckv, kpe, idx_s.at[j], kv_copy, pe_copy.at[slot], full.at[slot], b=None,
+                            seg0=slot * n_seg, n_seg=n_seg, num_rows=bk, seq_len=seq_len,
+                            overlay=(new_ckv, new_kpe, pos))
+
+        def block_bias(j):
+            """0 for a valid slot of this split, -inf else; the column-vector layout of the logits."""
+            v = col_vector(val_s.at[j], interpret)
+            if interpret:
+                col = lax.broadcasted_iota(jnp.int32, (bk,), 0)
+            else:
+                col = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
+            ok = jnp.logical_and(v != 0, col + j * bk < n_here)
+            return jnp.where(ok, 0.0, mla.NEG_INF).astype(jnp.float32)
+
+        def run_pass(w: int, tt: int):
+            for j in range(min(stages, n_blocks)):
+                fill(c(j), c(j))
+            q_segs = [q.at[:, pl.ds(cc * seg, seg)] for cc in range(n_seg)] + [qpe]
+
+            def block(j, carry):
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(full.at[slot])
+                kv_segs = [kv.at[slot * n_seg + cc] for cc in range(n_seg)] + [pe.at[slot]]
+                logits = mla.qk_logits(q_segs, kv_segs, interpret)
+                carry = mla.online_softmax_pv(logits, block_bias(j), kv_segs[w * half:(w + 1) * half], carry,
+                                              scale_log2=scale_log2, interpret=interpret)
+                if not interpret:
+                    plgpu.wgmma_wait(0)  # the slot is free once the wgmmas that read it retired
+                pl.when(j + stages < n_blocks)(lambda: fill(slot, j + stages))
+                return carry
+
+            init = (mla._full((m, half * seg), 0.0, interpret), mla._full((m,), mla.NEG_INF, interpret),
+                    mla._full((m,), 0.0, interpret))
+            out, lse = mla._finish(lax.fori_loop(0, n_blocks, block, init))
+            out = out.astype(q_ref.dtype).astype(jnp.float32)  # the jnp body's o_part: q_lat's dtype
+            # The staging tile aliases the ring (GPU), drained now: every block's wgmmas have retired.
+            for i in range(half * seg // width):
+                slot = stage.at[c(i % 2)]
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                slot[...] = out[:, i * width:(i + 1) * width]
+                plgpu.commit_smem()
+                col0 = c(w * half * seg + i * width)
+                plgpu.copy_smem_to_gmem(slot.at[heads], o_ref.at[oi, split, c(tt), pl.ds(h0, nh), pl.ds(col0, width)])
+            if w == 0:
+                lse_s[...] = lse * _LN2
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(lse_s.at[heads], lse_ref.at[li, split, c(tt), pl.ds(h0, nh)])
+            plgpu.wait_smem_to_gmem(0)  # the ring is refilled next
+
+        for tt in range(tokens):
+            plgpu.copy_gmem_to_smem(q_ref.at[qi, c(tt), pl.ds(h0, nh)], q.at[heads], meta)
+            plgpu.copy_gmem_to_smem(qpe_ref.at[pi, c(tt), pl.ds(h0, nh)], qpe.at[heads], meta)
+            for j in range(n_blocks):
+                first = pl.ds(base + j * bk, bk)
+                plgpu.copy_gmem_to_smem(idx_ref.at[ii, c(tt), first], idx_s.at[c(j)], meta)
+                plgpu.copy_gmem_to_smem(valid_ref.at[vi, c(tt), first], val_s.at[c(j)], meta)
+            plgpu.barrier_wait(meta)
+            for w in range(n_pass):
+                run_pass(w, tt)
+    return fn

@@ -1,0 +1,521 @@
+"""Tile bodies of the persistent kernel's lightning indexer (DESIGN.md sec. 4, level 3): INDEX_SCORE and INDEX_TOPK.
+
+INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) -- `index_score_body`:
+  1. q: each token's N indexer heads (iq [T, N*H]) are staged 8 heads at a time into SMEM (GMEM row loads into
+     `t_ixq` [8, H + 8]), RoPE'd in place on their first R dims (an unrolled scalar loop per row, rounding
+     where `apply_rope` does, like `Tiles.rope`) and copied in registers into the wgmma B operand: the first
+     ceil(T*N / TK) slots of the weight rings t_w0 / t_w1 (H/TN = 1 or 2 parts of TN dims; TK rows = TK/N tokens
+     per slot). The head weights iw * INDEX_WSCALE * INDEX_SCALE go to `t_ixw` (the softmax scale folded through
+     the ReLU, as indexer.py does).
+  2. Scores: the chunk's cached key rows stream in [TK, TN] boxes through the remaining ring slots (barrier
+     `t_ixkb`); per block one swap-AB wgmma per (q slot, part) and indexer.py's epilogue `score_rows` (ReLU, head
+     weights, per-query head sums, causal mask start + i <= min(pos[t], r1 - 1)). This step's new rows
+     (IK_WRITE's `rows` output; the cache still holds stale rows there) are scored once per task into `t_ixn`
+     and patched over the positions pos[t'] (scalar stores, visible to query t iff pos[t'] <= pos[t]).
+     Scores collect in `t_ixs` [T, SB] (SB = 128 key rows per super-block).
+  3. Candidates. Fast path, n_rows = r1 - r0 <= K (always at glm5 contexts <= index_chunks * K = 64K): every
+     row is a candidate -- the super-block's scores and rows (0 where the score is -inf) are TMA'd to
+     cand_val / cand_idx[chunk] in row order, the slots past the chunk filled with -inf / 0. Slow path, n_rows >
+     K: an exact radix select over the chunk (indexer.py's `_float_key` and `count_tile`, 4 bits per pass, 8
+     passes down to the exact K-th key; every pass re-streams the keys and recomputes the scores, nothing of the
+     chunk is kept), then a compaction pass (scalar loop, GMEM scalar stores): keys above the K-th, then the first
+     `need` keys equal to it in row order. Either way the candidates are in ascending row order and -inf values
+     carry row 0.
+INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select over all nc * K candidates, streamed from
+  GMEM in [8, TN] f32 boxes (one row TMA each, barrier `t_ixcb`) through the MoE partial-sum slots `t_part` (idle
+  during the indexer), then a compaction pass: a slot with no candidate >= the K-th key is skipped, else a scalar
+  loop writes the candidate rows (GMEM scalar loads / stores) in flattened (chunk, slot) order = ascending row
+  order; finite selections first, the rest idx 0 / valid 0.
+
+Exactness and ties. The selected set equals `lax.top_k`'s over the same scores: the K largest, ties at the K-th
+value to the lower row (candidates are in row order within a chunk and chunks ascend, so "first in flattened
+order" is "lowest row", which is also what the jnp bodies' chunk-then-merge `lax.top_k` picks). The slot ORDER
+differs from the jnp body (ascending row, not descending score); the valid slots still form a prefix. The consumer
+ATTN is order-independent (softmax over the K slots, split into ranges whose partial results UV merges by LSE):
+only float summation order changes. Scores are not bit-identical to the jnp body (wgmma summation order, scale
+folded into the head weights), so near-ties can differ against the XLA backend; the tests compare the selection
+exactly against `lax.top_k` of the kernel's own candidate values, and with exact ties (duplicate keys, zero q).
+
+SMEM (glm5_slice: N = 32, H = 128, K = 2048, T = 1 / 4): q and the key ring live in the existing weight rings
+t_w0 / t_w1 (4 slots of 64 x 64 bf16: T = 1 takes 1 slot per ring for q, 3 for keys; T = 4 takes 2 and 2), the
+INDEX_TOPK's candidate ring in `t_part` (f32 [8, 64] slots). New: t_ixw [ceil(T*N/64)*64] f32, t_ixs / t_ixi
+[T, 128] f32 / int32, t_ixn [T, 64] f32, t_ixq [8, H + 8] bf16, t_ixc [128] int32 and two barrier arrays: 4.2 KB
+at T = 1, 8.3 KB at T = 4 (`scratch_bytes`).
+
+Counts to scalars. The radix passes' totals (and INDEX_TOPK's per-slot "any candidate >= the K-th key") are full
+reductions of register arrays; they become scalars through SMEM (`_smem_scalars`: one vector store into t_ixc,
+then scalar loads), never by using the 0-d reduction itself as a loop carry or trip count (jax 0.11.2 represents
+it as a 0-d vector, which Mosaic GPU rejects as a scalar).
+
+What only the GPU exercises: the wgmma (interpret mode multiplies with jnp.dot on plain SMEM), the register
+layouts (the WGMMA_TRANSPOSED copy of the staged q into the swizzled ring, WG_STRIDED loads/stores of the
+128-wide score rows), TMA zero-fill of the key boxes past the cache end / of the new-rows box past row T
+(interpret mode reads NaN there, which the masks / unused rows absorb). Performance is unmeasured; the scalar
+loops (q RoPE: T*N*R/2 pairs; the slow path's compaction: n_rows per token; INDEX_TOPK's compaction: every
+candidate slot holding a selected key, ~16K scalar steps per token at S = 4K) are the obvious costs to remove
+(a warp-level ballot / prefix count would replace them).
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _compat
+from pallas_kernels.gemv import TP
+from pallas_kernels.indexer import _float_key, count_tile, score_rows
+from pallas_kernels.persistent.format import C_INDEX_SCALE, C_INDEX_WSCALE
+from pallas_kernels.persistent.tiles import TaskView, _stack
+
+NEG_INF = float("-inf")
+RADIX_BITS = 4  # bits per selection pass: 2^4 - 1 thresholds counted per pass, 8 passes to the exact K-th key
+_INT32_MIN = -(2**31)
+_BIG = 2**30  # "no causal limit"
+_LANES = 128  # t_ixc: at most this many reduced counts per round trip
+
+
+def super_block(k: int, interpret: bool) -> int | None:
+    """Key rows per score super-block: 128 (one WG_STRIDED row of f32 per query) when K allows it; interpret mode
+    also takes K itself (the CPU tests' K = 16)."""
+    if k % 128 == 0:
+        return 128
+    return k if interpret else None
+
+
+def plan_shape(plan, interpret: bool):
+    """(T, N, SB) of the INDEX_SCORE scratch for `tiles.scratch_types(index=...)`, None without indexer tasks."""
+    bufs = plan.schedule.buffers
+    cand = [b.shape for b in bufs if b.name.endswith("/index_cand_val")]
+    heads = [b.shape[-1] for b in bufs if b.name.endswith("/index_w")]
+    if not cand or not heads:
+        return None
+    sb = super_block(cand[0][-1], interpret)
+    return None if sb is None else (plan.tokens, heads[0], sb)
+
+
+def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -> dict:
+    """The indexer bodies' own SMEM (see the module docstring); index = `plan_shape`."""
+    tokens, heads, sb = index
+    qcols = cfg.tile_k * math.ceil(tokens * heads / cfg.tile_k)
+    out.update(
+        t_ixw=plgpu.SMEM((qcols,), jnp.float32),
+        t_ixs=plgpu.SMEM((tokens, sb), jnp.float32),
+        t_ixi=plgpu.SMEM((tokens, sb), jnp.int32),
+        t_ixn=plgpu.SMEM((tokens, cfg.tile_k), jnp.float32),
+        t_ixc=plgpu.SMEM((_LANES,), jnp.int32),  # reduced counts -> scalars (`_smem_scalars`)
+        # q staging, 8 heads x H; rows padded by 8 elements: Mosaic finds no bank-conflict-free transposed load of
+        # 128-byte-multiple rows
+        t_ixq=plgpu.SMEM((TP, index_dim + 8), dtype),
+        t_ixkb=plgpu.Barrier(num_arrivals=max(1, index_dim // cfg.tile_n), num_barriers=cfg.slots),
+        t_ixcb=plgpu.Barrier(num_arrivals=TP, num_barriers=cfg.slots),
+    )
+    return out
+
+
+def scratch_bytes(scratch: dict) -> int:
+    """Bytes of the indexer's own SMEM buffers (barriers not counted)."""
+    return sum(math.prod(v.shape) * jnp.dtype(v.dtype).itemsize for k, v in scratch.items()
+               if k.startswith("t_ix") and hasattr(v, "shape"))
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+
+
+def _cdiv(a, b):
+    return lax.div(a + (b - 1), b)
+
+
+def _row_layout(n):
+    return plgpu.Layout.WG_STRIDED((n,), vec_size=1)
+
+
+def _load_row(tiles, ref):
+    """A 1-D SMEM row [n] (n a multiple of 128 on the GPU) as a register vector in one fixed layout."""
+    if tiles.interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=_row_layout(ref.shape[0]))
+
+
+def _iota_row(tiles, n):
+    if tiles.interpret:
+        return lax.iota(jnp.int32, n)
+    return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=_row_layout(n))
+
+
+def _smem_scalars(tiles, vals, ref):
+    """0-d int32 register reductions -> int32 scalars: vals[j] placed at lane j of one [128] row (vector selects),
+    one full-ref vector store into `ref` ([128] int32 SMEM), then scalar loads. jax 0.11.2 represents a full
+    reduction as a 0-d vector, which Mosaic GPU cannot use as a scalar (loop carry, trip count, predicate)."""
+    lane = _iota_row(tiles, ref.shape[0])  # [128] int32
+    row = jnp.where(lane == 0, vals[0], 0)
+    for j, v in enumerate(vals[1:], 1):
+        row = jnp.where(lane == j, v, row)
+    ref[...] = row
+    return [ref[tiles.c(j)] for j in range(len(vals))]
+
+
+def _radix_step(lo, hi_cnt, counts, k: int, shift):
+    """One radix pass of indexer.py's select: counts[j-1] = count(key >= lo + j << shift), j = 1..2^b - 1 ->
+    (new lo, count(key >= new lo + 1 << shift)). counts are non-increasing in j."""
+    m = sum(jnp.where(c >= k, 1, 0) for c in counts)
+    ext = [*counts, hi_cnt]  # ext[j - 1] = count(key >= lo + j << shift), j = 1 .. 2^b
+    new_hi = sum(jnp.where(m + 1 == j, ext[j - 1], 0) for j in range(1, len(ext) + 1))
+    return lo + lax.shift_left(m, shift), new_hi
+
+
+def _radix_select(k: int, count_pass, ntok: int, zero):
+    """Exact K-th largest key per token: (lo [T], need [T]) with lo = the K-th largest key and need = how many
+    keys equal to lo belong to the top K (all keys > lo do). count_pass(cands) -> totals [T][2^b - 1] of
+    count(key >= cand) over the whole set as int32 scalars (`_smem_scalars`), cands [T][2^b - 1] int32 scalars."""
+    n_cand = 2**RADIX_BITS - 1
+    passes = 32 // RADIX_BITS
+
+    def one(p, state):
+        los, his = state[:ntok], state[ntok:]
+        shift = (32 - RADIX_BITS) - p * RADIX_BITS
+        cands = [[lo + lax.shift_left(zero + j, shift) for j in range(1, n_cand + 1)] for lo in los]
+        totals = count_pass(cands)
+        new = [_radix_step(lo, hi, tot, k, shift) for lo, hi, tot in zip(los, his, totals)]
+        return tuple(n[0] for n in new) + tuple(n[1] for n in new)
+
+    init = tuple(zero + _INT32_MIN for _ in range(ntok)) + tuple(zero for _ in range(ntok))
+    state = lax.fori_loop(0, passes, one, init)
+    return list(state[:ntok]), [k - h for h in state[ntok:]]
+
+
+# ---- INDEX_SCORE ------------------------------------------------------------------------------------------------
+
+
+def index_score_body(r, key, consts):
+    """INDEX_SCORE of one chunk (see the module docstring), or None when the shapes do not fit the tiles."""
+    _, (n_chunks, align), _, islots, oslots = key
+    tiles = r.tiles
+    if tiles is None or "t_ixs" not in tiles.s or "t_pe" not in tiles.s:
+        return None
+    iq_ref, iw_ref, val_ref, idx_ref = (_stack(r, sl) for sl in (islots[0], islots[1], oslots[0], oslots[1]))
+    if any(a is None for a in (iq_ref, iw_ref, val_ref, idx_ref)) or islots[2][0] != "cache":
+        return None
+    if any(sl[0] != "in" for sl in islots[3:6]):
+        return None
+    s, c, dt = tiles.s, tiles.c, tiles.dtype
+    cache, new_rows = r.caches[islots[2][1]], r.rows[islots[2][1]]
+    pos_ref, cos_ref, sin_ref = (r.inputs[sl[1]] for sl in islots[3:6])
+    nt, heads = iw_ref.shape[1:]
+    hd = iq_ref.shape[-1] // heads
+    kk = val_ref.shape[-1]
+    tk, tn, slots = tiles.tk, tiles.tn, tiles.cfg.slots
+    rr = s["t_pe"].shape[1]
+    sb = s["t_ixs"].shape[1]
+    parts = hd // tn if hd % tn == 0 else 0
+    tpg = tk // heads if tk % heads == 0 else 0  # tokens per q slot
+    if (parts not in (1, 2) or not tpg or heads % TP or s["t_ixq"].shape != (TP, hd + 8) or rr > hd or rr % 2
+            or s["t_ixs"].shape[0] != nt or kk % sb or sb % tk or s["t_ixw"].shape[0] < tk * math.ceil(nt / tpg)
+            or any(a.dtype != dt for a in (iq_ref, cache, new_rows)) or cache.shape[-1] != hd
+            or nt * (2**RADIX_BITS - 1) > _LANES):
+        return None
+    q_slots = math.ceil(nt / tpg)
+    ks = slots - q_slots  # key ring depth
+    if ks < 1:
+        return None
+    rings = [s["t_w0"], s["t_w1"]][:parts]
+    kbar = s["t_ixkb"]
+    w_s, sc, si, nsc, stage = s["t_ixw"], s["t_ixs"], s["t_ixi"], s["t_ixn"], s["t_ixq"]
+    scale = float(consts[C_INDEX_SCALE]) * float(consts[C_INDEX_WSCALE])
+    nsub = sb // tk
+
+    def dots(slot, g):
+        """keys [TK, H] (ring slot) @ q slot g^T -> f32 [TK, TK]."""
+        if tiles.interpret:
+            return sum(jnp.dot(ring[slot].astype(jnp.float32), ring[c(g)].astype(jnp.float32).T,
+                               preferred_element_type=jnp.float32) for ring in rings)
+
+        def compute(acc):
+            for ring in rings:
+                plgpu.wgmma(acc, ring.at[slot], _compat.transpose_ref(ring.at[c(g)], (1, 0)))
+            return acc[...]
+        return pl.run_scoped(compute, plgpu.ACC((tk, tk), jnp.float32))
+
+    def block_scores(slot, start, limits):
+        """Score vectors [TK] of the key block in `slot` (rows start ..), one per token."""
+        out = []
+        for g in range(q_slots):
+            toks = list(range(g * tpg, min(nt, (g + 1) * tpg)))
+            lim = [limits[t] for t in toks] + [limits[0]] * (tpg - len(toks))
+            rows = score_rows(dots(slot, g), w_s.at[pl.ds(c(g * tk), tk)], start=start, limits=lim,
+                              num_heads=heads, interpret=tiles.interpret)
+            out += rows[:len(toks)]
+        return out
+
+    def prepare_q(xi, wi):
+        """q (RoPE'd) into the first q_slots ring slots, head weights into t_ixw."""
+        tiles.load_small(cos_ref.at[pl.ds(c(0), TP)], "t_cos")
+        tiles.load_small(sin_ref.at[pl.ds(c(0), TP)], "t_sin")
+
+        @pl.loop(0, nt * heads)
+        def _(j):
+            w_s[j] = iw_ref[wi, lax.div(j, heads), lax.rem(j, heads)].astype(jnp.float32) * scale
+
+        def rnd(v):
+            return v.astype(dt).astype(jnp.float32)
+
+        for t in range(nt):
+            cs = [s["t_cos"][c(t), c(j)].astype(jnp.float32) for j in range(rr // 2)]
+            sn = [s["t_sin"][c(t), c(j)].astype(jnp.float32) for j in range(rr // 2)]
+            g, row_in_slot = divmod(t, tpg)
+            for g8 in range(heads // TP):
+                for i in range(TP):
+                    stage[c(i), pl.ds(c(0), hd)] = iq_ref[xi, c(t), pl.ds(c((g8 * TP + i) * hd), hd)]
+
+                @pl.loop(0, TP)
+                def _(i):
+                    xs = [stage[i, c(j)].astype(jnp.float32) for j in range(rr)]
+                    for j in range(rr // 2):
+                        even, odd = xs[2 * j], xs[2 * j + 1]
+                        stage[i, c(j)] = (rnd(even * cs[j]) - rnd(odd * sn[j])).astype(dt)
+                        stage[i, c(j + rr // 2)] = (rnd(odd * cs[j]) + rnd(even * sn[j])).astype(dt)
+
+                row0 = row_in_slot * heads + g8 * TP
+                for p, ring in enumerate(rings):
+                    src = stage.at[:, pl.ds(c(p * tn), tn)]
+                    dst = ring.at[c(g), pl.ds(row0, TP)]
+                    if tiles.interpret:
+                        dst[...] = src[...]
+                    else:
+                        lay = plgpu.Layout.WGMMA_TRANSPOSED
+                        v = plgpu.load(_compat.transpose_ref(src, (1, 0)), (), layout=lay)
+                        _compat.transpose_ref(dst, (1, 0))[...] = plgpu.layout_cast(v, lay)
+        plgpu.commit_smem()
+
+    def fn(t: TaskView):
+        chunk, oi_v, oi_i = t.arg(0), t.out(0), t.out(1)
+        pos = [pos_ref[c(q)] for q in range(nt)]
+        top = pos[0]
+        for p in pos[1:]:
+            top = jnp.maximum(top, p)
+        visible = top + 1
+        size = lax.div(_cdiv(visible, n_chunks) + (align - 1), align) * align
+        r0 = chunk * size
+        r1 = jnp.minimum(visible, r0 + size)
+        n_rows = jnp.maximum(r1 - r0, 0)
+        limits = [jnp.minimum(p, r1 - 1) for p in pos]
+        nblk = _cdiv(n_rows, tk)
+        n_sb = _cdiv(n_rows, sb)
+
+        prepare_q(t.inp(0), t.inp(1))
+
+        # This step's new rows: scored once, patched over their (stale) cache positions below.
+        nslot = c(q_slots)
+        for p, ring in enumerate(rings):
+            plgpu.copy_gmem_to_smem(new_rows.at[pl.ds(c(0), tk), pl.ds(c(p * tn), tn)], ring.at[nslot],
+                                    kbar.at[nslot])
+        plgpu.barrier_wait(kbar.at[nslot])
+        for q, row in enumerate(block_scores(nslot, c(0), [c(_BIG)] * nt)):
+            nsc[c(q), pl.ds(c(0), tk)] = row
+
+        def issue(b):
+            slot = q_slots + lax.rem(b, ks)
+            for p, ring in enumerate(rings):
+                plgpu.copy_gmem_to_smem(cache.at[pl.ds(r0 + b * tk, tk), pl.ds(c(p * tn), tn)], ring.at[slot],
+                                        kbar.at[slot])
+
+        def scan(on_sb, carry, peel=False):
+            """Scores of the chunk, one super-block at a time into t_ixs, then carry = on_sb(sb, carry)."""
+            for b in range(ks):
+                pl.when(b < nblk)(lambda b=b: issue(c(b)))
+
+            def step(sbi, carry):
+                @pl.when((sbi + 1) * nsub > nblk)  # a partial super-block: -inf past the chunk
+                def _():
+                    for q in range(nt):
+                        sc[c(q), pl.ds(c(0), sb)] = jnp.full((sb,), NEG_INF, jnp.float32)
+
+                for jj in range(nsub):
+                    b = sbi * nsub + jj
+
+                    @pl.when(b < nblk)
+                    def _():
+                        slot = q_slots + lax.rem(b, ks)
+                        plgpu.barrier_wait(kbar.at[slot])
+                        rows = block_scores(slot, r0 + b * tk, limits)
+                        for q in range(nt):
+                            sc[c(q), pl.ds(c(jj * tk), tk)] = rows[q]
+                        pl.when(b + ks < nblk)(lambda: issue(b + ks))
+                base = r0 + sbi * sb
+                for tq in range(nt):
+                    i = pos[tq] - base
+
+                    @pl.when((i >= 0) & (i < sb) & (pos[tq] < r1))
+                    def _():
+                        for q in range(nt):
+                            sc[c(q), i] = jnp.where(pos[tq] <= pos[q], nsc[c(q), c(tq)], NEG_INF)
+                return on_sb(sbi, carry)
+
+            if peel:  # the first super-block outside the loop: the carry then has the registers' layout
+                carry = step(c(0), carry)
+                return lax.fori_loop(1, n_sb, step, carry)
+            return lax.fori_loop(0, n_sb, step, carry)
+
+        def write_out(sbi, both=True):
+            cols = pl.ds(sbi * sb, sb)
+            for q in range(nt):
+                plgpu.copy_smem_to_gmem(sc.at[pl.ds(c(q), 1)], val_ref.at[oi_v, chunk, pl.ds(c(q), 1), cols])
+                plgpu.copy_smem_to_gmem(si.at[pl.ds(c(q), 1)], idx_ref.at[oi_i, chunk, pl.ds(c(q), 1), cols])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # t_ixs / t_ixi are rewritten next
+
+        @pl.when(n_rows <= kk)
+        def _fast():
+            def on_sb(sbi, carry):
+                rows = _iota_row(tiles, sb) + (r0 + sbi * sb)
+                for q in range(nt):
+                    v = _load_row(tiles, sc.at[c(q)])
+                    si[c(q), pl.ds(c(0), sb)] = jnp.where(v > NEG_INF, rows, 0)
+                plgpu.commit_smem()
+                write_out(sbi)
+                return carry
+
+            scan(on_sb, c(0))
+            for q in range(nt):
+                sc[c(q), pl.ds(c(0), sb)] = jnp.full((sb,), NEG_INF, jnp.float32)
+                si[c(q), pl.ds(c(0), sb)] = jnp.zeros((sb,), jnp.int32)
+            plgpu.commit_smem()
+
+            @pl.loop(n_sb, kk // sb)
+            def _(sbi):
+                write_out(sbi)
+
+        @pl.when(n_rows > kk)
+        def _slow():
+            def count_pass(cands):
+                def on_sb(sbi, counts):
+                    return tuple(tuple(count_tile(sc.at[pl.ds(c(q), 1)], cands[q], None if counts is None
+                                                  else list(counts[q]))) for q in range(nt))
+                counts = scan(on_sb, None, peel=True)
+                tot = _smem_scalars(tiles, [jnp.sum(x) for per_q in counts for x in per_q], s["t_ixc"])
+                n_cand = len(counts[0])
+                return [tot[q * n_cand:(q + 1) * n_cand] for q in range(nt)]
+
+            los, needs = _radix_select(kk, count_pass, nt, c(0))
+
+            def on_sb(sbi, carry):
+                out = []
+                for q in range(nt):
+                    def one(i, st, q=q):
+                        n, eq = st
+                        v = sc[c(q), i]
+                        kv = _float_key(v)
+                        is_eq = kv == los[q]
+                        take = (kv > los[q]) | (is_eq & (eq < needs[q]))
+
+                        @pl.when(take)
+                        def _():
+                            val_ref[oi_v, chunk, c(q), n] = v
+                            idx_ref[oi_i, chunk, c(q), n] = jnp.where(v > NEG_INF, r0 + sbi * sb + i, 0)
+                        return n + take.astype(jnp.int32), eq + (take & is_eq).astype(jnp.int32)
+                    out.append(lax.fori_loop(0, sb, one, carry[q]))
+                return tuple(out)
+
+            scan(on_sb, tuple((c(0), c(0)) for _ in range(nt)))
+
+        plgpu.wait_smem_to_gmem(0)
+    return fn
+
+
+# ---- INDEX_TOPK -------------------------------------------------------------------------------------------------
+
+
+def index_topk_body(r, key, consts):
+    """INDEX_TOPK: exact top-K of all chunks' candidates per token (see the module docstring), or None."""
+    _, _, _, islots, oslots = key
+    tiles = r.tiles
+    if tiles is None or "t_ixcb" not in tiles.s or "t_part" not in tiles.s:
+        return None
+    val_ref, cid_ref, out_idx, out_valid = (_stack(r, sl) for sl in (*islots[:2], *oslots[:2]))
+    if any(a is None for a in (val_ref, cid_ref, out_idx, out_valid)):
+        return None
+    s, c = tiles.s, tiles.c
+    ring, bar, cnt = s["t_part"], s["t_ixcb"], s["t_ixc"]
+    nc, nt, kk = val_ref.shape[1:]
+    width = ring.shape[2]  # candidates per row of a ring slot (TN)
+    if ring.shape[1] != TP or kk % width or (nc * kk // width) % TP or ring.shape[0] < 2:
+        return None
+    stages = min(ring.shape[0], tiles.cfg.slots)
+    row_per_chunk = kk // width
+    n_slot = nc * kk // width // TP  # ring slots per token
+
+    def fn(t: TaskView):
+        vi, ii, oi, ov = t.inp(0), t.inp(1), t.out(0), t.out(1)
+        for q in range(nt):
+            def where(g, i):  # (chunk, first candidate) of row i of the g-th ring slot
+                row = g * TP + i
+                return lax.div(row, row_per_chunk), lax.rem(row, row_per_chunk) * width
+
+            def src(g, i, ref, idx, q=q):
+                ch, off = where(g, i)
+                return ref.at[idx, ch, pl.ds(c(q), 1), pl.ds(off, width)]
+
+            def issue(g):
+                st = lax.rem(g, stages)
+                for i in range(TP):
+                    plgpu.copy_gmem_to_smem(src(g, i, val_ref, vi), ring.at[st, pl.ds(c(i), 1)], bar.at[st])
+
+            def stream(on_slot, carry, peel=False):
+                for g in range(min(stages, n_slot)):
+                    issue(c(g))
+
+                def step(g, carry):
+                    st = lax.rem(g, stages)
+                    plgpu.barrier_wait(bar.at[st])
+                    carry = on_slot(g, st, carry)
+                    pl.when(g + stages < n_slot)(lambda: issue(g + stages))
+                    return carry
+
+                if peel:
+                    carry = step(c(0), carry)
+                    return lax.fori_loop(1, n_slot, step, carry)
+                return lax.fori_loop(0, n_slot, step, carry)
+
+            def count_pass(cands):
+                def on_slot(g, st, counts):
+                    return tuple(count_tile(ring.at[st], cands[0], None if counts is None else list(counts)))
+                counts = stream(on_slot, None, peel=True)
+                return [_smem_scalars(tiles, [jnp.sum(x) for x in counts], cnt)]
+
+            (lo,), (need,) = _radix_select(kk, count_pass, 1, c(0))
+
+            def on_slot(g, st, carry):
+                x = ring[st] if tiles.interpret else plgpu.load(ring.at[st], (), layout=plgpu.Layout.WG_STRIDED(
+                    (TP, width), vec_size=1))
+                kx = _float_key(x)
+                hit, = _smem_scalars(tiles, [jnp.max(jnp.where((kx >= lo) & (x > NEG_INF), 1, 0))], cnt)
+
+                def scan_slot(carry):
+                    def one(e, st2):
+                        n, eq = st2
+                        i, col = lax.div(e, width), lax.rem(e, width)
+                        v = ring[st, i, col]
+                        kv = _float_key(v)
+                        is_eq = kv == lo
+                        take = (kv > lo) | (is_eq & (eq < need))
+
+                        @pl.when(take & (v > NEG_INF))
+                        def _():
+                            ch, off = where(g, i)
+                            out_idx[oi, c(q), n] = cid_ref[ii, ch, c(q), off + col]
+                            out_valid[ov, c(q), n] = c(1)
+                        return (n + (take & (v > NEG_INF)).astype(jnp.int32),
+                                eq + (take & is_eq).astype(jnp.int32))
+                    # a slot without any candidate >= the K-th key runs no step (a dynamic trip count, no cond)
+                    return lax.fori_loop(0, jnp.where(hit > 0, TP * width, 0), one, carry)
+
+                return scan_slot(carry)
+
+            n, _ = stream(on_slot, (c(0), c(0)))
+
+            @pl.loop(n, kk)
+            def _(j):
+                out_idx[oi, c(q), j] = c(0)
+                out_valid[ov, c(q), j] = c(0)
+    return fn

@@ -1,0 +1,98 @@
+"""The persistent kernel's ATTN tile body (`pallas_kernels.persistent.attn_tiles`): in Pallas GPU interpret mode on
+`tiny` the kernel with the body (every ATTN branch takes it; counted) matches the XLA backend's `main_cached` --
+fresh random models and prompts, context past index_topk, T = 1 and 3, float32 and bfloat16, one and several row
+blocks per split, ragged head groups, and a short context (invalid slots, empty splits) -- and it lowers for the
+H200 at glm5_slice (lowering only: no GPU here) within the SMEM budget.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from glm_fast import Model, load_config
+from glm_fast.engine.cache import new_state
+from glm_fast.engine.forward import main_cached
+from glm_fast.engine.ops import XLA
+from pallas_kernels.persistent import Op, ScheduleOptions, attn_tiles, compile_schedule
+from pallas_kernels.persistent import kernel as kernel_mod
+from pallas_kernels.persistent.kernel import KernelPlan, PersistentDecoder
+from tests.test_persistent_kernel import BF16, LOWERING, OPTIONS, TOL, _lower_glm5_slice
+
+
+@pytest.fixture
+def attn_calls(monkeypatch):
+    """Records, per ATTN branch built, whether `attn_body` returned a body (True) or fell back (False)."""
+    calls = []
+    orig = attn_tiles.attn_body
+
+    def counted(r, key, consts):
+        body = orig(r, key, consts)
+        calls.append(body is not None)
+        return body
+    monkeypatch.setitem(kernel_mod._TILED, Op.ATTN, counted)
+    return calls
+
+
+def _prefilled(cfg, seed, context, t):
+    model = Model(cfg, rngs=nnx.Rngs(seed))
+    tokens = jax.random.randint(jax.random.key(1000 + seed), (1, context + t), 0, cfg.vocab_size)
+    pos = jnp.arange(context)[None]
+    state = new_state(cfg, 1, context + 16, 0, model.dtype)
+    _, _, caches = main_cached(model, state.layers, tokens[:, :context], pos, jnp.ones_like(pos, bool), XLA)
+    return model, caches, tokens[:, context:], context + jnp.arange(t)[None]
+
+
+# attn_splits 3 -> 6 slots per split (one 8-row block, the last split half past K); 1 -> 16 slots (two blocks, a
+# two-stage ring with refills). context 9 < index_topk 16: invalid slots and (T = 1) an empty last split.
+CASES = [("float32", 1, 11, 40, 3), ("bfloat16", 3, 12, 40, 3), ("float32", 3, 13, 40, 1),
+         ("bfloat16", 1, 14, 40, 1), ("float32", 1, 15, 9, 3)]
+
+
+@pytest.mark.parametrize("dtype,t,seed,context,splits", CASES)
+def test_attn_body_matches_xla_backend_in_interpret_mode(dtype, t, seed, context, splits, attn_calls):
+    cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
+    model, caches, tokens, pos = _prefilled(cfg, seed, context, t)
+    ok = jnp.ones((1, t), bool)
+    expected, expected_h, _ = main_cached(model, caches, tokens, pos, ok, XLA)
+    options = dataclasses.replace(OPTIONS, attn_splits=splits)
+    dec = PersistentDecoder(model, options, interpret=True, cache_dir=False)
+    logits, h, _ = jax.jit(lambda w, c: dec(model, w, c, tokens, pos, ok))(dec.weights(t), caches)
+    n_attn = sum(Op(k[0]) == Op.ATTN for k in dec.plan(t).branches)
+    assert n_attn > 0 and attn_calls == [True] * n_attn  # every ATTN branch ran the tile body
+    assert np.isfinite(np.asarray(logits, np.float32)).all()
+    scale = float(jnp.abs(expected.astype(jnp.float32)).max())
+    err = float(jnp.abs(logits.astype(jnp.float32) - expected.astype(jnp.float32)).max()) / scale
+    assert err < TOL[dtype], err
+    h_err = float(jnp.abs(h.astype(jnp.float32) - expected_h.astype(jnp.float32)).max())
+    assert h_err < TOL[dtype] * float(jnp.abs(expected_h.astype(jnp.float32)).max()), h_err
+
+
+def _glm5_plan():
+    return KernelPlan.build(compile_schedule(load_config("glm5_slice").model, 1, ScheduleOptions(num_sms=132)))
+
+
+def test_attn_scratch_fits_smem_at_glm5_slice():
+    """ATTN's SMEM shares a RefUnion with the big rings: the kernel's whole scratch stays under 220 KB."""
+    plan = _glm5_plan()
+    shape = attn_tiles.plan_shape(plan)
+    assert shape is not None and shape.fits_gpu()
+    scratch = kernel_mod._scratch_types(plan, kernel_mod.tl.TileConfig(), False)
+    assert "t_alias" in scratch and "a2_q" not in scratch
+    total = sum(attn_tiles._nbytes(v) for v in scratch.values())
+    table = plan.sm_aux().shape[1] * plan.sm_aux().shape[2] * 4  # the CTA's dispatch table (run_scoped)
+    assert total + table < 220 * 1024, (total, table)
+
+
+def test_attn_body_lowers_for_cuda_at_glm5_slice(attn_calls):
+    """The ATTN tile body lowers for the H200 at glm5_slice (every ATTN branch takes it)."""
+    _lower_glm5_slice(frozenset([Op.ATTN]))
+    assert attn_calls and all(attn_calls)
+
+
+def test_attn_body_lowers_with_the_other_tile_bodies_for_cuda(attn_calls):
+    """ATTN with the other tile bodies in one kernel: the SMEM union with their rings, one lax.switch."""
+    _lower_glm5_slice(frozenset(LOWERING))
+    assert attn_calls and all(attn_calls)

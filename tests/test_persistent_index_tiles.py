@@ -1,0 +1,146 @@
+"""The persistent kernel's indexer tile bodies (`pallas_kernels.persistent.index_tiles`: INDEX_SCORE, INDEX_TOPK):
+in Pallas GPU interpret mode on `tiny` the kernel with the bodies (every INDEX_SCORE / INDEX_TOPK branch takes them;
+counted) matches the XLA backend's `main_cached` -- float32 and bfloat16, T = 1 and 3, contexts past index_topk
+(chunks of <= K rows: every row a candidate; chunks of > K rows: the radix select and compaction) and one shorter
+than it (empty chunks, invalid slots) -- and INDEX_TOPK's selection equals `lax.top_k` of the kernel's own candidates.
+Both bodies lower for the H200 at glm5_slice, alone and with every other tile body (lowering only: no GPU here).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from glm_fast import Model, load_config
+from glm_fast.engine.cache import new_state
+from glm_fast.engine.forward import main_cached
+from glm_fast.engine.ops import XLA
+from pallas_kernels.persistent import Op, index_tiles
+from pallas_kernels.persistent import kernel as kernel_mod
+from pallas_kernels.persistent.kernel import PersistentDecoder
+from pallas_kernels.persistent.tiles import TileConfig
+from tests.test_persistent_kernel import BF16, LOWERING, OPTIONS, TOL, _lower_glm5_slice
+
+INDEX_OPS = (Op.INDEX_SCORE, Op.INDEX_TOPK)
+
+
+@pytest.fixture
+def index_calls(monkeypatch):
+    """Records, per INDEX_SCORE / INDEX_TOPK branch built, (op, whether the tile body was returned)."""
+    calls = []
+    for op, orig in ((Op.INDEX_SCORE, index_tiles.index_score_body), (Op.INDEX_TOPK, index_tiles.index_topk_body)):
+        def counted(r, key, consts, op=op, orig=orig):
+            body = orig(r, key, consts)
+            calls.append((op, body is not None))
+            return body
+        monkeypatch.setitem(kernel_mod._TILED, op, counted)
+    return calls
+
+
+@pytest.fixture
+def kernel_outputs(monkeypatch):
+    """The persistent kernel's raw outputs (every buffer stack, then the cache rows), one tuple per launch."""
+    launches = []
+    real = kernel_mod.plgpu
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def kernel(self, *args, **kwargs):
+            k = real.kernel(*args, **kwargs)
+
+            def run(*a):
+                outs = k(*a)
+                launches.append(outs)
+                return outs
+            return run
+    monkeypatch.setattr(kernel_mod, "plgpu", Spy())
+    return launches
+
+
+def _prefilled(cfg, seed, context, t):
+    model = Model(cfg, rngs=nnx.Rngs(seed))
+    tokens = jax.random.randint(jax.random.key(2000 + seed), (1, context + t), 0, cfg.vocab_size)
+    pos = jnp.arange(context)[None]
+    state = new_state(cfg, 1, context + 16, 0, model.dtype)
+    _, _, caches = main_cached(model, state.layers, tokens[:, :context], pos, jnp.ones_like(pos, bool), XLA)
+    return model, caches, tokens[:, context:], context + jnp.arange(t)[None]
+
+
+def _buffer(plan, outs, name):
+    """A buffer of the kernel's stacks by schedule name, as numpy."""
+    b = next(i for i, buf in enumerate(plan.schedule.buffers) if buf.name == name)
+    kind, si, j = plan.buffer_slot[b]
+    assert kind == "stack"
+    return np.asarray(outs[si][j])
+
+
+def _check_selection(plan, outs):
+    """Per indexer layer and token: INDEX_TOPK's valid rows == the rows of lax.top_k over the flattened (chunk,
+    slot) candidates (ties to the lower slot = lower row), the valid slots a prefix."""
+    layers = [b.name.rsplit("/", 1)[0] for b in plan.schedule.buffers if b.name.endswith("/topk_idx")]
+    assert layers
+    for layer in layers:
+        val = _buffer(plan, outs, f"{layer}/index_cand_val")  # [nc, T, K]
+        cid = _buffer(plan, outs, f"{layer}/index_cand_idx")  # [nc, T, K]
+        idx = _buffer(plan, outs, f"{layer}/topk_idx")  # [T, K]
+        valid = _buffer(plan, outs, f"{layer}/topk_valid")  # [T, K]
+        kk = idx.shape[-1]
+        for t in range(idx.shape[0]):
+            flat_v, flat_i = val[:, t].reshape(-1), cid[:, t].reshape(-1)
+            assert not np.isnan(flat_v).any()
+            top_v, top_j = jax.lax.top_k(jnp.asarray(flat_v), kk)
+            want = np.sort(flat_i[np.asarray(top_j)][np.asarray(top_v) > -np.inf])
+            n = int(valid[t].sum())
+            assert (valid[t, :n] == 1).all() and (valid[t, n:] == 0).all(), layer
+            np.testing.assert_array_equal(np.sort(idx[t, :n]), want, err_msg=f"{layer} token {t}")
+
+
+# (dtype, T, seed, context, index_chunks, tile): tile 16 with 8 chunks -> chunks of <= 8 rows (every row a
+# candidate); tile 8 with 4 chunks at context 72 -> chunks of 24 rows > K = 16 (radix select + compaction) and a
+# 1-3 row last chunk (every row a candidate); context 9 < index_topk: chunks past the visible rows are empty, most
+# slots invalid. (INDEX_TOPK's body needs chunks * K / tile to be a multiple of 8 ring rows.)
+CASES = [("bfloat16", 3, 22, 40, 8, 16), ("float32", 3, 23, 72, 4, 8), ("float32", 1, 25, 9, 8, 16)]
+
+
+@pytest.mark.parametrize("dtype,t,seed,context,chunks,tile", CASES)
+def test_index_bodies_match_xla_backend_in_interpret_mode(dtype, t, seed, context, chunks, tile, index_calls,
+                                                          kernel_outputs):
+    cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
+    model, caches, tokens, pos = _prefilled(cfg, seed, context, t)
+    ok = jnp.ones((1, t), bool)
+    expected, expected_h, _ = main_cached(model, caches, tokens, pos, ok, XLA)
+    dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, index_chunks=chunks), interpret=True,
+                            cache_dir=False, tiles=TileConfig(tile_n=tile, tile_k=tile))
+
+    def step(w, c):
+        logits, h, _ = dec(model, w, c, tokens, pos, ok)
+        return logits, h, kernel_outputs[-1]
+    logits, h, outs = jax.jit(step)(dec.weights(t), caches)
+    plan = dec.plan(t)
+    n_index = sum(Op(k[0]) in INDEX_OPS for k in plan.branches)
+    assert {op for op, _ in index_calls} == set(INDEX_OPS)
+    assert len(index_calls) == n_index and all(ok for _, ok in index_calls)  # every branch ran the tile body
+    assert np.isfinite(np.asarray(logits, np.float32)).all()
+    scale = float(jnp.abs(expected.astype(jnp.float32)).max())
+    assert scale > 0
+    err = float(jnp.abs(logits.astype(jnp.float32) - expected.astype(jnp.float32)).max()) / scale
+    assert err < TOL[dtype], err
+    h_err = float(jnp.abs(h.astype(jnp.float32) - expected_h.astype(jnp.float32)).max())
+    assert h_err < TOL[dtype] * float(jnp.abs(expected_h.astype(jnp.float32)).max()), h_err
+    _check_selection(plan, outs)
+
+
+@pytest.mark.parametrize("op", INDEX_OPS, ids=lambda op: op.name)
+def test_index_body_lowers_for_cuda_at_glm5_slice(op, index_calls):
+    _lower_glm5_slice(frozenset([op]))
+    assert index_calls and all(ok for _, ok in index_calls)
+
+
+def test_index_bodies_lower_with_the_other_tile_bodies_for_cuda(index_calls):
+    """Both indexer bodies with every other tile body in one kernel (one lax.switch, the shared SMEM scratch)."""
+    _lower_glm5_slice(frozenset(LOWERING + (Op.INDEX_SCORE,)))
+    assert {op for op, _ in index_calls} == set(INDEX_OPS) and all(ok for _, ok in index_calls)

@@ -1,5 +1,5 @@
 """Which of the persistent kernel's op bodies lower and compile on this jax / GPU, and where the ones that do not
-fail (the Mosaic op and the Python line that built it). Writes JSON.
+fail (the jaxpr equation or Mosaic op, and the Python line that built it). Writes JSON.
 
     python experiments/persistent_lowering.py --config glm5_slice --ops all
 
@@ -22,11 +22,17 @@ sys.path.insert(0, ROOT)
 
 
 def _failure(e: BaseException) -> dict:
-    """The exception, and the Mosaic op under inspection where a layout-inference check raised."""
+    """The exception; the innermost jaxpr equation being lowered (primitive, user source line); the Mosaic op
+    under inspection where a layout-inference check raised."""
     info = {"error": f"{type(e).__name__}: {str(e)[:600]}", "traceback_tail": traceback.format_exc()[-800:]}
     tb = e.__traceback__
     while tb is not None:
         frame = tb.tb_frame
+        eqn = frame.f_locals.get("eqn")
+        if eqn is not None and hasattr(eqn, "primitive"):  # the innermost jaxpr equation being lowered
+            from jax._src import source_info_util
+            info["primitive"] = str(eqn.primitive)
+            info["location"] = source_info_util.summarize(eqn.source_info)
         if frame.f_code.co_name.startswith("_check") and "op" in frame.f_locals:
             op = frame.f_locals["op"]
             info["mosaic_op"] = str(op)[:800]

@@ -51,8 +51,8 @@ Per op: weights / inputs / outputs / args (buffers are row-major; T = query toke
                    coef[slot]; out_slot -1: y[:, c] = residual + cast(.), else y[out_slot][:, c] (f32 partial)
     MOE_COMBINE    - / [part, h_mid] / [h] / [col0, ncols]     h[:, c] = h_mid + cast(sum over slots of part)
 
-Counters: one per op group; target = its task count; `waiters` = how many tasks wait on it (for an epoch or
-decrement scheme on GPU semaphores, which persist across launches).
+Counters: one per op group; target = its task count; `waiters` = how many tasks wait on it (after the
+schedule compiler dropped the waits an earlier task of the same SM list already made; statistics).
 """
 from __future__ import annotations
 

@@ -106,6 +106,7 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
         t_ixi=plgpu.SMEM((tokens, sb), jnp.int32),
         t_ixn=plgpu.SMEM((tokens, cfg.tile_k), jnp.float32),
         t_ixc=plgpu.SMEM((_LANES,), jnp.int32),  # reduced counts -> scalars (`_smem_scalars`)
+        t_ixk=plgpu.SMEM((TP, cfg.tile_n), jnp.int32),  # INDEX_TOPK: one ring slot's keys, read as scalars
         # q staging, 8 heads x H; rows padded by 8 elements: Mosaic finds no bank-conflict-free transposed load of
         # 128-byte-multiple rows
         t_ixq=plgpu.SMEM((TP, index_dim + 8), dtype),
@@ -153,7 +154,9 @@ def _smem_scalars(tiles, vals, ref):
     row = jnp.where(lane == 0, vals[0], 0)
     for j, v in enumerate(vals[1:], 1):
         row = jnp.where(lane == j, v, row)
+    plgpu.commit_smem()  # (its warpgroup barrier) earlier scalar reads of `ref` are done before the store ...
     ref[...] = row
+    plgpu.commit_smem()  # ... and the store is visible to every thread's scalar reads
     return [ref[tiles.c(j)] for j in range(len(vals))]
 
 
@@ -400,12 +403,18 @@ def index_score_body(r, key, consts):
             los, needs = _radix_select(kk, count_pass, nt, c(0))
 
             def on_sb(sbi, carry):
+                # The keys as a vector op into t_ixi (free on this path), read back as scalars: jax 0.11.2
+                # lowers a bitcast of a scalar to a vector, which a scalar loop cannot use.
+                plgpu.commit_smem()  # the previous super-block's scalar reads of t_ixi are done
+                for q in range(nt):
+                    si[c(q), pl.ds(c(0), sb)] = _float_key(_load_row(tiles, sc.at[c(q)]))
+                plgpu.commit_smem()
                 out = []
                 for q in range(nt):
                     def one(i, st, q=q):
                         n, eq = st
                         v = sc[c(q), i]
-                        kv = _float_key(v)
+                        kv = si[c(q), i]
                         is_eq = kv == los[q]
                         take = (kv > los[q]) | (is_eq & (eq < needs[q]))
 
@@ -436,10 +445,10 @@ def index_topk_body(r, key, consts):
     if any(a is None for a in (val_ref, cid_ref, out_idx, out_valid)):
         return None
     s, c = tiles.s, tiles.c
-    ring, bar, cnt = s["t_part"], s["t_ixcb"], s["t_ixc"]
+    ring, bar, cnt, keys = s["t_part"], s["t_ixcb"], s["t_ixc"], s["t_ixk"]
     nc, nt, kk = val_ref.shape[1:]
     width = ring.shape[2]  # candidates per row of a ring slot (TN)
-    if ring.shape[1] != TP or kk % width or (nc * kk // width) % TP or ring.shape[0] < 2:
+    if ring.shape[1] != TP or kk % width or (nc * kk // width) % TP or ring.shape[0] < 2 or keys.shape != (TP, width):
         return None
     stages = min(ring.shape[0], tiles.cfg.slots)
     row_per_chunk = kk // width
@@ -489,6 +498,8 @@ def index_topk_body(r, key, consts):
                 x = ring[st] if tiles.interpret else plgpu.load(ring.at[st], (), layout=plgpu.Layout.WG_STRIDED(
                     (TP, width), vec_size=1))
                 kx = _float_key(x)
+                plgpu.commit_smem()  # the previous slot's scalar reads of `keys` are done
+                keys[...] = kx  # read back as scalars below (see INDEX_SCORE's slow path)
                 hit, = _smem_scalars(tiles, [jnp.max(jnp.where((kx >= lo) & (x > NEG_INF), 1, 0))], cnt)
 
                 def scan_slot(carry):
@@ -496,7 +507,7 @@ def index_topk_body(r, key, consts):
                         n, eq = st2
                         i, col = lax.div(e, width), lax.rem(e, width)
                         v = ring[st, i, col]
-                        kv = _float_key(v)
+                        kv = keys[i, col]
                         is_eq = kv == lo
                         take = (kv > lo) | (is_eq & (eq < need))
 

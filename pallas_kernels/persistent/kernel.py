@@ -22,10 +22,14 @@ cannot be initialised.)
 Synchronisation seam (`_Seam`): on the GPU, grid = one CTA per SM; CTA c walks its list `schedule.sm_tasks[c]`;
 before a task it waits on each (counter, target) of its record and after it signals its own counter. Counters are
 grid-wide semaphores (`pl.get_global(plgpu.SemaphoreType.REGULAR((n,)))`, verified on the H200 by
-shared/probes/xcta_semaphores.py). Semaphores persist across launches, so waits consume what they see
-(`decrement=True`): a task that completes signals its counter by W = `Counter.waiters` (the number of tasks that
-wait on it) and each waiter waits for and takes `target` (the counter's task count), so every counter returns to
-zero by the end of each launch (W * target signalled, W * target consumed). In GPU interpret mode (no semaphores)
+shared/probes/xcta_semaphores.py), zeroed by Pallas before every launch (its GMEM scratch is a zero-filled
+operand). A task that completes adds 1 to its counter (`red.release.gpu`); a waiter polls until the counter
+reaches `target` (the counter's task count) with plain acquire loads and leaves it as it is (`decrement=False`):
+one atomic per task and no CAS traffic on hot counters. GPU memory scope (`memory_scope="gpu"`), not the default
+system scope: every CTA is on this GPU. Waits already implied by an earlier wait of the same SM list are dropped
+by the schedule compiler (`schedule._drop_known_waits`). Measured on the H200 at glm5_slice, bodiless launch:
+9.74 ms with W = waiter-count single increments and decrementing CAS waits, 2.20 ms with W added as binary
+digits, 1.08 ms with the per-list wait dedup (experiments/results/bench_persistent_glm5_slice*.json). In GPU interpret mode (no semaphores)
 the seam is replaced by dependency-ordered execution: one CTA walks the global topological order
 (`schedule.records`, task id = position), and wait / signal are no-ops.
 
@@ -78,14 +82,14 @@ from pallas_kernels.persistent.simulate import _layernorm, _rope_front, _route
 GRID_AXIS = "sm"
 _JNP = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int32": jnp.int32}
 
-# aux row: [branch, signal, signal_by, n_waits, (counter, target) x MAX_WAITS, weight idx x 3, input idx x 6,
-#           output idx x 2, args x 4]
-A_BRANCH, A_SIGNAL, A_SIGNAL_BY, A_NWAITS, A_WAITS = 0, 1, 2, 3, 4
+# aux row: [branch, signal, n_waits, (counter, target) x MAX_WAITS, weight idx x 3, input idx x 6, output idx x 2,
+#           args x 4]
+A_BRANCH, A_SIGNAL, A_NWAITS, A_WAITS = 0, 1, 2, 3
 A_W = A_WAITS + 2 * MAX_WAITS
 A_IN = A_W + MAX_WEIGHTS
 A_OUT = A_IN + MAX_INPUTS
 A_ARGS = A_OUT + MAX_OUTPUTS
-AUX_WIDTH = 32  # >= A_ARGS + NUM_ARGS (28); 128-byte rows for the TMA of a CTA's table
+AUX_WIDTH = 32  # >= A_ARGS + NUM_ARGS (27); 128-byte rows for the TMA of a CTA's table
 
 # Per op: the args that change the code path (part of the branch key); the others are read at run time. An
 # expert slot / output slot only enters the key through its sign (present or not).
@@ -143,7 +147,6 @@ class KernelPlan:
                 buffer_slot[b] = ("stack", si, j)
         branches: dict = {}
         aux = np.full((len(s.records), AUX_WIDTH), 0, np.int32)
-        waiters = np.array([c.waiters for c in s.counters], np.int32)
         hidden = None
         for t in s.tasks:
             static = tuple(t.args[a] for a in _STATIC_ARGS[t.op]) + tuple(
@@ -154,7 +157,7 @@ class KernelPlan:
                    tuple(buffer_slot[b][:2] if b >= 0 else None for b in t.outputs))
             row = aux[t.id]
             row[A_BRANCH] = branches.setdefault(key, len(branches))
-            row[A_SIGNAL], row[A_SIGNAL_BY], row[A_NWAITS] = t.signal, waiters[t.signal], len(t.waits)
+            row[A_SIGNAL], row[A_NWAITS] = t.signal, len(t.waits)
             for j, (c, target) in enumerate(t.waits):
                 row[A_WAITS + 2 * j], row[A_WAITS + 2 * j + 1] = c, target
             for base, ids, table in ((A_W, t.weights, weight_slot), (A_IN, t.inputs, buffer_slot),
@@ -213,30 +216,25 @@ class PersistentWeights:
 class _Seam:
     """wait(aux_row) / signal(aux_row): GMEM semaphores on the GPU, nothing under dependency-ordered execution."""
 
-    def __init__(self, num_counters: int, max_waiters: int, ordered: bool):
+    def __init__(self, num_counters: int, ordered: bool):
         self.ordered = ordered
-        self.signal_bits = max(1, int(max_waiters).bit_length())
         self.sems = None if ordered else pl.get_global(plgpu.SemaphoreType.REGULAR((num_counters,)))
 
     def wait(self, get):
+        """Until each of the task's counters reaches its target (all its producer tasks signalled)."""
         if self.ordered:
             return
         for j in range(MAX_WAITS):
             @pl.when(j < get(A_NWAITS))
             def _():
-                pl.semaphore_wait(self.sems.at[get(A_WAITS + 2 * j)], get(A_WAITS + 2 * j + 1), decrement=True)
+                plgpu.semaphore_wait(self.sems.at[get(A_WAITS + 2 * j)], get(A_WAITS + 2 * j + 1), decrement=False,
+                                     memory_scope="gpu")
 
     def signal(self, get):
-        """Add W = aux[A_SIGNAL_BY] (the counter's waiter count) to the task's counter. Mosaic GPU (jax 0.10.2)
-        lowers `semaphore_signal` only with a constant increment, so W is added as its binary digits: at most
-        `signal_bits` atomics (12 at glm5_slice, whose counters have up to 2420 waiters) instead of W single
-        increments -- those averaged 143 atomics per task, ~1 us each, and made the bodiless launch take 9.7 ms
-        on the H200 (experiments/results/bench_persistent_glm5_slice.json, variant skeleton)."""
+        """+1 on the task's counter, after its writes (release)."""
         if self.ordered:
             return
-        sem, by = self.sems.at[get(A_SIGNAL)], get(A_SIGNAL_BY)
-        for bit in range(self.signal_bits):
-            pl.when(lax.rem(lax.div(by, 1 << bit), 2) == 1)(lambda b=bit: pl.semaphore_signal(sem, 1 << b))
+        plgpu.semaphore_signal(self.sems.at[get(A_SIGNAL)], 1, memory_scope="gpu")
 
 
 # ---- op bodies (jnp on values loaded from the refs) ----------------------------------------------------------
@@ -648,7 +646,7 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
             fns.append(_branch_fn(key, r, align))
         else:
             fns.append(lambda get, wait: wait())
-    seam = _Seam(len(s.counters), max((c.waiters for c in s.counters), default=1), ordered or not sync)
+    seam = _Seam(len(s.counters), ordered or not sync)
 
     def run_task(get):
         wait = lambda: seam.wait(get)  # noqa: E731

@@ -56,3 +56,34 @@ def assert_rel_close(out, want, tol_rel: float, tol_max: float, what: str = ""):
     rel = np.linalg.norm(out - want) / np.linalg.norm(want)
     mx = np.abs(out - want).max() / np.abs(want).max()
     assert rel < tol_rel and mx < tol_max, f"{what}relative error {rel:.3g} (< {tol_rel}), max {mx:.3g} (< {tol_max})"
+
+
+def prefilled(model_or_cfg, seed: int, context: int, t: int):
+    """(model, caches, tokens [1, T], pos [1, T]): a model (fresh random from `seed` when given a config), its
+    per-layer caches after an XLA prefill of `context` random prompt tokens (batch 1), and the next step's T
+    random tokens at positions context .. context + T - 1."""
+    from flax import nnx
+
+    from glm_fast import Model
+    from glm_fast.engine.cache import new_state
+    from glm_fast.engine.forward import main_cached
+    from glm_fast.engine.ops import XLA
+    model = model_or_cfg if isinstance(model_or_cfg, Model) else Model(model_or_cfg, rngs=nnx.Rngs(seed))
+    cfg = model.cfg
+    tokens = jax.random.randint(case_key("prefilled", seed, context, t), (1, context + t), 0, cfg.vocab_size)
+    pos = jnp.arange(context)[None]
+    state = new_state(cfg, 1, context + 64, 0, model.dtype)
+    _, _, caches = main_cached(model, state.layers, tokens[:, :context], pos, jnp.ones_like(pos, bool), XLA)
+    return model, caches, tokens[:, context:], context + jnp.arange(t)[None]
+
+
+def assert_step_close(logits, h, expected, expected_h, tol: float):
+    """A decode step's logits and last hidden state vs the reference's: finite, and max |error| below `tol` times
+    the reference's max |value| (which must be nonzero)."""
+    for got, want, what in ((logits, expected, "logits"), (h, expected_h, "hidden")):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.isfinite(got).all(), f"{what}: not finite"
+        scale = float(np.abs(want).max())
+        assert scale > 0, f"{what}: all-zero reference"
+        err = float(np.abs(got - want).max()) / scale
+        assert err < tol, f"{what}: relative error {err:.3g} >= {tol}"

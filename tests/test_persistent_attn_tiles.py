@@ -8,17 +8,15 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from flax import nnx
 
-from glm_fast import Model, load_config
-from glm_fast.engine.cache import new_state
+from glm_fast import load_config
 from glm_fast.engine.forward import main_cached
 from glm_fast.engine.ops import XLA
 from pallas_kernels.persistent import Op, ScheduleOptions, attn_tiles, compile_schedule
 from pallas_kernels.persistent import kernel as kernel_mod
 from pallas_kernels.persistent.kernel import KernelPlan, PersistentDecoder
+from tests.kernel_testing import assert_step_close, prefilled
 from tests.test_persistent_kernel import BF16, LOWERING, OPTIONS, TOL, _lower_glm5_slice
 
 
@@ -36,15 +34,6 @@ def attn_calls(monkeypatch):
     return calls
 
 
-def _prefilled(cfg, seed, context, t):
-    model = Model(cfg, rngs=nnx.Rngs(seed))
-    tokens = jax.random.randint(jax.random.key(1000 + seed), (1, context + t), 0, cfg.vocab_size)
-    pos = jnp.arange(context)[None]
-    state = new_state(cfg, 1, context + 16, 0, model.dtype)
-    _, _, caches = main_cached(model, state.layers, tokens[:, :context], pos, jnp.ones_like(pos, bool), XLA)
-    return model, caches, tokens[:, context:], context + jnp.arange(t)[None]
-
-
 # attn_splits 3 -> 6 slots per split (one 8-row block, the last split half past K); 1 -> 16 slots (two blocks, a
 # two-stage ring with refills). context 9 < index_topk 16: invalid slots and (T = 1) an empty last split.
 CASES = [("float32", 1, 11, 40, 3), ("bfloat16", 3, 12, 40, 3), ("float32", 3, 13, 40, 1),
@@ -54,7 +43,7 @@ CASES = [("float32", 1, 11, 40, 3), ("bfloat16", 3, 12, 40, 3), ("float32", 3, 1
 @pytest.mark.parametrize("dtype,t,seed,context,splits", CASES)
 def test_attn_body_matches_xla_backend_in_interpret_mode(dtype, t, seed, context, splits, attn_calls):
     cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
-    model, caches, tokens, pos = _prefilled(cfg, seed, context, t)
+    model, caches, tokens, pos = prefilled(cfg, seed, context, t)
     ok = jnp.ones((1, t), bool)
     expected, expected_h, _ = main_cached(model, caches, tokens, pos, ok, XLA)
     options = dataclasses.replace(OPTIONS, attn_splits=splits)
@@ -62,13 +51,7 @@ def test_attn_body_matches_xla_backend_in_interpret_mode(dtype, t, seed, context
     logits, h, _ = jax.jit(lambda w, c: dec(model, w, c, tokens, pos, ok))(dec.weights(t), caches)
     n_attn = sum(Op(k[0]) == Op.ATTN for k in dec.plan(t).branches)
     assert n_attn > 0 and attn_calls == [True] * n_attn  # every ATTN branch ran the tile body
-    assert np.isfinite(np.asarray(logits, np.float32)).all()
-    scale = float(jnp.abs(expected.astype(jnp.float32)).max())
-    err = float(jnp.abs(logits.astype(jnp.float32) - expected.astype(jnp.float32)).max()) / scale
-    assert err < TOL[dtype], err
-    h_err = float(jnp.abs(h.astype(jnp.float32) - expected_h.astype(jnp.float32)).max())
-    assert h_err < TOL[dtype] * float(jnp.abs(expected_h.astype(jnp.float32)).max()), h_err
-
+    assert_step_close(logits, h, expected, expected_h, TOL[dtype])
 
 def _glm5_plan():
     return KernelPlan.build(compile_schedule(load_config("glm5_slice").model, 1, ScheduleOptions(num_sms=132)))

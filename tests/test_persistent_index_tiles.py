@@ -11,16 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from glm_fast import Model, load_config
-from glm_fast.engine.cache import new_state
+from glm_fast import load_config
 from glm_fast.engine.forward import main_cached
 from glm_fast.engine.ops import XLA
 from pallas_kernels.persistent import Op, index_tiles
 from pallas_kernels.persistent import kernel as kernel_mod
 from pallas_kernels.persistent.kernel import PersistentDecoder
 from pallas_kernels.persistent.tiles import TileConfig
+from tests.kernel_testing import assert_step_close, prefilled
 from tests.test_persistent_kernel import BF16, LOWERING, OPTIONS, TOL, _lower_glm5_slice
 
 INDEX_OPS = (Op.INDEX_SCORE, Op.INDEX_TOPK)
@@ -59,15 +58,6 @@ def kernel_outputs(monkeypatch):
             return run
     monkeypatch.setattr(kernel_mod, "plgpu", Spy())
     return launches
-
-
-def _prefilled(cfg, seed, context, t):
-    model = Model(cfg, rngs=nnx.Rngs(seed))
-    tokens = jax.random.randint(jax.random.key(2000 + seed), (1, context + t), 0, cfg.vocab_size)
-    pos = jnp.arange(context)[None]
-    state = new_state(cfg, 1, context + 16, 0, model.dtype)
-    _, _, caches = main_cached(model, state.layers, tokens[:, :context], pos, jnp.ones_like(pos, bool), XLA)
-    return model, caches, tokens[:, context:], context + jnp.arange(t)[None]
 
 
 def _buffer(plan, outs, name):
@@ -110,7 +100,7 @@ CASES = [("bfloat16", 3, 22, 40, 8, 16), ("float32", 3, 23, 72, 4, 8), ("float32
 def test_index_bodies_match_xla_backend_in_interpret_mode(dtype, t, seed, context, chunks, tile, index_calls,
                                                           kernel_outputs):
     cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
-    model, caches, tokens, pos = _prefilled(cfg, seed, context, t)
+    model, caches, tokens, pos = prefilled(cfg, seed, context, t)
     ok = jnp.ones((1, t), bool)
     expected, expected_h, _ = main_cached(model, caches, tokens, pos, ok, XLA)
     dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, index_chunks=chunks), interpret=True,
@@ -124,13 +114,7 @@ def test_index_bodies_match_xla_backend_in_interpret_mode(dtype, t, seed, contex
     n_index = sum(Op(k[0]) in INDEX_OPS for k in plan.branches)
     assert {op for op, _ in index_calls} == set(INDEX_OPS)
     assert len(index_calls) == n_index and all(ok for _, ok in index_calls)  # every branch ran the tile body
-    assert np.isfinite(np.asarray(logits, np.float32)).all()
-    scale = float(jnp.abs(expected.astype(jnp.float32)).max())
-    assert scale > 0
-    err = float(jnp.abs(logits.astype(jnp.float32) - expected.astype(jnp.float32)).max()) / scale
-    assert err < TOL[dtype], err
-    h_err = float(jnp.abs(h.astype(jnp.float32) - expected_h.astype(jnp.float32)).max())
-    assert h_err < TOL[dtype] * float(jnp.abs(expected_h.astype(jnp.float32)).max()), h_err
+    assert_step_close(logits, h, expected, expected_h, TOL[dtype])
     _check_selection(plan, outs)
 
 

@@ -3,20 +3,18 @@ random SM interleavings, the simulated step == the XLA backend (`main_cached`), 
 import time
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from glm_fast import Model, load_config
-from glm_fast.engine.cache import new_state
+from glm_fast import load_config
 from glm_fast.engine.forward import main_cached
 from glm_fast.engine.ops import XLA
 from pallas_kernels.persistent import (DeadlockError, Kind, Op, ScheduleOptions, Task, compile_schedule,
                                        load_or_compile, read_schedule, run_counters, schedule_stats, simulate_step,
                                        written_region)
 from pallas_kernels.persistent.format import F_LAYER, F_NWAITS, F_OP, F_SIGNAL, F_WAITS, MAX_WAITS, RECORD_WIDTH
+from tests.kernel_testing import prefilled
 
 # Odd tiles so that every op has a ragged last tile (heads 3 + 1, top-K slots 6 + 6 + 4); 3 index chunks
 # over ~40 rows (one shorter than top-K).
@@ -124,21 +122,17 @@ def test_records_round_trip(tiny_schedule):
     assert (sm[pad][:, F_OP] == Op.NOP).all() and (sm[~pad][:, F_OP] != Op.NOP).all()
 
 
-def _prefilled(cfg, seed, t):
-    """A tiny model, caches holding CONTEXT prompt tokens (batch 1) and the step's tokens/positions [T]."""
-    model = Model(cfg, rngs=nnx.Rngs(seed))
-    tokens = jax.random.randint(jax.random.key(100 + seed), (1, CONTEXT + t), 0, cfg.vocab_size)
-    pos = jnp.arange(CONTEXT)[None]
-    state = new_state(cfg, 1, CONTEXT + 16, 0, jnp.float32)
-    _, _, caches = main_cached(model, state.layers, tokens[:, :CONTEXT], pos, jnp.ones_like(pos, bool), XLA)
-    return model, caches, tokens[0, CONTEXT:], CONTEXT + jnp.arange(t)
+def _step(cfg, seed, t):
+    """`prefilled` with CONTEXT prompt tokens; the step's tokens / positions as [T] (the simulator's form)."""
+    model, caches, tokens, pos = prefilled(cfg, seed, CONTEXT, t)
+    return model, caches, tokens[0], pos[0]
 
 
 @pytest.mark.parametrize("t,seed", [(1, 0), (1, 1), (3, 0), (3, 2)])
 def test_simulated_step_matches_xla_backend(tiny, t, seed):
     """Random SM interleaving (seeded) of the schedule's tile references == main_cached (float32): logits within
     1e-5 of max |logit|, every cache row within 1e-5."""
-    model, caches, tokens, pos = _prefilled(tiny, seed, t)
+    model, caches, tokens, pos = _step(tiny, seed, t)
     expected, _, expected_caches = main_cached(model, caches, tokens[None], pos[None],
                                                jnp.ones((1, t), bool), XLA)
     sched = compile_schedule(tiny, t, TINY_OPTIONS)
@@ -161,7 +155,7 @@ def test_simulated_step_matches_xla_backend(tiny, t, seed):
 def test_dsa_really_selects_in_the_simulated_step(tiny):
     """At CONTEXT > index_topk the selection must drop rows: a step whose top-k buffer is all-valid and covers
     fewer rows than are visible (guards the equality test above against a degenerate dense attention)."""
-    model, caches, tokens, pos = _prefilled(tiny, 0, 1)
+    model, caches, tokens, pos = _step(tiny, 0, 1)
     sched = compile_schedule(tiny, 1, TINY_OPTIONS)
     from pallas_kernels.persistent.simulate import _Machine
     machine = _Machine(sched, model, caches, tokens, pos)

@@ -29,30 +29,31 @@ one atomic per task and no CAS traffic on hot counters. GPU memory scope (`memor
 system scope: every CTA is on this GPU. Waits already implied by an earlier wait of the same SM list are dropped
 by the schedule compiler (`schedule._drop_known_waits`). Measured on the H200 at glm5_slice, bodiless launch:
 9.74 ms with W = waiter-count single increments and decrementing CAS waits, 2.20 ms with W added as binary
-digits, 1.08 ms with the per-list wait dedup (experiments/results/bench_persistent_glm5_slice*.json). In GPU interpret mode (no semaphores)
-the seam is replaced by dependency-ordered execution: one CTA walks the global topological order
-(`schedule.records`, task id = position), and wait / signal are no-ops.
+digits, 1.08 ms with the per-list wait dedup, 0.40 ms with this seam (the table walk alone: 0.28 ms;
+experiments/results/bench_persistent_glm5_slice*.json). In GPU interpret mode (no semaphores) the seam is
+replaced by dependency-ordered execution: one CTA walks the global topological order (`schedule.records`, task id
+= position), and wait / signal are no-ops.
 
 Op bodies. GEMV (fused RMSNorm, residual, [N, K] weights, f32 router logits), SWIGLU_UP and SWIGLU_DOWN (dense,
 shared, routed with the expert id read at run time) are TMA weight tiles through an SMEM ring + swap-AB wgmma
 (`tiles.py`, reusing `pallas_kernels.gemv`'s tile functions); ABSORB is the same over K-major W_uk tiles plus RoPE
 as an SMEM scalar loop; UV merges the split-KV partials into each x tile in registers, then W_uv tiles; KV_WRITE
 normalises x tiles (RoPE loop), IK_WRITE is a row LayerNorm + RoPE loop; MOE_COMBINE adds [8, 64] SMEM tiles; EMBED
-moves one row per token by TMA; ROUTER_SELECT is scalar loops over SMEM (E is small). These ten lower for CUDA at
-glm5_slice and run in GPU interpret mode on the CPU tests' configs (with 64 x 64 tiles as on the GPU, and with 32 x
-16 tiles that fit tiny's 16-wide heads). Where a branch's shapes do not split into the tiles, and for the other
-opcodes (INDEX_SCORE, INDEX_TOPK, ATTN), the v1 body runs: plain `jnp` on values loaded from the GMEM refs, the
-numerics of `simulate.py`'s tile references; those run in interpret mode only (Mosaic GPU has no gather, top_k,
-general dot_general, and wants register vectors of 128-multiples). All 13 opcodes run in GPU interpret mode
-(tests/test_persistent_kernel.py: tiny, float32 and bf16, T = 1 and 3, context past index_topk;
-Engine(backend="persistent") greedy == XLA with D = 0 and 1). The kernel's skeleton (132 CTAs, per-CTA table TMA'd
-to SMEM, semaphore seam, lax.switch over all branches) lowers at glm5_slice and ran on the H200.
+moves one row per token by TMA; ROUTER_SELECT is scalar loops over SMEM (E is small); ATTN (`attn_tiles.py`) is
+absorbed sparse MLA over per-row TMA gathers of the selected latent rows; INDEX_SCORE / INDEX_TOPK
+(`index_tiles.py`) are the lightning indexer's wgmma scores and an exact radix select. All lower for CUDA at
+glm5_slice with jax 0.10.2 (11 of 13 compiled on the H200 with jax 0.11.2: experiments/persistent_lowering.py) and
+run in GPU interpret mode on the CPU tests' configs (with 64 x 64 tiles as on the GPU, and with smaller tiles that
+fit tiny's 16-wide heads). Where a branch's shapes do not split into the tiles, the v1 body runs: plain `jnp` on
+values loaded from the GMEM refs, the numerics of `simulate.py`'s tile references, in interpret mode only (Mosaic
+GPU has no gather, top_k, general dot_general). tests/test_persistent_kernel.py: tiny, float32 and bf16, T = 1
+and 3, context past index_topk; Engine(backend="persistent") greedy == XLA with D = 0 and 1.
 
 Weight prefetch. The dense GEMV / SWIGLU bodies are `prefetching`: they issue their first ring slots' weight tiles
 (and norm weights), then take the task's dependency wait, then copy the activations, so each SM streams the next
 task's weights while the producers of its inputs finish (routed experts wait first: their expert id is the
-router's output). Not yet: a producer warpgroup that streams across task boundaries, and the attention /
-indexer bodies from `mla_attention.py` / `indexer.py`.
+router's output). Not yet: a producer warpgroup that streams across task boundaries; proxy fences between
+generic GMEM stores and TMA reads of another SM.
 """
 from __future__ import annotations
 
@@ -67,14 +68,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from glm_fast.model.rope import apply_rope
-from pallas_kernels import _compat
 from pallas_kernels import gemv as gemv_mod
 from pallas_kernels import ref
 from pallas_kernels.persistent import attn_tiles
 from pallas_kernels.persistent import index_tiles
 from pallas_kernels.persistent import tiles as tl
 from pallas_kernels.persistent.format import (
-    C_ATTN_SCALE, C_INDEX_SCALE, C_INDEX_WSCALE, C_ROUTED_SCALE, F_NWAITS, F_SIGNAL, F_WAITS, MAX_INPUTS,
+    C_ATTN_SCALE, C_INDEX_SCALE, C_INDEX_WSCALE, C_ROUTED_SCALE, MAX_INPUTS,
     MAX_OUTPUTS, MAX_WAITS, MAX_WEIGHTS, NUM_ARGS, Kind, Op)
 from pallas_kernels.persistent.schedule import Schedule
 from pallas_kernels.persistent.simulate import _layernorm, _rope_front, _route

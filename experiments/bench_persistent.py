@@ -44,9 +44,10 @@ def _median_ms(fn, args, reps: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True) -> dict:
+def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
+                slots: int = 4) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
-    sync=False: no cross-CTA waits or signals."""
+    sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -57,6 +58,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     from glm_fast.engine.ops import XLA
     from pallas_kernels.persistent.format import Op
     from pallas_kernels.persistent.kernel import PersistentDecoder, persistent_step
+    from pallas_kernels.persistent.tiles import TileConfig
 
     cfg = load_config(config).model
     model = Model(cfg, rngs=nnx.Rngs(0))
@@ -81,8 +83,9 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
         arrays.append(getattr(caches[int(layer)], field)[0])
     cos, sin = model.rope(pos)
     op_set = frozenset(Op[o] for o in ops)
+    tiles = TileConfig(slots=slots)
     step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
-                                                ops=op_set, sync=sync))
+                                                ops=op_set, sync=sync, tiles=tiles))
     t0 = time.perf_counter()
     logits, h, rows = jax.block_until_ready(step(weights, arrays))
     out = {"first_call_s": time.perf_counter() - t0, "median_ms": _median_ms(step, (weights, arrays), reps),
@@ -110,6 +113,7 @@ def main(argv=None):
     p.add_argument("--variants", default="xla,walk,skeleton,lowered," + ",".join(LOWERED),
                    help="comma list of: xla, walk, skeleton, lowered, or an opcode name")
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant (compile + run)")
+    p.add_argument("--slots", type=int, default=4, help="SMEM ring depth of the tile bodies (TileConfig.slots)")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -117,14 +121,14 @@ def main(argv=None):
     if args.child is not None:  # one variant; the parent reads the last stdout line
         ops = None if args.child == "xla" else ([] if args.child in ("walk", "skeleton") else
                                                  list(LOWERED) if args.child == "lowered" else [args.child])
-        print(json.dumps(run_variant(args.config, args.context, ops, args.reps, sync=args.child != "walk")),
-              flush=True)
+        print(json.dumps(run_variant(args.config, args.context, ops, args.reps, sync=args.child != "walk",
+                                     slots=args.slots)), flush=True)
         return
     from glm_fast import results
     rows = []
     for v in args.variants.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--context", str(args.context),
-               "--reps", str(args.reps), "--child", v]
+               "--reps", str(args.reps), "--slots", str(args.slots), "--child", v]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
@@ -137,7 +141,7 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps(row)[:2000], flush=True)
     record = results.result("bench_persistent", {"config": args.config, "context": args.context,
-                                                 "reps": args.reps}, rows)
+                                                 "reps": args.reps, "slots": args.slots}, rows)
     path = results.write(record, args.out, args.name or f"bench_persistent_{args.config}")
     print("wrote", path)
     return record

@@ -13,6 +13,7 @@ from glm_fast.engine.cache import new_state
 from glm_fast.engine.forward import main_cached
 from glm_fast.engine.ops import PALLAS, XLA, checked
 from pallas_kernels import gemv, indexer, mla_attention, moe
+from tests.kernel_testing import float32_model
 
 # The kernels each backend op should reach at decode shapes (module, function name).
 KERNELS = [(indexer, "indexer_topk"), (mla_attention, "sparse_mla_attention"), (moe, "moe_experts"),
@@ -128,13 +129,6 @@ def test_pallas_kernels_match_references_inside_the_glm5_slice_step(rows):
     assert all(v < 2e-2 for v in worst.values()), worst
 
 
-def _float32(model):
-    """The same model with float32 weights (the rounding-free reference)."""
-    graphdef, params = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(
-        lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, params))
-
-
 def _decode(model, ops, prompt, steps: int, forced=None) -> np.ndarray:
     """Prefill `prompt` [1, P] with XLA, then `steps` decode steps (T=1) through `ops`, each feeding the previous
     argmax, or forced[i] (teacher forcing) when given: the prefill's argmax, then each step's [1 + steps]."""
@@ -160,7 +154,7 @@ def test_kernel_backend_is_as_close_to_float32_as_xla_on_glm5_slice(backend):
     ctx, rows = 3000, 4
     tokens = jax.random.randint(jax.random.key(1), (1, ctx + rows), 0, model.cfg.vocab_size)
     xla, pallas = (_step_logits(model, ops, tokens, ctx, rows)[0] for ops in (XLA, backend))
-    model32 = _float32(model)
+    model32 = float32_model(model)
     f32 = _step_logits(model32, XLA, tokens, ctx, rows)[0]
     assert np.isfinite(pallas).all() and np.isfinite(xla).all()
     err = lambda got: np.abs(got - f32).max(-1) / np.abs(f32).max(-1)  # noqa: E731  per row
@@ -183,7 +177,7 @@ def test_kernel_backend_greedy_tracks_xla_on_glm5_slice(prompt_len, backend):
     model = Model(load_config("glm5_slice").model, rngs=nnx.Rngs(0))
     prompt = jnp.asarray(np.random.RandomState(prompt_len).randint(0, model.cfg.vocab_size, (1, prompt_len)))
     want = _decode(model, XLA, prompt, 256)  # XLA's free-running greedy tokens
-    model32 = _float32(model)
+    model32 = float32_model(model)
     agree = {name: float((_decode(m, ops, prompt, 256, forced=want)[1:] == want[1:]).mean())
              for name, m, ops in [("pallas", model, backend), ("float32", model32, XLA)]}
     print(f"teacher-forced argmax agreement with XLA bf16, prompt {prompt_len}: {agree}")

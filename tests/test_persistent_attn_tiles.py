@@ -11,12 +11,10 @@ import jax.numpy as jnp
 import pytest
 
 from glm_fast import load_config
-from glm_fast.engine.forward import main_cached
-from glm_fast.engine.ops import XLA
 from pallas_kernels.persistent import Op, ScheduleOptions, attn_tiles, compile_schedule
 from pallas_kernels.persistent import kernel as kernel_mod
 from pallas_kernels.persistent.kernel import KernelPlan, PersistentDecoder
-from tests.kernel_testing import assert_step_close, prefilled
+from tests.kernel_testing import assert_step_matches_xla, prefilled
 from tests.test_persistent_kernel import BF16, LOWERING, OPTIONS, TOL, _lower_glm5_slice
 
 
@@ -45,13 +43,12 @@ def test_attn_body_matches_xla_backend_in_interpret_mode(dtype, t, seed, context
     cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
     model, caches, tokens, pos = prefilled(cfg, seed, context, t)
     ok = jnp.ones((1, t), bool)
-    expected, expected_h, _ = main_cached(model, caches, tokens, pos, ok, XLA)
     options = dataclasses.replace(OPTIONS, attn_splits=splits)
     dec = PersistentDecoder(model, options, interpret=True, cache_dir=False)
     logits, h, _ = jax.jit(lambda w, c: dec(model, w, c, tokens, pos, ok))(dec.weights(t), caches)
     n_attn = sum(Op(k[0]) == Op.ATTN for k in dec.plan(t).branches)
     assert n_attn > 0 and attn_calls == [True] * n_attn  # every ATTN branch ran the tile body
-    assert_step_close(logits, h, expected, expected_h, TOL[dtype])
+    assert_step_matches_xla(model, caches, tokens, pos, logits, h, TOL[dtype])
 
 def _glm5_plan():
     return KernelPlan.build(compile_schedule(load_config("glm5_slice").model, 1, ScheduleOptions(num_sms=132)))

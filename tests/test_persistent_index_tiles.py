@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 
 from glm_fast import load_config
-from glm_fast.engine.forward import main_cached
-from glm_fast.engine.ops import XLA
 from pallas_kernels.persistent import Op, index_tiles
 from pallas_kernels.persistent import kernel as kernel_mod
 from pallas_kernels.persistent.kernel import PersistentDecoder
 from pallas_kernels.persistent.tiles import TileConfig
-from tests.kernel_testing import assert_step_close, prefilled
+from tests.kernel_testing import assert_step_matches_xla, prefilled
 from tests.test_persistent_kernel import BF16, LOWERING, OPTIONS, TOL, _lower_glm5_slice
 
 INDEX_OPS = (Op.INDEX_SCORE, Op.INDEX_TOPK)
@@ -102,7 +100,6 @@ def test_index_bodies_match_xla_backend_in_interpret_mode(dtype, t, seed, contex
     cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
     model, caches, tokens, pos = prefilled(cfg, seed, context, t)
     ok = jnp.ones((1, t), bool)
-    expected, expected_h, _ = main_cached(model, caches, tokens, pos, ok, XLA)
     dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, index_chunks=chunks), interpret=True,
                             cache_dir=False, tiles=TileConfig(tile_n=tile, tile_k=tile))
 
@@ -114,7 +111,7 @@ def test_index_bodies_match_xla_backend_in_interpret_mode(dtype, t, seed, contex
     n_index = sum(Op(k[0]) in INDEX_OPS for k in plan.branches)
     assert {op for op, _ in index_calls} == set(INDEX_OPS)
     assert len(index_calls) == n_index and all(ok for _, ok in index_calls)  # every branch ran the tile body
-    assert_step_close(logits, h, expected, expected_h, TOL[dtype])
+    assert_step_matches_xla(model, caches, tokens, pos, logits, h, TOL[dtype])
     _check_selection(plan, outs)
 
 

@@ -40,6 +40,8 @@ from pallas_kernels import _compat
 from pallas_kernels.gemv import TP, col_scale, mma_bf16_tile, store_acc_t, swizzle_transforms
 
 ARRIVALS = (2, 3, 4)  # TMA copies per ring step: weight + x (+ norm weight) (+ second weight)
+UV_DEPTH = 2  # UV's ring depth: its split partials (t_op, splits x 2 KB per slot) would otherwise cap the weight
+# rings' depth through SMEM (6 slots: 234 KB at glm5_slice), and UV streams few bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +117,7 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
                    t_gk=plgpu.SMEM((g,), jnp.float32), t_rsel=plgpu.SMEM((u,), jnp.int32))
     if attn_splits:  # UV: the split-KV partial outputs of a TK slice, per ring slot, and the merge weights
         sw32 = () if interpret else swizzle_transforms(jnp.float32)
-        out["t_op"] = plgpu.SMEM((s, attn_splits, TP, cfg.tile_k), jnp.float32, transforms=sw32)
+        out["t_op"] = plgpu.SMEM((min(s, UV_DEPTH), attn_splits, TP, cfg.tile_k), jnp.float32, transforms=sw32)
         out["t_mw"] = plgpu.SMEM((attn_splits, TP), jnp.float32)
     if slot_shapes is not None:
         out["t_sel"] = plgpu.SMEM((rows_per_copy(slot_shapes[0], 4), *slot_shapes[0]), jnp.int32)
@@ -147,7 +149,7 @@ class Tiles:
     # -- streaming ------------------------------------------------------------------------------------------
 
     def stream(self, ksteps: int, n_acc: int, arrivals: int, issue, compute, prologue=None, issue_w=None,
-               wait=None):
+               wait=None, depth: int | None = None):
         """Runs `ksteps` ring steps of one task and returns the f32 accumulators [TN, TP] (values).
 
         issue(k0, slot, barrier): start the step's TMA copies into ring slot `slot` (`arrivals` of them in all,
@@ -155,9 +157,9 @@ class Tiles:
         loads. Weight prefetch: with `wait` (the task's dependency wait) and `issue_w` (the step's weight copies,
         which depend on no other task), the first ring slots' weight tiles are issued *before* the wait, so the
         weight stream runs while the producers of this task's activations finish; `issue` then copies only the
-        activations.
+        activations. depth: ring slots to use (default: all `TileConfig.slots`).
         """
-        slots = self.cfg.slots
+        slots = self.cfg.slots if depth is None else min(depth, self.cfg.slots)
         bars = self.s[f"t_bar{arrivals}"]
         first = range(min(slots, ksteps))
         if issue_w is not None:
@@ -756,7 +758,7 @@ def uv_body(r, key, consts):
                 merge(slot)
                 tiles.mma(accs[0], s["t_w0"].at[slot], s["t_x"].at[slot], False)
 
-            (acc,) = tiles.stream(c_dim // tiles.tk, 1, 2, issue, compute)
+            (acc,) = tiles.stream(c_dim // tiles.tk, 1, 2, issue, compute, depth=s["t_op"].shape[0])
             tiles.store(acc, v_ref.at[t.out(0), pl.ds(c(0), tokens), head, pl.ds(c0, n)], tokens, n)
     return fn
 

@@ -26,7 +26,7 @@ from glm_fast.engine.cache import LayerCache
 from glm_fast.model.rope import apply_rope
 from pallas_kernels import ref
 from pallas_kernels.persistent.format import (
-    C_ATTN_SCALE, C_INDEX_SCALE, C_INDEX_WSCALE, C_ROUTED_SCALE, F_NWAITS, F_SIGNAL, F_WAITS, Kind, Op, Task,
+    C_ATTN_SCALE, C_INDEX_SCALE, C_INDEX_WSCALE, C_ROUTED_SCALE, F_NWAITS, F_SIGNAL, F_WAITS, Kind, Task,
     written_region)
 from pallas_kernels.persistent.schedule import Schedule
 

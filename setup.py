@@ -21,6 +21,7 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",
+        "flatbuffers",  # jax.export serialization: the persistent kernel's lowered-step cache
     ],
     extras_require={
         # Reference implementations for parity tests only: HF's GlmMoeDsaForCausalLM (CPU torch).

@@ -741,7 +741,9 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
 
 class PersistentDecoder:
     """The main-model forward of decode / verification steps (batch 1, T = 1 + D) through `persistent_step`:
-    schedules and plans per T compiled on first use (`load_or_compile`'s disk cache), weights stacked once."""
+    schedules and plans per T compiled on first use (`load_or_compile`'s disk cache), weights stacked once. On the
+    GPU with a cache (cache_dir not False) the lowered step itself is cached too (`aot.exported_step`): a warm
+    start deserializes it instead of tracing and lowering the kernel."""
 
     def __init__(self, model, options=None, interpret=None, cache_dir=None, tiles: tl.TileConfig | None = None):
         from pallas_kernels.persistent.schedule import ScheduleOptions
@@ -752,6 +754,7 @@ class PersistentDecoder:
         self.cache_dir = cache_dir
         self._plans: dict = {}
         self._weights: dict = {}
+        self._exported: dict = {}
         self._model = model
 
     def plan(self, tokens: int) -> KernelPlan:
@@ -763,6 +766,23 @@ class PersistentDecoder:
                 s, _ = load_or_compile(self.cfg, tokens, self.options, cache_dir=self.cache_dir)
             self._plans[tokens] = KernelPlan.build(s)
         return self._plans[tokens]
+
+    def _step(self, plan: KernelPlan, *args):
+        """persistent_step on flat args (weight stacks, caches, tokens, pos, cos, sin): through the cached
+        Exported on the GPU (see the class docstring), else directly."""
+        def fn(stacks, *rest):
+            return persistent_step(plan, PersistentWeights(tuple(stacks)), *rest, interpret=self.interpret,
+                                   tiles=self.tiles)
+        if self.interpret or self.cache_dir is False:
+            return fn(*args)
+        from pallas_kernels.persistent import aot
+        from pallas_kernels.persistent.schedule import default_cache_dir
+        specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+        key = (plan.schedule.meta["hash"], str(specs))
+        if key not in self._exported:
+            self._exported[key], _ = aot.exported_step(fn, plan, specs, tiles=self.tiles,
+                                                       cache_dir=self.cache_dir or default_cache_dir())
+        return self._exported[key].call(*args)
 
     def weights(self, tokens: int) -> PersistentWeights:
         """Stacked weights (the stacking depends only on the weight table, shared by every T)."""
@@ -783,8 +803,7 @@ class PersistentDecoder:
         for bid in plan.caches:
             _, layer, field = plan.schedule.buffers[bid].name.split("/")
             arrays.append(getattr(layer_caches[int(layer)], field)[0])
-        logits, h, rows = persistent_step(plan, weights, arrays, tokens[0], pos[0], cos[0], sin[0],
-                                          interpret=self.interpret, tiles=self.tiles)
+        logits, h, rows = self._step(plan, list(weights.stacks), arrays, tokens[0], pos[0], cos[0], sin[0])
         new = [dict() for _ in layer_caches]
         for bid, r in zip(plan.caches, rows):
             _, layer, field = plan.schedule.buffers[bid].name.split("/")

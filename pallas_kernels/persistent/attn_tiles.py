@@ -130,7 +130,9 @@ class AttnShape:
             out.update(stage)
         else:
             if _group_bytes(stage) > _nbytes(tiled["a0_kv"]):
-                raise ValueError("ATTN's output staging must fit in its ring")
+                raise ValueError(f"ATTN's output staging ({_group_bytes(stage)} B) does not fit in its row ring "
+                                 f"({_nbytes(tiled['a0_kv'])} B) for {self}: the GPU ATTN body takes GLM-5-like "
+                                 f"shapes (AttnShape.fits_gpu); run this config in GPU interpret mode")
             out["t_alias"] = plgpu.RefUnion(aliased, tiled, copy, stage)
         out["a_full"] = plgpu.Barrier(num_arrivals=(self.c // seg + 1) * bk, num_barriers=stages)
         out["a_meta"] = plgpu.Barrier(num_arrivals=2 + 2 * n_blocks)

@@ -7,10 +7,11 @@ Variants (`persistent_step(..., ops=...)`: opcodes outside the set compile to no
 on and signals its dependency counters, so the full cross-CTA schedule runs in each):
 * walk: no op bodies and no cross-CTA waits or signals: the per-SM table walk and `lax.switch` dispatch alone;
 * skeleton: no op bodies: the walk plus the semaphore chain (46 dependency hops per glm5_slice step);
-* lowered: the opcodes with TMA + wgmma / SMEM bodies that compile on the GPU (all but INDEX_SCORE and
+* dense: the ten dense / MoE / cache-write bodies (no attention or indexer), comparable across runs;
+* lowered: dense + ATTN, the bodies that compiled on the H200 with jax 0.11.2 (all but INDEX_SCORE and
   INDEX_TOPK);
 * each of those alone (the bytes it streams over its time).
-For `lowered`, the layer-0 rows the step appends to the caches (EMBED -> fused-norm kv_a / indexer-key GEMV ->
+For `dense` and `lowered`, the layer-0 rows the step appends to the caches (EMBED -> fused-norm kv_a / indexer-key GEMV ->
 KV_WRITE / IK_WRITE: no attention upstream) are compared with the XLA step's. Later layers read no-op attention
 outputs, so only timing and completion are meaningful there. Each variant runs in a subprocess with a time
 limit: a deadlocked launch is reported as such instead of hanging the run. The XLA step of the same state is timed
@@ -30,8 +31,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-LOWERED = ("GEMV", "SWIGLU_UP", "SWIGLU_DOWN", "ABSORB", "UV", "MOE_COMBINE", "EMBED", "KV_WRITE", "IK_WRITE",
-           "ROUTER_SELECT", "ATTN")
+DENSE = ("GEMV", "SWIGLU_UP", "SWIGLU_DOWN", "ABSORB", "UV", "MOE_COMBINE", "EMBED", "KV_WRITE", "IK_WRITE",
+         "ROUTER_SELECT")
+LOWERED = DENSE + ("ATTN",)
+SETS = {"walk": [], "skeleton": [], "dense": list(DENSE), "lowered": list(LOWERED)}
 
 
 def _median_ms(fn, args, reps: int) -> float:
@@ -110,8 +113,8 @@ def main(argv=None):
     p.add_argument("--config", default="glm5_slice")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--variants", default="xla,walk,skeleton,lowered," + ",".join(LOWERED),
-                   help="comma list of: xla, walk, skeleton, lowered, or an opcode name")
+    p.add_argument("--variants", default="xla,walk,skeleton,dense,lowered," + ",".join(LOWERED),
+                   help="comma list of: xla, walk, skeleton, dense, lowered, or an opcode name")
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant (compile + run)")
     p.add_argument("--slots", type=int, default=4, help="SMEM ring depth of the tile bodies (TileConfig.slots)")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
@@ -119,8 +122,7 @@ def main(argv=None):
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:  # one variant; the parent reads the last stdout line
-        ops = None if args.child == "xla" else ([] if args.child in ("walk", "skeleton") else
-                                                 list(LOWERED) if args.child == "lowered" else [args.child])
+        ops = None if args.child == "xla" else SETS.get(args.child, [args.child])
         print(json.dumps(run_variant(args.config, args.context, ops, args.reps, sync=args.child != "walk",
                                      slots=args.slots)), flush=True)
         return

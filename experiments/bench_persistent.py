@@ -11,6 +11,8 @@ on and signals its dependency counters, so the full cross-CTA schedule runs in e
 * lowered: dense + ATTN, the bodies that compiled on the H200 with jax 0.11.2 (all but INDEX_SCORE and
   INDEX_TOPK);
 * each of those alone (the bytes it streams over its time).
+(In experiments/results/bench_persistent_glm5_slice_lowered10.json, written before `dense` existed, `lowered`
+was the ten-body set that is now `dense`; each file's source_hash identifies the code.)
 For `dense` and `lowered`, the layer-0 rows the step appends to the caches (EMBED -> fused-norm kv_a / indexer-key GEMV ->
 KV_WRITE / IK_WRITE: no attention upstream) are compared with the XLA step's. Later layers read no-op attention
 outputs, so only timing and completion are meaningful there. Each variant runs in a subprocess with a time

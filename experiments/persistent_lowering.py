@@ -7,7 +7,8 @@ Each entry compiles the whole persistent kernel with only that opcode's branches
 the others no-ops) from abstract arguments: no arrays, no launch. Mosaic GPU's layout inference changed between
 jax 0.10 (CI) and 0.11 (the device image): a body that lowers on one can fail on the other, so run this on the
 GPU host after touching a body. For a layout-inference failure the failing transfer op is read from the
-inference's own frame (its error message is an assertion on jax 0.11.2).
+inference's own frame (its error message is an assertion on jax 0.11.2). The config records the kernel's SMEM per
+CTA (`kernel.smem_bytes`) at `--slots`.
 """
 from __future__ import annotations
 
@@ -41,31 +42,27 @@ def _failure(e: BaseException) -> dict:
     return info
 
 
-def check(config: str, ops: list[str], max_len: int, sms: int) -> list[dict]:
-    """Per opcode name ("skeleton" = no bodies): lower + compile times or the failure. On a CPU host: lowering
-    for CUDA only (what CI's jax accepts)."""
+def check(plan, ops: list[str], max_len: int, tiles):
+    """Yields, per opcode name ("skeleton" = no bodies), its row: lower + compile times or the failure. On a CPU
+    host: lowering for CUDA only (what CI's jax accepts)."""
     import jax
 
-    from glm_fast import load_config
     from pallas_kernels import _compat
-    from pallas_kernels.persistent import ScheduleOptions, compile_schedule
     from pallas_kernels.persistent.format import Op
-    from pallas_kernels.persistent.kernel import KernelPlan, abstract_step_args, persistent_step
+    from pallas_kernels.persistent.kernel import abstract_step_args, persistent_step
 
     on_gpu = jax.default_backend() == "gpu"
-    plan = KernelPlan.build(compile_schedule(load_config(config).model, 1, ScheduleOptions(num_sms=sms)))
     args = abstract_step_args(plan, max_len)
-    rows = []
     for name in ops:
         op_set = frozenset() if name == "skeleton" else frozenset(Op[o] for o in name.split("+"))
         row = {"ops": name}
         t0 = time.perf_counter()
-        fn = jax.jit(lambda *a: persistent_step(plan, *a, interpret=False, ops=op_set))
+        fn = jax.jit(lambda *a: persistent_step(plan, *a, interpret=False, ops=op_set, tiles=tiles))
         try:
             if on_gpu:
                 lowered = fn.lower(*args)
             else:  # a CPU host: lower for CUDA on an abstract H200 (no compile)
-                with _compat.interpret_mesh("NVIDIA H200", sms):
+                with _compat.interpret_mesh("NVIDIA H200", plan.schedule.num_sms):
                     lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
             row["lower_s"] = round(time.perf_counter() - t0, 2)
             t1 = time.perf_counter()
@@ -76,8 +73,7 @@ def check(config: str, ops: list[str], max_len: int, sms: int) -> list[dict]:
         except Exception as e:  # noqa: BLE001 -- every failure is the result being measured
             row.update(ok=False, **_failure(e))
         print(name, "ok" if row["ok"] else row["error"][:200], row.get("location", ""), flush=True)
-        rows.append(row)
-    return rows
+        yield row
 
 
 def main(argv=None):
@@ -88,16 +84,26 @@ def main(argv=None):
                                                 "'skeleton', or 'all' (each opcode with a body alone)")
     p.add_argument("--max-len", type=int, default=4352, help="cache rows")
     p.add_argument("--sms", type=int, default=132)
+    p.add_argument("--slots", type=int, default=4, help="SMEM ring depth of the tile bodies (TileConfig.slots)")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     ops = [o.name for o in Op if o != Op.NOP] if args.ops == "all" else args.ops.split(",")
-    from glm_fast import results
+    from glm_fast import load_config, results
+    from pallas_kernels.persistent import ScheduleOptions, compile_schedule
+    from pallas_kernels.persistent.kernel import KernelPlan, smem_bytes
+    from pallas_kernels.persistent.tiles import TileConfig
+    plan = KernelPlan.build(compile_schedule(load_config(args.config).model, 1, ScheduleOptions(num_sms=args.sms)))
+    tiles = TileConfig(slots=args.slots)
+    config = {"config": args.config, "max_len": args.max_len, "sms": args.sms, "slots": args.slots}
+    try:
+        config["smem_bytes"] = smem_bytes(plan, tiles)
+    except ValueError as e:  # the GPU scratch does not fit this config (then every row fails the same way)
+        config["smem_error"] = str(e)
     rows = []
-    for op in ops:  # the record is rewritten after each entry: a run cut off by a time limit keeps its rows
-        rows += check(args.config, [op], args.max_len, args.sms)
-        record = results.result("persistent_lowering", {"config": args.config, "max_len": args.max_len,
-                                                        "sms": args.sms}, rows)
+    for row in check(plan, ops, args.max_len, tiles):  # rewritten after each entry: a run cut off by a time limit
+        rows.append(row)                               # keeps its rows
+        record = results.result("persistent_lowering", config, rows)
         path = results.write(record, args.out, args.name or f"persistent_lowering_{args.config}")
     print("wrote", path)
     return record

@@ -677,6 +677,15 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
         pl.run_scoped(walk, plgpu.SMEM(sm_ref.shape[1:], jnp.int32), plgpu.Barrier(num_arrivals=1))
 
 
+def smem_bytes(plan: KernelPlan, tiles: tl.TileConfig) -> int:
+    """The GPU kernel's SMEM per CTA as the scratch declares it: the tile bodies' buffers (ATTN's union with the
+    rings counted once) plus the CTA's dispatch table. A lower bound: Mosaic adds alignment and its own buffers
+    (at glm5_slice, 8 ring slots: 219 KB here, 234 KB by Mosaic's count, over Hopper's 227 KB;
+    experiments/results/persistent_lowering_glm5_slice_cpu_slots*.json)."""
+    table = plan.sm_aux()[0].nbytes
+    return table + sum(attn_tiles._nbytes(v) for v in _scratch_types(plan, tiles, False).values())
+
+
 def abstract_step_args(plan: KernelPlan, max_len: int) -> tuple:
     """ShapeDtypeStructs of `persistent_step`'s (weights, caches, tokens, pos, cos, sin) for `plan` with caches of
     `max_len` rows: lowering and compiling the kernel without any arrays."""

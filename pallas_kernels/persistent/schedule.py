@@ -89,6 +89,7 @@ class _OpGroup:
     deps: tuple[int, ...] = ()
     waits: tuple[int, ...] = ()
     level: int = 0
+    ancestors: int = 0  # bitmask of every op group this one transitively depends on
 
 
 class _Builder:
@@ -270,18 +271,17 @@ class _Lowering:
 
 
 def _finish(b: _Builder) -> None:
-    """Levels and transitively reduced waits of every op group (ops are created in a topological order)."""
-    ancestors: list[int] = []
+    """Levels, ancestors and transitively reduced waits of every op group (ops are created in a topological
+    order)."""
     for oid, g in enumerate(b.ops):
         if any(d >= oid for d in g.deps):
             raise AssertionError(f"op {g.name} depends on a later op")
-        anc = 0
-        for d in g.deps:
-            anc |= ancestors[d] | (1 << d)
-        ancestors.append(anc)
         implied = 0
         for d in g.deps:
-            implied |= ancestors[d]
+            implied |= b.ops[d].ancestors
+        g.ancestors = implied
+        for d in g.deps:
+            g.ancestors |= 1 << d
         g.waits = tuple(d for d in g.deps if not (implied >> d) & 1)
         g.level = 1 + max((b.ops[d].level for d in g.deps), default=-1)
 
@@ -417,24 +417,19 @@ def compile_schedule(cfg: ModelConfig, tokens: int, options: ScheduleOptions = S
             "levels": [g.level for g in b.ops]}
     levels = np.array(meta["levels"])[rec[:, F_SIGNAL]]
     sm_tasks = _assign(rec[:, F_BYTES], levels, options.num_sms)
-    _drop_known_waits(rec, sm_tasks, [g.waits for g in b.ops])
+    _drop_known_waits(rec, sm_tasks, [g.ancestors | (1 << i) for i, g in enumerate(b.ops)])
     waits = rec[:, F_WAITS:F_WAITS + 2 * MAX_WAITS:2]
     waiters = np.bincount(waits[waits >= 0], minlength=len(b.ops))
     counters = [Counter(g.name, len(g.args), int(waiters[i])) for i, g in enumerate(b.ops)]
     return Schedule(meta, b.buffers, b.weights, counters, _constants(cfg), rec, sm_tasks)
 
 
-def _drop_known_waits(rec: np.ndarray, sm_tasks: np.ndarray, group_waits: list) -> None:
+def _drop_known_waits(rec: np.ndarray, sm_tasks: np.ndarray, closure: list[int]) -> None:
     """Removes (in place) each task's waits on counters that an earlier task of the same SM list already waited
     for, directly or through the counters that counter's producers waited for: the SM runs its list in order, so
-    those producers are known complete. Halves the waits at glm5_slice (10262 -> 4882) and caps a counter's
-    waiters at the SM count (2420 -> 132): less polling traffic on the hot counters."""
-    closure: list[int] = []  # per op group: bitmask of itself and every group it transitively waits for
-    for g, waits in enumerate(group_waits):
-        mask = 1 << g
-        for w in waits:
-            mask |= closure[w]
-        closure.append(mask)
+    those producers are known complete. A counter then has at most one waiter per SM (`schedule_stats`' waits,
+    waiters_max): less polling traffic on the hot counters. closure: per op group, the bitmask of itself and its
+    ancestors."""
     for row in sm_tasks:
         known = 0
         for t in row[row >= 0]:
@@ -484,6 +479,8 @@ def schedule_stats(s: Schedule) -> dict:
         "imbalance": float(per_sm.max() / per_sm.mean()),
         "level_imbalance": float(by_level.max(1).sum() / by_level.mean(1).sum()),
         "tasks_per_sm_max": int((s.sm_tasks >= 0).sum(1).max()),
+        "waits": int(sum(c.waiters for c in s.counters)),
+        "waiters_max": int(max(c.waiters for c in s.counters)),
         "critical_path_hops": int(max(levels)),
         "hops_per_layer_max": int(max(hi - lo + 1 for lo, hi in layer_hops.values())) if layer_hops else 0,
         "scratch_bytes": int(sum(b.nbytes for b in s.buffers if b.kind in (Kind.SCRATCH, Kind.OUTPUT))),

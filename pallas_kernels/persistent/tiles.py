@@ -41,7 +41,7 @@ from pallas_kernels.gemv import TP, col_scale, mma_bf16_tile, store_acc_t, swizz
 
 ARRIVALS = (2, 3, 4)  # TMA copies per ring step: weight + x (+ norm weight) (+ second weight)
 UV_DEPTH = 2  # UV's ring depth: its split partials (t_op, splits x 2 KB per slot) would otherwise cap the weight
-# rings' depth through SMEM (6 slots: 234 KB at glm5_slice), and UV streams few bytes
+# rings' depth through SMEM, and UV streams few bytes
 
 
 @dataclasses.dataclass(frozen=True)

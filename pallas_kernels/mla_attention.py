@@ -111,8 +111,9 @@ def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_ring, pe_dst, full_bar, *, b, seg
     [rows, R] is the slot's rope view. Every copy arrives on `full_bar` (which therefore expects
     (C/seg + 1) * num_rows arrivals). Indices are clamped to [0, seq_len).
     b: the batch index of ckv_ref [B, S, C] / kpe_ref [B, S, R], or None for unbatched [S, C] / [S, R] refs.
-    overlay: None, or (new_ckv [T, C], new_kpe [T, R], pos: T traced scalars): a row equal to pos[t] is copied
-    from row t of the new rows instead (the first such t; rows written this step but not yet in the cache).
+    overlay: None, or (new_ckv, new_kpe, pos: T traced scalars, nb): a row equal to pos[t] is copied from row t of
+    the new rows instead (the first such t; rows written this step but not yet in the cache); new_ckv [T, C] /
+    new_kpe [T, R] when nb is None, else [N, T, C] / [N, T, R] at index nb.
     """
     seg = kv_ring.shape[-1]
 
@@ -129,12 +130,12 @@ def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_ring, pe_dst, full_bar, *, b, seg
         if overlay is None:
             copy(ckv_ref, kpe_ref, b, row, r)
             return
-        new_ckv, new_kpe, pos = overlay
+        new_ckv, new_kpe, pos, nb = overlay
         which = row * 0 - 1
         for t in reversed(range(len(pos))):
             which = jnp.where(row == pos[t], row * 0 + t, which)
         pl.when(which < 0)(lambda: copy(ckv_ref, kpe_ref, b, row, r))
-        pl.when(which >= 0)(lambda: copy(new_ckv, new_kpe, None, jnp.maximum(which, 0), r))
+        pl.when(which >= 0)(lambda: copy(new_ckv, new_kpe, nb, jnp.maximum(which, 0), r))
 
 
 def copy_rows(ckv_ref, kpe_ref, kv_ring, pe_dst, full_bar, *, b, t, first, seg0, n_seg: int, num_rows: int):

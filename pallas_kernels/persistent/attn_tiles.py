@@ -193,8 +193,8 @@ def attn_body(r, key, consts):
     o_ref, lse_ref = _stack(r, oslots[0]), _stack(r, oslots[1])
     if any(a is None for a in (q_ref, qpe_ref, idx_ref, valid_ref, o_ref, lse_ref)):
         return None
-    ci_kv, ci_pe = islots[2][1], islots[3][1]
-    ckv, kpe, new_ckv, new_kpe = r.caches[ci_kv], r.caches[ci_pe], r.rows[ci_kv], r.rows[ci_pe]
+    g_kv, g_pe = islots[2][1], islots[3][1]  # cache groups: every layer's refs, picked per task (`with_caches`)
+    ckv, kpe, new_ckv, new_kpe = r.caches[g_kv][0], r.caches[g_pe][0], r.rows[g_kv], r.rows[g_pe]
     tokens, _, c_dim = q_ref.shape[1:]
     rr, kk = qpe_ref.shape[-1], idx_ref.shape[-1]
     ks = -(-kk // n_splits)
@@ -225,10 +225,12 @@ def attn_body(r, key, consts):
         pos = tuple(pos_ref[c(j)] for j in range(tokens))  # GMEM scalars (the step's input)
         heads = pl.ds(c(0), nh)
 
+        layer = t.inp(2)  # the member index of this layer's c_kv (and k_pe: the plan checks they agree)
+
         def fill(slot, j):
-            mla.gather_rows(ckv, kpe, idx_s.at[j], kv_copy, pe_copy.at[slot], full.at[slot], b=None,
-                            seg0=slot * n_seg, n_seg=n_seg, num_rows=bk, seq_len=seq_len,
-                            overlay=(new_ckv, new_kpe, pos))
+            r.with_caches((g_kv, g_pe), layer, lambda ckv_l, kpe_l: mla.gather_rows(
+                ckv_l, kpe_l, idx_s.at[j], kv_copy, pe_copy.at[slot], full.at[slot], b=None, seg0=slot * n_seg,
+                n_seg=n_seg, num_rows=bk, seq_len=seq_len, overlay=(new_ckv, new_kpe, pos, layer)))
 
         def block_bias(j):
             """0 for a valid slot of this split, -inf else; the column-vector layout of the logits."""

@@ -2,10 +2,10 @@
 
 INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) -- `index_score_body`:
   1. q: each token's N indexer heads (iq [T, N*H]) are staged 8 heads at a time into SMEM (GMEM row loads into
-     `t_ixq` [8, H + 8]), RoPE'd in place on their first R dims (an unrolled scalar loop per row, rounding
-     where `apply_rope` does, like `Tiles.rope`) and copied in registers into the wgmma B operand: the first
-     ceil(T*N / TK) slots of the weight rings t_w0 / t_w1 (H/TN = 1 or 2 parts of TN dims; TK rows = TK/N tokens
-     per slot). The head weights iw * INDEX_WSCALE * INDEX_SCALE go to `t_ixw` (the softmax scale folded through
+     `t_ixq` [8, H]), RoPE'd in place on their first R dims (an unrolled scalar loop per row, rounding where
+     `apply_rope` does, like `Tiles.rope`), TMA'd to the CTA's GMEM staging rows (the kernel's per-CTA GMEM
+     scratch, `gmem_shape`) and TMA'd back into the wgmma B operand: the first ceil(T*N / TK) slots of the weight
+     rings t_w0 / t_w1 (H/TN = 1 or 2 parts of TN dims; TK rows = TK/N tokens per slot). The head weights iw * INDEX_WSCALE * INDEX_SCALE go to `t_ixw` (the softmax scale folded through
      the ReLU, as indexer.py does).
   2. Scores: the chunk's cached key rows stream in [TK, TN] boxes through the remaining ring slots (barrier
      `t_ixkb`); per block one swap-AB wgmma per (q slot, part) and indexer.py's epilogue `score_rows` (ReLU, head
@@ -39,7 +39,7 @@ exactly against `lax.top_k` of the kernel's own candidate values, and with exact
 SMEM (glm5_slice: N = 32, H = 128, K = 2048, T = 1 / 4): q and the key ring live in the existing weight rings
 t_w0 / t_w1 (4 slots of 64 x 64 bf16: T = 1 takes 1 slot per ring for q, 3 for keys; T = 4 takes 2 and 2), the
 INDEX_TOPK's candidate ring in `t_part` (f32 [8, 64] slots). New: t_ixw [ceil(T*N/64)*64] f32, t_ixs / t_ixi
-[T, 128] f32 / int32, t_ixn [T, 64] f32, t_ixq [8, H + 8] bf16, t_ixc [128] int32 and two barrier arrays: 4.2 KB
+[T, 128] f32 / int32, t_ixn [T, 64] f32, t_ixq [8, H] bf16, t_ixc [128] int32 and two barrier arrays: 4.2 KB
 at T = 1, 8.3 KB at T = 4 (`scratch_bytes`).
 
 Counts to scalars. The radix passes' totals (and INDEX_TOPK's per-slot "any candidate >= the K-th key") are full
@@ -48,8 +48,7 @@ then scalar loads), never by using the 0-d reduction itself as a loop carry or t
 it as a 0-d vector, which Mosaic GPU rejects as a scalar).
 
 What only the GPU exercises: the wgmma (interpret mode multiplies with jnp.dot on plain SMEM), the register
-layouts (the WGMMA_TRANSPOSED copy of the staged q into the swizzled ring, WG_STRIDED loads/stores of the
-128-wide score rows), TMA zero-fill of the key boxes past the cache end / of the new-rows box past row T
+layouts (WG_STRIDED loads/stores of the 128-wide score rows), TMA zero-fill of the key boxes past the cache end / of the new-rows box past row T
 (interpret mode reads NaN there, which the masks / unused rows absorb). Performance is unmeasured; the scalar
 loops (q RoPE: T*N*R/2 pairs; the slow path's compaction: n_rows per token; INDEX_TOPK's compaction: every
 candidate slot holding a selected key, ~16K scalar steps per token at S = 4K) are the obvious costs to remove
@@ -96,6 +95,17 @@ def plan_shape(plan, interpret: bool):
     return None if sb is None else (plan.tokens, heads[0], sb)
 
 
+def gmem_shape(plan, cfg):
+    """(rows, H) of each CTA's GMEM staging of the RoPE'd indexer q (`prepare_q`): whole TK-row q slots; None
+    without indexer tasks."""
+    bufs = plan.schedule.buffers
+    heads = [b.shape[-1] for b in bufs if b.name.endswith("/index_w")]
+    dims = [b.shape[-1] for b in bufs if b.name.endswith("/index_k")]
+    if not heads or not dims:
+        return None
+    return cfg.tile_k * math.ceil(plan.tokens * heads[0] / cfg.tile_k), dims[0]
+
+
 def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -> dict:
     """The indexer bodies' own SMEM (see the module docstring); index = `plan_shape`."""
     tokens, heads, sb = index
@@ -107,9 +117,7 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
         t_ixn=plgpu.SMEM((tokens, cfg.tile_k), jnp.float32),
         t_ixc=plgpu.SMEM((_LANES,), jnp.int32),  # reduced counts -> scalars (`_smem_scalars`)
         t_ixk=plgpu.SMEM((TP, cfg.tile_n), jnp.int32),  # INDEX_TOPK: one ring slot's keys, read as scalars
-        # q staging, 8 heads x H; rows padded by 8 elements: Mosaic finds no bank-conflict-free transposed load of
-        # 128-byte-multiple rows
-        t_ixq=plgpu.SMEM((TP, index_dim + 8), dtype),
+        t_ixq=plgpu.SMEM((TP, index_dim), dtype),  # q staging, 8 heads x H (RoPE'd here, then TMA'd to GMEM)
         t_ixkb=plgpu.Barrier(num_arrivals=max(1, index_dim // cfg.tile_n), num_barriers=cfg.slots),
         t_ixcb=plgpu.Barrier(num_arrivals=TP, num_barriers=cfg.slots),
     )
@@ -204,7 +212,8 @@ def index_score_body(r, key, consts):
     if any(sl[0] != "in" for sl in islots[3:6]):
         return None
     s, c, dt = tiles.s, tiles.c, tiles.dtype
-    cache, new_rows = r.caches[islots[2][1]], r.rows[islots[2][1]]
+    group = islots[2][1]  # the index-key cache group: every layer's ref, picked per task (`with_caches`)
+    cache, new_rows = r.caches[group][0], r.rows[group]
     pos_ref, cos_ref, sin_ref = (r.inputs[sl[1]] for sl in islots[3:6])
     nt, heads = iw_ref.shape[1:]
     hd = iq_ref.shape[-1] // heads
@@ -214,7 +223,7 @@ def index_score_body(r, key, consts):
     sb = s["t_ixs"].shape[1]
     parts = hd // tn if hd % tn == 0 else 0
     tpg = tk // heads if tk % heads == 0 else 0  # tokens per q slot
-    if (parts not in (1, 2) or not tpg or heads % TP or s["t_ixq"].shape != (TP, hd + 8) or rr > hd or rr % 2
+    if (parts not in (1, 2) or not tpg or heads % TP or s["t_ixq"].shape != (TP, hd) or rr > hd or rr % 2
             or s["t_ixs"].shape[0] != nt or kk % sb or sb % tk or s["t_ixw"].shape[0] < tk * math.ceil(nt / tpg)
             or any(a.dtype != dt for a in (iq_ref, cache, new_rows)) or cache.shape[-1] != hd
             or nt * (2**RADIX_BITS - 1) > _LANES):
@@ -253,7 +262,11 @@ def index_score_body(r, key, consts):
         return out
 
     def prepare_q(xi, wi):
-        """q (RoPE'd) into the first q_slots ring slots, head weights into t_ixw."""
+        """q (RoPE'd) into the first q_slots ring slots, head weights into t_ixw. The RoPE'd rows go from the
+        plain SMEM stage to the CTA's GMEM staging rows and back by TMA into the swizzled ring slots: no register
+        copy between the two SMEM layouts lowers on both jax versions (0.10's layout inference rejects the bank
+        conflicts of rows a multiple of 128 bytes apart, 0.11's transposed SMEM transfer requires exactly that)."""
+        q_gmem = r.gmem.at[r.cta]  # [q_slots * TK, H]: row t * N + n = head n of token t
         tiles.load_small(cos_ref.at[pl.ds(c(0), TP)], "t_cos")
         tiles.load_small(sin_ref.at[pl.ds(c(0), TP)], "t_sin")
 
@@ -267,8 +280,8 @@ def index_score_body(r, key, consts):
         for t in range(nt):
             cs = [s["t_cos"][c(t), c(j)].astype(jnp.float32) for j in range(rr // 2)]
             sn = [s["t_sin"][c(t), c(j)].astype(jnp.float32) for j in range(rr // 2)]
-            g, row_in_slot = divmod(t, tpg)
             for g8 in range(heads // TP):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous group's store has read the stage
                 for i in range(TP):
                     stage[c(i), pl.ds(c(0), hd)] = iq_ref[xi, c(t), pl.ds(c((g8 * TP + i) * hd), hd)]
 
@@ -280,17 +293,15 @@ def index_score_body(r, key, consts):
                         stage[i, c(j)] = (rnd(even * cs[j]) - rnd(odd * sn[j])).astype(dt)
                         stage[i, c(j + rr // 2)] = (rnd(odd * cs[j]) + rnd(even * sn[j])).astype(dt)
 
-                row0 = row_in_slot * heads + g8 * TP
-                for p, ring in enumerate(rings):
-                    src = stage.at[:, pl.ds(c(p * tn), tn)]
-                    dst = ring.at[c(g), pl.ds(row0, TP)]
-                    if tiles.interpret:
-                        dst[...] = src[...]
-                    else:
-                        lay = plgpu.Layout.WGMMA_TRANSPOSED
-                        v = plgpu.load(_compat.transpose_ref(src, (1, 0)), (), layout=lay)
-                        _compat.transpose_ref(dst, (1, 0))[...] = plgpu.layout_cast(v, lay)
-        plgpu.commit_smem()
+                plgpu.commit_smem()  # generic-proxy stores -> the TMA that reads the stage
+                plgpu.copy_smem_to_gmem(stage, q_gmem.at[pl.ds(c(t * heads + g8 * TP), TP)])
+        plgpu.wait_smem_to_gmem(0)  # the staging rows are written before the TMA loads below read them
+        for g in range(q_slots):
+            for p, ring in enumerate(rings):
+                plgpu.copy_gmem_to_smem(q_gmem.at[pl.ds(c(g * tk), tk), pl.ds(c(p * tn), tn)], ring.at[c(g)],
+                                        kbar.at[c(g)])
+        for g in range(q_slots):
+            plgpu.barrier_wait(kbar.at[c(g)])
 
     def fn(t: TaskView):
         chunk, oi_v, oi_i = t.arg(0), t.out(0), t.out(1)
@@ -307,12 +318,13 @@ def index_score_body(r, key, consts):
         nblk = _cdiv(n_rows, tk)
         n_sb = _cdiv(n_rows, sb)
 
+        layer = t.inp(2)  # member index in the index-key cache group
         prepare_q(t.inp(0), t.inp(1))
 
         # This step's new rows: scored once, patched over their (stale) cache positions below.
         nslot = c(q_slots)
         for p, ring in enumerate(rings):
-            plgpu.copy_gmem_to_smem(new_rows.at[pl.ds(c(0), tk), pl.ds(c(p * tn), tn)], ring.at[nslot],
+            plgpu.copy_gmem_to_smem(new_rows.at[layer, pl.ds(c(0), tk), pl.ds(c(p * tn), tn)], ring.at[nslot],
                                     kbar.at[nslot])
         plgpu.barrier_wait(kbar.at[nslot])
         for q, row in enumerate(block_scores(nslot, c(0), [c(_BIG)] * nt)):
@@ -320,9 +332,12 @@ def index_score_body(r, key, consts):
 
         def issue(b):
             slot = q_slots + lax.rem(b, ks)
-            for p, ring in enumerate(rings):
-                plgpu.copy_gmem_to_smem(cache.at[pl.ds(r0 + b * tk, tk), pl.ds(c(p * tn), tn)], ring.at[slot],
-                                        kbar.at[slot])
+
+            def copy(keys):
+                for p, ring in enumerate(rings):
+                    plgpu.copy_gmem_to_smem(keys.at[pl.ds(r0 + b * tk, tk), pl.ds(c(p * tn), tn)], ring.at[slot],
+                                            kbar.at[slot])
+            r.with_caches((group,), layer, copy)
 
         def scan(on_sb, carry, peel=False):
             """Scores of the chunk, one super-block at a time into t_ixs, then carry = on_sb(sb, carry)."""

@@ -15,7 +15,11 @@ dispatches with `lax.switch` over the branches. Caches are per-layer refs (read-
 KV_WRITE / IK_WRITE tasks write the step's new rows into small `rows` outputs, readers of the cache (indexer
 scores, attention) overlay those rows on the cached ones, and the caller writes the T rows into the caches with
 an XLA scatter at `pos` -- in place under the engine's buffer donation, the same O(T)-row write the XLA backend
-does. (Aliasing the whole cache into the kernel -- `jax.new_ref` or `input_output_aliases` -- does not run in GPU
+does. The per-layer caches of one field (c_kv, k_pe, index keys) form a *cache group*: a task names its layer
+by its member index (a dynamic aux entry, like a stack index), and a body reads the member's ref through a
+`lax.switch` around just its TMA issue (`_Refs.with_caches`), so ATTN / INDEX_SCORE / KV_WRITE / IK_WRITE have
+one code path for all layers instead of one per layer (glm5_slice: 25 branches instead of 37; compile time
+grows with the branch count). The `rows` outputs are stacked per group ([members, T, X]). (Aliasing the whole cache into the kernel -- `jax.new_ref` or `input_output_aliases` -- does not run in GPU
 interpret mode on jax 0.10.2: closed-over refs have no memory space there, and `pallas_call` scratch barriers
 cannot be initialised.)
 
@@ -104,8 +108,10 @@ class KernelPlan:
     """Host-side mapping of a schedule onto the kernel's refs (see the module docstring).
 
     weight_stacks / buffer_stacks: ((shape, dtype), member ids) per stack; weight_slot / buffer_slot: id ->
-    (stack, index) (buffers: ("in", i) for the step's inputs, ("cache", i) for caches, ("stack", s, j) else);
-    branches: the branch keys; aux int32 [n_tasks, AUX_WIDTH]; caches: buffer ids of the CACHE buffers.
+    (stack, index) (buffers: ("in", i) for the step's inputs, ("cache", g, m) for member m of cache group g,
+    ("stack", s, j) else); branches: the branch keys; aux int32 [n_tasks, AUX_WIDTH]; caches: buffer ids of the
+    CACHE buffers (the order of `persistent_step`'s cache arrays); cache_groups: per group, its members' positions
+    in `caches` (one field of every layer, in layer order).
     """
     schedule: Schedule
     weight_stacks: tuple
@@ -118,6 +124,7 @@ class KernelPlan:
     aux: np.ndarray
     logits_buffer: int
     hidden_buffer: int
+    cache_groups: tuple = ()
     arg_align: tuple = ()
 
     @classmethod
@@ -130,14 +137,17 @@ class KernelPlan:
         for si, (_, members) in enumerate(weight_stacks):
             for j, w in enumerate(members):
                 weight_slot[w] = (si, j)
-        groups, caches, inputs = {}, [], []
+        groups, caches, inputs, cache_groups = {}, [], [], {}
         buffer_slot = [None] * len(s.buffers)
         for i, b in enumerate(s.buffers):
             if b.kind == Kind.INPUT:
                 buffer_slot[i] = ("in", len(inputs))
                 inputs.append(b.name)
-            elif b.kind == Kind.CACHE:
-                buffer_slot[i] = ("cache", len(caches))
+            elif b.kind == Kind.CACHE:  # name "layers/<layer>/<field>"
+                gkey = (b.name.split("/")[-1], b.shape[1:], b.dtype)
+                members = cache_groups.setdefault(gkey, [])
+                buffer_slot[i] = ("cache", list(cache_groups).index(gkey), len(members))
+                members.append(len(caches))
                 caches.append(i)
             else:
                 groups.setdefault((b.shape, b.dtype), []).append(i)
@@ -163,13 +173,17 @@ class KernelPlan:
             for base, ids, table in ((A_W, t.weights, weight_slot), (A_IN, t.inputs, buffer_slot),
                                      (A_OUT, t.outputs, buffer_slot)):
                 for j, x in enumerate(ids):
-                    row[base + j] = table[x][-1] if x >= 0 and table[x][0] != "in" and table[x][0] != "cache" else 0
+                    row[base + j] = table[x][-1] if x >= 0 and table[x][0] != "in" else 0
+            members = {buffer_slot[b][2] for b in (*t.inputs, *t.outputs) if b >= 0 and buffer_slot[b][0] == "cache"}
+            if len(members) > 1:  # `with_caches` switches over one member index for all of a task's caches
+                raise ValueError(f"task {t.id} ({t.op.name}) reads caches of different layers: {sorted(members)}")
             row[A_ARGS:A_ARGS + NUM_ARGS] = t.args
             if t.layer == -1 and t.op == Op.GEMV:  # the LM head reads the last hidden state
                 hidden = t.inputs[0]
         logits = next(i for i, b in enumerate(s.buffers) if b.kind == Kind.OUTPUT)
         return cls(s, weight_stacks, tuple(weight_slot), buffer_stacks, tuple(buffer_slot), tuple(caches),
-                   tuple(inputs), tuple(branches), aux, logits, hidden, _arg_align(aux, len(branches)))
+                   tuple(inputs), tuple(branches), aux, logits, hidden, tuple(map(tuple, cache_groups.values())),
+                   _arg_align(aux, len(branches)))
 
     def sm_aux(self) -> np.ndarray:
         """int32 [num_sms, max_len, AUX_WIDTH]: each SM's aux rows in list order; padding rows have branch -1."""
@@ -241,25 +255,36 @@ class _Seam:
 
 
 class _Refs:
-    """Kernel refs by role, and typed reads / writes of schedule buffers for one branch."""
+    """Kernel refs by role, and typed reads / writes of schedule buffers for one branch. caches: per cache group,
+    its members' refs [L, X]; rows: per cache group, the stacked new-row output [members, T, X]; gmem: the per-CTA
+    GMEM scratch [CTAs, rows, cols] (None when no body needs one), this CTA's part at `cta`."""
 
-    def __init__(self, plan: KernelPlan, inputs, weights, caches, stacks, rows, tiles: tl.Tiles | None = None):
+    def __init__(self, plan: KernelPlan, inputs, weights, caches, stacks, rows, tiles: tl.Tiles | None = None,
+                 gmem=None, cta=None):
         self.plan, self.inputs, self.weights, self.caches, self.stacks, self.rows = (
             plan, inputs, weights, caches, stacks, rows)
         self.consts = plan.schedule.constants
-        self.tiles = tiles
+        self.tiles, self.gmem, self.cta = tiles, gmem, cta
 
     def read(self, slot, idx):
-        """The whole buffer at `slot` (static) and stack index `idx` (traced)."""
+        """The whole buffer at `slot` (static) and stack / cache-group member index `idx` (traced)."""
         if slot[0] == "in":
             return self.inputs[slot[1]][...]
         if slot[0] == "cache":
-            return self.cache(slot[1])
+            return self.cache(slot[1], idx)
         return self.stacks[slot[1]][idx]
 
-    def cache(self, ci):
+    def with_caches(self, groups, member, fn):
+        """fn(*refs): the member's ref of each cache group in `groups` (the layer's c_kv and k_pe, say), chosen by
+        `lax.switch` on the traced member index: the branch of every layer shares one code path and only fn's
+        code (a TMA issue) is repeated per layer."""
+        n = len(self.caches[groups[0]])
+        branches = [lambda i=i: fn(*(self.caches[g][i] for g in groups)) for i in range(n)]
+        return branches[0]() if n == 1 else lax.switch(member, branches)
+
+    def cache(self, g, member):
         """Cache rows [L, X] with this step's new rows (from the KV_WRITE / IK_WRITE outputs) overlaid."""
-        cached, new = self.caches[ci][...], self.rows[ci][...]
+        cached, new = self.with_caches((g,), member, lambda ref: ref[...]), self.rows[g][member]
         pos = self.inputs[self.plan.inputs.index("pos")][...]
         hit = jnp.arange(cached.shape[0])[:, None] == pos[None, :]          # [L, T]
         src = jnp.argmax(hit, axis=1)
@@ -399,19 +424,20 @@ def _jnp_body(key, r: _Refs):
 
         def fn(get):
             kva, (cos, sin) = inp(get, 0), cos_sin()
-            ci_kv, ci_pe = oslots[0][1], oslots[1][1]
-            c = r.caches[ci_kv].shape[1]
-            r.rows[ci_kv][...] = ref.rmsnorm(kva[:, :c], w(get, 0), float(consts[eps])).astype(r.rows[ci_kv].dtype)
-            r.rows[ci_pe][...] = apply_rope(kva[:, c:], cos, sin).astype(r.rows[ci_pe].dtype)
+            g_kv, g_pe = oslots[0][1], oslots[1][1]
+            c = r.rows[g_kv].shape[-1]
+            kv_rows, pe_rows = r.rows[g_kv], r.rows[g_pe]
+            kv_rows[get(A_OUT)] = ref.rmsnorm(kva[:, :c], w(get, 0), float(consts[eps])).astype(kv_rows.dtype)
+            pe_rows[get(A_OUT + 1)] = apply_rope(kva[:, c:], cos, sin).astype(pe_rows.dtype)
         return fn
 
     if op == Op.IK_WRITE:
         (eps,) = static
 
         def fn(get):
-            (cos, sin), ci = cos_sin(), oslots[0][1]
+            (cos, sin), rows = cos_sin(), r.rows[oslots[0][1]]
             y = _layernorm(inp(get, 0), w(get, 0), w(get, 1), float(consts[eps]))
-            r.rows[ci][...] = _rope_front(y, cos, sin).astype(r.rows[ci].dtype)
+            rows[get(A_OUT)] = _rope_front(y, cos, sin).astype(rows.dtype)
         return fn
 
     if op == Op.INDEX_SCORE:
@@ -637,9 +663,12 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
     inputs, refs = refs[:n_in], refs[n_in:]
     weights, refs = refs[:n_w], refs[n_w:]
     caches, refs = refs[:n_c], refs[n_c:]
-    stacks, rows = refs[:len(plan.buffer_stacks)], refs[len(plan.buffer_stacks):]
+    caches = tuple(tuple(caches[k] for k in members) for members in plan.cache_groups)
+    stacks, refs = refs[:len(plan.buffer_stacks)], refs[len(plan.buffer_stacks):]
+    rows, gmem = refs[:len(plan.cache_groups)], (refs[len(plan.cache_groups):] or [None])[0]
+    cta = lax.axis_index(GRID_AXIS)
     r = _Refs(plan, inputs, weights, caches, stacks, rows,
-              tl.Tiles(scratch, tiles, interpret, lax.axis_index(GRID_AXIS) * 0) if tiles is not None else None)
+              tl.Tiles(scratch, tiles, interpret, cta * 0) if tiles is not None else None, gmem, cta)
     fns = []
     for key, align in zip(plan.branches, plan.arg_align):
         if ops is None or Op(key[0]) in ops:
@@ -662,8 +691,6 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
             run_task(lambda j: aux_ref[task, j])
     else:  # this CTA's rows of the per-SM table, in SMEM (Mosaic reads scalars from SMEM, not GMEM); a 1-SM
         # schedule in interpret mode takes this path too (its one list is the global order), testing the table walk
-        cta = lax.axis_index(GRID_AXIS)
-
         def walk(table, bar):
             plgpu.copy_gmem_to_smem(sm_ref.at[cta], table, bar)
             plgpu.barrier_wait(bar)
@@ -726,8 +753,12 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     ordered = params is not None
     s = plan.schedule
     stack_types = [jax.ShapeDtypeStruct((len(m), *shape), _JNP[dtype]) for (shape, dtype), m in plan.buffer_stacks]
-    row_types = [jax.ShapeDtypeStruct((plan.tokens, s.buffers[b].shape[1]), caches[i].dtype)
-                 for i, b in enumerate(plan.caches)]
+    row_types = [jax.ShapeDtypeStruct((len(m), plan.tokens, s.buffers[plan.caches[m[0]]].shape[1]),
+                                      caches[m[0]].dtype) for m in plan.cache_groups]
+    gmem = index_tiles.gmem_shape(plan, tiles) if tiles is not None else None  # per-CTA GMEM scratch
+    if gmem is not None:
+        hidden = _JNP[s.buffers[plan.hidden_buffer].dtype]
+        row_types.append(jax.ShapeDtypeStruct((1 if ordered else s.num_sms, *gmem), hidden))
     kernel = plgpu.kernel(
         lambda *refs, **scratch: _body(plan, ordered, None if ops is None else frozenset(ops), tiles, ordered,
                                        sync, *refs, **scratch),
@@ -740,12 +771,13 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     outs = kernel(jnp.asarray(plan.aux), jnp.asarray(plan.sm_aux()), *_step_inputs(plan, tokens, pos, cos, sin),
                   *weights.stacks, *caches)
     stacks, rows = outs[:len(stack_types)], outs[len(stack_types):]
+    rows = [rows[g][m] for g, m in (plan.buffer_slot[b][1:] for b in plan.caches)]  # (drops the GMEM scratch)
 
     def buffer(b):
         _, si, j = plan.buffer_slot[b]
         return stacks[si][j]
 
-    return buffer(plan.logits_buffer), buffer(plan.hidden_buffer), list(rows)
+    return buffer(plan.logits_buffer), buffer(plan.hidden_buffer), rows
 
 
 class PersistentDecoder:

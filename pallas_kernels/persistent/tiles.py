@@ -336,7 +336,8 @@ def x_view(tiles, x_ref, idx, k0, x_shape):
 
 
 class TaskView:
-    """The dynamic part of one task as the bodies see it: w(j) / inp(j) / out(j) stack indices, arg(a), and
+    """The dynamic part of one task as the bodies see it: w(j) / inp(j) / out(j) stack indices (for a cache: its
+    member index in the cache group, i.e. the layer), arg(a), and
     wait(): the task's dependency wait, which a body marked `prefetching` calls itself (after issuing its first
     weight tiles); the kernel waits before any other body."""
 
@@ -625,9 +626,9 @@ def kv_write_body(r, key, consts):
     tiles, kva_ref = r.tiles, _stack(r, islots[0])
     if tiles is None or kva_ref is None or "t_pe" not in tiles.s or tiles.tk > tiles.tn:
         return None
-    ckv_rows, pe_rows = r.rows[oslots[0][1]], r.rows[oslots[1][1]]
-    tokens, c_dim = ckv_rows.shape
-    rr = pe_rows.shape[1]
+    ckv_rows, pe_rows = r.rows[oslots[0][1]], r.rows[oslots[1][1]]  # [layers, T, C] / [layers, T, R]
+    tokens, c_dim = ckv_rows.shape[1:]
+    rr = pe_rows.shape[2]
     if (c_dim % tiles.tk or rr != tiles.s["t_pe"].shape[1]
             or any(a.dtype != tiles.dtype for a in (kva_ref, ckv_rows, pe_rows, r.weights[wstk[0]]))):
         return None
@@ -645,9 +646,9 @@ def kv_write_body(r, key, consts):
             plgpu.copy_gmem_to_smem(r.weights[wstk[0]].at[t.w(0), pl.ds(k0, tiles.tk)], s["t_wn"].at[c(0)], bar)
             plgpu.barrier_wait(bar)
             tiles.norm_x(c(0), out=o)
-            tiles.flush(o, ckv_rows.at[pl.ds(c(0), tokens), pl.ds(k0, tiles.tk)], tokens, tiles.tk)
+            tiles.flush(o, ckv_rows.at[t.out(0), pl.ds(c(0), tokens), pl.ds(k0, tiles.tk)], tokens, tiles.tk)
         tiles.rope(kva_ref.at[xi, pl.ds(c(0), TP), pl.ds(c(c_dim), rr)], cos_ref, sin_ref, tokens)
-        plgpu.copy_smem_to_gmem(s["t_pe_out"].at[pl.ds(c(0), tokens)], pe_rows.at[pl.ds(c(0), tokens)])
+        plgpu.copy_smem_to_gmem(s["t_pe_out"].at[pl.ds(c(0), tokens)], pe_rows.at[t.out(1), pl.ds(c(0), tokens)])
         plgpu.wait_smem_to_gmem(0)
     return fn
 
@@ -660,8 +661,8 @@ def ik_write_body(r, key, consts):
     tiles, ik_ref = r.tiles, _stack(r, islots[0])
     if tiles is None or ik_ref is None or "t_ik" not in tiles.s or "t_pe" not in tiles.s:
         return None
-    rows = r.rows[oslots[0][1]]
-    tokens, hi = rows.shape
+    rows = r.rows[oslots[0][1]]  # [layers, T, H]
+    tokens, hi = rows.shape[1:]
     rr = tiles.s["t_pe"].shape[1]
     ln_w, ln_b = r.weights[wstk[0]], r.weights[wstk[1]]
     if (tiles.s["t_ik"].shape[1] != hi or hi < rr
@@ -683,10 +684,10 @@ def ik_write_body(r, key, consts):
             buf[c(tt), full] = (y * w + b).astype(dt)
         plgpu.commit_smem()
         tiles.rope(None, cos_ref, sin_ref, tokens, x_smem=buf)
-        plgpu.copy_smem_to_gmem(s["t_pe_out"].at[pl.ds(c(0), tokens)], rows.at[:, pl.ds(c(0), rr)])
+        plgpu.copy_smem_to_gmem(s["t_pe_out"].at[pl.ds(c(0), tokens)], rows.at[t.out(0), :, pl.ds(c(0), rr)])
         if hi > rr:
             plgpu.copy_smem_to_gmem(buf.at[pl.ds(c(0), tokens), pl.ds(c(rr), hi - rr)],
-                                    rows.at[:, pl.ds(c(rr), hi - rr)])
+                                    rows.at[t.out(0), :, pl.ds(c(rr), hi - rr)])
         plgpu.wait_smem_to_gmem(0)
     return fn
 

@@ -8,8 +8,14 @@ on and signals its dependency counters, so the full cross-CTA schedule runs in e
 * walk: no op bodies and no cross-CTA waits or signals: the per-SM table walk and `lax.switch` dispatch alone;
 * skeleton: no op bodies: the walk plus the semaphore chain (46 dependency hops per glm5_slice step);
 * dense: the ten dense / MoE / cache-write bodies (no attention or indexer), comparable across runs;
-* lowered: dense + ATTN, the bodies that compiled on the H200 with jax 0.11.2 (all but INDEX_SCORE and
-  INDEX_TOPK);
+* lowered: dense + ATTN, the bodies that compiled on the H200 with jax 0.11.2 before INDEX_SCORE did;
+* full: every body -- the whole decode step. Its logits, hidden state and every layer's new cache rows are
+  compared with the bf16 XLA step's and both with a float32 XLA step's (`vs_float32`: bf16 XLA's own distance
+  from float32 is the floor that the tests' criterion scales, tests/kernel_testing.assert_step_matches_xla);
+  every scratch buffer is compared with the CPU simulator's value of it (`simulate.simulate_step`, the jnp tile
+  references on the same inputs), in the order the schedule writes them (`buffers_vs_simulator`: the first
+  buffers off name the op to look at; index and expert-id buffers report the fraction of differing entries);
+  `lowering_profile`: the functions most often on the stack while jax lowered the kernel (a 1 s sampler);
 * each of those alone (the bytes it streams over its time).
 (In experiments/results/bench_persistent_glm5_slice_lowered10.json, written before `dense` existed, `lowered`
 was the ten-body set that is now `dense`; each file's source_hash identifies the code.)
@@ -36,7 +42,103 @@ sys.path.insert(0, ROOT)
 DENSE = ("GEMV", "SWIGLU_UP", "SWIGLU_DOWN", "ABSORB", "UV", "MOE_COMBINE", "EMBED", "KV_WRITE", "IK_WRITE",
          "ROUTER_SELECT")
 LOWERED = DENSE + ("ATTN",)
-SETS = {"walk": [], "skeleton": [], "dense": list(DENSE), "lowered": list(LOWERED)}
+FULL = LOWERED + ("INDEX_SCORE", "INDEX_TOPK")
+SETS = {"walk": [], "skeleton": [], "dense": list(DENSE), "lowered": list(LOWERED), "full": list(FULL)}
+
+
+def _rel(got, want) -> float:
+    """max |got - want| / max |want| over float32 copies."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+_SET_VALUED = ("/index_cand_val", "/index_cand_idx", "/topk_idx", "/topk_valid")
+_SPLIT_ORDER = ("/o_part", "/lse_part")
+
+
+def _buffers_vs_simulator(plan, model, caches, tokens, pos, got: dict) -> list:
+    """Per scratch buffer, in the order of the first task writing it: its error against the simulator's."""
+    from pallas_kernels.persistent.simulate import simulate_step
+    sim = simulate_step(plan.schedule, model, caches, np.asarray(tokens[0]), np.asarray(pos[0]))
+    first = {}
+    for t in plan.schedule.tasks:
+        for b in t.outputs:
+            first.setdefault(b, t)
+    out = []
+    for b in sorted(got, key=lambda b: first[b].id if b in first else -1):
+        want, have = np.asarray(sim.buffers[b]), np.asarray(got[b])
+        buf = plan.schedule.buffers[b]
+        row = {"buffer": buf.name, "op": first[b].op.name if b in first else None}
+        if buf.name.endswith(_SET_VALUED):  # the kernel's slot order is not the simulator's: compare as sets
+            want, have = np.sort(want, axis=-1), np.sort(have, axis=-1)
+        elif buf.name.endswith(_SPLIT_ORDER):
+            row["note"] = "depends on which selected rows fall in which split (the top-k slot order)"
+        if buf.dtype == "int32":
+            row["differ_fraction"] = float((want != have).mean())
+        else:
+            row["rel_err"] = _rel(have, want)
+            row["finite"] = bool(np.isfinite(np.asarray(have, np.float32)).all())
+        out.append(row)
+    return out
+
+
+class _Sampler:
+    """Counts, once per second, each function on the main thread's stack (inclusive): where lowering spends."""
+
+    def __init__(self):
+        import threading
+        self.counts, self.samples, self._stop = {}, 0, threading.Event()
+        self._main = threading.get_ident()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(1.0):
+            frame, seen = sys._current_frames().get(self._main), set()
+            while frame is not None:
+                code = frame.f_code
+                seen.add(f"{os.path.basename(code.co_filename)}:{code.co_name}")
+                frame = frame.f_back
+            for k in seen:
+                self.counts[k] = self.counts.get(k, 0) + 1
+            self.samples += 1
+
+    def stop(self, top: int = 40) -> dict:
+        self._stop.set()
+        self._thread.join()
+        best = sorted(self.counts.items(), key=lambda kv: -kv[1])[:top]
+        return {"samples": self.samples, "top": [[k, v] for k, v in best]}
+
+
+def _full_check(model, caches, tokens, pos, ok, plan, logits, h, rows, context) -> dict:
+    """The whole step against the bf16 and float32 XLA steps of the same state (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from glm_fast.engine.forward import main_cached
+    from glm_fast.engine.ops import XLA
+    f32 = lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    graphdef, params = nnx.split(model)
+    ref16 = main_cached(model, caches, tokens, pos, ok, XLA)
+    ref32 = main_cached(nnx.merge(graphdef, jax.tree.map(f32, params)), jax.tree.map(f32, caches), tokens, pos, ok,
+                        XLA)
+    out = {"finite": bool(np.isfinite(np.asarray(logits, np.float32)).all()
+                          and np.isfinite(np.asarray(h, np.float32)).all()),
+           "argmax_equal_xla": bool((np.asarray(logits).argmax(-1) == np.asarray(ref16[0][0]).argmax(-1)).all())}
+    for name, got, i in (("logits", logits, 0), ("hidden", h, 1)):
+        out[name] = {"vs_xla": _rel(got, ref16[i][0]), "vs_float32": _rel(got, ref32[i][0]),
+                     "xla_vs_float32": _rel(ref16[i][0], ref32[i][0])}
+    worst = {"vs_xla": 0.0, "vs_float32": 0.0, "xla_vs_float32": 0.0}
+    for bid, got in zip(plan.caches, rows):
+        _, layer, field = plan.schedule.buffers[bid].name.split("/")
+        for k, (a, b) in {"vs_xla": (got, getattr(ref16[2][int(layer)], field)[0, context]),
+                          "vs_float32": (got, getattr(ref32[2][int(layer)], field)[0, context]),
+                          "xla_vs_float32": (getattr(ref16[2][int(layer)], field)[0, context],
+                                             getattr(ref32[2][int(layer)], field)[0, context])}.items():
+            worst[k] = max(worst[k], _rel(a[0] if a.ndim == 2 else a, b))
+    out["cache_rows_worst"] = worst
+    return out
 
 
 def _median_ms(fn, args, reps: int) -> float:
@@ -91,11 +193,32 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     tiles = TileConfig(slots=slots)
     step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
                                                 ops=op_set, sync=sync, tiles=tiles))
+    full = set(ops) == set(FULL)
+    if full:
+        step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0],
+                                                    interpret=interpret, tiles=tiles, buffers=True))
     t0 = time.perf_counter()
-    logits, h, rows = jax.block_until_ready(step(weights, arrays))
-    out = {"first_call_s": time.perf_counter() - t0, "median_ms": _median_ms(step, (weights, arrays), reps),
+    sampler = _Sampler()
+    lowered = step.lower(weights, arrays)
+    profile = sampler.stop()
+    t1 = time.perf_counter()
+    print(f"lowered in {t1 - t0:.1f} s", file=sys.stderr, flush=True)  # a parent that times out keeps these lines
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    print(f"compiled in {t2 - t1:.1f} s", file=sys.stderr, flush=True)
+    logits, h, rows, *bufs = jax.block_until_ready(compiled(weights, arrays))
+    print(f"first launch returned in {time.perf_counter() - t2:.1f} s", file=sys.stderr, flush=True)
+    out = {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_call_s": time.perf_counter() - t0,
+           "median_ms": _median_ms(compiled, (weights, arrays), reps),
            "bytes_of_ops": int(sum(t.nbytes for t in plan.schedule.tasks if t.op in op_set))}
-    if {"EMBED", "GEMV", "KV_WRITE", "IK_WRITE"} <= set(ops):
+    if full:
+        out["lowering_profile"] = profile
+        out["check"] = _full_check(model, caches, tokens, pos, ok, plan, logits, h, rows, context)
+        try:
+            out["buffers_vs_simulator"] = _buffers_vs_simulator(plan, model, caches, tokens, pos, bufs[0])
+        except Exception as e:  # noqa: BLE001 -- a simulator failure is reported, the timings are kept
+            out["buffers_vs_simulator"] = f"{type(e).__name__}: {e}"[:2000]
+    elif {"EMBED", "GEMV", "KV_WRITE", "IK_WRITE"} <= set(ops):
         _, _, new = xla(params, caches)
         errs = {}
         for bid, got in zip(plan.caches, rows):
@@ -115,8 +238,8 @@ def main(argv=None):
     p.add_argument("--config", default="glm5_slice")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--variants", default="xla,walk,skeleton,dense,lowered," + ",".join(LOWERED),
-                   help="comma list of: xla, walk, skeleton, dense, lowered, or an opcode name")
+    p.add_argument("--variants", default="xla,walk,skeleton,dense,full," + ",".join(FULL),
+                   help="comma list of: xla, walk, skeleton, dense, lowered, full, or an opcode name")
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant (compile + run)")
     p.add_argument("--slots", type=int, default=4, help="SMEM ring depth of the tile bodies (TileConfig.slots)")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
@@ -139,8 +262,10 @@ def main(argv=None):
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             row = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
                 "error": f"exit {proc.returncode}: " + proc.stderr.strip()[-1500:]}
-        except subprocess.TimeoutExpired:
-            row = {"error": f"no result in {args.timeout} s (compile hang or deadlocked launch)"}
+        except subprocess.TimeoutExpired as e:  # the child's progress lines say which stage it was in
+            err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+            stages = [ln for ln in err.splitlines() if ln.startswith(("lowered", "compiled", "first launch"))]
+            row = {"error": f"no result in {args.timeout} s (compile hang or deadlocked launch)", "stages": stages}
         row = {"variant": v, **row, "wall_s": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         print(json.dumps(row)[:2000], flush=True)

@@ -736,7 +736,8 @@ def _step_inputs(plan: KernelPlan, tokens, pos, cos, sin):
 
 
 def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens, pos, cos, sin, *,
-                    interpret=False, ops=None, tiles: tl.TileConfig | None = tl.TileConfig(), sync: bool = True):
+                    interpret=False, ops=None, tiles: tl.TileConfig | None = tl.TileConfig(), sync: bool = True,
+                    buffers: bool = False):
     """One decode step in one kernel launch.
 
     caches: per CACHE buffer of `plan.caches`, its array [L, X] (batch squeezed); tokens, pos int [T];
@@ -745,7 +746,8 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     (GPU interpret mode; the seam is then dependency-ordered execution on one CTA). ops: restrict the compiled
     branches to these opcodes (the others become no-ops; for lowering checks only). tiles: the TMA + wgmma
     bodies' tuning (tiles.py), None for the v1 jnp bodies everywhere. sync=False compiles the cross-CTA waits
-    and signals out (a race: for timing the bare table walk only).
+    and signals out (a race: for timing the bare table walk only). buffers=True also returns every scratch
+    buffer's final value, {buffer id: array} (to locate a wrong op against `simulate.simulate_step`'s).
     """
     # Out-of-bounds TMA reads (x rows T..7, the columns past a ragged last tile) zero-fill on the GPU and only
     # reach accumulator rows that are never stored; the interpreter must be told to allow them.
@@ -777,6 +779,9 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
         _, si, j = plan.buffer_slot[b]
         return stacks[si][j]
 
+    if buffers:
+        everything = {b: buffer(b) for b, slot in enumerate(plan.buffer_slot) if slot[0] == "stack"}
+        return buffer(plan.logits_buffer), buffer(plan.hidden_buffer), rows, everything
     return buffer(plan.logits_buffer), buffer(plan.hidden_buffer), rows
 
 

@@ -100,6 +100,7 @@ class SimResult:
     logits: jax.Array        # [T, V]
     caches: list             # LayerCache per layer, batch 1
     order: list[int]         # task ids in execution order
+    buffers: list            # every schedule buffer's final value (numpy), by buffer id
 
 
 def _resolve(model, name: str):
@@ -346,4 +347,4 @@ def simulate_step(schedule: Schedule, model, caches: list, tokens, pos, seed: in
         out.append(LayerCache(**{f: jnp.asarray(fields[f]) if f in fields else getattr(cache, f)
                                  for f in ("c_kv", "k_pe", "index_k")}))
     logits = next(i for i, b in enumerate(schedule.buffers) if b.kind == Kind.OUTPUT)
-    return SimResult(machine.read(logits), out, order)
+    return SimResult(machine.read(logits), out, order, machine.bufs)

@@ -15,6 +15,10 @@ on and signals its dependency counters, so the full cross-CTA schedule runs in e
   every scratch buffer is compared with the CPU simulator's value of it (`simulate.simulate_step`, the jnp tile
   references on the same inputs), in the order the schedule writes them (`buffers_vs_simulator`: the first
   buffers off name the op to look at; index and expert-id buffers report the fraction of differing entries);
+  `tasks_vs_simulator`: each task of the first two layers re-run by the simulator on the
+  kernel's OWN input buffers, its outputs compared with the kernel's (per op, the worst; INDEX_TOPK as the
+  fraction of its selected rows the simulator did not select): this isolates each op from upstream
+  differences (near-tie flips in top-k, the slot order that splits ATTN's rows);
   `lowering_profile`: the functions most often on the stack while jax lowered the kernel (a 1 s sampler);
 * each of those alone (the bytes it streams over its time).
 (In experiments/results/bench_persistent_glm5_slice_lowered10.json, written before `dense` existed, `lowered`
@@ -47,9 +51,52 @@ SETS = {"walk": [], "skeleton": [], "dense": list(DENSE), "lowered": list(LOWERE
 
 
 def _rel(got, want) -> float:
-    """max |got - want| / max |want| over float32 copies."""
+    """max |got - want| / max |want| over float32 copies, where want is finite (elsewhere got must equal it:
+    a mismatch there counts as error 1)."""
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+    fin = np.isfinite(want)
+    if (got[~fin] != want[~fin]).any() or np.isnan(got[fin]).any():
+        return 1.0
+    if not fin.any():
+        return 0.0
+    return float(np.abs(got[fin] - want[fin]).max() / max(np.abs(want[fin]).max(), 1e-30))
+
+
+def _tasks_vs_simulator(plan, model, caches, tokens, pos, got: dict, rows, layers=(0, 1)) -> dict:
+    """Per op: the worst error of a task's outputs (kernel vs the simulator run on the kernel's inputs)."""
+    from pallas_kernels.persistent.format import Kind, Op, written_region
+    from pallas_kernels.persistent.simulate import _Machine
+    s = plan.schedule
+    m = _Machine(s, model, caches, np.asarray(tokens[0]), np.asarray(pos[0]))
+    for b, v in got.items():
+        m.bufs[b] = np.array(v)
+    for bid, r in zip(plan.caches, rows):  # this step's rows, as the consumers see them
+        m.bufs[bid][np.asarray(pos[0])] = np.asarray(r)
+    m.written = [np.ones(b.shape, bool) if b.kind in (Kind.SCRATCH, Kind.OUTPUT) else None for b in s.buffers]
+    worst: dict = {}
+    for t in s.tasks:
+        if t.layer not in layers or t.op in (Op.KV_WRITE, Op.IK_WRITE):
+            continue
+        regions = written_region(t, s.buffers)
+        mine = [m.bufs[b][idx].copy() for b, idx in regions]
+        for b, idx in regions:
+            m.written[b][idx] = False
+        m.run(t.id)
+        for (b, idx), k in zip(regions, mine):
+            ref = m.bufs[b][idx].copy()
+            m.bufs[b][idx] = k  # the kernel's value again, for the next task's inputs
+            m.written[b][idx] = True
+            if s.buffers[b].name.endswith("/topk_idx"):
+                err = float(np.mean([1 - len(np.intersect1d(k[q], ref[q])) / max(len(np.unique(ref[q])), 1)
+                                     for q in range(k.shape[0])]))
+            elif s.buffers[b].dtype == "int32":
+                err = float((k != ref).mean())
+            else:
+                err = _rel(k, ref)
+            key = f"{t.op.name}:{s.buffers[b].name.rsplit('/', 1)[-1]}"
+            if err > worst.get(key, (-1.0,))[0]:
+                worst[key] = (err, t.id, t.layer)
+    return {k: {"err": v[0], "task": v[1], "layer": v[2]} for k, v in worst.items()}
 
 
 _SET_VALUED = ("/index_cand_val", "/index_cand_idx", "/topk_idx", "/topk_valid")
@@ -152,7 +199,7 @@ def _median_ms(fn, args, reps: int) -> float:
 
 
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
-                slots: int = 4) -> dict:
+                slots: int = 4, checks: tuple = ("tasks", "buffers")) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight)."""
     import jax
@@ -214,10 +261,14 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     if full:
         out["lowering_profile"] = profile
         out["check"] = _full_check(model, caches, tokens, pos, ok, plan, logits, h, rows, context)
-        try:
-            out["buffers_vs_simulator"] = _buffers_vs_simulator(plan, model, caches, tokens, pos, bufs[0])
-        except Exception as e:  # noqa: BLE001 -- a simulator failure is reported, the timings are kept
-            out["buffers_vs_simulator"] = f"{type(e).__name__}: {e}"[:2000]
+        for name, check in (("tasks_vs_simulator", _tasks_vs_simulator), ("buffers_vs_simulator", _buffers_vs_simulator)):
+            if name.split("_")[0] not in checks:
+                continue
+            try:
+                args = (rows,) if check is _tasks_vs_simulator else ()
+                out[name] = check(plan, model, caches, tokens, pos, bufs[0], *args)
+            except Exception as e:  # noqa: BLE001 -- a simulator failure is reported, the timings are kept
+                out[name] = f"{type(e).__name__}: {e}"[:2000]
     elif {"EMBED", "GEMV", "KV_WRITE", "IK_WRITE"} <= set(ops):
         _, _, new = xla(params, caches)
         errs = {}
@@ -242,6 +293,7 @@ def main(argv=None):
                    help="comma list of: xla, walk, skeleton, dense, lowered, full, or an opcode name")
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant (compile + run)")
     p.add_argument("--slots", type=int, default=4, help="SMEM ring depth of the tile bodies (TileConfig.slots)")
+    p.add_argument("--checks", default="tasks,buffers", help="the full variant's simulator checks to run")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -249,13 +301,13 @@ def main(argv=None):
     if args.child is not None:  # one variant; the parent reads the last stdout line
         ops = None if args.child == "xla" else SETS.get(args.child, [args.child])
         print(json.dumps(run_variant(args.config, args.context, ops, args.reps, sync=args.child != "walk",
-                                     slots=args.slots)), flush=True)
+                                     slots=args.slots, checks=tuple(args.checks.split(",")))), flush=True)
         return
     from glm_fast import results
     rows = []
     for v in args.variants.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--context", str(args.context),
-               "--reps", str(args.reps), "--slots", str(args.slots), "--child", v]
+               "--reps", str(args.reps), "--slots", str(args.slots), "--checks", args.checks, "--child", v]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)

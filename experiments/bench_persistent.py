@@ -20,6 +20,7 @@ on and signals its dependency counters, so the full cross-CTA schedule runs in e
   fraction of its selected rows the simulator did not select): this isolates each op from upstream
   differences (near-tie flips in top-k, the slot order that splits ATTN's rows);
   `lowering_profile`: the functions most often on the stack while jax lowered the kernel (a 1 s sampler);
+* index: INDEX_SCORE + INDEX_TOPK alone (the lightning indexer's share of the step);
 * each of those alone (the bytes it streams over its time).
 (In experiments/results/bench_persistent_glm5_slice_lowered10.json, written before `dense` existed, `lowered`
 was the ten-body set that is now `dense`; each file's source_hash identifies the code.)
@@ -47,7 +48,8 @@ DENSE = ("GEMV", "SWIGLU_UP", "SWIGLU_DOWN", "ABSORB", "UV", "MOE_COMBINE", "EMB
          "ROUTER_SELECT")
 LOWERED = DENSE + ("ATTN",)
 FULL = LOWERED + ("INDEX_SCORE", "INDEX_TOPK")
-SETS = {"walk": [], "skeleton": [], "dense": list(DENSE), "lowered": list(LOWERED), "full": list(FULL)}
+SETS = {"walk": [], "skeleton": [], "dense": list(DENSE), "lowered": list(LOWERED), "full": list(FULL),
+        "index": ["INDEX_SCORE", "INDEX_TOPK"]}
 
 
 def _rel(got, want) -> float:

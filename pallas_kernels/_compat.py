@@ -12,6 +12,8 @@ Keep this tiny. Public names:
                           on a traced Ref in jax 0.11 (tracers no longer forward plain aval attributes).
   `interpret_mesh()`      context manager: an abstract H100-like GPU mesh, so kernels that query the device
                           (e.g. SM count) trace on a CPU host, as in jax's tests/pallas/gpu_pallas_interpret_test.py.
+  `fence_proxy_async_global()` PTX `fence.proxy.async.global` (Pallas exposes only the SMEM proxy fence,
+                          `plgpu.commit_smem`), via `plgpu.inline_mgpu` as jax's own `helpers.inline_ptx` does.
 """
 from __future__ import annotations
 
@@ -83,3 +85,18 @@ def transpose_ref(ref, permutation):
     if not isinstance(ref, _state_types.TransformedRef):
         ref = _state_types.TransformedRef(ref, ())
     return ref.transpose(perm)
+
+
+def fence_proxy_async_global() -> None:
+    """Orders this thread's GMEM accesses through the async proxy (TMA) with those through the generic proxy
+    (plain loads / stores, the semaphores' release / acquire): without it, GMEM written by a TMA store need not
+    be visible to a generic load that another CTA makes after acquiring the signal, nor generic stores to a
+    TMA load (PTX ISA, memory consistency model: proxies). GPU only (interpret mode has no proxies)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm
+
+    @plgpu.inline_mgpu()
+    def fence(_):
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.proxy.async.global;", "", has_side_effects=True)
+
+    fence()

@@ -72,6 +72,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from glm_fast.model.rope import apply_rope
+from pallas_kernels import _compat
 from pallas_kernels import gemv as gemv_mod
 from pallas_kernels import ref
 from pallas_kernels.persistent import attn_tiles
@@ -235,7 +236,8 @@ class _Seam:
         self.sems = None if ordered else pl.get_global(plgpu.SemaphoreType.REGULAR((num_counters,)))
 
     def wait(self, get):
-        """Until each of the task's counters reaches its target (all its producer tasks signalled)."""
+        """Until each of the task's counters reaches its target (all its producer tasks signalled); then a proxy
+        fence, so this task's TMA loads see what the producers wrote with generic stores."""
         if self.ordered:
             return
         for j in range(MAX_WAITS):
@@ -243,11 +245,14 @@ class _Seam:
             def _():
                 plgpu.semaphore_wait(self.sems.at[get(A_WAITS + 2 * j)], get(A_WAITS + 2 * j + 1), decrement=False,
                                      memory_scope="gpu")
+        _compat.fence_proxy_async_global()
 
     def signal(self, get):
-        """+1 on the task's counter, after its writes (release)."""
+        """+1 on the task's counter, after its writes (release), behind a proxy fence: the release orders the
+        task's TMA stores (waited for by the body) too, for consumers that read them with generic loads."""
         if self.ordered:
             return
+        _compat.fence_proxy_async_global()
         plgpu.semaphore_signal(self.sems.at[get(A_SIGNAL)], 1, memory_scope="gpu")
 
 

@@ -1,12 +1,14 @@
 """Tile bodies of the persistent kernel's lightning indexer (DESIGN.md sec. 4, level 3): INDEX_SCORE and INDEX_TOPK.
 
 INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) -- `index_score_body`:
-  1. q: each token's N indexer heads (iq [T, N*H]) are staged 8 heads at a time into SMEM (GMEM row loads into
-     `t_ixq` [8, H]), RoPE'd in place on their first R dims (an unrolled scalar loop per row, rounding where
-     `apply_rope` does, like `Tiles.rope`), TMA'd to the CTA's GMEM staging rows (the kernel's per-CTA GMEM
-     scratch, `gmem_shape`) and TMA'd back into the wgmma B operand: the first ceil(T*N / TK) slots of the weight
-     rings t_w0 / t_w1 (H/TN = 1 or 2 parts of TN dims; TK rows = TK/N tokens per slot). The head weights iw * INDEX_WSCALE * INDEX_SCALE go to `t_ixw` (the softmax scale folded through
-     the ReLU, as indexer.py does).
+  1. q: each token's N indexer heads (iq [T, N*H]) are staged 8 heads at a time into SMEM (row TMAs into
+     `t_ixq` [8, H]; the head weights likewise into `t_ixhw`: activations that another CTA stored by TMA are
+     read through TMA and SMEM, never as GMEM loads), RoPE'd in place on their first R dims (an unrolled scalar
+     loop per row, rounding where `apply_rope` does, like `Tiles.rope`), TMA'd to the CTA's GMEM staging rows
+     (the kernel's per-CTA GMEM scratch, `gmem_shape`) and TMA'd back into the wgmma B operand: the first
+     ceil(T*N / TK) slots of the weight rings t_w0 / t_w1 (H/TN = 1 or 2 parts of TN dims; TK rows = TK/N
+     tokens per slot). The head weights iw * INDEX_WSCALE * INDEX_SCALE go to `t_ixw` (the softmax scale folded
+     through the ReLU, as indexer.py does).
   2. Scores: the chunk's cached key rows stream in [TK, TN] boxes through the remaining ring slots (barrier
      `t_ixkb`); per block one swap-AB wgmma per (q slot, part) and indexer.py's epilogue `score_rows` (ReLU, head
      weights, per-query head sums, causal mask start + i <= min(pos[t], r1 - 1)). This step's new rows
@@ -67,7 +69,7 @@ from pallas_kernels import _compat
 from pallas_kernels.gemv import TP
 from pallas_kernels.indexer import _float_key, count_tile, score_rows
 from pallas_kernels.persistent.format import C_INDEX_SCALE, C_INDEX_WSCALE
-from pallas_kernels.persistent.tiles import TaskView, _stack
+from pallas_kernels.persistent.tiles import TaskView, _stack, rows_per_copy
 
 NEG_INF = float("-inf")
 RADIX_BITS = 4  # bits per selection pass: 2^4 - 1 thresholds counted per pass, 8 passes to the exact K-th key
@@ -118,6 +120,8 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
         t_ixc=plgpu.SMEM((_LANES,), jnp.int32),  # reduced counts -> scalars (`_smem_scalars`)
         t_ixk=plgpu.SMEM((TP, cfg.tile_n), jnp.int32),  # INDEX_TOPK: one ring slot's keys, read as scalars
         t_ixq=plgpu.SMEM((TP, index_dim), dtype),  # q staging, 8 heads x H (RoPE'd here, then TMA'd to GMEM)
+        # the head weights iw [T, N], read as scalars (whole 128-byte TMAs: `rows_per_copy` stack rows)
+        t_ixhw=plgpu.SMEM((rows_per_copy((tokens, heads), jnp.dtype(dtype).itemsize), tokens, heads), dtype),
         t_ixkb=plgpu.Barrier(num_arrivals=max(1, index_dim // cfg.tile_n), num_barriers=cfg.slots),
         t_ixcb=plgpu.Barrier(num_arrivals=TP, num_barriers=cfg.slots),
     )
@@ -269,10 +273,12 @@ def index_score_body(r, key, consts):
         q_gmem = r.gmem.at[r.cta]  # [q_slots * TK, H]: row t * N + n = head n of token t
         tiles.load_small(cos_ref.at[pl.ds(c(0), TP)], "t_cos")
         tiles.load_small(sin_ref.at[pl.ds(c(0), TP)], "t_sin")
+        tiles.load_row(iw_ref, wi, "t_ixhw")
+        row_bar = s["t_ixcb"].at[c(0)]  # TP arrivals: the stage's row copies
 
         @pl.loop(0, nt * heads)
         def _(j):
-            w_s[j] = iw_ref[wi, lax.div(j, heads), lax.rem(j, heads)].astype(jnp.float32) * scale
+            w_s[j] = s["t_ixhw"][c(0), lax.div(j, heads), lax.rem(j, heads)].astype(jnp.float32) * scale
 
         def rnd(v):
             return v.astype(dt).astype(jnp.float32)
@@ -282,8 +288,10 @@ def index_score_body(r, key, consts):
             sn = [s["t_sin"][c(t), c(j)].astype(jnp.float32) for j in range(rr // 2)]
             for g8 in range(heads // TP):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous group's store has read the stage
-                for i in range(TP):
-                    stage[c(i), pl.ds(c(0), hd)] = iq_ref[xi, c(t), pl.ds(c((g8 * TP + i) * hd), hd)]
+                for i in range(TP):  # by TMA, not GMEM loads: iq is another CTA's TMA store
+                    plgpu.copy_gmem_to_smem(iq_ref.at[xi, pl.ds(c(t), 1), pl.ds(c((g8 * TP + i) * hd), hd)],
+                                            stage.at[pl.ds(c(i), 1)], row_bar)
+                plgpu.barrier_wait(row_bar)
 
                 @pl.loop(0, TP)
                 def _(i):

@@ -112,7 +112,10 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
         out["t_ik"] = plgpu.SMEM((TP, index_dim), dtype)
     if router is not None:  # ROUTER_SELECT: (E, top_k, n_group, U)
         e, k, g, u = router
-        out.update(t_rs=plgpu.SMEM((3, e), jnp.float32), t_rid=plgpu.SMEM((TP, k), jnp.int32),
+        tokens = slot_shapes[1][1]
+        out.update(t_rl=plgpu.SMEM((rows_per_copy((tokens, e), 4), tokens, e), jnp.float32),
+                   t_rb=plgpu.SMEM((rows_per_copy((e,), 4), e), jnp.float32),
+                   t_rs=plgpu.SMEM((3, e), jnp.float32), t_rid=plgpu.SMEM((TP, k), jnp.int32),
                    t_rw=plgpu.SMEM((TP, k), jnp.float32), t_pres=plgpu.SMEM((e,), jnp.int32),
                    t_gk=plgpu.SMEM((g,), jnp.float32), t_rsel=plgpu.SMEM((u,), jnp.int32))
     if attn_splits:  # UV: the split-KV partial outputs of a TK slice, per ring slot, and the merge weights
@@ -767,7 +770,10 @@ def uv_body(r, key, consts):
 def router_body(r, key, consts):
     """ROUTER_SELECT as scalar loops over SMEM (E is small): sigmoid + bias choice, group-limited top-k (ties to the
     lower index, as `lax.top_k`), normalised weights x ROUTED_SCALE (`simulate._route`), the distinct experts in
-    increasing order into the U slots and coef[u, t]; outputs stored as GMEM scalars. None when it does not fit."""
+    increasing order into the U slots and coef[u, t]; outputs stored as GMEM scalars. None when it does not fit.
+    The logits and the bias come in by TMA (t_rl / t_rb) and are read as SMEM scalars: the logits are another
+    CTA's TMA store, and on the H200 (jax 0.11.2) this body computed wrong slots while it read them as GMEM
+    scalars (experiments/results/bench_persistent_glm5_slice_full_tasks.json; not yet re-measured)."""
     from pallas_kernels.persistent.format import C_ROUTED_SCALE
     _, (top_k, n_group, topk_group, norm), wstk, islots, oslots = key
     tiles, lg_ref, sel_ref, coef_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0]), _stack(r, oslots[1])
@@ -776,7 +782,8 @@ def router_body(r, key, consts):
     bias = r.weights[wstk[0]]
     tokens, e = lg_ref.shape[1:]
     u = sel_ref.shape[1]
-    if tiles.s["t_rs"].shape[1] != e or tiles.s["t_rid"].shape[1] != top_k or tiles.s["t_gk"].shape[0] != n_group:
+    if (tiles.s["t_rs"].shape[1] != e or tiles.s["t_rid"].shape[1] != top_k or tiles.s["t_gk"].shape[0] != n_group
+            or bias.dtype != jnp.float32 or lg_ref.dtype != jnp.float32 or tiles.s["t_rl"].shape[1:] != (tokens, e)):
         return None
     s, c = tiles.s, tiles.c
     gsize = e // n_group
@@ -784,8 +791,10 @@ def router_body(r, key, consts):
     neg = jnp.float32(-jnp.inf)
 
     def fn(t: TaskView):
-        li, bi, rs, gk, pres = t.inp(0), t.w(0), s["t_rs"], s["t_gk"], s["t_pres"]
+        rs, gk, pres, lg, bs = s["t_rs"], s["t_gk"], s["t_pres"], s["t_rl"], s["t_rb"]
         rid, rw, rsel = s["t_rid"], s["t_rw"], s["t_rsel"]
+        tiles.load_row(lg_ref, t.inp(0), "t_rl")
+        tiles.load_row(bias, t.w(0), "t_rb")
 
         @pl.loop(0, e)
         def _(i):
@@ -796,9 +805,9 @@ def router_body(r, key, consts):
 
             @pl.loop(0, e)
             def _(i):
-                sg = 1.0 / (1.0 + jnp.exp(-lg_ref[li, ti, i]))
+                sg = 1.0 / (1.0 + jnp.exp(-lg[c(0), ti, i]))
                 rs[c(0), i] = sg
-                rs[c(1), i] = sg + bias[bi, i]
+                rs[c(1), i] = sg + bs[c(0), i]
 
             gscores = []
             for g in range(n_group):  # sum of the group's top-2 choices

@@ -15,6 +15,7 @@ from flax import nnx
 
 from glm_fast import Engine, Model, load_config
 from pallas_kernels.persistent import Op, ScheduleOptions, compile_schedule
+from pallas_kernels.persistent import kernel as kernel_mod
 from pallas_kernels.persistent.kernel import KernelPlan, PersistentDecoder
 from pallas_kernels.persistent.tiles import TileConfig
 from tests.kernel_testing import assert_step_matches_xla, prefilled
@@ -61,6 +62,27 @@ def test_plan_covers_every_op_and_dispatch_table_is_consistent():
     assert plan.aux[:, 0].max() == len(plan.branches) - 1
     # every weight and scratch buffer lands in exactly one stack slot
     assert sorted(m for _, ms in plan.weight_stacks for m in ms) == list(range(len(s.weights)))
+
+
+@pytest.mark.parametrize("config", ["tiny", "glm5_slice"])
+def test_cache_groups_give_one_code_path_for_all_layers(config):
+    """Per-layer caches of one field form a group: the cache readers / writers have one branch per static shape
+    (ragged head groups give ATTN two), not one per layer, and a task's aux entry for a cache is its layer's
+    member index."""
+    s = compile_schedule(load_config(config).model, 1, OPTIONS)
+    plan = KernelPlan.build(s)
+    for op in (Op.ATTN, Op.INDEX_SCORE, Op.KV_WRITE, Op.IK_WRITE):
+        keys = [k for k in plan.branches if Op(k[0]) == op]
+        assert len(keys) == len({k[1] for k in keys}), keys
+    assert sorted(k for m in plan.cache_groups for k in m) == list(range(len(plan.caches)))
+    for t in s.tasks:
+        for base, ids in ((kernel_mod.A_IN, t.inputs), (kernel_mod.A_OUT, t.outputs)):
+            for j, b in enumerate(ids):
+                if b >= 0 and plan.buffer_slot[b][0] == "cache":
+                    g, member = plan.buffer_slot[b][1:]
+                    assert plan.aux[t.id, base + j] == member
+                    assert s.buffers[plan.caches[plan.cache_groups[g][member]]].name == s.buffers[b].name
+                    assert s.buffers[b].name.split("/")[1] == str(t.layer)
 
 
 def _engine_tokens(model, backend, depth, steps=4):

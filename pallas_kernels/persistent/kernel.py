@@ -46,7 +46,7 @@ normalises x tiles (RoPE loop), IK_WRITE is a row LayerNorm + RoPE loop; MOE_COM
 moves one row per token by TMA; ROUTER_SELECT is scalar loops over SMEM (E is small); ATTN (`attn_tiles.py`) is
 absorbed sparse MLA over per-row TMA gathers of the selected latent rows; INDEX_SCORE / INDEX_TOPK
 (`index_tiles.py`) are the lightning indexer's wgmma scores and an exact radix select. All lower for CUDA at
-glm5_slice with jax 0.10.2 (11 of 13 compiled on the H200 with jax 0.11.2: experiments/persistent_lowering.py) and
+glm5_slice with jax 0.10.2 and compile together on the H200 with jax 0.11.2 (README: status and figures) and
 run in GPU interpret mode on the CPU tests' configs (with 64 x 64 tiles as on the GPU, and with smaller tiles that
 fit tiny's 16-wide heads). Where a branch's shapes do not split into the tiles, the v1 body runs: plain `jnp` on
 values loaded from the GMEM refs, the numerics of `simulate.py`'s tile references, in interpret mode only (Mosaic
@@ -56,8 +56,13 @@ and 3, context past index_topk; Engine(backend="persistent") greedy == XLA with 
 Weight prefetch. The dense GEMV / SWIGLU bodies are `prefetching`: they issue their first ring slots' weight tiles
 (and norm weights), then take the task's dependency wait, then copy the activations, so each SM streams the next
 task's weights while the producers of its inputs finish (routed experts wait first: their expert id is the
-router's output). Not yet: a producer warpgroup that streams across task boundaries; proxy fences between
-generic GMEM stores and TMA reads of another SM.
+router's output). Not yet: a producer warpgroup that streams across task boundaries.
+
+Memory model. A task's inputs are GMEM written by other CTAs, through TMA stores (most bodies) or generic stores
+(scalar outputs: the router's slots, the indexer's selection). The seam puts a `fence.proxy.async.global` before
+each signal and after each wait (`_compat.fence_proxy_async_global`), and bodies read other CTAs' activations
+through TMA into SMEM, not as GMEM loads (on the H200 the two bodies that did computed wrong values from correct
+inputs; README: the persistent kernel's status).
 """
 from __future__ import annotations
 

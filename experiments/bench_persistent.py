@@ -21,6 +21,9 @@ on and signals its dependency counters, so the full cross-CTA schedule runs in e
   differences (near-tie flips in top-k, the slot order that splits ATTN's rows);
   `lowering_profile`: the functions most often on the stack while jax lowered the kernel (a 1 s sampler);
 * index: INDEX_SCORE + INDEX_TOPK alone (the lightning indexer's share of the step);
+* A+B+...: those opcodes' bodies, with `tasks_vs_simulator` over them (each task's inputs are whatever the
+  kernel's buffers hold, the no-op tasks' included): a probe of a few bodies that lowers in a fraction of the
+  full kernel's time (e.g. EMBED+GEMV+IK_WRITE+INDEX_SCORE+ROUTER_SELECT);
 * each of those alone (the bytes it streams over its time).
 (In experiments/results/bench_persistent_glm5_slice_lowered10.json, written before `dense` existed, `lowered`
 was the ten-body set that is now `dense`; each file's source_hash identifies the code.)
@@ -64,8 +67,9 @@ def _rel(got, want) -> float:
     return float(np.abs(got[fin] - want[fin]).max() / max(np.abs(want[fin]).max(), 1e-30))
 
 
-def _tasks_vs_simulator(plan, model, caches, tokens, pos, got: dict, rows, layers=(0, 1)) -> dict:
-    """Per op: the worst error of a task's outputs (kernel vs the simulator run on the kernel's inputs)."""
+def _tasks_vs_simulator(plan, model, caches, tokens, pos, got: dict, rows, ops, layers=(0, 1)) -> dict:
+    """Per op in `ops`: the worst error of a task's outputs (kernel vs the simulator run on the kernel's inputs).
+    Tasks with a NaN float input (downstream of a no-op body in a probe) are counted in `skipped`."""
     from pallas_kernels.persistent.format import Kind, Op, written_region
     from pallas_kernels.persistent.simulate import _Machine
     s = plan.schedule
@@ -76,8 +80,13 @@ def _tasks_vs_simulator(plan, model, caches, tokens, pos, got: dict, rows, layer
         m.bufs[bid][np.asarray(pos[0])] = np.asarray(r)
     m.written = [np.ones(b.shape, bool) if b.kind in (Kind.SCRATCH, Kind.OUTPUT) else None for b in s.buffers]
     worst: dict = {}
+    skipped = 0
     for t in s.tasks:
-        if t.layer not in layers or t.op in (Op.KV_WRITE, Op.IK_WRITE):
+        if t.layer not in layers or t.op in (Op.KV_WRITE, Op.IK_WRITE) or t.op not in ops:
+            continue
+        if any(b >= 0 and s.buffers[b].kind == Kind.SCRATCH and s.buffers[b].dtype != "int32"
+               and np.isnan(np.asarray(m.bufs[b], np.float32)).any() for b in t.inputs):
+            skipped += 1
             continue
         regions = written_region(t, s.buffers)
         mine = [m.bufs[b][idx].copy() for b, idx in regions]
@@ -98,7 +107,7 @@ def _tasks_vs_simulator(plan, model, caches, tokens, pos, got: dict, rows, layer
             key = f"{t.op.name}:{s.buffers[b].name.rsplit('/', 1)[-1]}"
             if err > worst.get(key, (-1.0,))[0]:
                 worst[key] = (err, t.id, t.layer)
-    return {k: {"err": v[0], "task": v[1], "layer": v[2]} for k, v in worst.items()}
+    return {"skipped": skipped, **{k: {"err": v[0], "task": v[1], "layer": v[2]} for k, v in worst.items()}}
 
 
 _SET_VALUED = ("/index_cand_val", "/index_cand_idx", "/topk_idx", "/topk_valid")
@@ -201,7 +210,7 @@ def _median_ms(fn, args, reps: int) -> float:
 
 
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
-                slots: int = 4, checks: tuple = ("tasks", "buffers")) -> dict:
+                slots: int = 4, checks: tuple = ("tasks", "buffers"), probe: bool = False) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight)."""
     import jax
@@ -240,12 +249,9 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     cos, sin = model.rope(pos)
     op_set = frozenset(Op[o] for o in ops)
     tiles = TileConfig(slots=slots)
-    step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
-                                                ops=op_set, sync=sync, tiles=tiles))
     full = set(ops) == set(FULL)
-    if full:
-        step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0],
-                                                    interpret=interpret, tiles=tiles, buffers=True))
+    step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
+                                                ops=op_set, sync=sync, tiles=tiles, buffers=full or probe))
     t0 = time.perf_counter()
     sampler = _Sampler()
     lowered = step.lower(weights, arrays)
@@ -260,14 +266,15 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     out = {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_call_s": time.perf_counter() - t0,
            "median_ms": _median_ms(compiled, (weights, arrays), reps),
            "bytes_of_ops": int(sum(t.nbytes for t in plan.schedule.tasks if t.op in op_set))}
-    if full:
+    if full or probe:
         out["lowering_profile"] = profile
-        out["check"] = _full_check(model, caches, tokens, pos, ok, plan, logits, h, rows, context)
+        if full:
+            out["check"] = _full_check(model, caches, tokens, pos, ok, plan, logits, h, rows, context)
         for name, check in (("tasks_vs_simulator", _tasks_vs_simulator), ("buffers_vs_simulator", _buffers_vs_simulator)):
-            if name.split("_")[0] not in checks:
+            if name.split("_")[0] not in checks or (probe and check is _buffers_vs_simulator):
                 continue
             try:
-                args = (rows,) if check is _tasks_vs_simulator else ()
+                args = (rows, op_set) if check is _tasks_vs_simulator else ()
                 out[name] = check(plan, model, caches, tokens, pos, bufs[0], *args)
             except Exception as e:  # noqa: BLE001 -- a simulator failure is reported, the timings are kept
                 out[name] = f"{type(e).__name__}: {e}"[:2000]
@@ -292,7 +299,8 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--variants", default="xla,walk,skeleton,dense,full," + ",".join(FULL),
-                   help="comma list of: xla, walk, skeleton, dense, lowered, full, or an opcode name")
+                   help="comma list of: xla, walk, skeleton, dense, lowered, full, index, an opcode name, or "
+                        "opcodes joined by + (a probe)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant (compile + run)")
     p.add_argument("--slots", type=int, default=4, help="SMEM ring depth of the tile bodies (TileConfig.slots)")
     p.add_argument("--checks", default="tasks,buffers", help="the full variant's simulator checks to run")
@@ -301,9 +309,10 @@ def main(argv=None):
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:  # one variant; the parent reads the last stdout line
-        ops = None if args.child == "xla" else SETS.get(args.child, [args.child])
+        ops = None if args.child == "xla" else SETS.get(args.child, args.child.split("+"))
         print(json.dumps(run_variant(args.config, args.context, ops, args.reps, sync=args.child != "walk",
-                                     slots=args.slots, checks=tuple(args.checks.split(",")))), flush=True)
+                                     slots=args.slots, checks=tuple(args.checks.split(",")),
+                                     probe="+" in args.child)), flush=True)
         return
     from glm_fast import results
     rows = []

@@ -107,12 +107,15 @@ def test_diagnose_backend_smoke(tmp_path):
 def test_bench_persistent_smoke(tmp_path):
     """Each variant runs in its own subprocess (GPU interpret mode here). `dense`: the layer-0 cache rows (no
     attention upstream) equal the XLA step's. `full` (tiny is float32): logits, hidden state and cache rows equal
-    the XLA step's, and every task of layers 0-1 and every scratch buffer equal the simulator's."""
+    the XLA step's, and every task of layers 0-1 and every scratch buffer equal the simulator's. A probe
+    (opcodes joined by +) checks its own tasks, skipping those downstream of no-op bodies."""
+    probe = "EMBED+GEMV+IK_WRITE+INDEX_SCORE"
     rec = _entry_point("bench_persistent").main(
-        ["--config", "tiny", "--context", "40", "--reps", "1", "--variants", "xla,skeleton,dense,full",
+        ["--config", "tiny", "--context", "40", "--reps", "1", "--variants", f"xla,skeleton,dense,full,{probe}",
          "--out", str(tmp_path), "--name", "bp"])
     rows = {r["variant"]: r for r in json.loads((tmp_path / "bp.json").read_text())["rows"]}
-    assert rows == {r["variant"]: r for r in rec["rows"]} and set(rows) == {"xla", "skeleton", "dense", "full"}
+    assert rows == {r["variant"]: r for r in rec["rows"]}
+    assert set(rows) == {"xla", "skeleton", "dense", "full", probe}
     assert all("error" not in r and r["median_ms"] > 0 for r in rows.values()), rows
     assert rows["skeleton"]["bytes_of_ops"] == 0 < rows["dense"]["bytes_of_ops"] < rows["full"]["bytes_of_ops"]
     errs = rows["dense"]["layer0_rows_vs_xla"]
@@ -121,9 +124,13 @@ def test_bench_persistent_smoke(tmp_path):
     check = rows["full"]["check"]
     assert check["finite"] and check["argmax_equal_xla"], check
     assert max(check[k]["vs_xla"] for k in ("logits", "hidden", "cache_rows_worst")) < 1e-4, check
-    tasks = rows["full"]["tasks_vs_simulator"]
+    tasks = dict(rows["full"]["tasks_vs_simulator"])
+    assert tasks.pop("skipped") == 0
     assert {k.split(":")[0] for k in tasks} >= {"ATTN", "INDEX_SCORE", "INDEX_TOPK", "ROUTER_SELECT", "UV"}, tasks
     assert all(v["err"] < 1e-4 for v in tasks.values()), tasks
+    probed = dict(rows[probe]["tasks_vs_simulator"])
+    assert probed.pop("skipped") > 0 and {k.split(":")[0] for k in probed} == {"GEMV", "INDEX_SCORE"}, probed
+    assert all(v["err"] < 1e-4 for v in probed.values()), probed
     bufs = rows["full"]["buffers_vs_simulator"]
     assert len(bufs) > 20 and all(b.get("rel_err", 0) < 1e-4 and b.get("differ_fraction", 0) == 0 for b in bufs), bufs
 

@@ -68,8 +68,10 @@ def _rel(got, want) -> float:
 
 
 def _tasks_vs_simulator(plan, model, caches, tokens, pos, got: dict, rows, ops, layers=(0, 1)) -> dict:
-    """Per op in `ops`: the worst error of a task's outputs (kernel vs the simulator run on the kernel's inputs).
-    Tasks with a NaN float input (downstream of a no-op body in a probe) are counted in `skipped`."""
+    """Per op in `ops`: the worst error of a task's outputs (kernel vs the simulator run on the kernel's inputs),
+    with a sample of that task's output: its first values both ways and the kernel's count of non-finite values
+    (what a wrong body wrote: garbage, NaN, -inf, a constant). Tasks with a NaN float input (downstream of a
+    no-op body in a probe) are counted in `skipped`."""
     from pallas_kernels.persistent.format import Kind, Op, written_region
     from pallas_kernels.persistent.simulate import _Machine
     s = plan.schedule
@@ -105,9 +107,13 @@ def _tasks_vs_simulator(plan, model, caches, tokens, pos, got: dict, rows, ops, 
             else:
                 err = _rel(k, ref)
             key = f"{t.op.name}:{s.buffers[b].name.rsplit('/', 1)[-1]}"
-            if err > worst.get(key, (-1.0,))[0]:
-                worst[key] = (err, t.id, t.layer)
-    return {"skipped": skipped, **{k: {"err": v[0], "task": v[1], "layer": v[2]} for k, v in worst.items()}}
+            if err > worst.get(key, {"err": -1.0})["err"]:
+                kf, rf = np.asarray(k, np.float32).ravel(), np.asarray(ref, np.float32).ravel()
+                worst[key] = {"err": err, "task": t.id, "layer": t.layer,
+                              "kernel_first": [str(v) for v in kf[:8]], "simulator_first": [str(v) for v in rf[:8]],
+                              "kernel_nonfinite": int((~np.isfinite(kf)).sum()),
+                              "simulator_nonfinite": int((~np.isfinite(rf)).sum()), "size": int(kf.size)}
+    return {"skipped": skipped, **worst}
 
 
 _SET_VALUED = ("/index_cand_val", "/index_cand_idx", "/topk_idx", "/topk_valid")

@@ -90,8 +90,10 @@ def _check_selection(plan, outs):
 # (dtype, T, seed, context, index_chunks, tile): tile 16 with 8 chunks -> chunks of <= 8 rows (every row a
 # candidate); tile 8 with 4 chunks at context 72 -> chunks of 24 rows > K = 16 (radix select + compaction) and a
 # 1-3 row last chunk (every row a candidate); context 9 < index_topk: chunks past the visible rows are empty, most
-# slots invalid. (INDEX_TOPK's body needs chunks * K / tile to be a multiple of 8 ring rows.)
-CASES = [("bfloat16", 3, 22, 40, 8, 16), ("float32", 3, 23, 72, 4, 8), ("float32", 1, 25, 9, 8, 16)]
+# slots invalid; tile 8 with 8 chunks at context 20 -> chunks of 8 rows < K = 16: INDEX_TOPK streams 1 of each
+# chunk's 2 TN-rows. (INDEX_TOPK's body needs chunks * K / tile to be a multiple of 8 ring rows.)
+CASES = [("bfloat16", 3, 22, 40, 8, 16), ("float32", 3, 23, 72, 4, 8), ("float32", 1, 25, 9, 8, 16),
+         ("float32", 1, 26, 20, 8, 8)]
 
 
 @pytest.mark.parametrize("dtype,t,seed,context,chunks,tile", CASES)

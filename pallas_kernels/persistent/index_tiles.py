@@ -23,9 +23,13 @@ INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) --
      chunk is kept), then a compaction pass (scalar loop, GMEM scalar stores): keys above the K-th, then the first
      `need` keys equal to it in row order. Either way the candidates are in ascending row order and -inf values
      carry row 0.
-INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select over all nc * K candidates, streamed from
-  GMEM in [8, TN] f32 boxes (one row TMA each, barrier `t_ixcb`) through the MoE partial-sum slots `t_part` (idle
-  during the indexer), then a compaction pass: a slot with no candidate >= the K-th key is skipped, else a scalar
+INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select over the nc * K candidate slots, streamed
+  from GMEM in [8, TN] f32 boxes (one row TMA each, barrier `t_ixcb`) through the MoE partial-sum slots `t_part`
+  (idle during the indexer). Only the first `rpc` TN-rows of each chunk are streamed: a chunk holds at most
+  min(chunk size, K) candidates at this step (INDEX_SCORE's run-time geometry, from pos), the slots after them
+  are -inf padding, and dropping -inf slots changes neither the K-th largest key nor the selection while at least
+  K slots remain (rpc is kept >= K / (nc * TN)); at glm5_slice's 4K context that is 3 of 32 rows per chunk.
+  Then a compaction pass: a slot with no candidate >= the K-th key is skipped, else a scalar
   loop writes the candidate rows (GMEM scalar loads / stores) in flattened (chunk, slot) order = ascending row
   order; finite selections first, the rest idx 0 / valid 0.
 
@@ -68,7 +72,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import _compat
 from pallas_kernels.gemv import TP
 from pallas_kernels.indexer import _float_key, count_tile, score_rows
-from pallas_kernels.persistent.format import C_INDEX_SCALE, C_INDEX_WSCALE
+from pallas_kernels.persistent.format import C_INDEX_SCALE, C_INDEX_WSCALE, Op
 from pallas_kernels.persistent.tiles import TaskView, _stack, rows_per_copy
 
 NEG_INF = float("-inf")
@@ -475,14 +479,31 @@ def index_topk_body(r, key, consts):
         return None
     stages = min(ring.shape[0], tiles.cfg.slots)
     row_per_chunk = kk // width
-    n_slot = nc * kk // width // TP  # ring slots per token
+    geometry = {k[1] for k in r.plan.branches if Op(k[0]) == Op.INDEX_SCORE}  # {(n_chunks, align)}
+    chunk_align = next(iter(geometry))[1] if len(geometry) == 1 and next(iter(geometry))[0] == nc else None
+    pos_ref = r.inputs[r.plan.inputs.index("pos")]
+    rpc_min = -(-kk // (nc * width))  # streamed slots >= K
+    rpc_step = TP // math.gcd(nc, TP)  # nc * rpc a whole number of ring slots
+
+    def rows_per_chunk():
+        """TN-rows of each chunk that can hold candidates at this step (see the module docstring)."""
+        if chunk_align is None:
+            return c(row_per_chunk)
+        top = pos_ref[c(0)]
+        for j in range(1, pos_ref.shape[0]):
+            top = jnp.maximum(top, pos_ref[c(j)])
+        size = lax.div(_cdiv(top + 1, nc) + (chunk_align - 1), chunk_align) * chunk_align  # INDEX_SCORE's chunk
+        rpc = jnp.maximum(_cdiv(jnp.minimum(size, kk), width), rpc_min)
+        return jnp.minimum(lax.div(rpc + (rpc_step - 1), rpc_step) * rpc_step, row_per_chunk)
 
     def fn(t: TaskView):
         vi, ii, oi, ov = t.inp(0), t.inp(1), t.out(0), t.out(1)
+        rpc = rows_per_chunk()
+        n_slot = lax.div(rpc * nc, TP)  # ring slots per token
         for q in range(nt):
             def where(g, i):  # (chunk, first candidate) of row i of the g-th ring slot
                 row = g * TP + i
-                return lax.div(row, row_per_chunk), lax.rem(row, row_per_chunk) * width
+                return lax.div(row, rpc), lax.rem(row, rpc) * width
 
             def src(g, i, ref, idx, q=q):
                 ch, off = where(g, i)
@@ -494,8 +515,8 @@ def index_topk_body(r, key, consts):
                     plgpu.copy_gmem_to_smem(src(g, i, val_ref, vi), ring.at[st, pl.ds(c(i), 1)], bar.at[st])
 
             def stream(on_slot, carry, peel=False):
-                for g in range(min(stages, n_slot)):
-                    issue(c(g))
+                for g in range(stages):
+                    pl.when(g < n_slot)(lambda g=g: issue(c(g)))
 
                 def step(g, carry):
                     st = lax.rem(g, stages)

@@ -15,10 +15,10 @@ on and signals its dependency counters, so the full cross-CTA schedule runs in e
   every scratch buffer is compared with the CPU simulator's value of it (`simulate.simulate_step`, the jnp tile
   references on the same inputs), in the order the schedule writes them (`buffers_vs_simulator`: the first
   buffers off name the op to look at; index and expert-id buffers report the fraction of differing entries);
-  `tasks_vs_simulator`: each task of the first two layers re-run by the simulator on the
-  kernel's OWN input buffers, its outputs compared with the kernel's (per op, the worst; INDEX_TOPK as the
-  fraction of its selected rows the simulator did not select): this isolates each op from upstream
-  differences (near-tie flips in top-k, the slot order that splits ATTN's rows);
+  `tasks_vs_simulator`: each task of the first two layers re-run by the simulator on the kernel's OWN input
+  buffers, its outputs compared with the kernel's (per op, the worst; INDEX_TOPK as the fraction of its selected
+  rows the simulator did not select): this isolates each op from upstream differences (near-tie flips in top-k,
+  the slot order that splits ATTN's rows);
   `lowering_profile`: the functions most often on the stack while jax lowered the kernel (a 1 s sampler);
 * index: INDEX_SCORE + INDEX_TOPK alone (the lightning indexer's share of the step);
 * A+B+...: those opcodes' bodies, with `tasks_vs_simulator` over them (each task's inputs are whatever the
@@ -27,9 +27,9 @@ on and signals its dependency counters, so the full cross-CTA schedule runs in e
 * each of those alone (the bytes it streams over its time).
 (In experiments/results/bench_persistent_glm5_slice_lowered10.json, written before `dense` existed, `lowered`
 was the ten-body set that is now `dense`; each file's source_hash identifies the code.)
-For `dense` and `lowered`, the layer-0 rows the step appends to the caches (EMBED -> fused-norm kv_a / indexer-key GEMV ->
-KV_WRITE / IK_WRITE: no attention upstream) are compared with the XLA step's. Later layers read no-op attention
-outputs, so only timing and completion are meaningful there. Each variant runs in a subprocess with a time
+For `dense` and `lowered`, the layer-0 rows the step appends to the caches (EMBED -> fused-norm kv_a / indexer-key
+GEMV -> KV_WRITE / IK_WRITE: no attention upstream) are compared with the XLA step's. Later layers read no-op
+attention outputs, so only timing and completion are meaningful there. Each variant runs in a subprocess with a time
 limit: a deadlocked launch is reported as such instead of hanging the run. The XLA step of the same state is timed
 side by side (`bench_decode.time_step`'s method: jitted, back to back, one sync).
 """
@@ -176,17 +176,14 @@ class _Sampler:
 
 def _full_check(model, caches, tokens, pos, ok, plan, logits, h, rows, context) -> dict:
     """The whole step against the bf16 and float32 XLA steps of the same state (see the module docstring)."""
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from glm_fast.engine.forward import main_cached
     from glm_fast.engine.ops import XLA
-    f32 = lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    from glm_fast.model import to_float32
     graphdef, params = nnx.split(model)
     ref16 = main_cached(model, caches, tokens, pos, ok, XLA)
-    ref32 = main_cached(nnx.merge(graphdef, jax.tree.map(f32, params)), jax.tree.map(f32, caches), tokens, pos, ok,
-                        XLA)
+    ref32 = main_cached(nnx.merge(graphdef, to_float32(params)), to_float32(caches), tokens, pos, ok, XLA)
     out = {"finite": bool(np.isfinite(np.asarray(logits, np.float32)).all()
                           and np.isfinite(np.asarray(h, np.float32)).all()),
            "argmax_equal_xla": bool((np.asarray(logits).argmax(-1) == np.asarray(ref16[0][0]).argmax(-1)).all())}
@@ -194,13 +191,11 @@ def _full_check(model, caches, tokens, pos, ok, plan, logits, h, rows, context) 
         out[name] = {"vs_xla": _rel(got, ref16[i][0]), "vs_float32": _rel(got, ref32[i][0]),
                      "xla_vs_float32": _rel(ref16[i][0], ref32[i][0])}
     worst = {"vs_xla": 0.0, "vs_float32": 0.0, "xla_vs_float32": 0.0}
-    for bid, got in zip(plan.caches, rows):
+    for bid, got in zip(plan.caches, rows):  # got [T, X]: this step's row at position `context` is row 0
         _, layer, field = plan.schedule.buffers[bid].name.split("/")
-        for k, (a, b) in {"vs_xla": (got, getattr(ref16[2][int(layer)], field)[0, context]),
-                          "vs_float32": (got, getattr(ref32[2][int(layer)], field)[0, context]),
-                          "xla_vs_float32": (getattr(ref16[2][int(layer)], field)[0, context],
-                                             getattr(ref32[2][int(layer)], field)[0, context])}.items():
-            worst[k] = max(worst[k], _rel(a[0] if a.ndim == 2 else a, b))
+        x16, x32 = (getattr(ref[2][int(layer)], field)[0, context] for ref in (ref16, ref32))
+        for k, (a, b) in (("vs_xla", (got[0], x16)), ("vs_float32", (got[0], x32)), ("xla_vs_float32", (x16, x32))):
+            worst[k] = max(worst[k], _rel(a, b))
     out["cache_rows_worst"] = worst
     return out
 
@@ -276,7 +271,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
         out["lowering_profile"] = profile
         if full:
             out["check"] = _full_check(model, caches, tokens, pos, ok, plan, logits, h, rows, context)
-        for name, check in (("tasks_vs_simulator", _tasks_vs_simulator), ("buffers_vs_simulator", _buffers_vs_simulator)):
+        for name, check in (("tasks_vs_simulator", _tasks_vs_simulator),
+                            ("buffers_vs_simulator", _buffers_vs_simulator)):
             if name.split("_")[0] not in checks or (probe and check is _buffers_vs_simulator):
                 continue
             try:

@@ -26,13 +26,14 @@ import numpy as np
 from flax import nnx
 
 from glm_fast import Model, load_config
+from glm_fast.model import to_float32
 from glm_fast.engine.cache import new_state
 from glm_fast.engine.forward import main_cached
 from glm_fast.engine.ops import OP_FIELDS as OPS, XLA, row_err, checked, get_ops
 
 def float32_floor(run, params, cfg, tokens, ctx: int, t: int, bf16_logits: dict) -> dict:
     """Per-row error of each bf16 step's logits against the float32 XLA step on the same (upcast) weights."""
-    p32 = jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    p32 = to_float32(params)
     state = new_state(cfg, 1, ctx + t + 8, 0, jnp.float32)
     _, _, caches = run(p32, state.layers, tokens[:, :ctx], jnp.arange(ctx)[None], XLA)
     ref = run(p32, caches, tokens[:, ctx:], (ctx + jnp.arange(t))[None], XLA)[0]

@@ -80,12 +80,10 @@ def prefilled(model_or_cfg, seed: int, context: int, t: int):
 def float32_model(model):
     """The same model with float32 weights (the rounding-free reference)."""
     from flax import nnx
+
+    from glm_fast.model import to_float32
     graphdef, params = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(_to_f32, params))
-
-
-def _to_f32(a):
-    return a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    return nnx.merge(graphdef, to_float32(params))
 
 
 def _rel_rows(got, want):
@@ -113,7 +111,8 @@ def assert_step_matches_xla(model, caches, tokens, pos, logits, h, tol: float, n
         assert np.isfinite(np.asarray(x, np.float32)).all(), f"{what}: not finite"
     f32 = None
     if model.dtype != jnp.float32:
-        f32 = main_cached(float32_model(model), jax.tree.map(_to_f32, caches), tokens, pos, ok, XLA)
+        from glm_fast.model import to_float32
+        f32 = main_cached(float32_model(model), to_float32(caches), tokens, pos, ok, XLA)
 
     def check(g, x, ref, what):
         if f32 is None:

@@ -8,6 +8,7 @@ The decode engine (`glm_fast.engine`) reuses these modules' projections with a l
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -19,6 +20,12 @@ from glm_fast.model.norms import RMSNorm
 from glm_fast.model.rope import rope_tables
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def to_float32(tree):
+    """Every floating leaf of a pytree (parameters, caches) cast to float32: the rounding-free reference that
+    bf16 backends are measured against."""
+    return jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 class Model(nnx.Module):

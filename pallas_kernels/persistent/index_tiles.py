@@ -53,12 +53,13 @@ reductions of register arrays; they become scalars through SMEM (`_smem_scalars`
 then scalar loads), never by using the 0-d reduction itself as a loop carry or trip count (jax 0.11.2 represents
 it as a 0-d vector, which Mosaic GPU rejects as a scalar).
 
-What only the GPU exercises: the wgmma (interpret mode multiplies with jnp.dot on plain SMEM), the register
-layouts (WG_STRIDED loads/stores of the 128-wide score rows), TMA zero-fill of the key boxes past the cache end / of the new-rows box past row T
-(interpret mode reads NaN there, which the masks / unused rows absorb). Performance is unmeasured; the scalar
-loops (q RoPE: T*N*R/2 pairs; the slow path's compaction: n_rows per token; INDEX_TOPK's compaction: every
-candidate slot holding a selected key, ~16K scalar steps per token at S = 4K) are the obvious costs to remove
-(a warp-level ballot / prefix count would replace them).
+What only the GPU exercises: the wgmma (interpret mode multiplies with jnp.dot on plain SMEM), the register layouts
+(WG_STRIDED loads/stores of the 128-wide score rows), TMA zero-fill of the key boxes past the cache end / of the
+new-rows box past row T (interpret mode reads NaN there, which the masks / unused rows absorb). Performance: the
+two bodies alone took 6.22 ms of a 10 ms glm5_slice step on the H200 (before INDEX_TOPK streamed only filled
+rows; experiments/results/bench_persistent_glm5_slice_fenced.json, variant `index`); the scalar loops (q RoPE: T*N*R/2 pairs; the slow path's compaction: n_rows per token; INDEX_TOPK's
+compaction: every candidate slot holding a selected key, ~16K scalar steps per token at S = 4K) are the obvious
+costs to remove (a warp-level ballot / prefix count would replace them).
 """
 from __future__ import annotations
 
@@ -143,6 +144,16 @@ def scratch_bytes(scratch: dict) -> int:
 
 def _cdiv(a, b):
     return lax.div(a + (b - 1), b)
+
+
+def _chunk_rows(pos: list, n_chunks: int, align: int):
+    """(visible rows, rows per chunk) at this step: INDEX_SCORE's run-time split of the visible index-key rows
+    (max(pos) + 1) into n_chunks chunks of a multiple of `align` rows. pos: the T positions (int32 scalars)."""
+    top = pos[0]
+    for p in pos[1:]:
+        top = jnp.maximum(top, p)
+    visible = top + 1
+    return visible, lax.div(_cdiv(visible, n_chunks) + (align - 1), align) * align
 
 
 def _row_layout(n):
@@ -318,11 +329,7 @@ def index_score_body(r, key, consts):
     def fn(t: TaskView):
         chunk, oi_v, oi_i = t.arg(0), t.out(0), t.out(1)
         pos = [pos_ref[c(q)] for q in range(nt)]
-        top = pos[0]
-        for p in pos[1:]:
-            top = jnp.maximum(top, p)
-        visible = top + 1
-        size = lax.div(_cdiv(visible, n_chunks) + (align - 1), align) * align
+        visible, size = _chunk_rows(pos, n_chunks, align)
         r0 = chunk * size
         r1 = jnp.minimum(visible, r0 + size)
         n_rows = jnp.maximum(r1 - r0, 0)
@@ -479,20 +486,17 @@ def index_topk_body(r, key, consts):
         return None
     stages = min(ring.shape[0], tiles.cfg.slots)
     row_per_chunk = kk // width
-    geometry = {k[1] for k in r.plan.branches if Op(k[0]) == Op.INDEX_SCORE}  # {(n_chunks, align)}
-    chunk_align = next(iter(geometry))[1] if len(geometry) == 1 and next(iter(geometry))[0] == nc else None
+    geometry = {k[1] for k in r.plan.branches if Op(k[0]) == Op.INDEX_SCORE}  # INDEX_SCORE's {(n_chunks, align)}
+    (n_chunks, chunk_align), = geometry if len(geometry) == 1 else ((None, None),)
     pos_ref = r.inputs[r.plan.inputs.index("pos")]
     rpc_min = -(-kk // (nc * width))  # streamed slots >= K
     rpc_step = TP // math.gcd(nc, TP)  # nc * rpc a whole number of ring slots
 
     def rows_per_chunk():
         """TN-rows of each chunk that can hold candidates at this step (see the module docstring)."""
-        if chunk_align is None:
+        if n_chunks != nc:  # no single INDEX_SCORE geometry: every row
             return c(row_per_chunk)
-        top = pos_ref[c(0)]
-        for j in range(1, pos_ref.shape[0]):
-            top = jnp.maximum(top, pos_ref[c(j)])
-        size = lax.div(_cdiv(top + 1, nc) + (chunk_align - 1), chunk_align) * chunk_align  # INDEX_SCORE's chunk
+        _, size = _chunk_rows([pos_ref[c(j)] for j in range(pos_ref.shape[0])], nc, chunk_align)
         rpc = jnp.maximum(_cdiv(jnp.minimum(size, kk), width), rpc_min)
         return jnp.minimum(lax.div(rpc + (rpc_step - 1), rpc_step) * rpc_step, row_per_chunk)
 

@@ -4,24 +4,24 @@
     weights = PersistentWeights.from_model(model, plan)  # device: weights stacked by (shape, dtype) (once)
     logits, h, rows = persistent_step(plan, weights, caches, tokens, pos, cos, sin, interpret=...)
 
-Layout. The kernel needs static shapes per code path, so every parameter the schedule names is put into a
-*weight stack* of all weights of the same (shape, dtype) (e.g. all MoE layers' q_a [L, K, N]; all layers'
-expert gate weights [L, E, D, I]), and every scratch buffer into a *buffer stack* of the same (shape, dtype)
-(e.g. h_embed, every h_mid and h_out [n, T, D]). A task becomes (branch, dynamic indices): `branch` selects a
-code path specialised on the op, its static args (tile widths, head counts, whether a norm / residual / expert
-slot is present) and the stacks of its weights and buffers; the dynamic part (index of each weight and buffer in
-its stack, column / head / split / chunk / slot numbers) is one int32 row of `KernelPlan.aux`. The kernel
-dispatches with `lax.switch` over the branches. Caches are per-layer refs (read-only in the kernel): the
-KV_WRITE / IK_WRITE tasks write the step's new rows into small `rows` outputs, readers of the cache (indexer
-scores, attention) overlay those rows on the cached ones, and the caller writes the T rows into the caches with
-an XLA scatter at `pos` -- in place under the engine's buffer donation, the same O(T)-row write the XLA backend
-does. The per-layer caches of one field (c_kv, k_pe, index keys) form a *cache group*: a task names its layer
-by its member index (a dynamic aux entry, like a stack index), and a body reads the member's ref through a
-`lax.switch` around just its TMA issue (`_Refs.with_caches`), so ATTN / INDEX_SCORE / KV_WRITE / IK_WRITE have
-one code path for all layers instead of one per layer (glm5_slice: 25 branches instead of 37; compile time
-grows with the branch count). The `rows` outputs are stacked per group ([members, T, X]). (Aliasing the whole cache into the kernel -- `jax.new_ref` or `input_output_aliases` -- does not run in GPU
-interpret mode on jax 0.10.2: closed-over refs have no memory space there, and `pallas_call` scratch barriers
-cannot be initialised.)
+Layout. The kernel needs static shapes per code path, so every parameter the schedule names is put into a *weight
+stack* of all weights of the same (shape, dtype) (e.g. all MoE layers' q_a [L, K, N]; all layers' expert gate
+weights [L, E, D, I]), and every scratch buffer into a *buffer stack* of the same (shape, dtype) (e.g. h_embed,
+every h_mid and h_out [n, T, D]). A task becomes (branch, dynamic indices): `branch` selects a code path specialised
+on the op, its static args (tile widths, head counts, whether a norm / residual / expert slot is present) and the
+stacks of its weights and buffers; the dynamic part (index of each weight and buffer in its stack, column / head /
+split / chunk / slot numbers) is one int32 row of `KernelPlan.aux`. The kernel dispatches with `lax.switch` over the
+branches. Caches are per-layer refs (read-only in the kernel): the KV_WRITE / IK_WRITE tasks write the step's new
+rows into small `rows` outputs, readers of the cache (indexer scores, attention) overlay those rows on the cached
+ones, and the caller writes the T rows into the caches with an XLA scatter at `pos` -- in place under the engine's
+buffer donation, the same O(T)-row write the XLA backend does. The per-layer caches of one field (c_kv, k_pe, index
+keys) form a *cache group*: a task names its layer by its member index (a dynamic aux entry, like a stack index),
+and a body reads the member's ref through a `lax.switch` around just its TMA issue (`_Refs.with_caches`), so ATTN /
+INDEX_SCORE / KV_WRITE / IK_WRITE have one code path for all layers instead of one per layer (glm5_slice: 25
+branches instead of 37; compile time grows with the branch count). The `rows` outputs are stacked per group
+([members, T, X]). (Aliasing the whole cache into the kernel -- `jax.new_ref` or `input_output_aliases` -- does not
+run in GPU interpret mode on jax 0.10.2: closed-over refs have no memory space there, and `pallas_call` scratch
+barriers cannot be initialised.)
 
 Synchronisation seam (`_Seam`): on the GPU, grid = one CTA per SM; CTA c walks its list `schedule.sm_tasks[c]`;
 before a task it waits on each (counter, target) of its record and after it signals its own counter. Counters are
@@ -180,9 +180,9 @@ class KernelPlan:
                                      (A_OUT, t.outputs, buffer_slot)):
                 for j, x in enumerate(ids):
                     row[base + j] = table[x][-1] if x >= 0 and table[x][0] != "in" else 0
-            members = {buffer_slot[b][2] for b in (*t.inputs, *t.outputs) if b >= 0 and buffer_slot[b][0] == "cache"}
-            if len(members) > 1:  # `with_caches` switches over one member index for all of a task's caches
-                raise ValueError(f"task {t.id} ({t.op.name}) reads caches of different layers: {sorted(members)}")
+            layers = {buffer_slot[b][2] for b in (*t.inputs, *t.outputs) if b >= 0 and buffer_slot[b][0] == "cache"}
+            if len(layers) > 1:  # `with_caches` switches over one member index for all of a task's caches
+                raise ValueError(f"task {t.id} ({t.op.name}) reads caches of different layers: {sorted(layers)}")
             row[A_ARGS:A_ARGS + NUM_ARGS] = t.args
             if t.layer == -1 and t.op == Op.GEMV:  # the LM head reads the last hidden state
                 hidden = t.inputs[0]

@@ -67,11 +67,49 @@ def _rel(got, want) -> float:
     return float(np.abs(got[fin] - want[fin]).max() / max(np.abs(want[fin]).max(), 1e-30))
 
 
+_SET_VALUED = ("/index_cand_val", "/index_cand_idx", "/topk_idx", "/topk_valid")
+_SELECTIONS = ("topk_idx", "slot_expert")  # selected rows / experts: compared by set overlap
+
+
+def _missed(got, want) -> float:
+    """The mean fraction of each row's selected set (want's distinct values, -1 = an empty slot excluded) that
+    got does not hold: a set metric, unlike a sorted elementwise compare, where one flip shifts every later slot."""
+    got, want = np.atleast_2d(got), np.atleast_2d(want)
+    misses = []
+    for g, w in zip(got, want):
+        w = np.unique(w[w >= 0])
+        misses.append(1 - len(np.intersect1d(g, w)) / max(len(w), 1))
+    return float(np.mean(misses))
+_SPLIT_ORDER = ("/o_part", "/lse_part")
+
+
+def _scores_by_row(k_val, s_val, k_idx, s_idx) -> tuple[float, dict]:
+    """INDEX_SCORE's candidate scores [T, K] compared per key row (the slot orders differ): the relative error
+    over the rows both sides hold, the fraction of those off by > 1% of max |score|, the 8 worst (row, kernel,
+    simulator), and rows only one side holds."""
+    worst, diffs, scale, only = [], [], 1e-30, 0
+    for q in range(k_val.shape[0]):
+        kd = {int(i): float(v) for i, v in zip(k_idx[q], k_val[q]) if np.isfinite(v)}
+        sd = {int(i): float(v) for i, v in zip(s_idx[q], s_val[q]) if np.isfinite(v)}
+        only += len(kd.keys() ^ sd.keys())
+        scale = max(scale, max((abs(v) for v in sd.values()), default=0.0))
+        for i in kd.keys() & sd.keys():
+            diffs.append(abs(kd[i] - sd[i]))
+            worst.append((abs(kd[i] - sd[i]), q, i, kd[i], sd[i]))
+    diffs = np.asarray(diffs or [0.0])
+    worst = sorted(worst, reverse=True)[:8]
+    return float(diffs.max() / scale), {"rows_off_fraction": float((diffs > 0.01 * scale).mean()),
+                                        "rows_only_one_side": only,
+                                        "worst_rows": [[q, i, kv, sv] for _, q, i, kv, sv in worst]}
+
+
 def _tasks_vs_simulator(plan, model, caches, tokens, pos, got: dict, rows, ops, layers=(0, 1)) -> dict:
     """Per op in `ops`: the worst error of a task's outputs (kernel vs the simulator run on the kernel's inputs),
     with a sample of that task's output: its first values both ways and the kernel's count of non-finite values
     (what a wrong body wrote: garbage, NaN, -inf, a constant). Tasks with a NaN float input (downstream of a
-    no-op body in a probe) are counted in `skipped`."""
+    no-op body in a probe) are counted in `skipped`. Set-valued outputs (the indexer's candidates and selection)
+    are compared sorted along their slots: the kernel's slot order is ascending row, the simulator's is
+    `lax.top_k`'s."""
     from pallas_kernels.persistent.format import Kind, Op, written_region
     from pallas_kernels.persistent.simulate import _Machine
     s = plan.schedule
@@ -95,29 +133,33 @@ def _tasks_vs_simulator(plan, model, caches, tokens, pos, got: dict, rows, ops, 
         for b, idx in regions:
             m.written[b][idx] = False
         m.run(t.id)
+        outs = {}
         for (b, idx), k in zip(regions, mine):
-            ref = m.bufs[b][idx].copy()
+            outs[s.buffers[b].name.rsplit("/", 1)[-1]] = (b, k, m.bufs[b][idx].copy())
             m.bufs[b][idx] = k  # the kernel's value again, for the next task's inputs
             m.written[b][idx] = True
-            if s.buffers[b].name.endswith("/topk_idx"):
-                err = float(np.mean([1 - len(np.intersect1d(k[q], ref[q])) / max(len(np.unique(ref[q])), 1)
-                                     for q in range(k.shape[0])]))
+        for field, (b, k, ref) in outs.items():
+            extra = {}
+            if field in _SELECTIONS:
+                err = _missed(k, ref)
+                k, ref = np.sort(k, axis=-1), np.sort(ref, axis=-1)
+            elif field == "index_cand_val" and "index_cand_idx" in outs:
+                err, extra = _scores_by_row(k, ref, outs["index_cand_idx"][1], outs["index_cand_idx"][2])
+            elif s.buffers[b].name.endswith(_SET_VALUED):  # the kernel's slot order is not the simulator's
+                k, ref = np.sort(k, axis=-1), np.sort(ref, axis=-1)
+                err = float((k != ref).mean()) if s.buffers[b].dtype == "int32" else _rel(k, ref)
             elif s.buffers[b].dtype == "int32":
                 err = float((k != ref).mean())
             else:
                 err = _rel(k, ref)
-            key = f"{t.op.name}:{s.buffers[b].name.rsplit('/', 1)[-1]}"
+            key = f"{t.op.name}:{field}@{t.layer}"
             if err > worst.get(key, {"err": -1.0})["err"]:
                 kf, rf = np.asarray(k, np.float32).ravel(), np.asarray(ref, np.float32).ravel()
-                worst[key] = {"err": err, "task": t.id, "layer": t.layer,
+                worst[key] = {"err": err, "task": t.id, "args": [int(a) for a in t.args],
                               "kernel_first": [str(v) for v in kf[:8]], "simulator_first": [str(v) for v in rf[:8]],
                               "kernel_nonfinite": int((~np.isfinite(kf)).sum()),
-                              "simulator_nonfinite": int((~np.isfinite(rf)).sum()), "size": int(kf.size)}
+                              "simulator_nonfinite": int((~np.isfinite(rf)).sum()), "size": int(kf.size), **extra}
     return {"skipped": skipped, **worst}
-
-
-_SET_VALUED = ("/index_cand_val", "/index_cand_idx", "/topk_idx", "/topk_valid")
-_SPLIT_ORDER = ("/o_part", "/lse_part")
 
 
 def _buffers_vs_simulator(plan, model, caches, tokens, pos, got: dict) -> list:
@@ -133,6 +175,10 @@ def _buffers_vs_simulator(plan, model, caches, tokens, pos, got: dict) -> list:
         want, have = np.asarray(sim.buffers[b]), np.asarray(got[b])
         buf = plan.schedule.buffers[b]
         row = {"buffer": buf.name, "op": first[b].op.name if b in first else None}
+        if buf.name.rsplit("/", 1)[-1] in _SELECTIONS:
+            row["missed_fraction"] = _missed(have, want)
+            out.append(row)
+            continue
         if buf.name.endswith(_SET_VALUED):  # the kernel's slot order is not the simulator's: compare as sets
             want, have = np.sort(want, axis=-1), np.sort(have, axis=-1)
         elif buf.name.endswith(_SPLIT_ORDER):

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 from glm_fast.sweep import SWEEP_DIR, SweepError, load_sweep, read_results, run_sweep, sweep_from_dict
@@ -128,11 +129,14 @@ def test_bench_persistent_smoke(tmp_path):
     assert tasks.pop("skipped") == 0
     assert {k.split(":")[0] for k in tasks} >= {"ATTN", "INDEX_SCORE", "INDEX_TOPK", "ROUTER_SELECT", "UV"}, tasks
     assert all(v["err"] < 1e-4 for v in tasks.values()), tasks
+    assert tasks["INDEX_SCORE:index_cand_val@0"]["rows_only_one_side"] == 0, tasks  # scores compared per key row
     probed = dict(rows[probe]["tasks_vs_simulator"])
     assert probed.pop("skipped") > 0 and {k.split(":")[0] for k in probed} == {"GEMV", "INDEX_SCORE"}, probed
     assert all(v["err"] < 1e-4 for v in probed.values()), probed
     bufs = rows["full"]["buffers_vs_simulator"]
-    assert len(bufs) > 20 and all(b.get("rel_err", 0) < 1e-4 and b.get("differ_fraction", 0) == 0 for b in bufs), bufs
+    assert len(bufs) > 20 and all(b.get("rel_err", 0) < 1e-4 and b.get("differ_fraction", 0) == 0
+                              and b.get("missed_fraction", 0) == 0 for b in bufs), bufs
+    assert any("missed_fraction" in b for b in bufs), bufs
 
 
 def test_persistent_lowering_reports_each_opcode(tmp_path):
@@ -147,3 +151,44 @@ def test_persistent_lowering_reports_each_opcode(tmp_path):
         ["--config", "tiny", "--sms", "8", "--ops", "MOE_COMBINE", "--out", str(tmp_path), "--name", "bad"])
     row = bad["rows"][0]
     assert not row["ok"] and "interpret mode" in row["error"], row
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_router_probe_matches_route(seed):
+    """probe_router (the ROUTER_SELECT body alone, GPU interpret mode here) on fresh logits: the U slots and
+    their coefficients equal `simulate._route`'s, with group-limited routing and T > 1 (shared experts)."""
+    res = _entry_point("probe_router").run(experts=32, top_k=4, tokens=3, n_group=4, topk_group=2, seed=seed,
+                                           interpret=True)
+    assert res["slot_expert_equal"] and res["coef_err"] < 1e-6, res
+    assert sum(e >= 0 for e in res["kernel_slot_expert"]) >= 4
+    assert all(v["right"] for v in _entry_point("probe_router").minimal_repro(interpret=True).values())
+
+
+@pytest.mark.parametrize("context,k", [(200, 16), (100, 64)])  # chunks above K (radix select), and at most K
+def test_index_probe_matches_indexer_scores(context, k):
+    """probe_index (INDEX_SCORE alone over every chunk) on fresh random q / keys: each chunk's candidate rows
+    are the reference's top-K set and their scores match `ref.indexer_scores` (bf16 inputs, 1e-2 of max);
+    the staged RoPE'd q rows match `apply_rope`."""
+    res = _entry_point("probe_index").run(context=context, tokens=2, heads=8, dim=32, rope=16, k=k, n_chunks=4,
+                                          seed=context, interpret=True)
+    assert res["staged_q_err"] < 2e-2 and not res["staged_q_bad_rows"], res
+    assert all(c["rows_only_one_side"] == 0 and c["err"] < 1e-2 for c in res["chunks"]), res["chunks"]
+    assert any(c["rows"][1] - c["rows"][0] > k for c in res["chunks"]) == (context == 200)
+
+
+def test_bench_persistent_set_metrics():
+    """The selection metric counts each missed member once (a sorted elementwise compare would count every slot
+    after a flip), ignores empty (-1) slots and order; the score compare pairs scores by key row."""
+    bp = _entry_point("bench_persistent")
+    assert bp._missed(np.array([[9, 1, 2, 3]]), np.array([[1, 2, 3, 4]])) == 0.25
+    assert bp._missed(np.array([4, 3, -1]), np.array([3, 4, -1])) == 0.0
+    rng = np.random.default_rng(5)
+    val = rng.normal(size=(2, 6)).astype(np.float32)
+    idx = np.stack([rng.permutation(6) for _ in range(2)]).astype(np.int32)
+    order = np.argsort(-val, axis=-1)
+    err, extra = bp._scores_by_row(val, np.take_along_axis(val, order, -1), idx, np.take_along_axis(idx, order, -1))
+    assert err == 0.0 and extra["rows_only_one_side"] == 0
+    bad = val.copy()
+    bad[1, 2] += 1.0
+    err, extra = bp._scores_by_row(bad, val, idx, idx)
+    assert err > 0.1 and extra["worst_rows"][0][:2] == [1, int(idx[1, 2])]

@@ -1,10 +1,11 @@
 """Tile bodies of the persistent kernel's lightning indexer (DESIGN.md sec. 4, level 3): INDEX_SCORE and INDEX_TOPK.
 
 INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) -- `index_score_body`:
-  1. q: each token's N indexer heads (iq [T, N*H]) are staged 8 heads at a time into SMEM (row TMAs into
-     `t_ixq` [8, H]; the head weights likewise into `t_ixhw`: activations that another CTA stored by TMA are
-     read through TMA and SMEM, never as GMEM loads), RoPE'd in place on their first R dims (an unrolled scalar
-     loop per row, rounding where `apply_rope` does, like `Tiles.rope`), TMA'd to the CTA's GMEM staging rows
+  1. q: each token's N indexer heads (iq [T, N*H]) are staged 8 heads at a time into SMEM (row TMAs into both
+     `t_ixq` and `t_ixqo` [8, H]; the head weights likewise into `t_ixhw`: activations that another CTA stored
+     by TMA are read through TMA and SMEM, never as GMEM loads), RoPE'd on their first R dims from t_ixq into
+     t_ixqo (`tiles.rope_row`, as `Tiles.rope`: a scalar loop per row, rounding where `apply_rope` does), TMA'd
+     from t_ixqo to the CTA's GMEM staging rows
      (the kernel's per-CTA GMEM scratch, `gmem_shape`) and TMA'd back into the wgmma B operand: the first
      ceil(T*N / TK) slots of the weight rings t_w0 / t_w1 (H/TN = 1 or 2 parts of TN dims; TK rows = TK/N
      tokens per slot). The head weights iw * INDEX_WSCALE * INDEX_SCALE go to `t_ixw` (the softmax scale folded
@@ -45,8 +46,8 @@ exactly against `lax.top_k` of the kernel's own candidate values, and with exact
 SMEM (glm5_slice: N = 32, H = 128, K = 2048, T = 1 / 4): q and the key ring live in the existing weight rings
 t_w0 / t_w1 (4 slots of 64 x 64 bf16: T = 1 takes 1 slot per ring for q, 3 for keys; T = 4 takes 2 and 2), the
 INDEX_TOPK's candidate ring in `t_part` (f32 [8, 64] slots). New: t_ixw [ceil(T*N/64)*64] f32, t_ixs / t_ixi
-[T, 128] f32 / int32, t_ixn [T, 64] f32, t_ixq [8, H] bf16, t_ixc [128] int32 and two barrier arrays: 4.2 KB
-at T = 1, 8.3 KB at T = 4 (`scratch_bytes`).
+[T, 128] f32 / int32, t_ixn [T, 64] f32, t_ixq / t_ixqo [8, H] bf16, t_ixc [128] int32 and two barrier arrays:
+8.3 KB at T = 1, 12.5 KB at T = 4 (`scratch_bytes`).
 
 Counts to scalars. The radix passes' totals (and INDEX_TOPK's per-slot "any candidate >= the K-th key") are full
 reductions of register arrays; they become scalars through SMEM (`_smem_scalars`: one vector store into t_ixc,
@@ -56,10 +57,11 @@ it as a 0-d vector, which Mosaic GPU rejects as a scalar).
 What only the GPU exercises: the wgmma (interpret mode multiplies with jnp.dot on plain SMEM), the register layouts
 (WG_STRIDED loads/stores of the 128-wide score rows), TMA zero-fill of the key boxes past the cache end / of the
 new-rows box past row T (interpret mode reads NaN there, which the masks / unused rows absorb). Performance: the
-two bodies alone took 6.22 ms of a 10 ms glm5_slice step on the H200 (before INDEX_TOPK streamed only filled
-rows; experiments/results/bench_persistent_glm5_slice_fenced.json, variant `index`); the scalar loops (q RoPE: T*N*R/2 pairs; the slow path's compaction: n_rows per token; INDEX_TOPK's
-compaction: every candidate slot holding a selected key, ~16K scalar steps per token at S = 4K) are the obvious
-costs to remove (a warp-level ballot / prefix count would replace them).
+two bodies alone took 3.0 ms of a 7.1 ms glm5_slice step on the H200 (experiments/results/
+bench_persistent_glm5_slice_s6.json, variant `index`; 6.22 ms before INDEX_TOPK streamed only the filled rows);
+the scalar loops (q RoPE: T*N*R/2 pairs; the slow path's compaction: n_rows per token; INDEX_TOPK's compaction:
+every candidate slot holding a selected key, ~16K scalar steps per token at S = 4K) are the obvious costs to
+remove (a warp-level ballot / prefix count would replace them).
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ from pallas_kernels import _compat
 from pallas_kernels.gemv import TP
 from pallas_kernels.indexer import _float_key, count_tile, score_rows
 from pallas_kernels.persistent.format import C_INDEX_SCALE, C_INDEX_WSCALE, Op
-from pallas_kernels.persistent.tiles import TaskView, _stack, rows_per_copy
+from pallas_kernels.persistent.tiles import TaskView, _stack, rope_row, rows_per_copy
 
 NEG_INF = float("-inf")
 RADIX_BITS = 4  # bits per selection pass: 2^4 - 1 thresholds counted per pass, 8 passes to the exact K-th key
@@ -124,7 +126,8 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
         t_ixn=plgpu.SMEM((tokens, cfg.tile_k), jnp.float32),
         t_ixc=plgpu.SMEM((_LANES,), jnp.int32),  # reduced counts -> scalars (`_smem_scalars`)
         t_ixk=plgpu.SMEM((TP, cfg.tile_n), jnp.int32),  # INDEX_TOPK: one ring slot's keys, read as scalars
-        t_ixq=plgpu.SMEM((TP, index_dim), dtype),  # q staging, 8 heads x H (RoPE'd here, then TMA'd to GMEM)
+        t_ixq=plgpu.SMEM((TP, index_dim), dtype),  # q staging, 8 heads x H, as read
+        t_ixqo=plgpu.SMEM((TP, index_dim), dtype),  # ... and RoPE'd (then TMA'd to GMEM)
         # the head weights iw [T, N], read as scalars (whole 128-byte TMAs: `rows_per_copy` stack rows)
         t_ixhw=plgpu.SMEM((rows_per_copy((tokens, heads), jnp.dtype(dtype).itemsize), tokens, heads), dtype),
         t_ixkb=plgpu.Barrier(num_arrivals=max(1, index_dim // cfg.tile_n), num_barriers=cfg.slots),
@@ -253,7 +256,7 @@ def index_score_body(r, key, consts):
         return None
     rings = [s["t_w0"], s["t_w1"]][:parts]
     kbar = s["t_ixkb"]
-    w_s, sc, si, nsc, stage = s["t_ixw"], s["t_ixs"], s["t_ixi"], s["t_ixn"], s["t_ixq"]
+    w_s, sc, si, nsc, stage, stage_out = (s[k] for k in ("t_ixw", "t_ixs", "t_ixi", "t_ixn", "t_ixq", "t_ixqo"))
     scale = float(consts[C_INDEX_SCALE]) * float(consts[C_INDEX_WSCALE])
     nsub = sb // tk
 
@@ -289,35 +292,26 @@ def index_score_body(r, key, consts):
         tiles.load_small(cos_ref.at[pl.ds(c(0), TP)], "t_cos")
         tiles.load_small(sin_ref.at[pl.ds(c(0), TP)], "t_sin")
         tiles.load_row(iw_ref, wi, "t_ixhw")
-        row_bar = s["t_ixcb"].at[c(0)]  # TP arrivals: the stage's row copies
+        row_bar, out_bar = s["t_ixcb"].at[c(0)], s["t_ixcb"].at[c(1)]  # TP arrivals: each stage's row copies
 
         @pl.loop(0, nt * heads)
         def _(j):
             w_s[j] = s["t_ixhw"][c(0), lax.div(j, heads), lax.rem(j, heads)].astype(jnp.float32) * scale
 
-        def rnd(v):
-            return v.astype(dt).astype(jnp.float32)
-
-        for t in range(nt):
-            cs = [s["t_cos"][c(t), c(j)].astype(jnp.float32) for j in range(rr // 2)]
-            sn = [s["t_sin"][c(t), c(j)].astype(jnp.float32) for j in range(rr // 2)]
-            for g8 in range(heads // TP):
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous group's store has read the stage
-                for i in range(TP):  # by TMA, not GMEM loads: iq is another CTA's TMA store
-                    plgpu.copy_gmem_to_smem(iq_ref.at[xi, pl.ds(c(t), 1), pl.ds(c((g8 * TP + i) * hd), hd)],
-                                            stage.at[pl.ds(c(i), 1)], row_bar)
-                plgpu.barrier_wait(row_bar)
-
-                @pl.loop(0, TP)
-                def _(i):
-                    xs = [stage[i, c(j)].astype(jnp.float32) for j in range(rr)]
-                    for j in range(rr // 2):
-                        even, odd = xs[2 * j], xs[2 * j + 1]
-                        stage[i, c(j)] = (rnd(even * cs[j]) - rnd(odd * sn[j])).astype(dt)
-                        stage[i, c(j + rr // 2)] = (rnd(odd * cs[j]) + rnd(even * sn[j])).astype(dt)
-
-                plgpu.commit_smem()  # generic-proxy stores -> the TMA that reads the stage
-                plgpu.copy_smem_to_gmem(stage, q_gmem.at[pl.ds(c(t * heads + g8 * TP), TP)])
+        @pl.loop(0, nt * (heads // TP))
+        def _(grp):  # 8 heads of one token per group
+            t, g8 = lax.div(grp, heads // TP), lax.rem(grp, heads // TP)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous group's store has read the stage
+            for i in range(TP):  # by TMA, not GMEM loads: iq is another CTA's TMA store; the rows go to both
+                src = iq_ref.at[xi, pl.ds(t, 1), pl.ds((g8 * TP + i) * hd, hd)]  # stages (dims >= R unchanged)
+                for stg, bar in ((stage, row_bar), (stage_out, out_bar)):
+                    plgpu.copy_gmem_to_smem(src, stg.at[pl.ds(c(i), 1)], bar)
+            plgpu.barrier_wait(row_bar)
+            plgpu.barrier_wait(out_bar)
+            for i in range(TP):  # out of place, as `Tiles.rope`
+                rope_row(stage, stage_out, c(i), s["t_cos"], s["t_sin"], t, rr, dt)
+            plgpu.commit_smem()  # generic-proxy stores -> the TMA that reads the stage
+            plgpu.copy_smem_to_gmem(stage_out, q_gmem.at[pl.ds(t * heads + g8 * TP, TP)])
         plgpu.wait_smem_to_gmem(0)  # the staging rows are written before the TMA loads below read them
         for g in range(q_slots):
             for p, ring in enumerate(rings):

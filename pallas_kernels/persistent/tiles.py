@@ -244,19 +244,8 @@ class Tiles:
         self.load_small(cos_ref.at[pl.ds(c(0), TP)], "t_cos")
         self.load_small(sin_ref.at[pl.ds(c(0), TP)], "t_sin")
         x = s["t_pe"] if x_smem is None else x_smem
-        cs, sn, o = s["t_cos"], s["t_sin"], s["t_pe_out"]
-
-        def rnd(v):
-            return v.astype(dt).astype(jnp.float32)
-
         for tt in range(tokens):
-            @pl.loop(0, rr // 2)
-            def _(j):
-                ti = c(tt)
-                even, odd = x[ti, 2 * j].astype(jnp.float32), x[ti, 2 * j + 1].astype(jnp.float32)
-                co, si = cs[ti, j].astype(jnp.float32), sn[ti, j].astype(jnp.float32)
-                o[ti, j] = (rnd(even * co) - rnd(odd * si)).astype(dt)
-                o[ti, j + rr // 2] = (rnd(odd * co) + rnd(even * si)).astype(dt)
+            rope_row(x, s["t_pe_out"], c(tt), s["t_cos"], s["t_sin"], c(tt), rr, dt)
         plgpu.commit_smem()
 
     def inv_rms(self, x_row, k: int, tokens: int, eps: float):
@@ -320,6 +309,22 @@ class Tiles:
         view = o if (tokens == TP and n == self.tn) else o.at[pl.ds(self.c(0), tokens), pl.ds(self.c(0), n)]
         plgpu.copy_smem_to_gmem(view, dst)
         plgpu.wait_smem_to_gmem(0)
+
+
+def rope_row(src, dst, row, cos, sin, t, rr: int, dt):
+    """dst[row, :rr] = `apply_rope` of src[row, :rr] (SMEM refs; interleaved pairs in, the two halves out) with the
+    cos / sin of row t of the SMEM refs cos / sin [.., rr/2], rounding to dt where the reference's jnp ops do:
+    one dynamic scalar loop over the pairs, out of place (an in-place, unrolled variant wrote wrong rows on the
+    H200 with jax 0.11.2: experiments/results/h200_before_fix/probe_index_t1.json)."""
+    def rnd(v):
+        return v.astype(dt).astype(jnp.float32)
+
+    @pl.loop(0, rr // 2)
+    def _(j):
+        even, odd = src[row, 2 * j].astype(jnp.float32), src[row, 2 * j + 1].astype(jnp.float32)
+        co, si = cos[t, j].astype(jnp.float32), sin[t, j].astype(jnp.float32)
+        dst[row, j] = (rnd(even * co) - rnd(odd * si)).astype(dt)
+        dst[row, j + rr // 2] = (rnd(odd * co) + rnd(even * si)).astype(dt)
 
 
 # ---- branch bodies ------------------------------------------------------------------------------------------
@@ -771,9 +776,10 @@ def router_body(r, key, consts):
     """ROUTER_SELECT as scalar loops over SMEM (E is small): sigmoid + bias choice, group-limited top-k (ties to the
     lower index, as `lax.top_k`), normalised weights x ROUTED_SCALE (`simulate._route`), the distinct experts in
     increasing order into the U slots and coef[u, t]; outputs stored as GMEM scalars. None when it does not fit.
-    The logits and the bias come in by TMA (t_rl / t_rb) and are read as SMEM scalars: the logits are another
-    CTA's TMA store, and on the H200 (jax 0.11.2) this body computed wrong slots while it read them as GMEM
-    scalars (experiments/results/bench_persistent_glm5_slice_full_tasks.json; not yet re-measured)."""
+    The logits and the bias come in by TMA (t_rl / t_rb) and are read as SMEM scalars. A `commit_smem` separates
+    the slot placement loop's conditional scalar stores into t_rsel from the reads after it: without it the H200
+    (jax 0.11.2) read back t_rsel's initial -1s, every slot empty (experiments/probe_router.py reproduces it in
+    a dozen lines; experiments/results/bench_persistent_glm5_slice_s6.json in the whole kernel)."""
     from pallas_kernels.persistent.format import C_ROUTED_SCALE
     _, (top_k, n_group, topk_group, norm), wstk, islots, oslots = key
     tiles, lg_ref, sel_ref, coef_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0]), _stack(r, oslots[1])
@@ -861,6 +867,7 @@ def router_body(r, key, consts):
                 rsel[n_used] = i
             return n_used + hit.astype(jnp.int32)
         lax.fori_loop(0, e, place, c(0))
+        plgpu.commit_smem()  # the H200 reads stale t_rsel below without it (see the docstring)
 
         oi, oc = t.out(0), t.out(1)
         for j in range(u):

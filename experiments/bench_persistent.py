@@ -14,11 +14,14 @@ on and signals its dependency counters, so the full cross-CTA schedule runs in e
   from float32 is the floor that the tests' criterion scales, tests/kernel_testing.assert_step_matches_xla);
   every scratch buffer is compared with the CPU simulator's value of it (`simulate.simulate_step`, the jnp tile
   references on the same inputs), in the order the schedule writes them (`buffers_vs_simulator`: the first
-  buffers off name the op to look at; index and expert-id buffers report the fraction of differing entries);
+  buffers off name the op to look at; the selected rows / experts report the fraction of the simulator's set the
+  kernel missed, other int buffers the fraction of differing entries);
   `tasks_vs_simulator`: each task of the first two layers re-run by the simulator on the kernel's OWN input
-  buffers, its outputs compared with the kernel's (per op, the worst; INDEX_TOPK as the fraction of its selected
-  rows the simulator did not select): this isolates each op from upstream differences (near-tie flips in top-k,
-  the slot order that splits ATTN's rows);
+  buffers, its outputs compared with the kernel's (per op and layer, the worst; selections by set overlap,
+  INDEX_SCORE's candidate scores per key row): this isolates each op from upstream differences (near-tie flips
+  in top-k, the slot order that splits ATTN's rows);
+  `flips_vs_simulator`: the simulator's step with the kernel's selections (INDEX_TOPK, ROUTER_SELECT) forced in,
+  against the kernel's logits: whether the end-to-end gap is selection flips;
   `lowering_profile`: the functions most often on the stack while jax lowered the kernel (a 1 s sampler);
 * index: INDEX_SCORE + INDEX_TOPK alone (the lightning indexer's share of the step);
 * A+B+...: those opcodes' bodies, with `tasks_vs_simulator` over them (each task's inputs are whatever the
@@ -192,6 +195,30 @@ def _buffers_vs_simulator(plan, model, caches, tokens, pos, got: dict) -> list:
     return out
 
 
+def _flips_vs_simulator(plan, model, caches, tokens, pos, got: dict) -> dict:
+    """The simulator's step on the true inputs with its discrete choices -- the indexer's selected rows
+    (INDEX_TOPK) and the router's expert slots and weights (ROUTER_SELECT) -- replaced by the kernel's, against
+    the kernel's logits and hidden state: near bf16 rounding means the kernel's end-to-end gap to XLA is those
+    choices flipping (near-ties decided the other way); a larger error is something else."""
+    from pallas_kernels.persistent.format import Op, written_region
+    from pallas_kernels.persistent.simulate import _Machine, run_counters
+    s = plan.schedule
+    m = _Machine(s, model, caches, np.asarray(tokens[0]), np.asarray(pos[0]))
+    forced = []
+
+    def run(i):
+        m.run(i)
+        t = s.task(i)
+        if t.op in (Op.INDEX_TOPK, Op.ROUTER_SELECT):
+            for b, idx in written_region(t, s.buffers):
+                m.bufs[b][idx] = np.asarray(got[b])[idx]
+            forced.append(t.id)
+    run_counters(s, 0, run)
+    return {"forced_tasks": len(forced),
+            **{name: _rel(got[b], m.read(b)) for name, b in (("logits", plan.logits_buffer),
+                                                             ("hidden", plan.hidden_buffer))}}
+
+
 class _Sampler:
     """Counts, once per second, each function on the main thread's stack (inclusive): where lowering spends."""
 
@@ -318,8 +345,9 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
         if full:
             out["check"] = _full_check(model, caches, tokens, pos, ok, plan, logits, h, rows, context)
         for name, check in (("tasks_vs_simulator", _tasks_vs_simulator),
-                            ("buffers_vs_simulator", _buffers_vs_simulator)):
-            if name.split("_")[0] not in checks or (probe and check is _buffers_vs_simulator):
+                            ("buffers_vs_simulator", _buffers_vs_simulator),
+                            ("flips_vs_simulator", _flips_vs_simulator)):
+            if name.split("_")[0] not in checks or (probe and check is not _tasks_vs_simulator):
                 continue
             try:
                 args = (rows, op_set) if check is _tasks_vs_simulator else ()
@@ -351,7 +379,7 @@ def main(argv=None):
                         "opcodes joined by + (a probe)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant (compile + run)")
     p.add_argument("--slots", type=int, default=4, help="SMEM ring depth of the tile bodies (TileConfig.slots)")
-    p.add_argument("--checks", default="tasks,buffers", help="the full variant's simulator checks to run")
+    p.add_argument("--checks", default="tasks,buffers,flips", help="the full variant's simulator checks to run")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)

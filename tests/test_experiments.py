@@ -137,6 +137,8 @@ def test_bench_persistent_smoke(tmp_path):
     assert len(bufs) > 20 and all(b.get("rel_err", 0) < 1e-4 and b.get("differ_fraction", 0) == 0
                               and b.get("missed_fraction", 0) == 0 for b in bufs), bufs
     assert any("missed_fraction" in b for b in bufs), bufs
+    flips = rows["full"]["flips_vs_simulator"]
+    assert flips["forced_tasks"] > 0 and max(flips["logits"], flips["hidden"]) < 1e-4, flips
 
 
 def test_persistent_lowering_reports_each_opcode(tmp_path):

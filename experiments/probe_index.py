@@ -17,6 +17,9 @@ import numpy as np
 
 def run(context: int, tokens: int, heads: int, dim: int, rope: int, k: int, n_chunks: int, seed: int,
         interpret: bool) -> dict:
+    """INDEX_SCORE of the last `tokens` positions of a `context`-row random index-key cache (this step's rows
+    given separately, as IK_WRITE's output), every chunk, vs the reference: per chunk the candidate rows and
+    scores (`_scores_by_row`), and the staged RoPE'd q rows vs `apply_rope`."""
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -82,10 +85,10 @@ def run(context: int, tokens: int, heads: int, dim: int, rope: int, k: int, n_ch
     val, idx, staged = (np.asarray(a) for a in jax.jit(kernel)(*args))
 
     # reference: the keys with this step's rows overlaid, q RoPE'd on its first `rope` dims
-    q = np.asarray(args[3], np.float32).reshape(tokens, heads, dim)
+    q_read = np.asarray(args[3], np.float32).reshape(tokens, heads, dim)
     c32, s32 = np.asarray(args[1], np.float32), np.asarray(args[2], np.float32)
-    q = np.concatenate([np.asarray(apply_rope(jnp.asarray(q[..., :rope])[None], jnp.asarray(c32)[None],
-                                              jnp.asarray(s32)[None]))[0], q[..., rope:]], -1)
+    q = np.concatenate([np.asarray(apply_rope(jnp.asarray(q_read[..., :rope])[None], jnp.asarray(c32)[None],
+                                              jnp.asarray(s32)[None]))[0], q_read[..., rope:]], -1)
     keys = np.asarray(args[5], np.float32).copy()
     keys[pos] = np.asarray(args[6], np.float32)[0]
     w = np.asarray(args[4], np.float32)[0] * consts[C_INDEX_WSCALE]
@@ -110,7 +113,7 @@ def run(context: int, tokens: int, heads: int, dim: int, rope: int, k: int, n_ch
             "staged_q_err_per_head": np.abs(staged_q - q_bf).max(-1).max(0).tolist(),
             "staged_q_bad_rows": [  # token, head, max error, first 4 dims: kernel / RoPE'd / as read
                 [t, h, float(np.abs(staged_q[t, h] - q_bf[t, h]).max()), staged_q[t, h, :4].tolist(),
-                 q_bf[t, h, :4].tolist(), np.asarray(args[3], np.float32).reshape(tokens, heads, dim)[t, h, :4].tolist()]
+                 q_bf[t, h, :4].tolist(), q_read[t, h, :4].tolist()]
                 for t in range(tokens) for h in range(heads) if np.abs(staged_q[t, h] - q_bf[t, h]).max() > 0.05][:16],
             "worst_chunk_err": max(c["err"] for c in chunks), "chunks": chunks}
 

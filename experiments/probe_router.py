@@ -17,6 +17,8 @@ import numpy as np
 
 
 def run(experts: int, top_k: int, tokens: int, n_group: int, topk_group: int, seed: int, interpret: bool) -> dict:
+    """ROUTER_SELECT on random logits [T, E] and bias [E] (normalised weights, scale 2.5) vs `simulate._route`:
+    the U = min(E, T * top_k) slots, their coefficients, and the body's SMEM scratch after it ran."""
     import jax
     import jax.numpy as jnp
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -42,11 +44,13 @@ def run(experts: int, top_k: int, tokens: int, n_group: int, topk_group: int, se
         pass
 
     def body(lg, bias, sel, coef, *rest, **s):
-        dump = dict(zip(dumps, rest[:len(dumps)]))
+        dump = dict(zip(dumps, rest))
         r = R()
         r.stacks, r.weights = (lg, sel, coef), (bias,)
         r.tiles = tl.Tiles(s, cfg, interpret, jax.lax.axis_index("x") * 0)
         fn = tl.router_body(r, key, consts)
+        if fn is None:
+            raise ValueError(f"router_body does not fit E={experts}, top_k={top_k}, n_group={n_group}")
         zero = r.tiles.c(0)
         fn(tl.TaskView(w=lambda j: zero, inp=lambda j: zero, out=lambda j: zero, arg=lambda a: zero))
         plgpu.commit_smem()
@@ -57,16 +61,16 @@ def run(experts: int, top_k: int, tokens: int, n_group: int, topk_group: int, se
     rng = np.random.default_rng(seed)
     logits = rng.normal(0, 2, (rows, tokens, experts)).astype(np.float32)
     bias = rng.normal(0, 0.1, (brow, experts)).astype(np.float32)
-    shapes = {k: scratch[k] for k in dumps}
     out_type = (jax.ShapeDtypeStruct((1, u), jnp.int32), jax.ShapeDtypeStruct((1, u, tokens), jnp.float32),
-                *(jax.ShapeDtypeStruct(v.shape, v.dtype) for v in shapes.values()))
+                *(jax.ShapeDtypeStruct(scratch[k].shape, scratch[k].dtype) for k in dumps))
     kernel = plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=(1,), grid_names=("x",),
                           interpret=interpret_params(interpret))
     got = jax.jit(kernel)(jnp.asarray(logits), jnp.asarray(bias))
     sel, coef = np.asarray(got[0][0]), np.asarray(got[1][0])
     ids, w = _route(jnp.asarray(logits[0]), jnp.asarray(bias[0]), top_k, n_group, topk_group, True, scale)
     uniq = np.asarray(jnp.unique(ids.reshape(-1), size=u, fill_value=-1))
-    want_coef = np.einsum("tk,tku->ut", np.asarray(w), (np.asarray(ids)[:, :, None] == uniq[None, None]).astype(np.float32))
+    hit = (np.asarray(ids)[:, :, None] == uniq[None, None]).astype(np.float32)  # [T, k, U]
+    want_coef = np.einsum("tk,tku->ut", np.asarray(w), hit)
     return {"experts": experts, "top_k": top_k, "tokens": tokens, "n_group": n_group, "topk_group": topk_group,
             "seed": seed, "interpret": interpret,
             "slot_expert_equal": bool((sel == uniq).all()),

@@ -83,6 +83,8 @@ def _missed(got, want) -> float:
         w = np.unique(w[w >= 0])
         misses.append(1 - len(np.intersect1d(g, w)) / max(len(w), 1))
     return float(np.mean(misses))
+
+
 _SPLIT_ORDER = ("/o_part", "/lse_part")
 
 
@@ -110,9 +112,9 @@ def _tasks_vs_simulator(plan, model, caches, tokens, pos, got: dict, rows, ops, 
     """Per op in `ops`: the worst error of a task's outputs (kernel vs the simulator run on the kernel's inputs),
     with a sample of that task's output: its first values both ways and the kernel's count of non-finite values
     (what a wrong body wrote: garbage, NaN, -inf, a constant). Tasks with a NaN float input (downstream of a
-    no-op body in a probe) are counted in `skipped`. Set-valued outputs (the indexer's candidates and selection)
-    are compared sorted along their slots: the kernel's slot order is ascending row, the simulator's is
-    `lax.top_k`'s."""
+    no-op body in a probe) are counted in `skipped`. The kernel's slot order is ascending row, the simulator's
+    `lax.top_k`'s: selections are compared by set overlap (`_missed`), INDEX_SCORE's candidate scores per key
+    row (`_scores_by_row`), other set-valued outputs sorted along their slots."""
     from pallas_kernels.persistent.format import Kind, Op, written_region
     from pallas_kernels.persistent.simulate import _Machine
     s = plan.schedule
@@ -284,7 +286,7 @@ def _median_ms(fn, args, reps: int) -> float:
 
 
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
-                slots: int = 4, checks: tuple = ("tasks", "buffers"), probe: bool = False) -> dict:
+                slots: int = 4, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight)."""
     import jax

@@ -11,8 +11,11 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(context: int, tokens: int, heads: int, dim: int, rope: int, k: int, n_chunks: int, seed: int,
@@ -129,15 +132,16 @@ def main(argv=None):
     p.add_argument("--chunks", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--interpret", action="store_true")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     a = p.parse_args(argv)
     res = run(a.context, a.tokens, a.heads, a.dim, a.rope, a.k, a.chunks, a.seed, a.interpret)
     print(json.dumps({k: v for k, v in res.items() if k != "chunks"}))
     print(json.dumps([{k: c[k] for k in ("chunk", "rows", "err", "rows_off_fraction")} for c in res["chunks"]]))
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, f"probe_index_t{a.tokens}.json"), "w") as f:
-            json.dump(res, f, indent=1)
+    from glm_fast import results
+    stem = f"probe_index_t{a.tokens}"
+    record = results.result("probe_index", {k: v for k, v in vars(a).items() if k != "out"}, [res])
+    print("wrote", results.write(record, a.out, stem))
+    return record
 
 
 if __name__ == "__main__":

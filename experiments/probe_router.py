@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(experts: int, top_k: int, tokens: int, n_group: int, topk_group: int, seed: int, interpret: bool) -> dict:
@@ -145,15 +148,16 @@ def main(argv=None):
     p.add_argument("--topk-group", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--interpret", action="store_true")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     a = p.parse_args(argv)
     res = run(a.experts, a.top_k, a.tokens, a.n_group, a.topk_group, a.seed, a.interpret)
     res["minimal_repro"] = minimal_repro(a.interpret)
     print(json.dumps({k: v for k, v in res.items() if k != "smem"}))
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "probe_router.json"), "w") as f:
-            json.dump(res, f, indent=1)
+    from glm_fast import results
+    stem = "probe_router"
+    record = results.result(stem, {k: v for k, v in vars(a).items() if k != "out"}, [res])
+    print("wrote", results.write(record, a.out, stem))
+    return record
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ router's output). Not yet: a producer warpgroup that streams across task boundar
 Memory model. A task's inputs are GMEM written by other CTAs, through TMA stores (most bodies) or generic stores
 (scalar outputs: the router's slots, the indexer's selection). The seam puts a `fence.proxy.async.global` before
 each signal and after each wait (`_compat.fence_proxy_async_global`), and bodies read other CTAs' activations
-through TMA into SMEM, not as GMEM loads (on the H200 the two bodies that did computed wrong values from correct
-inputs; README: the persistent kernel's status).
+through TMA into SMEM, not as GMEM loads. (The two bodies that computed wrong values on the H200 while they read
+GMEM scalars were wrong for other reasons, found later -- SMEM scalar ordering in ROUTER_SELECT, the in-place
+RoPE in INDEX_SCORE; whether generic GMEM loads after the fenced wait would also be right is untested.)
 """
 from __future__ import annotations
 

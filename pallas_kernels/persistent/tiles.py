@@ -314,8 +314,8 @@ class Tiles:
 def rope_row(src, dst, row, cos, sin, t, rr: int, dt):
     """dst[row, :rr] = `apply_rope` of src[row, :rr] (SMEM refs; interleaved pairs in, the two halves out) with the
     cos / sin of row t of the SMEM refs cos / sin [.., rr/2], rounding to dt where the reference's jnp ops do:
-    one dynamic scalar loop over the pairs, out of place (an in-place, unrolled variant wrote wrong rows on the
-    H200 with jax 0.11.2: experiments/results/h200_before_fix/probe_index_t1.json)."""
+    one dynamic scalar loop over the pairs, out of place (INDEX_SCORE's earlier in-place variant, all pairs
+    unrolled, wrote wrong heads on the H200 with jax 0.11.2; experiments/probe_index.py checks the staged rows)."""
     def rnd(v):
         return v.astype(dt).astype(jnp.float32)
 

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from glm_fast import results  # noqa: E402
 from pallas_kernels import fp8, ref  # noqa: E402
-from pallas_kernels.gemv import gemv, gemv_fp8  # noqa: E402
+from pallas_kernels.gemv import GemvConfig, gemv, gemv_fp8  # noqa: E402
 from pallas_kernels.indexer import IndexerConfig, indexer_topk  # noqa: E402
 from pallas_kernels.mla_attention import MLAConfig, sparse_mla_attention  # noqa: E402
 from pallas_kernels.moe import moe_experts, moe_experts_fp8  # noqa: E402
@@ -56,6 +56,10 @@ MLA_VARIANTS = {"tma_gather": MLAConfig(), "tma_gather_32_rows_per_split": MLACo
                 "xla_gather": MLAConfig(gather="xla"),
                 "xla_gather_32_rows_per_split": MLAConfig(gather="xla", min_rows_per_split=32)}
 TINY_MLA = dict(n=8, c=64, r=16, k=64, contexts=(256,))
+# GEMV ring geometry (tile_k rows per pipeline step, ring depth): is a weight stream of small [64 x 64] steps (the
+# persistent kernel's tile bodies) bound by the bytes in flight per SM or by the fixed cost of each step?
+GEMV_GEOMETRY = [(64, 4), (64, 7), (64, 12), (64, 16), (128, 4), (128, 8), (256, 2), (256, 4), (256, 6)]
+TINY_GEMV_GEOMETRY = [(64, 2), (64, 4)]
 
 
 def _rnd(key, shape, scale=1.0, dtype=jnp.bfloat16):
@@ -126,9 +130,11 @@ def _run_pair(row: dict, kernel_op, ref_op, batch, nbytes: int, reps: int, ceili
     gc.collect()
 
 
-def bench_gemv(cases: dict, tokens: list, fmt: str, reps: int, ceilings: dict, rows: list, interpret):
+def bench_gemv(cases: dict, tokens: list, fmt: str, reps: int, ceilings: dict, rows: list, interpret,
+               geometry=(None,)):
+    """geometry: (tile_k, ring depth) pairs timed side by side (None: GemvConfig's defaults)."""
     for name, (k, n, norm) in cases.items():
-        for t in tokens:
+        for t, geo in ((t, g) for t in tokens for g in geometry):
             key = jax.random.key(zlib.crc32(f"{name}/{t}/{fmt}".encode()))
             kx, kw, kn = jax.random.split(key, 3)
             w_bytes = k * n * (2 if fmt == "bf16" else 1)
@@ -140,16 +146,19 @@ def bench_gemv(cases: dict, tokens: list, fmt: str, reps: int, ceilings: dict, r
                 if fmt == "fp8":
                     w = fp8.quantize_fp8_blockwise(w)
                 batch.append((_rnd(jax.random.fold_in(kx, j), (t, k)), w))
+            cfg = None if geo is None else GemvConfig(tile_k=geo[0], max_concurrent_steps=geo[1])
             if fmt == "bf16":
-                kop = lambda nw, x, w: gemv(x, w, nw, EPS, interpret=interpret)
+                kop = lambda nw, x, w: gemv(x, w, nw, EPS, config=cfg, interpret=interpret)
                 rop = lambda nw, x, w: ref.gemv(x, w, nw, EPS)
                 nbytes = w_bytes
             else:
-                kop = lambda nw, x, w: gemv_fp8(x, w, nw, EPS, interpret=interpret)
+                kop = lambda nw, x, w: gemv_fp8(x, w, nw, EPS, config=cfg, interpret=interpret)
                 rop = lambda nw, x, w: fp8.gemv_fp8_ref(x, w, nw, EPS)
                 nbytes = w_bytes + batch[0][1][1].size * 4
             nbytes += t * k * 2 + t * n * 2 + (k * 2 if norm else 0)
             row = dict(kernel="gemv", case=name, fmt=fmt, T=t, K=k, N=n, fused_norm=norm)
+            if geo is not None:
+                row.update(tile_k=geo[0], ring_depth=geo[1], step_bytes=geo[0] * 64 * 2)
             _run_pair(row, kop, rop, batch, nbytes, reps, ceilings, rows, consts=(nw,))
             del batch
 
@@ -248,7 +257,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny shapes in GPU interpret mode (CPU smoke test)")
     p.add_argument("--reps", type=int, default=None, help="timed batches per case (default 20, tiny 2)")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="T values (1 = decode, 4 = 1 + 3 MTP)")
-    p.add_argument("--only", nargs="+", choices=["gemv", "moe", "indexer", "mla"], default=None)
+    p.add_argument("--only", nargs="+", choices=["gemv", "moe", "indexer", "mla", "gemv_geometry"], default=None)
     p.add_argument("--out", default=None, help="output JSON path")
     args = p.parse_args(argv)
     start = time.time()
@@ -256,7 +265,7 @@ def main(argv=None):
     reps = args.reps or (2 if args.tiny else 20)
     gemv_cases, moe_case = (TINY_GEMV, TINY_MOE) if args.tiny else (GEMV_CASES, MOE_CASE)
     indexer_case, mla_case = (TINY_INDEXER, TINY_MLA) if args.tiny else (INDEXER_CASE, MLA_CASE)
-    only = set(args.only or ("gemv", "moe", "indexer", "mla"))
+    only = set(args.only or ("gemv", "moe", "indexer", "mla"))  # gemv_geometry: only when named
     ceilings = measure_ceilings(2**20 if args.tiny else 4 * 2**30, reps)
     print("ceilings", ceilings, flush=True)
     rows: list = []
@@ -270,6 +279,10 @@ def main(argv=None):
     if "gemv" in only:
         for fmt in ("bf16", "fp8"):
             bench_gemv(gemv_cases, args.tokens, fmt, reps, ceilings, rows, interpret)
+    if "gemv_geometry" in only:  # bf16, T = 1, the (tile_k, depth) sweep (not in the default set)
+        geo = TINY_GEMV_GEOMETRY if args.tiny else GEMV_GEOMETRY
+        bench_gemv({c: gemv_cases[c] for c in ("qkv_a", "o_proj")}, [1], "bf16", reps, ceilings, rows, interpret,
+                   geometry=geo)
     config = {"name": "tiny" if args.tiny else "glm5", "tokens": args.tokens, "reps": reps,
               "l2_rotation_bytes": 4 * L2_BYTES, "interpret": interpret}
     record = results.result("bench_kernels", config, rows, ceilings, wall_s=time.time() - start)

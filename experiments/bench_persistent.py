@@ -35,14 +35,25 @@ GEMV -> KV_WRITE / IK_WRITE: no attention upstream) are compared with the XLA st
 attention outputs, so only timing and completion are meaningful there. Each variant runs in a subprocess with a time
 limit: a deadlocked launch is reported as such instead of hanging the run. The XLA step of the same state is timed
 side by side (`bench_decode.time_step`'s method: jitted, back to back, one sync).
+
+--profile (GPU only): the persistent variants compile with Mosaic GPU's on-device profiler
+(`persistent_step(profile_dir=...)`: per CTA, a range per task named by its op, the dependency wait nested in
+it). After the timing runs, one more launch's trace is read back and broken down (`profile.trace_breakdown`:
+cycles per op, its wait, the table walk outside the tasks, the SMs' spans) into the row's `profile`, in ms at the
+SM clock that nvidia-smi reports right after that launch (`sm_clock_mhz`). The profiler's records and its
+per-launch trace dump callback cost time, so a profiled row's timing is `median_ms_profiled`, not comparable
+with an unprofiled `median_ms`.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -285,10 +296,40 @@ def _median_ms(fn, args, reps: int) -> float:
     return 1e3 * float(np.median(times))
 
 
+def _sm_clock_mhz() -> float | None:
+    """The first GPU's current SM clock by nvidia-smi (MHz), None where it cannot say."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return float(out.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def _profile(fn, args, profile_dir: str) -> dict:
+    """One more launch of the profiled `fn`, its trace broken down (`profile.trace_breakdown`), with the SM clock
+    right after it. jax 0.10.2 names the trace file once per lowering and never overwrites it (that file holds the
+    first launch's trace), so the traces so far are removed first and the newest one is read."""
+    import jax
+
+    from pallas_kernels.persistent.profile import trace_breakdown
+    for path in glob.glob(os.path.join(profile_dir, "*-trace.json")):
+        os.remove(path)
+    jax.block_until_ready(fn(*args))
+    jax.effects_barrier()  # the dump is a jax.debug.callback
+    mhz = _sm_clock_mhz()
+    with open(max(glob.glob(os.path.join(profile_dir, "*-trace.json")), key=os.path.getmtime)) as f:
+        trace = json.load(f)
+    return {"sm_clock_mhz": mhz, "profile": trace_breakdown(trace, None if mhz is None else mhz * 1e3)}
+
+
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
-                slots: int = 4, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False) -> dict:
+                slots: int = 4, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
+                profile: bool = False, attn_splits: int | None = None) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
-    sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight)."""
+    sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight);
+    profile: a persistent variant with the on-device profiler (GPU only; see the module docstring);
+    attn_splits: the schedule's split-KV factor (ScheduleOptions.attn_splits; None = its default)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -316,7 +357,11 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
         return {"first_call_s": time.perf_counter() - t0,
                 "median_ms": _median_ms(xla, (params, caches), reps)}
     interpret = jax.default_backend() != "gpu"  # CPU: GPU interpret mode, a smoke test of this script
-    dec = PersistentDecoder(model, interpret=interpret, cache_dir=False)
+    if profile and interpret:
+        raise SystemExit("--profile needs the GPU: Mosaic GPU's on-device profiler does not run in interpret mode")
+    from pallas_kernels.persistent.schedule import ScheduleOptions
+    options = ScheduleOptions() if attn_splits is None else ScheduleOptions(attn_splits=attn_splits)
+    dec = PersistentDecoder(model, options, interpret=interpret, cache_dir=False)
     plan, weights = dec.plan(1), dec.weights(1)
     arrays = []
     for bid in plan.caches:
@@ -326,12 +371,14 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     op_set = frozenset(Op[o] for o in ops)
     tiles = TileConfig(slots=slots)
     full = set(ops) == set(FULL)
+    profile_dir = tempfile.mkdtemp(prefix="persistent_profile_") if profile else None
     step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
-                                                ops=op_set, sync=sync, tiles=tiles, buffers=full or probe))
+                                                ops=op_set, sync=sync, tiles=tiles, buffers=full or probe,
+                                                profile_dir=profile_dir))
     t0 = time.perf_counter()
     sampler = _Sampler()
     lowered = step.lower(weights, arrays)
-    profile = sampler.stop()
+    lowering_profile = sampler.stop()
     t1 = time.perf_counter()
     print(f"lowered in {t1 - t0:.1f} s", file=sys.stderr, flush=True)  # a parent that times out keeps these lines
     compiled = lowered.compile()
@@ -340,10 +387,15 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     logits, h, rows, *bufs = jax.block_until_ready(compiled(weights, arrays))
     print(f"first launch returned in {time.perf_counter() - t2:.1f} s", file=sys.stderr, flush=True)
     out = {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_call_s": time.perf_counter() - t0,
-           "median_ms": _median_ms(compiled, (weights, arrays), reps),
+           "median_ms_profiled" if profile else "median_ms": _median_ms(compiled, (weights, arrays), reps),
            "bytes_of_ops": int(sum(t.nbytes for t in plan.schedule.tasks if t.op in op_set))}
+    if profile:
+        out.update(_profile(compiled, (weights, arrays), profile_dir))
+        out["profile_note"] = ("median_ms_profiled includes the profiler's records and its per-launch trace dump "
+                               "callback: not comparable with an unprofiled median_ms")
+        shutil.rmtree(profile_dir)
     if full or probe:
-        out["lowering_profile"] = profile
+        out["lowering_profile"] = lowering_profile
         if full:
             out["check"] = _full_check(model, caches, tokens, pos, ok, plan, logits, h, rows, context)
         for name, check in (("tasks_vs_simulator", _tasks_vs_simulator),
@@ -381,22 +433,29 @@ def main(argv=None):
                         "opcodes joined by + (a probe)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant (compile + run)")
     p.add_argument("--slots", type=int, default=4, help="SMEM ring depth of the tile bodies (TileConfig.slots)")
+    p.add_argument("--attn-splits", type=int, default=None,
+                   help="split-KV factor of the attention tasks (ScheduleOptions.attn_splits; default: its default)")
     p.add_argument("--checks", default="tasks,buffers,flips", help="the full variant's simulator checks to run")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="persistent variants with the on-device profiler: a per-op time breakdown (GPU only)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:  # one variant; the parent reads the last stdout line
         ops = None if args.child == "xla" else SETS.get(args.child, args.child.split("+"))
         print(json.dumps(run_variant(args.config, args.context, ops, args.reps, sync=args.child != "walk",
                                      slots=args.slots, checks=tuple(args.checks.split(",")),
-                                     probe="+" in args.child)), flush=True)
+                                     probe="+" in args.child, profile=args.profile,
+                                     attn_splits=args.attn_splits)), flush=True)
         return
     from glm_fast import results
     rows = []
     for v in args.variants.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--context", str(args.context),
-               "--reps", str(args.reps), "--slots", str(args.slots), "--checks", args.checks, "--child", v]
+               "--reps", str(args.reps), "--slots", str(args.slots), "--checks", args.checks, "--child", v,
+               *(["--profile"] if args.profile else []),
+               *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else [])]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
@@ -411,7 +470,9 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps(row)[:2000], flush=True)
     record = results.result("bench_persistent", {"config": args.config, "context": args.context,
-                                                 "reps": args.reps, "slots": args.slots}, rows)
+                                                 "reps": args.reps, "slots": args.slots,
+                                                 "profile": args.profile, "attn_splits": args.attn_splits},
+                             rows)
     path = results.write(record, args.out, args.name or f"bench_persistent_{args.config}")
     print("wrote", path)
     return record

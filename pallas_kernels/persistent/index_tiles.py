@@ -31,8 +31,11 @@ INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select over the
   are -inf padding, and dropping -inf slots changes neither the K-th largest key nor the selection while at least
   K slots remain (rpc is kept >= K / (nc * TN)); at glm5_slice's 4K context that is 3 of 32 rows per chunk.
   Then a compaction pass: a slot with no candidate >= the K-th key is skipped, else a scalar
-  loop writes the candidate rows (GMEM scalar loads / stores) in flattened (chunk, slot) order = ascending row
-  order; finite selections first, the rest idx 0 / valid 0.
+  loop writes the candidate rows (GMEM scalar stores) in flattened (chunk, slot) order = ascending row
+  order; finite selections first, the rest idx 0 / valid 0. When every chunk took INDEX_SCORE's fast path (chunk
+  size <= K) a candidate's row is computed (chunk * size + slot); only after a slow path is it loaded from
+  cand_idx, a dependent GMEM load per selected row (0.67 ms per layer on the H200 at 4K, in
+  experiments/results/bench_persistent_glm5_slice_profile.json, before the arithmetic rows).
 
 Exactness and ties. The selected set equals `lax.top_k`'s over the same scores: the K largest, ties at the K-th
 value to the lower row (candidates are in row order within a chunk and chunks ascend, so "first in flattened
@@ -486,17 +489,20 @@ def index_topk_body(r, key, consts):
     rpc_min = -(-kk // (nc * width))  # streamed slots >= K
     rpc_step = TP // math.gcd(nc, TP)  # nc * rpc a whole number of ring slots
 
-    def rows_per_chunk():
-        """TN-rows of each chunk that can hold candidates at this step (see the module docstring)."""
-        if n_chunks != nc:  # no single INDEX_SCORE geometry: every row
-            return c(row_per_chunk)
+    def geometry_now():
+        """(TN-rows of each chunk that can hold candidates at this step, rows per chunk when every chunk took
+        INDEX_SCORE's fast path -- candidate slot j of chunk ch is then key row ch * size + j -- else -1); see the
+        module docstring."""
+        if n_chunks != nc:  # no single INDEX_SCORE geometry: every row, candidate rows from cand_idx
+            return c(row_per_chunk), c(-1)
         _, size = _chunk_rows([pos_ref[c(j)] for j in range(pos_ref.shape[0])], nc, chunk_align)
         rpc = jnp.maximum(_cdiv(jnp.minimum(size, kk), width), rpc_min)
-        return jnp.minimum(lax.div(rpc + (rpc_step - 1), rpc_step) * rpc_step, row_per_chunk)
+        return (jnp.minimum(lax.div(rpc + (rpc_step - 1), rpc_step) * rpc_step, row_per_chunk),
+                jnp.where(size <= kk, size, -1))
 
     def fn(t: TaskView):
         vi, ii, oi, ov = t.inp(0), t.inp(1), t.out(0), t.out(1)
-        rpc = rows_per_chunk()
+        rpc, dense = geometry_now()
         n_slot = lax.div(rpc * nc, TP)  # ring slots per token
         for q in range(nt):
             def where(g, i):  # (chunk, first candidate) of row i of the g-th ring slot
@@ -553,10 +559,21 @@ def index_topk_body(r, key, consts):
                         is_eq = kv == lo
                         take = (kv > lo) | (is_eq & (eq < need))
 
-                        @pl.when(take & (v > NEG_INF))
+                        sel = take & (v > NEG_INF)
+                        ch, off = where(g, i)
+
+                        # the key row: by arithmetic after the fast path (no dependent GMEM load per selection,
+                        # which made this loop ~0.6 ms per layer on the H200), else cand_idx's
+                        @pl.when(sel & (dense >= 0))
                         def _():
-                            ch, off = where(g, i)
+                            out_idx[oi, c(q), n] = ch * dense + off + col
+
+                        @pl.when(sel & (dense < 0))
+                        def _():
                             out_idx[oi, c(q), n] = cid_ref[ii, ch, c(q), off + col]
+
+                        @pl.when(sel)
+                        def _():
                             out_valid[ov, c(q), n] = c(1)
                         return (n + (take & (v > NEG_INF)).astype(jnp.int32),
                                 eq + (take & is_eq).astype(jnp.int32))

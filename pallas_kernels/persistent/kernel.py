@@ -246,12 +246,13 @@ class _Seam:
         fence, so this task's TMA loads see what the producers wrote with generic stores."""
         if self.ordered:
             return
-        for j in range(MAX_WAITS):
-            @pl.when(j < get(A_NWAITS))
-            def _():
-                plgpu.semaphore_wait(self.sems.at[get(A_WAITS + 2 * j)], get(A_WAITS + 2 * j + 1), decrement=False,
-                                     memory_scope="gpu")
-        _compat.fence_proxy_async_global()
+        with jax.named_scope("wait"):  # a profiler range (`persistent_step(profile_dir=...)`)
+            for j in range(MAX_WAITS):
+                @pl.when(j < get(A_NWAITS))
+                def _():
+                    plgpu.semaphore_wait(self.sems.at[get(A_WAITS + 2 * j)], get(A_WAITS + 2 * j + 1),
+                                         decrement=False, memory_scope="gpu")
+            _compat.fence_proxy_async_global()
 
     def signal(self, get):
         """+1 on the task's counter, after its writes (release), behind a proxy fence: the release orders the
@@ -358,26 +359,30 @@ def _arg_align(aux: np.ndarray, n_branches: int, cap: int = 1 << 12) -> tuple:
 
 def _branch_fn(key, r: _Refs, align=(1,) * NUM_ARGS):
     """The code path of one branch key: fn(get, wait) with get(j) -> aux[task, j] (a traced int32) and wait() the
-    task's dependency wait: called first, or by a `prefetching` tile body itself after its first weight tiles."""
-    tiled = _TILED.get(Op(key[0]))
+    task's dependency wait: called first, or by a `prefetching` tile body itself after its first weight tiles.
+    The whole task is a `jax.named_scope` of the op's name: a profiler range (`persistent_step(profile_dir=...)`)."""
+    op = Op(key[0])
+    tiled = _TILED.get(op)
     body = tiled(r, key, r.consts) if tiled is not None else None
     if body is None:
         jnp_body = _jnp_body(key, r)
 
         def run(get, wait):
-            wait()
-            jnp_body(get)
+            with jax.named_scope(op.name):
+                wait()
+                jnp_body(get)
         return run
     prefetch = getattr(body, "prefetching", False)
 
     def run(get, wait):
-        if not prefetch:
-            wait()
-        def arg(a):
-            v = get(A_ARGS + a)
-            return v if align[a] == 1 else pl.multiple_of(v, align[a])
-        body(tl.TaskView(lambda j: get(A_W + j), lambda j: get(A_IN + j), lambda j: get(A_OUT + j), arg,
-                         wait if prefetch else (lambda: None)))
+        with jax.named_scope(op.name):
+            if not prefetch:
+                wait()
+            def arg(a):
+                v = get(A_ARGS + a)
+                return v if align[a] == 1 else pl.multiple_of(v, align[a])
+            body(tl.TaskView(lambda j: get(A_W + j), lambda j: get(A_IN + j), lambda j: get(A_OUT + j), arg,
+                             wait if prefetch else (lambda: None)))
     return run
 
 
@@ -748,7 +753,7 @@ def _step_inputs(plan: KernelPlan, tokens, pos, cos, sin):
 
 def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens, pos, cos, sin, *,
                     interpret=False, ops=None, tiles: tl.TileConfig | None = tl.TileConfig(), sync: bool = True,
-                    buffers: bool = False):
+                    buffers: bool = False, profile_dir: str | None = None):
     """One decode step in one kernel launch.
 
     caches: per CACHE buffer of `plan.caches`, its array [L, X] (batch squeezed); tokens, pos int [T];
@@ -759,12 +764,23 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     bodies' tuning (tiles.py), None for the v1 jnp bodies everywhere. sync=False compiles the cross-CTA waits
     and signals out (a race: for timing the bare table walk only). buffers=True also returns every scratch
     buffer's final value, {buffer id: array} (to locate a wrong op against `simulate.simulate_step`'s).
+    profile_dir: turn on Mosaic GPU's on-device profiler (GPU only; 16 bytes of SMEM per range, 2.5 KB at
+    glm5_slice): every launch records, per CTA, a range per task named by its op with the dependency wait's range
+    ("wait") nested in it, in SM clock cycles, and a `jax.debug.callback` dumps them to
+    `profile_dir/<name>-<time_ns>-trace.json` (Chrome trace format; jax 0.10.2 names the file once per lowering
+    and does not overwrite it: a later launch's trace needs it removed first). `profile.trace_breakdown` reads it.
     """
     # Out-of-bounds TMA reads (x rows T..7, the columns past a ragged last tile) zero-fill on the GPU and only
     # reach accumulator rows that are never stored; the interpreter must be told to allow them.
     params = gemv_mod.interpret_params(interpret)
     ordered = params is not None
+    if profile_dir is not None and ordered:
+        raise ValueError("profile_dir: profiling needs the GPU (Mosaic GPU's on-device profiler), not interpret mode")
     s = plan.schedule
+    compiler_params = None
+    if profile_dir is not None:  # ranges per CTA: an op and a wait range per task; Mosaic's "Init"; the dump's header
+        space = 2 * int((s.sm_tasks >= 0).sum(1).max()) + 8
+        compiler_params = plgpu.CompilerParams(profile_space=space, profile_dir=profile_dir)
     stack_types = [jax.ShapeDtypeStruct((len(m), *shape), _JNP[dtype]) for (shape, dtype), m in plan.buffer_stacks]
     row_types = [jax.ShapeDtypeStruct((len(m), plan.tokens, s.buffers[plan.caches[m[0]]].shape[1]),
                                       caches[m[0]].dtype) for m in plan.cache_groups]
@@ -779,6 +795,7 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
         scratch_types=_scratch_types(plan, tiles, ordered),
         grid=(1 if ordered else s.num_sms,),
         grid_names=(GRID_AXIS,),
+        compiler_params=compiler_params,
         interpret=params,
     )
     outs = kernel(jnp.asarray(plan.aux), jnp.asarray(plan.sm_aux()), *_step_inputs(plan, tokens, pos, cos, sin),

@@ -329,7 +329,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight);
     profile: a persistent variant with the on-device profiler (GPU only; see the module docstring);
-    attn_splits: the schedule's split-KV factor (ScheduleOptions.attn_splits; None = its default)."""
+    attn_splits: the schedule's split-KV factor (ScheduleOptions.attn_splits; None = PersistentDecoder's choice)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -360,7 +360,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     if profile and interpret:
         raise SystemExit("--profile needs the GPU: Mosaic GPU's on-device profiler does not run in interpret mode")
     from pallas_kernels.persistent.schedule import ScheduleOptions
-    options = ScheduleOptions() if attn_splits is None else ScheduleOptions(attn_splits=attn_splits)
+    options = None if attn_splits is None else ScheduleOptions(attn_splits=attn_splits)  # None: the decoder's
     dec = PersistentDecoder(model, options, interpret=interpret, cache_dir=False)
     plan, weights = dec.plan(1), dec.weights(1)
     arrays = []
@@ -434,7 +434,8 @@ def main(argv=None):
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant (compile + run)")
     p.add_argument("--slots", type=int, default=4, help="SMEM ring depth of the tile bodies (TileConfig.slots)")
     p.add_argument("--attn-splits", type=int, default=None,
-                   help="split-KV factor of the attention tasks (ScheduleOptions.attn_splits; default: its default)")
+                   help="split-KV factor of the attention tasks (ScheduleOptions.attn_splits; default: "
+                        "PersistentDecoder's choice)")
     p.add_argument("--checks", default="tasks,buffers,flips", help="the full variant's simulator checks to run")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)

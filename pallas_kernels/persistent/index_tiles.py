@@ -550,20 +550,21 @@ def index_topk_body(r, key, consts):
                 keys[...] = kx  # read back as scalars below (see INDEX_SCORE's slow path)
                 hit, = _smem_scalars(tiles, [jnp.max(jnp.where((kx >= lo) & (x > NEG_INF), 1, 0))], cnt)
 
-                def scan_slot(carry):
-                    def one(e, st2):
+                def scan_row(i, carry):
+                    """Row i of the slot (TN candidates): its chunk and first slot computed once per row (a
+                    dynamic division), not per candidate."""
+                    ch, off = where(g, i)
+
+                    def one(col, st2):
                         n, eq = st2
-                        i, col = lax.div(e, width), lax.rem(e, width)
                         v = ring[st, i, col]
                         kv = keys[i, col]
                         is_eq = kv == lo
                         take = (kv > lo) | (is_eq & (eq < need))
-
                         sel = take & (v > NEG_INF)
-                        ch, off = where(g, i)
 
-                        # the key row: by arithmetic after the fast path (no dependent GMEM load per selection,
-                        # which made this loop ~0.6 ms per layer on the H200), else cand_idx's
+                        # the key row: by arithmetic after the fast path (no dependent GMEM load per selection),
+                        # else cand_idx's
                         @pl.when(sel & (dense >= 0))
                         def _():
                             out_idx[oi, c(q), n] = ch * dense + off + col
@@ -575,10 +576,12 @@ def index_topk_body(r, key, consts):
                         @pl.when(sel)
                         def _():
                             out_valid[ov, c(q), n] = c(1)
-                        return (n + (take & (v > NEG_INF)).astype(jnp.int32),
-                                eq + (take & is_eq).astype(jnp.int32))
+                        return n + sel.astype(jnp.int32), eq + (take & is_eq).astype(jnp.int32)
+                    return lax.fori_loop(0, width, one, carry)
+
+                def scan_slot(carry):
                     # a slot without any candidate >= the K-th key runs no step (a dynamic trip count, no cond)
-                    return lax.fori_loop(0, jnp.where(hit > 0, TP * width, 0), one, carry)
+                    return lax.fori_loop(0, jnp.where(hit > 0, TP, 0), scan_row, carry)
 
                 return scan_slot(carry)
 

@@ -720,6 +720,9 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
         pl.run_scoped(walk, plgpu.SMEM(sm_ref.shape[1:], jnp.int32), plgpu.Barrier(num_arrivals=1))
 
 
+_MOSAIC_SMEM = 16 * 1024  # what Mosaic adds to `smem_bytes` (alignment, its own buffers): 15 KB measured
+
+
 def smem_bytes(plan: KernelPlan, tiles: tl.TileConfig) -> int:
     """The GPU kernel's SMEM per CTA as the scratch declares it: the tile bodies' buffers (ATTN's union with the
     rings counted once) plus the CTA's dispatch table. A lower bound: Mosaic adds alignment and its own buffers
@@ -820,10 +823,9 @@ class PersistentDecoder:
     start deserializes it instead of tracing and lowering the kernel."""
 
     def __init__(self, model, options=None, interpret=None, cache_dir=None, tiles: tl.TileConfig | None = None):
-        from pallas_kernels.persistent.schedule import ScheduleOptions
         self.tiles = tiles or tl.TileConfig()
         self.cfg = model.cfg
-        self.options = options or ScheduleOptions()
+        self.options = options  # None: `_options` picks them per T
         self.interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
         self.cache_dir = cache_dir
         self._plans: dict = {}
@@ -831,13 +833,32 @@ class PersistentDecoder:
         self._exported: dict = {}
         self._model = model
 
+    def _options(self, tokens: int):
+        """The given ScheduleOptions, or on the GPU the most attention splits of (16, 8) whose SMEM fits (with
+        Mosaic's own ~16 KB on top of `smem_bytes`): ATTN tasks are latency-bound row gathers, and 16 splits
+        (half the rows per task, all SMs busy) halved their time on the H200 at glm5_slice, T = 1
+        (experiments/results/bench_persistent_glm5_slice_topk_splits16.json vs ..._profile.json); UV's split
+        partials then double in SMEM, which T = 4's MoE slots leave no room for."""
+        from pallas_kernels.persistent.schedule import ScheduleOptions, compile_schedule
+        if self.options is not None:
+            return self.options
+        if self.interpret:
+            return ScheduleOptions()
+        for splits in (16, 8):
+            options = ScheduleOptions(attn_splits=splits)
+            if smem_bytes(KernelPlan.build(compile_schedule(self.cfg, tokens, options)), self.tiles) \
+                    + _MOSAIC_SMEM <= gemv_mod.SMEM_BYTES:
+                return options
+        return options
+
     def plan(self, tokens: int) -> KernelPlan:
         if tokens not in self._plans:
             from pallas_kernels.persistent.schedule import compile_schedule, load_or_compile
+            options = self._options(tokens)
             if self.cache_dir is False:
-                s = compile_schedule(self.cfg, tokens, self.options)
+                s = compile_schedule(self.cfg, tokens, options)
             else:
-                s, _ = load_or_compile(self.cfg, tokens, self.options, cache_dir=self.cache_dir)
+                s, _ = load_or_compile(self.cfg, tokens, options, cache_dir=self.cache_dir)
             self._plans[tokens] = KernelPlan.build(s)
         return self._plans[tokens]
 

@@ -45,6 +45,19 @@ def test_bare_wait_counts_as_wait_and_empty_trace_is_zero():
     assert trace_breakdown({"traceEvents": []})["span_cycles"] == 0
 
 
+def test_nested_phases_are_parts_of_their_top_level_range():
+    """INDEX_TOPK [0, 100) with phases select [5, 60) (a wait [10, 20) inside) and compact [60, 95) (a nested
+    row [70, 80)): parts at any depth, the wait counted as wait only."""
+    out = trace_breakdown({"traceEvents": _events(1, 0, [
+        ("INDEX_TOPK", "B", 0), ("select", "B", 5), ("wait", "B", 10), ("wait", "E", 20), ("select", "E", 60),
+        ("compact", "B", 60), ("row", "B", 70), ("row", "E", 80), ("compact", "E", 95), ("INDEX_TOPK", "E", 100)])},
+        cycles_per_ms=10.0)
+    op = out["ops"]["INDEX_TOPK"]
+    assert op["parts_cycles"] == {"select": 55, "compact": 35, "row": 10} and op["wait_cycles"] == 10
+    assert op["parts_ms"] == {"select": 5.5, "compact": 3.5, "row": 1.0}
+    assert out["ops"]["INDEX_TOPK"]["exclusive_cycles"] == 90
+
+
 @pytest.mark.parametrize("ranges,message", [
     ([("GEMV", "B", 0), ("wait", "B", 10), ("GEMV", "E", 20), ("wait", "E", 30)], "end of 'GEMV'"),
     ([("GEMV", "E", 0)], "end of 'GEMV'"),

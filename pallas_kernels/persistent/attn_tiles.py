@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -243,20 +244,24 @@ def attn_body(r, key, consts):
             return jnp.where(ok, 0.0, mla.NEG_INF).astype(jnp.float32)
 
         def run_pass(w: int, tt: int):
-            for j in range(min(stages, n_blocks)):
-                fill(c(j), c(j))
+            with jax.named_scope("rows_issue"):
+                for j in range(min(stages, n_blocks)):
+                    fill(c(j), c(j))
             q_segs = [q.at[:, pl.ds(cc * seg, seg)] for cc in range(n_seg)] + [qpe]
 
             def block(j, carry):
                 slot = lax.rem(j, stages)
-                plgpu.barrier_wait(full.at[slot])
-                kv_segs = [kv.at[slot * n_seg + cc] for cc in range(n_seg)] + [pe.at[slot]]
-                logits = mla.qk_logits(q_segs, kv_segs, interpret)
-                carry = mla.online_softmax_pv(logits, block_bias(j), kv_segs[w * half:(w + 1) * half], carry,
-                                              scale_log2=scale_log2, interpret=interpret)
-                if not interpret:
-                    plgpu.wgmma_wait(0)  # the slot is free once the wgmmas that read it retired
-                pl.when(j + stages < n_blocks)(lambda: fill(slot, j + stages))
+                with jax.named_scope("rows_wait"):  # profiler phases (`persistent_step(profile_dir=...)`)
+                    plgpu.barrier_wait(full.at[slot])
+                with jax.named_scope("math"):
+                    kv_segs = [kv.at[slot * n_seg + cc] for cc in range(n_seg)] + [pe.at[slot]]
+                    logits = mla.qk_logits(q_segs, kv_segs, interpret)
+                    carry = mla.online_softmax_pv(logits, block_bias(j), kv_segs[w * half:(w + 1) * half], carry,
+                                                  scale_log2=scale_log2, interpret=interpret)
+                    if not interpret:
+                        plgpu.wgmma_wait(0)  # the slot is free once the wgmmas that read it retired
+                with jax.named_scope("rows_issue"):
+                    pl.when(j + stages < n_blocks)(lambda: fill(slot, j + stages))
                 return carry
 
             init = (mla._full((m, half * seg), 0.0, interpret), mla._full((m,), mla.NEG_INF, interpret),

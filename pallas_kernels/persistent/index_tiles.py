@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -540,7 +541,8 @@ def index_topk_body(r, key, consts):
                 counts = stream(on_slot, None, peel=True)
                 return [_smem_scalars(tiles, [jnp.sum(x) for x in counts], cnt)]
 
-            (lo,), (need,) = _radix_select(kk, count_pass, 1, c(0))
+            with jax.named_scope("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
+                (lo,), (need,) = _radix_select(kk, count_pass, 1, c(0))
 
             def on_slot(g, st, carry):
                 x = ring[st] if tiles.interpret else plgpu.load(ring.at[st], (), layout=plgpu.Layout.WG_STRIDED(
@@ -585,10 +587,11 @@ def index_topk_body(r, key, consts):
 
                 return scan_slot(carry)
 
-            n, _ = stream(on_slot, (c(0), c(0)))
+            with jax.named_scope("compact"):
+                n, _ = stream(on_slot, (c(0), c(0)))
 
-            @pl.loop(n, kk)
-            def _(j):
-                out_idx[oi, c(q), j] = c(0)
-                out_valid[ov, c(q), j] = c(0)
+                @pl.loop(n, kk)
+                def _(j):
+                    out_idx[oi, c(q), j] = c(0)
+                    out_valid[ov, c(q), j] = c(0)
     return fn

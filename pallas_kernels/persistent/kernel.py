@@ -720,6 +720,7 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
         pl.run_scoped(walk, plgpu.SMEM(sm_ref.shape[1:], jnp.int32), plgpu.Barrier(num_arrivals=1))
 
 
+_PHASE_RANGES = 512  # profiler ranges per CTA for the bodies' phases (ATTN: 3 per block and pass per task)
 _MOSAIC_SMEM = 16 * 1024  # what Mosaic adds to `smem_bytes` (alignment, its own buffers): 15 KB measured
 
 
@@ -767,7 +768,7 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     bodies' tuning (tiles.py), None for the v1 jnp bodies everywhere. sync=False compiles the cross-CTA waits
     and signals out (a race: for timing the bare table walk only). buffers=True also returns every scratch
     buffer's final value, {buffer id: array} (to locate a wrong op against `simulate.simulate_step`'s).
-    profile_dir: turn on Mosaic GPU's on-device profiler (GPU only; 16 bytes of SMEM per range, 2.5 KB at
+    profile_dir: turn on Mosaic GPU's on-device profiler (GPU only; 16 bytes of SMEM per range, ~11 KB at
     glm5_slice): every launch records, per CTA, a range per task named by its op with the dependency wait's range
     ("wait") nested in it, in SM clock cycles, and a `jax.debug.callback` dumps them to
     `profile_dir/<name>-<time_ns>-trace.json` (Chrome trace format; jax 0.10.2 names the file once per lowering
@@ -782,7 +783,7 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     s = plan.schedule
     compiler_params = None
     if profile_dir is not None:  # ranges per CTA: an op and a wait range per task; Mosaic's "Init"; the dump's header
-        space = 2 * int((s.sm_tasks >= 0).sum(1).max()) + 8
+        space = 2 * int((s.sm_tasks >= 0).sum(1).max()) + 8 + _PHASE_RANGES
         compiler_params = plgpu.CompilerParams(profile_space=space, profile_dir=profile_dir)
     stack_types = [jax.ShapeDtypeStruct((len(m), *shape), _JNP[dtype]) for (shape, dtype), m in plan.buffer_stacks]
     row_types = [jax.ShapeDtypeStruct((len(m), plan.tokens, s.buffers[plan.caches[m[0]]].shape[1]),

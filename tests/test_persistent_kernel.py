@@ -91,6 +91,19 @@ def _engine_tokens(model, backend, depth, steps=4):
     return engine.generate(prompt, steps, speculative_depth=depth).tokens
 
 
+def test_decoder_takes_the_most_attention_splits_that_fit_smem():
+    """glm5_slice on the GPU path: 16 splits at T = 1 (and they fit); at T = 4 the MoE slots' SMEM rules 16 out
+    and 8 is the fallback; given options are kept; interpret mode keeps the defaults (no GPU SMEM to fit)."""
+    model = type("M", (), {"cfg": load_config("glm5_slice").model})()
+    dec = PersistentDecoder(model, interpret=False, cache_dir=False)
+    assert (dec._options(1).attn_splits, dec._options(4).attn_splits) == (16, 8)
+    plan = KernelPlan.build(compile_schedule(model.cfg, 1, dec._options(1)))
+    assert kernel_mod.smem_bytes(plan, TileConfig()) + kernel_mod._MOSAIC_SMEM <= 227 * 1024
+    given = ScheduleOptions(attn_splits=4)
+    assert PersistentDecoder(model, given, interpret=False, cache_dir=False)._options(1) is given
+    assert PersistentDecoder(model, interpret=True, cache_dir=False)._options(1) == ScheduleOptions()
+
+
 @pytest.mark.parametrize("depth", [0, 1])
 def test_engine_persistent_greedy_tokens_equal_xla(depth, monkeypatch, tmp_path):
     monkeypatch.setenv("GLM_FAST_SCHEDULE_DIR", str(tmp_path))

@@ -29,6 +29,10 @@ scratch stays at ~162 KB (+ the CTA's dispatch table). That aliasing is safe bec
 other; a future cross-task prefetch that fills t_w0 / t_w1 while an ATTN task runs must exclude them from the
 union. A second ring stage (overlapping the next block's row gathers with this block's wgmmas) is taken when it
 fits `SMEM_BUDGET` -- not at glm5_slice, where the body issues a block's 576 row TMAs, waits, then computes.
+Measured (H200, glm5_slice at 4K, 16 splits, experiments/results/bench_persistent_glm5_slice_phases.json): 128 us
+per task, 98 us of it issuing those TMAs (one thread, ~84 cycles each), 18 us of math, the waits hidden behind the
+issuing. The TMA count is the cost to cut: every 8-head group gathers the same selected rows again, and the second
+column pass gathers them a second time (the phases are profiler ranges: `persistent_step(profile_dir=...)`).
 
 Interpret mode (CPU): the same code with block_k = 8, a plain allocation per ref (jax 0.10's interpreter has no
 RefUnion), the wgmma products as jnp.dot (`qk_logits` / `online_softmax_pv`'s interpret paths) and the per-row

@@ -59,12 +59,12 @@ it as a 0-d vector, which Mosaic GPU rejects as a scalar).
 
 What only the GPU exercises: the wgmma (interpret mode multiplies with jnp.dot on plain SMEM), the register layouts
 (WG_STRIDED loads/stores of the 128-wide score rows), TMA zero-fill of the key boxes past the cache end / of the
-new-rows box past row T (interpret mode reads NaN there, which the masks / unused rows absorb). Performance: the
-two bodies alone took 3.0 ms of a 7.1 ms glm5_slice step on the H200 (experiments/results/
-bench_persistent_glm5_slice_s6.json, variant `index`; 6.22 ms before INDEX_TOPK streamed only the filled rows);
-the scalar loops (q RoPE: T*N*R/2 pairs; the slow path's compaction: n_rows per token; INDEX_TOPK's compaction:
-every candidate slot holding a selected key, ~16K scalar steps per token at S = 4K) are the obvious costs to
-remove (a warp-level ballot / prefix count would replace them).
+new-rows box past row T (interpret mode reads NaN there, which the masks / unused rows absorb). Performance
+(H200, glm5_slice at 4K, the on-device profile of experiments/results/bench_persistent_glm5_slice_phases.json):
+INDEX_SCORE takes 31 us per chunk task, spread over the SMs; INDEX_TOPK runs on one SM per layer for 0.53 ms --
+radix select 0.12 ms, compaction 0.41 ms (6,144 streamed candidates, ~130 cycles each) -- while every attention
+task waits for it: the step's critical path. The next step is to take the compaction off one SM's scalar loop
+(split it across CTAs per chunk with offsets from the select's counts, or a warp-level ballot / prefix count).
 """
 from __future__ import annotations
 

@@ -839,7 +839,9 @@ class PersistentDecoder:
         Mosaic's own ~16 KB on top of `smem_bytes`): ATTN tasks are latency-bound row gathers, and 16 splits
         (half the rows per task, all SMs busy) halved their time on the H200 at glm5_slice, T = 1
         (experiments/results/bench_persistent_glm5_slice_topk_splits16.json vs ..._profile.json); UV's split
-        partials then double in SMEM, which T = 4's MoE slots leave no room for."""
+        partials then double in SMEM, which T = 4's MoE slots leave no room for. 8 is the fallback even where it
+        does not fit by this estimate (glm5_slice at T = 4: 215 KB + 16 KB; Mosaic's own check is the judge, and
+        T = 4 has not run on the GPU yet)."""
         from pallas_kernels.persistent.schedule import ScheduleOptions, compile_schedule
         if self.options is not None:
             return self.options

@@ -38,11 +38,12 @@ side by side (`bench_decode.time_step`'s method: jitted, back to back, one sync)
 
 --profile (GPU only): the persistent variants compile with Mosaic GPU's on-device profiler
 (`persistent_step(profile_dir=...)`: per CTA, a range per task named by its op, the dependency wait and the
-body's phases -- INDEX_TOPK select / compact, ATTN rows_issue / rows_wait / math -- nested in it). After the timing runs, one more launch's trace is read back and broken down (`profile.trace_breakdown`:
-cycles per op, its wait, the table walk outside the tasks, the SMs' spans) into the row's `profile`, in ms at the
-SM clock that nvidia-smi reports right after that launch (`sm_clock_mhz`). The profiler's records and its
-per-launch trace dump callback cost time, so a profiled row's timing is `median_ms_profiled`, not comparable
-with an unprofiled `median_ms`; each timeline's span in the breakdown is the kernel's own time on that SM.
+body's phases -- INDEX_TOPK select / compact, ATTN rows_issue / rows_wait / math -- nested in it). After the
+timing runs, one more launch's trace is read back and broken down (`profile.trace_breakdown`: cycles per op, its
+wait and phases, the table walk outside the tasks, the SMs' spans) into the row's `profile`, in ms at the SM clock
+that nvidia-smi reports right after that launch (`sm_clock_mhz`). The profiler's records and its per-launch trace
+dump callback cost time, so a profiled row's timing is `median_ms_profiled`, not comparable with an unprofiled
+`median_ms`; each timeline's span in the breakdown is the kernel's own time on that SM.
 --attn-splits N overrides the attention tasks' split-KV factor (default: PersistentDecoder's choice, 16 where the
 SMEM fits).
 """

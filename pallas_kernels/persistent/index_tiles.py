@@ -30,19 +30,22 @@ INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select over the
   min(chunk size, K) candidates at this step (INDEX_SCORE's run-time geometry, from pos), the slots after them
   are -inf padding, and dropping -inf slots changes neither the K-th largest key nor the selection while at least
   K slots remain (rpc is kept >= K / (nc * TN)); at glm5_slice's 4K context that is 3 of 32 rows per chunk.
-  Then a compaction pass: a slot with no candidate >= the K-th key is skipped, else a scalar
-  loop writes the candidate rows (GMEM scalar stores) in flattened (chunk, slot) order = ascending row
-  order; finite selections first, the rest idx 0 / valid 0. When every chunk took INDEX_SCORE's fast path (chunk
-  size <= K) a candidate's row is computed (chunk * size + slot); only after a slow path is it loaded from
-  cand_idx, a dependent GMEM load per selected row (0.67 ms per layer on the H200 at 4K, in
-  experiments/results/bench_persistent_glm5_slice_profile.json, before the arithmetic rows).
+  Then a compaction pass. The selected rows are listed in flattened (chunk, slot) order = ascending row order,
+  finite selections first, the rest idx 0 / valid 0, and the layer's INDEX_TOPK tasks split that list: part p of
+  P writes its slots [p K / P, (p + 1) K / P) (each part repeats the select; the compaction's scalar loop on one
+  SM was the step's critical path, 0.41 ms per layer on the H200 at 4K, bench_persistent_glm5_slice_phases.json).
+  Per ring slot two vector counts (keys > the K-th key; keys equal to it, of which the first `need` in flattened
+  order are taken) give the slot's output slots [n, n'); only a slot that meets the part's range is scanned by a
+  scalar loop, which writes the part's rows (GMEM scalar stores). When every chunk took INDEX_SCORE's fast path
+  (chunk size <= K) a candidate's row is computed (chunk * size + slot); only after a slow path is it loaded from
+  cand_idx (a dependent GMEM load per selected row: 0.67 ms per layer before the arithmetic rows,
+  experiments/results/bench_persistent_glm5_slice_profile.json). `topk_reference` is the jnp reference of a part.
 
 Exactness and ties. The selected set equals `lax.top_k`'s over the same scores: the K largest, ties at the K-th
 value to the lower row (candidates are in row order within a chunk and chunks ascend, so "first in flattened
-order" is "lowest row", which is also what the jnp bodies' chunk-then-merge `lax.top_k` picks). The slot ORDER
-differs from the jnp body (ascending row, not descending score); the valid slots still form a prefix. The consumer
-ATTN is order-independent (softmax over the K slots, split into ranges whose partial results UV merges by LSE):
-only float summation order changes. Scores are not bit-identical to the jnp body (wgmma summation order, scale
+order" is "lowest row", which is also what the jnp bodies' chunk-then-merge `lax.top_k` picks), and the slot
+order is the jnp reference's too (ascending row). The consumer ATTN is order-independent (softmax over the K
+slots, split into ranges whose partial results UV merges by LSE): only float summation order would change. Scores are not bit-identical to the jnp body (wgmma summation order, scale
 folded into the head weights), so near-ties can differ against the XLA backend; the tests compare the selection
 exactly against `lax.top_k` of the kernel's own candidate values, and with exact ties (duplicate keys, zero q).
 
@@ -76,7 +79,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import _compat
+from pallas_kernels import _compat, ref
 from pallas_kernels.gemv import TP
 from pallas_kernels.indexer import _float_key, count_tile, score_rows
 from pallas_kernels.persistent.format import C_INDEX_SCALE, C_INDEX_WSCALE, Op
@@ -86,6 +89,7 @@ NEG_INF = float("-inf")
 RADIX_BITS = 4  # bits per selection pass: 2^4 - 1 thresholds counted per pass, 8 passes to the exact K-th key
 _INT32_MIN = -(2**31)
 _BIG = 2**30  # "no causal limit"
+_KEY_NEG_INF = -2139095041  # indexer._float_key(-inf): the least key of any score
 _LANES = 128  # t_ixc: at most this many reduced counts per round trip
 
 
@@ -221,6 +225,21 @@ def _radix_select(k: int, count_pass, ntok: int, zero):
     init = tuple(zero + _INT32_MIN for _ in range(ntok)) + tuple(zero for _ in range(ntok))
     state = lax.fori_loop(0, passes, one, init)
     return list(state[:ntok]), [k - h for h in state[ntok:]]
+
+
+def topk_reference(vals, idx, part, parts: int):
+    """INDEX_TOPK's part `part` of `parts` in jnp (the simulator's and the interpret-mode v1 body's): the top-K of
+    the candidates vals / idx [nc, T, K] (ties to the lower flattened (chunk, slot)), listed in flattened order
+    (ascending row, as `index_topk_body` writes them), valid ones first -> this part's slots [part * K / parts,
+    (part + 1) * K / parts): (rows int32 [T, K / parts], 0 where invalid; valid int32 [T, K / parts])."""
+    nc, nt, k = vals.shape
+    flat_v, flat_i = (a.transpose(1, 0, 2).reshape(nt, nc * k) for a in (vals, idx))
+    sel, valid = (a[0] for a in ref.select_topk(flat_v[None], k))
+    order = jnp.argsort(jnp.where(valid, sel, nc * k), axis=-1)
+    sel, valid = jnp.take_along_axis(sel, order, -1), jnp.take_along_axis(valid, order, -1)
+    rows = jnp.where(valid, jnp.take_along_axis(flat_i, sel, -1), 0).astype(jnp.int32)
+    n = k // parts
+    return tuple(lax.dynamic_slice_in_dim(a, part * n, n, axis=1) for a in (rows, valid.astype(jnp.int32)))
 
 
 # ---- INDEX_SCORE ------------------------------------------------------------------------------------------------
@@ -469,7 +488,7 @@ def index_score_body(r, key, consts):
 
 def index_topk_body(r, key, consts):
     """INDEX_TOPK: exact top-K of all chunks' candidates per token (see the module docstring), or None."""
-    _, _, _, islots, oslots = key
+    _, (parts,), _, islots, oslots = key
     tiles = r.tiles
     if tiles is None or "t_ixcb" not in tiles.s or "t_part" not in tiles.s:
         return None
@@ -484,6 +503,7 @@ def index_topk_body(r, key, consts):
         return None
     stages = min(ring.shape[0], tiles.cfg.slots)
     row_per_chunk = kk // width
+    span = kk // parts  # output slots per part
     geometry = {k[1] for k in r.plan.branches if Op(k[0]) == Op.INDEX_SCORE}  # INDEX_SCORE's {(n_chunks, align)}
     (n_chunks, chunk_align), = geometry if len(geometry) == 1 else ((None, None),)
     pos_ref = r.inputs[r.plan.inputs.index("pos")]
@@ -544,13 +564,23 @@ def index_topk_body(r, key, consts):
             with jax.named_scope("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
                 (lo,), (need,) = _radix_select(kk, count_pass, 1, c(0))
 
+            r_lo = t.arg(0) * span  # this part's output slots [r_lo, r_lo + span)
+            r_hi = r_lo + span
+
             def on_slot(g, st, carry):
+                """The slot's selected count from two vector counts (keys > lo; keys == lo, of which the first
+                `need` in flattened order are taken); its rows are scanned by scalars only when their output
+                slots [n, n_next) meet this part's."""
+                n, eq = carry
                 x = ring[st] if tiles.interpret else plgpu.load(ring.at[st], (), layout=plgpu.Layout.WG_STRIDED(
                     (TP, width), vec_size=1))
                 kx = _float_key(x)
                 plgpu.commit_smem()  # the previous slot's scalar reads of `keys` are done
                 keys[...] = kx  # read back as scalars below (see INDEX_SCORE's slow path)
-                hit, = _smem_scalars(tiles, [jnp.max(jnp.where((kx >= lo) & (x > NEG_INF), 1, 0))], cnt)
+                gt, n_eq = _smem_scalars(tiles, [jnp.sum(jnp.where(kx > lo, 1, 0)),
+                                                 jnp.sum(jnp.where(kx == lo, 1, 0))], cnt)
+                # keys equal to -inf's are -inf candidates: they count as ties, never as selected rows
+                n_next = n + gt + jnp.where(lo != _KEY_NEG_INF, jnp.clip(need - eq, 0, n_eq), 0)
 
                 def scan_row(i, carry):
                     """Row i of the slot (TN candidates): its chunk and first slot computed once per row (a
@@ -564,33 +594,32 @@ def index_topk_body(r, key, consts):
                         is_eq = kv == lo
                         take = (kv > lo) | (is_eq & (eq < need))
                         sel = take & (v > NEG_INF)
+                        mine = sel & (n >= r_lo) & (n < r_hi)
 
                         # the key row: by arithmetic after the fast path (no dependent GMEM load per selection),
                         # else cand_idx's
-                        @pl.when(sel & (dense >= 0))
+                        @pl.when(mine & (dense >= 0))
                         def _():
                             out_idx[oi, c(q), n] = ch * dense + off + col
 
-                        @pl.when(sel & (dense < 0))
+                        @pl.when(mine & (dense < 0))
                         def _():
                             out_idx[oi, c(q), n] = cid_ref[ii, ch, c(q), off + col]
 
-                        @pl.when(sel)
+                        @pl.when(mine)
                         def _():
                             out_valid[ov, c(q), n] = c(1)
                         return n + sel.astype(jnp.int32), eq + (take & is_eq).astype(jnp.int32)
                     return lax.fori_loop(0, width, one, carry)
 
-                def scan_slot(carry):
-                    # a slot without any candidate >= the K-th key runs no step (a dynamic trip count, no cond)
-                    return lax.fori_loop(0, jnp.where(hit > 0, TP, 0), scan_row, carry)
-
-                return scan_slot(carry)
+                # a slot whose output slots miss this part's runs no step (a dynamic trip count, no cond)
+                lax.fori_loop(0, jnp.where((n < r_hi) & (n_next > r_lo), TP, 0), scan_row, (n, eq))
+                return n_next, jnp.minimum(eq + n_eq, need)
 
             with jax.named_scope("compact"):
                 n, _ = stream(on_slot, (c(0), c(0)))
 
-                @pl.loop(n, kk)
+                @pl.loop(jnp.clip(n, r_lo, r_hi), r_hi)
                 def _(j):
                     out_idx[oi, c(q), j] = c(0)
                     out_valid[ov, c(q), j] = c(0)

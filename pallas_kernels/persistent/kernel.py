@@ -105,7 +105,7 @@ AUX_WIDTH = 32  # >= A_ARGS + NUM_ARGS (27); 128-byte rows for the TMA of a CTA'
 # Per op: the args that change the code path (part of the branch key); the others are read at run time. An
 # expert slot / output slot only enters the key through its sign (present or not).
 _STATIC_ARGS = {Op.EMBED: (), Op.GEMV: (1, 2, 3), Op.KV_WRITE: (0,), Op.IK_WRITE: (0,), Op.INDEX_SCORE: (1, 2),
-                Op.INDEX_TOPK: (), Op.ABSORB: (), Op.ATTN: (1, 3), Op.UV: (), Op.ROUTER_SELECT: (0, 1, 2, 3),
+                Op.INDEX_TOPK: (1,), Op.ABSORB: (), Op.ATTN: (1, 3), Op.UV: (), Op.ROUTER_SELECT: (0, 1, 2, 3),
                 Op.SWIGLU_UP: (1, 3), Op.SWIGLU_DOWN: (1,), Op.MOE_COMBINE: (1,)}
 _SIGN_ARGS = {Op.SWIGLU_UP: (2,), Op.SWIGLU_DOWN: (2, 3)}
 
@@ -486,14 +486,15 @@ def _jnp_body(key, r: _Refs):
         return fn
 
     if op == Op.INDEX_TOPK:
+        parts = key[1][0]
+
         def fn(get):
-            vals, idx = inp(get, 0), inp(get, 1)
-            nc, nt, k = vals.shape
-            vals, idx = (a.transpose(1, 0, 2).reshape(nt, nc * k) for a in (vals, idx))
-            sel, valid = ref.select_topk(vals[None], k)
-            rows = jnp.take_along_axis(idx, sel[0], axis=-1)
-            r.write(oslots[0], get(A_OUT), jnp.where(valid[0], rows, 0), *r.full(oslots[0]))
-            r.write(oslots[1], get(A_OUT + 1), valid[0].astype(jnp.int32), *r.full(oslots[1]))
+            vals = inp(get, 0)
+            part, (nt, k) = get(A_ARGS), vals.shape[1:]
+            out = index_tiles.topk_reference(vals, inp(get, 1), part, parts)
+            for j, value in enumerate(out):
+                r.write(oslots[j], get(A_OUT + j), value, pl.ds(jnp.int32(0), nt),
+                        pl.ds(part * (k // parts), k // parts))
         return fn
 
     def head_dims(get, kv_b_cols, heads, nope=None, v_dim=None):

@@ -58,19 +58,23 @@ class ScheduleOptions:
     and 1/attn_splits of the top-K slots (split-KV; the W_uv tasks merge the partial softmaxes), so that no
     single SM streams all K selected rows. index_chunks: indexer score
     tasks per full layer (each covers 1/index_chunks of the visible rows at run time); index_align: row
-    granularity of a chunk. context_hint: cached tokens assumed when weighing the indexer and attention tasks
-    (balancing only). num_sms: task lists (one persistent CTA per SM; 132 on H100/H200).
+    granularity of a chunk. index_topk_parts: top-K merge tasks per full layer, each writing 1/parts of the
+    selected rows (the largest divisor of K not above it): the merge's compaction is a scalar loop, which on one SM
+    was the step's critical path. context_hint: cached tokens assumed when weighing the indexer and attention
+    tasks (balancing only). num_sms: task lists (one persistent CTA per SM; 132 on H100/H200).
     """
     tile_n: int = 64
     attn_heads: int = 8
     attn_splits: int = 8
     index_chunks: int = 32
     index_align: int = 64
+    index_topk_parts: int = 8
     context_hint: int = 4096
     num_sms: int = 132
 
     def __post_init__(self):
-        for name in ("tile_n", "attn_heads", "index_chunks", "index_align", "context_hint", "num_sms"):
+        for name in ("tile_n", "attn_heads", "index_chunks", "index_align", "index_topk_parts", "context_hint",
+                     "num_sms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ScheduleOptions.{name}={getattr(self, name)}: must be a positive integer")
 
@@ -204,7 +208,9 @@ class _Lowering:
                  [(i, nc, opt.index_align, 0) for i in range(nc)], (math.ceil(opt.context_hint / nc) * hi
                                                                    + t * ni * hi) * elt)
             topk = buf("topk_idx", (t, kt), "int32"), buf("topk_valid", (t, kt), "int32")
-            b.op(f"{p}/index_topk", Op.INDEX_TOPK, l, (), cand, topk, [(0,) * NUM_ARGS], nc * t * kt * 8)
+            parts = max(d for d in range(1, opt.index_topk_parts + 1) if kt % d == 0)
+            b.op(f"{p}/index_topk", Op.INDEX_TOPK, l, (), cand, topk, [(j, parts, 0, 0) for j in range(parts)],
+                 nc * t * kt * 8)
         # Level 4: absorb W_uk per head (q_pe RoPE fused), attention per head group over the top-K rows.
         kv_b = b.weight(f"{a}/kv_b_proj/kernel", (c, n * (hn + hv)), dt)
         q_lat, q_pe = buf("q_lat", (t, n, c)), buf("q_pe", (t, n, r))

@@ -28,6 +28,7 @@ from pallas_kernels import ref
 from pallas_kernels.persistent.format import (
     C_ATTN_SCALE, C_INDEX_SCALE, C_INDEX_WSCALE, C_ROUTED_SCALE, F_NWAITS, F_SIGNAL, F_WAITS, Kind, Task,
     written_region)
+from pallas_kernels.persistent.index_tiles import topk_reference
 from pallas_kernels.persistent.schedule import Schedule
 
 _JNP = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int32": jnp.int32}
@@ -239,12 +240,7 @@ class _Machine:
         self.write(t, vals, idx)
 
     def _index_topk(self, t):
-        vals, idx = (self.read(b) for b in t.inputs)
-        nc, nt, k = vals.shape
-        vals, idx = (a.transpose(1, 0, 2).reshape(nt, nc * k) for a in (vals, idx))
-        sel, valid = ref.select_topk(vals[None], k)
-        rows = jnp.take_along_axis(idx, sel[0], axis=-1)
-        self.write(t, jnp.where(valid[0], rows, 0), valid[0].astype(jnp.int32))
+        self.write(t, *topk_reference(*(self.read(b) for b in t.inputs), t.args[0], t.args[1]))
 
     def _head_dims(self, kv_b, heads, v_dim=None, nope=None):
         """(nope, v) head dims from kv_b [C, N (H_n + H_v)] and one of them."""

@@ -44,8 +44,9 @@ wait and phases, the table walk outside the tasks, the SMs' spans) into the row'
 that nvidia-smi reports right after that launch (`sm_clock_mhz`). The profiler's records and its per-launch trace
 dump callback cost time, so a profiled row's timing is `median_ms_profiled`, not comparable with an unprofiled
 `median_ms`; each timeline's span in the breakdown is the kernel's own time on that SM.
---attn-splits N overrides the attention tasks' split-KV factor (default: PersistentDecoder's choice, 16 where the
-SMEM fits).
+--attn-splits N / --attn-heads H override the attention tasks' split-KV factor (default: PersistentDecoder's
+choice, 16 where the SMEM fits; with only --attn-heads given, ScheduleOptions' 8) and heads per task (default 8;
+64 gathers the selected rows once for all heads).
 """
 from __future__ import annotations
 
@@ -328,11 +329,12 @@ def _profile(fn, args, profile_dir: str) -> dict:
 
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
                 slots: int = 4, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
-                profile: bool = False, attn_splits: int | None = None) -> dict:
+                profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight);
     profile: a persistent variant with the on-device profiler (GPU only; see the module docstring);
-    attn_splits: the schedule's split-KV factor (ScheduleOptions.attn_splits; None = PersistentDecoder's choice)."""
+    attn_splits, attn_heads: the attention tasks' split-KV factor and heads per task (ScheduleOptions; both None:
+    PersistentDecoder's choice; else the unset one takes ScheduleOptions' default)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -363,7 +365,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     if profile and interpret:
         raise SystemExit("--profile needs the GPU: Mosaic GPU's on-device profiler does not run in interpret mode")
     from pallas_kernels.persistent.schedule import ScheduleOptions
-    options = None if attn_splits is None else ScheduleOptions(attn_splits=attn_splits)  # None: the decoder's
+    given = {k: v for k, v in (("attn_splits", attn_splits), ("attn_heads", attn_heads)) if v is not None}
+    options = ScheduleOptions(**given) if given else None  # None: the decoder's choice
     dec = PersistentDecoder(model, options, interpret=interpret, cache_dir=False)
     plan, weights = dec.plan(1), dec.weights(1)
     arrays = []
@@ -439,6 +442,9 @@ def main(argv=None):
     p.add_argument("--attn-splits", type=int, default=None,
                    help="split-KV factor of the attention tasks (ScheduleOptions.attn_splits; default: "
                         "PersistentDecoder's choice)")
+    p.add_argument("--attn-heads", type=int, default=None,
+                   help="heads per attention task (ScheduleOptions.attn_heads; 64 = one gather of the selected rows "
+                        "for all heads)")
     p.add_argument("--checks", default="tasks,buffers,flips", help="the full variant's simulator checks to run")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
@@ -451,7 +457,7 @@ def main(argv=None):
         print(json.dumps(run_variant(args.config, args.context, ops, args.reps, sync=args.child != "walk",
                                      slots=args.slots, checks=tuple(args.checks.split(",")),
                                      probe="+" in args.child, profile=args.profile,
-                                     attn_splits=args.attn_splits)), flush=True)
+                                     attn_splits=args.attn_splits, attn_heads=args.attn_heads)), flush=True)
         return
     from glm_fast import results
     rows = []
@@ -459,7 +465,8 @@ def main(argv=None):
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--context", str(args.context),
                "--reps", str(args.reps), "--slots", str(args.slots), "--checks", args.checks, "--child", v,
                *(["--profile"] if args.profile else []),
-               *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else [])]
+               *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else []),
+               *(["--attn-heads", str(args.attn_heads)] if args.attn_heads else [])]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
@@ -475,7 +482,8 @@ def main(argv=None):
         print(json.dumps(row)[:2000], flush=True)
     record = results.result("bench_persistent", {"config": args.config, "context": args.context,
                                                  "reps": args.reps, "slots": args.slots,
-                                                 "profile": args.profile, "attn_splits": args.attn_splits},
+                                                 "profile": args.profile, "attn_splits": args.attn_splits,
+                                                 "attn_heads": args.attn_heads},
                              rows)
     path = results.write(record, args.out, args.name or f"bench_persistent_{args.config}")
     print("wrote", path)

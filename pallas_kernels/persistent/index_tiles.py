@@ -64,10 +64,10 @@ What only the GPU exercises: the wgmma (interpret mode multiplies with jnp.dot o
 (WG_STRIDED loads/stores of the 128-wide score rows), TMA zero-fill of the key boxes past the cache end / of the
 new-rows box past row T (interpret mode reads NaN there, which the masks / unused rows absorb). Performance
 (H200, glm5_slice at 4K, the on-device profile of experiments/results/bench_persistent_glm5_slice_phases.json):
-INDEX_SCORE takes 31 us per chunk task, spread over the SMs; INDEX_TOPK runs on one SM per layer for 0.53 ms --
+INDEX_SCORE takes 31 us per chunk task, spread over the SMs; INDEX_TOPK ran on one SM per layer for 0.53 ms --
 radix select 0.12 ms, compaction 0.41 ms (6,144 streamed candidates, ~130 cycles each) -- while every attention
-task waits for it: the step's critical path. The next step is to take the compaction off one SM's scalar loop
-(split it across CTAs per chunk with offsets from the select's counts, or a warp-level ballot / prefix count).
+task waited for it: the step's critical path, before the compaction was split into parts (not yet measured on the
+GPU). Left on that path: the select, repeated by every part (9 radix passes, each 15 cross-warp reductions).
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ assignment, statistics and the on-disk cache.
 `compile_schedule(cfg, tokens, options)` lowers one step of the main model (embedding, every decoder layer,
 final norm + LM head) for T = `tokens` query tokens of one sequence (1 + D for MTP verification) into op groups
 of tile-level tasks (`format.Op`): one GEMV task per output column tile, per-head absorb / W_uv tasks, attention
-per head group, indexer score chunks + one top-k merge, the router's logit tiles + selection, expert tasks per
-(routed slot, tile) with the expert id read at run time from the selection's slot table, and a combine per
+per head group, indexer score chunks + a top-k merge in `index_topk_parts` parts, the router's logit tiles +
+selection, expert tasks per (routed slot, tile) with the expert id read at run time from the selection's slot table, and a combine per
 column tile. RMSNorms are fused into the consuming GEMVs, RoPE into the cache writes / absorb / score tasks,
 residual adds into o_proj and the dense down projection.
 

@@ -6,8 +6,8 @@ final norm + LM head) for T = `tokens` query tokens of one sequence (1 + D for M
 of tile-level tasks (`format.Op`): one GEMV task per output column tile, per-head absorb / W_uv tasks, attention
 per head group, indexer score chunks + a top-k merge in `index_topk_parts` parts, the router's logit tiles +
 selection, expert tasks per (routed slot, tile) with the expert id read at run time from the selection's slot
-table, and a combine per column tile. RMSNorms are fused into the consuming GEMVs, RoPE into the cache writes / absorb / score tasks,
-residual adds into o_proj and the dense down projection.
+table, and a combine per column tile. RMSNorms are fused into the consuming GEMVs, RoPE into the cache writes /
+absorb / score tasks, residual adds into o_proj and the dense down projection.
 
 Dependencies: every buffer has a producer op group; an op group waits on the counters of its inputs' producers,
 minus those already implied by another wait (transitive reduction). Every scratch buffer is written exactly

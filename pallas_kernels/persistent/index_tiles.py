@@ -45,9 +45,10 @@ Exactness and ties. The selected set equals `lax.top_k`'s over the same scores: 
 value to the lower row (candidates are in row order within a chunk and chunks ascend, so "first in flattened
 order" is "lowest row", which is also what the jnp bodies' chunk-then-merge `lax.top_k` picks), and the slot
 order is the jnp reference's too (ascending row). The consumer ATTN is order-independent (softmax over the K
-slots, split into ranges whose partial results UV merges by LSE): only float summation order would change. Scores are not bit-identical to the jnp body (wgmma summation order, scale
-folded into the head weights), so near-ties can differ against the XLA backend; the tests compare the selection
-exactly against `lax.top_k` of the kernel's own candidate values, and with exact ties (duplicate keys, zero q).
+slots, split into ranges whose partial results UV merges by LSE): only float summation order would change.
+Scores are not bit-identical to the jnp body (wgmma summation order, scale folded into the head weights), so
+near-ties can differ against the XLA backend; the tests compare the selection exactly against `lax.top_k` of the
+kernel's own candidate values, and with exact ties (duplicate keys, zero q).
 
 SMEM (glm5_slice: N = 32, H = 128, K = 2048, T = 1 / 4): q and the key ring live in the existing weight rings
 t_w0 / t_w1 (4 slots of 64 x 64 bf16: T = 1 takes 1 slot per ring for q, 3 for keys; T = 4 takes 2 and 2), the

@@ -306,9 +306,20 @@ class Tiles:
 
     def flush(self, o, dst, tokens: int, n: int):
         """TMA rows [0, T) and columns [0, n) of the [TP, TN] SMEM tile `o` to dst and wait for the write."""
-        view = o if (tokens == TP and n == self.tn) else o.at[pl.ds(self.c(0), tokens), pl.ds(self.c(0), n)]
-        plgpu.copy_smem_to_gmem(view, dst)
+        self.copy_rows(o, tokens, 0, n, dst)
         plgpu.wait_smem_to_gmem(0)
+
+    def copy_rows(self, src, rows: int, col0: int, n: int, dst):
+        """TMA src[:rows, col0:col0 + n] (a 2-D SMEM ref) to the GMEM view dst [rows, n], without waiting: one copy
+        when those rows are contiguous in SMEM (all of src's columns, or one row), else one per row -- Mosaic's TMA
+        takes contiguous SMEM only, and a column slice of several rows (MTP verification's T > 1) is strided."""
+        c = self.c
+        if n == src.shape[1] or rows == 1:
+            view = src if (rows, n) == tuple(src.shape) else src.at[pl.ds(c(0), rows), pl.ds(c(col0), n)]
+            plgpu.copy_smem_to_gmem(view, dst)
+            return
+        for tt in range(rows):
+            plgpu.copy_smem_to_gmem(src.at[pl.ds(c(tt), 1), pl.ds(c(col0), n)], dst.at[pl.ds(c(tt), 1)])
 
 
 def rope_row(src, dst, row, cos, sin, t, rr: int, dt):
@@ -694,8 +705,7 @@ def ik_write_body(r, key, consts):
         tiles.rope(None, cos_ref, sin_ref, tokens, x_smem=buf)
         plgpu.copy_smem_to_gmem(s["t_pe_out"].at[pl.ds(c(0), tokens)], rows.at[t.out(0), :, pl.ds(c(0), rr)])
         if hi > rr:
-            plgpu.copy_smem_to_gmem(buf.at[pl.ds(c(0), tokens), pl.ds(c(rr), hi - rr)],
-                                    rows.at[t.out(0), :, pl.ds(c(rr), hi - rr)])
+            tiles.copy_rows(buf, tokens, rr, hi - rr, rows.at[t.out(0), :, pl.ds(c(rr), hi - rr)])
         plgpu.wait_smem_to_gmem(0)
     return fn
 

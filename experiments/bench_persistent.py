@@ -127,9 +127,9 @@ def _tasks_vs_simulator(plan, model, caches, tokens, pos, got: dict, rows, ops, 
     """Per op in `ops`: the worst error of a task's outputs (kernel vs the simulator run on the kernel's inputs),
     with a sample of that task's output: its first values both ways and the kernel's count of non-finite values
     (what a wrong body wrote: garbage, NaN, -inf, a constant). Tasks with a NaN float input (downstream of a
-    no-op body in a probe) are counted in `skipped`. The kernel's slot order is ascending row, the simulator's
-    `lax.top_k`'s: selections are compared by set overlap (`_missed`), INDEX_SCORE's candidate scores per key
-    row (`_scores_by_row`), other set-valued outputs sorted along their slots."""
+    no-op body in a probe) are counted in `skipped`. INDEX_SCORE's candidates are in ascending row order in the
+    kernel, in `lax.top_k`'s in the simulator: selections are compared by set overlap (`_missed`), INDEX_SCORE's
+    candidate scores per key row (`_scores_by_row`), other set-valued outputs sorted along their slots."""
     from pallas_kernels.persistent.format import Kind, Op, written_region
     from pallas_kernels.persistent.simulate import _Machine
     s = plan.schedule
@@ -165,7 +165,7 @@ def _tasks_vs_simulator(plan, model, caches, tokens, pos, got: dict, rows, ops, 
                 k, ref = np.sort(k, axis=-1), np.sort(ref, axis=-1)
             elif field == "index_cand_val" and "index_cand_idx" in outs:
                 err, extra = _scores_by_row(k, ref, outs["index_cand_idx"][1], outs["index_cand_idx"][2])
-            elif s.buffers[b].name.endswith(_SET_VALUED):  # the kernel's slot order is not the simulator's
+            elif s.buffers[b].name.endswith(_SET_VALUED):  # candidate slot orders differ (see the docstring)
                 k, ref = np.sort(k, axis=-1), np.sort(ref, axis=-1)
                 err = float((k != ref).mean()) if s.buffers[b].dtype == "int32" else _rel(k, ref)
             elif s.buffers[b].dtype == "int32":
@@ -199,7 +199,7 @@ def _buffers_vs_simulator(plan, model, caches, tokens, pos, got: dict) -> list:
             row["missed_fraction"] = _missed(have, want)
             out.append(row)
             continue
-        if buf.name.endswith(_SET_VALUED):  # the kernel's slot order is not the simulator's: compare as sets
+        if buf.name.endswith(_SET_VALUED):  # candidate slot orders differ: compare as sets
             want, have = np.sort(want, axis=-1), np.sort(have, axis=-1)
         elif buf.name.endswith(_SPLIT_ORDER):
             row["note"] = "depends on which selected rows fall in which split (the top-k slot order)"

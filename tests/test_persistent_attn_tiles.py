@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import pytest
 
 from glm_fast import load_config
-from pallas_kernels.persistent import Op, ScheduleOptions, attn_tiles, compile_schedule
+from pallas_kernels.persistent import Op, attn_tiles
 from pallas_kernels.persistent import kernel as kernel_mod
-from pallas_kernels.persistent.kernel import KernelPlan, PersistentDecoder
+from pallas_kernels.persistent.kernel import PersistentDecoder
 from tests.kernel_testing import assert_step_matches_xla, prefilled
 from tests.test_persistent_kernel import BF16, LOWERING, OPTIONS, TOL, _lower_glm5_slice
 
@@ -50,8 +50,28 @@ def test_attn_body_matches_xla_backend_in_interpret_mode(dtype, t, seed, context
     assert n_attn > 0 and attn_calls == [True] * n_attn  # every ATTN branch ran the tile body
     assert_step_matches_xla(model, caches, tokens, pos, logits, h, TOL[dtype])
 
+@pytest.mark.parametrize("splits", [3, 1])
+def test_attn_body_column_passes_in_interpret_mode(splits, attn_calls, monkeypatch):
+    """Several column passes (as C = 512 takes on the GPU), here by 16-wide segments and accumulators over
+    tiny's C = 32: 2 passes. index_topk 32: 3 splits -> 11 slots (two blocks in a two-stage ring: resident, the
+    second pass reuses the rows); 1 split -> 32 slots (four blocks: the second pass gathers them again)."""
+    monkeypatch.setattr(attn_tiles, "SEG", 16)
+    monkeypatch.setattr(attn_tiles, "ACC_COLS", 16)
+    cfg = load_config("tiny", {"model.index_topk": 32}).model
+    model, caches, tokens, pos = prefilled(cfg, 20 + splits, 48, 1)
+    dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, attn_splits=splits), interpret=True,
+                            cache_dir=False)
+    shape = attn_tiles.plan_shape(dec.plan(1))
+    assert shape.geometry(True)[3] == 2 and shape.resident(2, True) == (splits == 3)
+    logits, h, _ = jax.jit(lambda w, c: dec(model, w, c, tokens, pos, jnp.ones((1, 1), bool)))(dec.weights(1),
+                                                                                                caches)
+    assert attn_calls and all(attn_calls)
+    assert_step_matches_xla(model, caches, tokens, pos, logits, h, TOL["float32"])
+
+
 def _glm5_plan():
-    return KernelPlan.build(compile_schedule(load_config("glm5_slice").model, 1, ScheduleOptions(num_sms=132)))
+    return kernel_mod.pick_plan(load_config("glm5_slice").model, 1, kernel_mod.gpu_candidates(num_sms=132),
+                                kernel_mod.tl.TileConfig(), False)
 
 
 def test_attn_scratch_fits_smem_at_glm5_slice():

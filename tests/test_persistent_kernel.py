@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from glm_fast import Engine, Model, load_config
-from pallas_kernels.persistent import Op, ScheduleOptions, compile_schedule
+from pallas_kernels.persistent import Op, ScheduleOptions, attn_tiles, compile_schedule
 from pallas_kernels.persistent import kernel as kernel_mod
 from pallas_kernels.persistent.kernel import KernelPlan, PersistentDecoder
 from pallas_kernels.persistent.tiles import TileConfig
@@ -91,15 +91,17 @@ def _engine_tokens(model, backend, depth, steps=4):
     return engine.generate(prompt, steps, speculative_depth=depth).tokens
 
 
-def test_decoder_takes_the_most_attention_splits_that_fit_smem():
-    """glm5_slice on the GPU path: 16 splits at T = 1 (and they fit); at T = 4 the MoE slots' SMEM rules 16 out
-    and 8 is the fallback; given options are kept; interpret mode keeps the defaults (no GPU SMEM to fit)."""
+def test_decoder_takes_the_first_attention_layout_that_fits_smem():
+    """glm5_slice on the GPU path: 64 heads x 32 splits at T = 1 (and they fit); at T = 4 the MoE slots' SMEM rules
+    the wider ones out and 8 x 8 is the fallback; given options are kept; interpret mode keeps the defaults (no GPU
+    SMEM to fit)."""
     model = type("M", (), {"cfg": load_config("glm5_slice").model})()
 
     def splits(dec, tokens):  # the plan's split-KV factor: o_part [splits, T, heads, C]
         return next(b.shape[0] for b in dec.plan(tokens).schedule.buffers if b.name.endswith("/o_part"))
     dec = PersistentDecoder(model, interpret=False, cache_dir=False)
-    assert (splits(dec, 1), splits(dec, 4)) == (16, 8)
+    assert (splits(dec, 1), splits(dec, 4)) == (32, 8)
+    assert attn_tiles.plan_shape(dec.plan(1)).nh == 64 and attn_tiles.plan_shape(dec.plan(4)).nh == 8
     assert kernel_mod.smem_bytes(dec.plan(1), TileConfig()) + kernel_mod._MOSAIC_SMEM <= 227 * 1024
     assert splits(PersistentDecoder(model, ScheduleOptions(attn_splits=4), interpret=False, cache_dir=False), 1) == 4
     assert splits(PersistentDecoder(model, interpret=True, cache_dir=False), 1) == ScheduleOptions().attn_splits
@@ -125,9 +127,10 @@ def test_engine_persistent_rejects_a_batch(monkeypatch, tmp_path):
 
 
 def _lower_glm5_slice(ops, tokens: int = 1):
-    from pallas_kernels.persistent.kernel import abstract_step_args, persistent_step
+    """Lowers the kernel with the bodies `ops` for the H200 at glm5_slice, on the plan PersistentDecoder picks."""
+    from pallas_kernels.persistent.kernel import abstract_step_args, gpu_candidates, persistent_step, pick_plan
     from tests.kernel_testing import lower_for_h200
-    plan = KernelPlan.build(compile_schedule(load_config("glm5_slice").model, tokens, ScheduleOptions(num_sms=132)))
+    plan = pick_plan(load_config("glm5_slice").model, tokens, gpu_candidates(num_sms=132), TileConfig(), False)
     lower_for_h200(lambda *a: persistent_step(plan, *a, interpret=False, ops=ops), *abstract_step_args(plan, 4352))
 
 

@@ -17,22 +17,31 @@ each token t (a static loop; every token has its own top-K list):
     the log2-domain lse x ln 2; 0 / -inf for a split without a valid slot, as the jnp body).
 The kernel runs one warpgroup, so a [64, C] f32 accumulator (256 registers per thread at C = 512) cannot stay in
 registers: C is covered in n_pass = C / 256 column passes, each recomputing the logits over all rows (the second
-pass re-reads the split's rows, mostly from L2) and accumulating its half of C (128 registers per thread).
+pass gathers the split's rows again, mostly from L2, unless they are resident) and accumulating its half of C (128
+registers per thread).
 
-SMEM at glm5_slice (64 heads, C = 512, R = 64, K = 2048, 8 heads x 8 splits per task: ks = 256 = 4 blocks of 64):
-q 64 KB + q_pe 8 KB, one ring stage of 64 rows (C + R) bf16 = 72 KB, index + valid lists 2 KB, lse 256 B, the
-output staging [2, 64, 32] f32 = 16 KB aliased to the drained ring: ~146 KB. On the GPU these share one
+Resident rows. When the ring holds every block of the split (`AttnShape.resident`), the passes after the first
+reuse its rows instead of gathering them again, and the output staging gets its own SMEM (else it aliases the
+drained ring). glm5_slice on the GPU takes 64 heads x 32 splits per task (`kernel.gpu_candidates`): one gather of
+the split's 64 rows serves all 64 heads and both column passes.
+
+SMEM at glm5_slice (64 heads, C = 512, R = 64, K = 2048; 64 heads x 32 splits per task: ks = 64 = one block):
+q 64 KB + q_pe 8 KB, one ring stage of 64 rows (C + R) bf16 = 72 KB, index + valid lists 512 B, lse 256 B, the
+output staging [2, 64, 32] f32 = 16 KB: ~162 KB. On the GPU these share one
 `plgpu.RefUnion` ("t_alias", see `add_scratch`) with the tile bodies' big rings t_w0, t_w1 (weights), t_op (UV's
-split partials) and t_part (MoE partials), 146 KB together, so ATTN adds no SMEM beyond its barriers: the kernel's
-scratch stays at ~162 KB (+ the CTA's dispatch table). That aliasing is safe because every body drains its SMEM
+split partials) and t_part (MoE partials), and with INDEX_TOPK's candidate ring, so ATTN adds no SMEM beyond its
+barriers. That aliasing is safe because every body drains its SMEM
 (TMA loads waited, wgmmas retired, TMA stores waited) before it returns and tasks of one CTA run one after the
 other; a future cross-task prefetch that fills t_w0 / t_w1 while an ATTN task runs must exclude them from the
 union. A second ring stage (overlapping the next block's row gathers with this block's wgmmas) is taken when it
 fits `SMEM_BUDGET` -- not at glm5_slice, where the body issues a block's 576 row TMAs, waits, then computes.
-Measured (H200, glm5_slice at 4K, 16 splits, experiments/results/bench_persistent_glm5_slice_phases.json): 128 us
-per task, 98 us of it issuing those TMAs (one thread, ~84 cycles each), 18 us of math, the waits hidden behind the
-issuing. The TMA count is the cost to cut: every 8-head group gathers the same selected rows again, and the second
-column pass gathers them a second time (the phases are profiler ranges: `persistent_step(profile_dir=...)`).
+Measured (H200, glm5_slice at 4K; the phases are profiler ranges: `persistent_step(profile_dir=...)`): with 8 heads
+x 16 splits (bench_persistent_glm5_slice_phases.json) 128 us per task, 98 us of it issuing row TMAs (one thread,
+~84 cycles each: 2 blocks x 2 passes x 576), 18 us of math -- every 8-head group gathered the same rows again, and
+the second pass gathered them a second time; with 64 heads x 32 splits and the resident ring
+(bench_persistent_glm5_slice_attn64x32.json) 48 us per task (23 us issuing, 12.5 us math), 32 tasks per layer
+instead of 128. UV then merges 32 partials per head with a one-slot ring (t_op: `tiles.UV_BYTES`): 43 us per
+task instead of 22.
 
 Interpret mode (CPU): the same code with block_k = 8, a plain allocation per ref (jax 0.10's interpreter has no
 RefUnion), the wgmma products as jnp.dot (`qk_logits` / `online_softmax_pv`'s interpret paths) and the per-row
@@ -83,7 +92,7 @@ class AttnShape:
         bk = 8 if interpret else 64
         seg = SEG if self.c % SEG == 0 else self.c
         n_seg = self.c // seg
-        n_pass = max(1, math.ceil(self.c / ACC_COLS))
+        n_pass = min(max(1, math.ceil(self.c / ACC_COLS)), n_seg)
         while n_seg % n_pass:
             n_pass += 1
         m = -(-self.nh // 8) * 8 if interpret else M
@@ -94,9 +103,16 @@ class AttnShape:
         return (jnp.dtype(self.dtype).itemsize == 2 and seg == SEG and self.r == SEG and self.nh <= M
                 and self.nh % 8 == 0 and self.ks % 4 == 0 and self.k % 4 == 0 and (self.c // n_pass) % OUT_TILE == 0)
 
+    def resident(self, stages: int, interpret: bool) -> bool:
+        """Whether a ring of `stages` slots holds the whole split, so that the column passes after the first
+        reuse its rows instead of gathering them again (and the output staging must not alias the ring)."""
+        return self.geometry(interpret)[1] <= stages
+
     def groups(self, stages: int, interpret: bool) -> tuple[dict, dict, dict]:
         """(tiled views, per-row copy views, output staging): the three views of ATTN's SMEM. Keys sort so that
-        the ring (a0_kv, a1_pe) comes first in every group (a RefUnion lays a group out in tree order)."""
+        the ring (a0_kv, a1_pe) comes first in every group (a RefUnion lays a group out in tree order). The
+        staging a7_o aliases the drained ring, except when the ring is resident (`resident`): then it is a
+        member of the tiled group (the staging group is empty)."""
         bk, n_blocks, seg, _, m = self.geometry(interpret)
         dt = self.dtype
         sw = mma_transforms(None if interpret else 128, dt)
@@ -112,9 +128,12 @@ class AttnShape:
         swz = () if interpret else (plgpu.SwizzleTransform(128),)
         copy = dict(a0_kvc=plgpu.SMEM(tiled["a0_kv"].shape, dt, transforms=swz),
                     a1_pec=plgpu.SMEM(tiled["a1_pe"].shape, dt, transforms=swz))
-        width = math.gcd(OUT_TILE, self.c)
-        stage = dict(a0_o=plgpu.SMEM((2, m, width), jnp.float32,
+        width = math.gcd(OUT_TILE, self.c // self.geometry(interpret)[3])  # divides a pass's columns
+        stage = dict(a7_o=plgpu.SMEM((2, m, width), jnp.float32,
                                      transforms=mma_transforms(None if interpret else 128, jnp.float32)))
+        if self.resident(stages, interpret):
+            tiled.update(stage)
+            stage = {}
         return tiled, copy, stage
 
     def add_scratch(self, out: dict, interpret: bool) -> dict:
@@ -134,11 +153,11 @@ class AttnShape:
             out.update(tiled)
             out.update(stage)
         else:
-            if _group_bytes(stage) > _nbytes(tiled["a0_kv"]):
+            if stage and _group_bytes(stage) > _nbytes(tiled["a0_kv"]):
                 raise ValueError(f"ATTN's output staging ({_group_bytes(stage)} B) does not fit in its row ring "
                                  f"({_nbytes(tiled['a0_kv'])} B) for {self}: the GPU ATTN body takes GLM-5-like "
                                  f"shapes (AttnShape.fits_gpu); run this config in GPU interpret mode")
-            out["t_alias"] = plgpu.RefUnion(aliased, tiled, copy, stage)
+            out["t_alias"] = plgpu.RefUnion(aliased, tiled, copy, *([stage] if stage else []))
         out["a_full"] = plgpu.Barrier(num_arrivals=(self.c // seg + 1) * bk, num_barriers=stages)
         out["a_meta"] = plgpu.Barrier(num_arrivals=2 + 2 * n_blocks)
         return out
@@ -207,7 +226,7 @@ def attn_body(r, key, consts):
     shape = AttnShape(c_dim, rr, kk, ks, nh, q_ref.dtype)
     bk, n_blocks, seg, n_pass, m = shape.geometry(interpret)
     kv, pe, q, qpe = s["a0_kv"], s["a1_pe"], s["a2_q"], s["a3_qpe"]
-    idx_s, val_s, lse_s, stage = s["a4_idx"], s["a5_valid"], s["a6_lse"], s["a0_o"]
+    idx_s, val_s, lse_s, stage = s["a4_idx"], s["a5_valid"], s["a6_lse"], s["a7_o"]
     kv_copy, pe_copy = s.get("a0_kvc", kv), s.get("a1_pec", pe)
     stages = pe.shape[0]
     n_seg = c_dim // seg
@@ -247,16 +266,21 @@ def attn_body(r, key, consts):
             ok = jnp.logical_and(v != 0, col + j * bk < n_here)
             return jnp.where(ok, 0.0, mla.NEG_INF).astype(jnp.float32)
 
+        resident = shape.resident(stages, interpret)
+
         def run_pass(w: int, tt: int):
-            with jax.named_scope("rows_issue"):
-                for j in range(min(stages, n_blocks)):
-                    fill(c(j), c(j))
+            gather = w == 0 or not resident  # a resident ring still holds the split's rows from pass 0
+            if gather:
+                with jax.named_scope("rows_issue"):
+                    for j in range(min(stages, n_blocks)):
+                        fill(c(j), c(j))
             q_segs = [q.at[:, pl.ds(cc * seg, seg)] for cc in range(n_seg)] + [qpe]
 
             def block(j, carry):
                 slot = lax.rem(j, stages)
-                with jax.named_scope("rows_wait"):  # profiler phases (`persistent_step(profile_dir=...)`)
-                    plgpu.barrier_wait(full.at[slot])
+                if gather:
+                    with jax.named_scope("rows_wait"):  # profiler phases (`persistent_step(profile_dir=...)`)
+                        plgpu.barrier_wait(full.at[slot])
                 with jax.named_scope("math"):
                     kv_segs = [kv.at[slot * n_seg + cc] for cc in range(n_seg)] + [pe.at[slot]]
                     logits = mla.qk_logits(q_segs, kv_segs, interpret)
@@ -272,7 +296,7 @@ def attn_body(r, key, consts):
                     mla._full((m,), 0.0, interpret))
             out, lse = mla._finish(lax.fori_loop(0, n_blocks, block, init))
             out = out.astype(q_ref.dtype).astype(jnp.float32)  # the jnp body's o_part: q_lat's dtype
-            # The staging tile aliases the ring (GPU), drained now: every block's wgmmas have retired.
+            # The staging tile aliases the ring (GPU; unless resident), drained now: every block's wgmmas retired.
             for i in range(half * seg // width):
                 slot = stage.at[c(i % 2)]
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)

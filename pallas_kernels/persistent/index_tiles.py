@@ -92,6 +92,10 @@ _INT32_MIN = -(2**31)
 _BIG = 2**30  # "no causal limit"
 _KEY_NEG_INF = -2139095041  # indexer._float_key(-inf): the least key of any score
 _LANES = 128  # t_ixc: at most this many reduced counts per round trip
+PACK_LIMIT = 2**16 - 1  # the largest total two counts packed in one int32 reduction can hold (`_packed_totals`)
+SCAN_UNROLL = 8  # candidates per iteration of INDEX_TOPK's scalar compaction loop (independent SMEM loads in flight)
+CAND_SLOTS = 32  # INDEX_TOPK's candidate ring t_ixr: [8, TN] f32 slots (64 KB on the GPU; Mosaic's barrier
+# groups hold <= 32 barriers). Up to this many slots the candidates stay resident for every radix pass
 
 
 def super_block(k: int, interpret: bool) -> int | None:
@@ -140,8 +144,13 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
         # the head weights iw [T, N], read as scalars (whole 128-byte TMAs: `rows_per_copy` stack rows)
         t_ixhw=plgpu.SMEM((rows_per_copy((tokens, heads), jnp.dtype(dtype).itemsize), tokens, heads), dtype),
         t_ixkb=plgpu.Barrier(num_arrivals=max(1, index_dim // cfg.tile_n), num_barriers=cfg.slots),
-        t_ixcb=plgpu.Barrier(num_arrivals=TP, num_barriers=cfg.slots),
+        t_ixcb=plgpu.Barrier(num_arrivals=TP, num_barriers=max(CAND_SLOTS, 2)),  # INDEX_SCORE takes 2
     )
+    ring = dict(t_ixr=plgpu.SMEM((CAND_SLOTS, TP, cfg.tile_n), jnp.float32))  # INDEX_TOPK's candidates
+    if "t_alias" in out:  # GPU: one more view of the big rings' SMEM (INDEX_TOPK drains it before it returns)
+        out["t_alias"] = plgpu.RefUnion(*out["t_alias"].refs, ring)
+    else:
+        out.update(ring)
     return out
 
 
@@ -189,6 +198,12 @@ def _smem_scalars(tiles, vals, ref):
     """0-d int32 register reductions -> int32 scalars: vals[j] placed at lane j of one [128] row (vector selects),
     one full-ref vector store into `ref` ([128] int32 SMEM), then scalar loads. jax 0.11.2 represents a full
     reduction as a 0-d vector, which Mosaic GPU cannot use as a scalar (loop carry, trip count, predicate)."""
+    _smem_store(tiles, vals, ref)
+    return [ref[tiles.c(j)] for j in range(len(vals))]
+
+
+def _smem_store(tiles, vals, ref):
+    """`_smem_scalars`' store half: vals[j] at lane j of `ref`, visible to every thread's scalar reads after it."""
     lane = _iota_row(tiles, ref.shape[0])  # [128] int32
     row = jnp.where(lane == 0, vals[0], 0)
     for j, v in enumerate(vals[1:], 1):
@@ -196,7 +211,25 @@ def _smem_scalars(tiles, vals, ref):
     plgpu.commit_smem()  # (its warpgroup barrier) earlier scalar reads of `ref` are done before the store ...
     ref[...] = row
     plgpu.commit_smem()  # ... and the store is visible to every thread's scalar reads
-    return [ref[tiles.c(j)] for j in range(len(vals))]
+
+
+def _packed_totals(tiles, counts, packed, ref):
+    """Full sums of the per-lane count arrays `counts` as int32 scalars, two counts per reduction (16-bit fields)
+    where `packed` (a traced bool: every total fits 16 bits), else one per reduction. Each full reduction is a
+    cross-warp round trip through SMEM; the radix select's 15 per pass were most of its time."""
+    pairs = [(counts[j], counts[j + 1]) for j in range(0, len(counts) - 1, 2)]
+    tail = [counts[-1]] if len(counts) % 2 else []
+    pl.when(packed)(lambda: _smem_store(
+        tiles, [jnp.sum(a + lax.shift_left(b, 16)) for a, b in pairs] + [jnp.sum(x) for x in tail], ref))
+    pl.when(~packed)(lambda: _smem_store(tiles, [jnp.sum(x) for x in counts], ref))
+    got = [ref[tiles.c(j)] for j in range(len(counts))]
+    out = []
+    for j in range(len(counts)):
+        v = got[j // 2]  # packed: count j's lane (the tail's lane holds it whole)
+        if j < 2 * len(pairs):
+            v = v & 0xFFFF if j % 2 == 0 else lax.shift_right_logical(v, 16)
+        out.append(jnp.where(packed, v, got[j]))
+    return out
 
 
 def _radix_step(lo, hi_cnt, counts, k: int, shift):
@@ -210,7 +243,7 @@ def _radix_step(lo, hi_cnt, counts, k: int, shift):
 
 def _radix_select(k: int, count_pass, ntok: int, zero):
     """Exact K-th largest key per token: (lo [T], need [T]) with lo = the K-th largest key and need = how many
-    keys equal to lo belong to the top K (all keys > lo do). count_pass(cands) -> totals [T][2^b - 1] of
+    keys equal to lo belong to the top K (all keys > lo do). count_pass(p, cands) -> totals [T][2^b - 1] of
     count(key >= cand) over the whole set as int32 scalars (`_smem_scalars`), cands [T][2^b - 1] int32 scalars."""
     n_cand = 2**RADIX_BITS - 1
     passes = 32 // RADIX_BITS
@@ -219,7 +252,7 @@ def _radix_select(k: int, count_pass, ntok: int, zero):
         los, his = state[:ntok], state[ntok:]
         shift = (32 - RADIX_BITS) - p * RADIX_BITS
         cands = [[lo + lax.shift_left(zero + j, shift) for j in range(1, n_cand + 1)] for lo in los]
-        totals = count_pass(cands)
+        totals = count_pass(p, cands)
         new = [_radix_step(lo, hi, tot, k, shift) for lo, hi, tot in zip(los, his, totals)]
         return tuple(n[0] for n in new) + tuple(n[1] for n in new)
 
@@ -443,7 +476,7 @@ def index_score_body(r, key, consts):
 
         @pl.when(n_rows > kk)
         def _slow():
-            def count_pass(cands):
+            def count_pass(_, cands):
                 def on_sb(sbi, counts):
                     return tuple(tuple(count_tile(sc.at[pl.ds(c(q), 1)], cands[q], None if counts is None
                                                   else list(counts[q]))) for q in range(nt))
@@ -491,18 +524,20 @@ def index_topk_body(r, key, consts):
     """INDEX_TOPK: exact top-K of all chunks' candidates per token (see the module docstring), or None."""
     _, (parts,), _, islots, oslots = key
     tiles = r.tiles
-    if tiles is None or "t_ixcb" not in tiles.s or "t_part" not in tiles.s:
+    if tiles is None or "t_ixcb" not in tiles.s:
         return None
     val_ref, cid_ref, out_idx, out_valid = (_stack(r, sl) for sl in (*islots[:2], *oslots[:2]))
     if any(a is None for a in (val_ref, cid_ref, out_idx, out_valid)):
         return None
     s, c = tiles.s, tiles.c
-    ring, bar, cnt, keys = s["t_part"], s["t_ixcb"], s["t_ixc"], s["t_ixk"]
+    if "t_ixr" not in s:
+        return None
+    ring, bar, cnt, keys = s["t_ixr"], s["t_ixcb"], s["t_ixc"], s["t_ixk"]
     nc, nt, kk = val_ref.shape[1:]
     width = ring.shape[2]  # candidates per row of a ring slot (TN)
-    if ring.shape[1] != TP or kk % width or (nc * kk // width) % TP or ring.shape[0] < 2 or keys.shape != (TP, width):
+    stages = ring.shape[0]
+    if ring.shape[1] != TP or kk % width or (nc * kk // width) % TP or keys.shape != (TP, width):
         return None
-    stages = min(ring.shape[0], tiles.cfg.slots)
     row_per_chunk = kk // width
     span = kk // parts  # output slots per part
     geometry = {k[1] for k in r.plan.branches if Op(k[0]) == Op.INDEX_SCORE}  # INDEX_SCORE's {(n_chunks, align)}
@@ -540,15 +575,18 @@ def index_topk_body(r, key, consts):
                 for i in range(TP):
                     plgpu.copy_gmem_to_smem(src(g, i, val_ref, vi), ring.at[st, pl.ds(c(i), 1)], bar.at[st])
 
-            def stream(on_slot, carry, peel=False):
+            def stream(on_slot, carry, load, peel=False):
+                """on_slot over the n_slot ring slots of candidates; they are TMA'd in when `load` (a traced
+                bool) or when they do not all fit the ring (else the ring still holds them: `resident`)."""
+                load = load | (n_slot > stages)
                 for g in range(stages):
-                    pl.when(g < n_slot)(lambda g=g: issue(c(g)))
+                    pl.when(load & (g < n_slot))(lambda g=g: issue(c(g)))
 
                 def step(g, carry):
                     st = lax.rem(g, stages)
-                    plgpu.barrier_wait(bar.at[st])
+                    pl.when(load)(lambda: plgpu.barrier_wait(bar.at[st]))
                     carry = on_slot(g, st, carry)
-                    pl.when(g + stages < n_slot)(lambda: issue(g + stages))
+                    pl.when(load & (g + stages < n_slot))(lambda: issue(g + stages))
                     return carry
 
                 if peel:
@@ -556,11 +594,11 @@ def index_topk_body(r, key, consts):
                     return lax.fori_loop(1, n_slot, step, carry)
                 return lax.fori_loop(0, n_slot, step, carry)
 
-            def count_pass(cands):
+            def count_pass(p, cands):  # the first pass loads the candidates, later ones reuse a resident ring
                 def on_slot(g, st, counts):
                     return tuple(count_tile(ring.at[st], cands[0], None if counts is None else list(counts)))
-                counts = stream(on_slot, None, peel=True)
-                return [_smem_scalars(tiles, [jnp.sum(x) for x in counts], cnt)]
+                counts = stream(on_slot, None, p == 0, peel=True)
+                return [_packed_totals(tiles, counts, n_slot * (TP * width) <= PACK_LIMIT, cnt)]
 
             with jax.named_scope("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
                 (lo,), (need,) = _radix_select(kk, count_pass, 1, c(0))
@@ -611,14 +649,14 @@ def index_topk_body(r, key, consts):
                         def _():
                             out_valid[ov, c(q), n] = c(1)
                         return n + sel.astype(jnp.int32), eq + (take & is_eq).astype(jnp.int32)
-                    return lax.fori_loop(0, width, one, carry)
+                    return lax.fori_loop(0, width, one, carry, unroll=SCAN_UNROLL)
 
                 # a slot whose output slots miss this part's runs no step (a dynamic trip count, no cond)
                 lax.fori_loop(0, jnp.where((n < r_hi) & (n_next > r_lo), TP, 0), scan_row, (n, eq))
                 return n_next, jnp.minimum(eq + n_eq, need)
 
             with jax.named_scope("compact"):
-                n, _ = stream(on_slot, (c(0), c(0)))
+                n, _ = stream(on_slot, (c(0), c(0)), False)
 
                 @pl.loop(jnp.clip(n, r_lo, r_hi), r_hi)
                 def _(j):

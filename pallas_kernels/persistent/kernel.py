@@ -818,6 +818,37 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     return buffer(plan.logits_buffer), buffer(plan.hidden_buffer), rows
 
 
+GPU_CHOICES = ((64, 32), (8, 16), (8, 8))  # (attn_heads, attn_splits) on the GPU, best first (`gpu_candidates`)
+
+
+def gpu_candidates(**options) -> list:
+    """ScheduleOptions to try on the GPU, best first. ATTN tasks are latency-bound per-row TMA gathers of the
+    selected latent rows: every head group gathers the split's rows again, so 64 heads per task gather them once
+    for all heads, and 32 splits keep a split's 64 rows resident in SMEM for both column passes (one gather per
+    row instead of 16). 16 splits of 8 heads halved ATTN's time against 8 splits on the H200 at glm5_slice, T = 1
+    (experiments/results/bench_persistent_glm5_slice_topk_splits16.json vs ..._profile.json). More splits
+    grow UV's partials in SMEM, which T = 4's MoE slots leave no room for: 8 splits are the fallback there."""
+    from pallas_kernels.persistent.schedule import ScheduleOptions
+    return [ScheduleOptions(attn_heads=h, attn_splits=sp, **options) for h, sp in GPU_CHOICES]
+
+
+def pick_plan(cfg, tokens: int, candidates: list, tiles: tl.TileConfig, cache_dir=None) -> KernelPlan:
+    """The plan of the first candidate ScheduleOptions whose SMEM fits (`smem_bytes` + Mosaic's own ~16 KB); the
+    last candidate even where it does not fit by this conservative estimate (glm5_slice at T = 4: 209 KB + 16 KB)
+    -- Mosaic's own check is the judge, and it passes there (tests/test_persistent_kernel.py lowers the picks
+    for the H200). Schedules come from `load_or_compile`'s disk cache (cache_dir=False: compiled, not cached)."""
+    from pallas_kernels.persistent.schedule import compile_schedule, load_or_compile
+    for i, options in enumerate(candidates):
+        if cache_dir is False:
+            s = compile_schedule(cfg, tokens, options)
+        else:
+            s, _ = load_or_compile(cfg, tokens, options, cache_dir=cache_dir)
+        plan = KernelPlan.build(s)
+        if i == len(candidates) - 1 or smem_bytes(plan, tiles) + _MOSAIC_SMEM <= gemv_mod.SMEM_BYTES:
+            return plan
+    raise ValueError("pick_plan: no candidate ScheduleOptions given")
+
+
 class PersistentDecoder:
     """The main-model forward of decode / verification steps (batch 1, T = 1 + D) through `persistent_step`:
     schedules and plans per T compiled on first use (`load_or_compile`'s disk cache), weights stacked once. On the
@@ -827,7 +858,7 @@ class PersistentDecoder:
     def __init__(self, model, options=None, interpret=None, cache_dir=None, tiles: tl.TileConfig | None = None):
         self.tiles = tiles or tl.TileConfig()
         self.cfg = model.cfg
-        self.options = options  # None: `plan` picks them per T (`_candidates`)
+        self.options = options  # None: `plan` picks them per T (`pick_plan`)
         self.interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
         self.cache_dir = cache_dir
         self._plans: dict = {}
@@ -835,37 +866,14 @@ class PersistentDecoder:
         self._exported: dict = {}
         self._model = model
 
-    def _candidates(self) -> list:
-        """ScheduleOptions to try, best first: the given ones; the defaults in interpret mode (no GPU SMEM to fit);
-        on the GPU 16 then 8 attention splits -- ATTN tasks are latency-bound row gathers, and 16 splits (half the
-        rows per task, all SMs busy) halved their time on the H200 at glm5_slice, T = 1
-        (experiments/results/bench_persistent_glm5_slice_topk_splits16.json vs ..._profile.json), but UV's split
-        partials then double in SMEM, which T = 4's MoE slots leave no room for."""
-        from pallas_kernels.persistent.schedule import ScheduleOptions
-        if self.options is not None:
-            return [self.options]
-        if self.interpret:
-            return [ScheduleOptions()]
-        return [ScheduleOptions(attn_splits=splits) for splits in (16, 8)]
-
     def plan(self, tokens: int) -> KernelPlan:
-        """The plan of the first candidate options (`_candidates`) whose SMEM fits (`smem_bytes` + Mosaic's own
-        ~16 KB); the last candidate even where it does not fit by this conservative estimate (glm5_slice at T = 4:
-        215 KB + 16 KB) -- Mosaic's own check is the judge, and it passes there (tests/test_persistent_kernel.py
-        lowers T = 4 for the H200; not yet run on it)."""
+        """The plan for T = tokens: of the given options, else of `pick_plan`'s choice (`gpu_candidates` on the GPU,
+        the defaults in interpret mode, where there is no GPU SMEM to fit)."""
         if tokens not in self._plans:
-            from pallas_kernels.persistent.schedule import compile_schedule, load_or_compile
-            candidates = self._candidates()
-            for i, options in enumerate(candidates):
-                if self.cache_dir is False:
-                    s = compile_schedule(self.cfg, tokens, options)
-                else:
-                    s, _ = load_or_compile(self.cfg, tokens, options, cache_dir=self.cache_dir)
-                plan = KernelPlan.build(s)
-                if i == len(candidates) - 1 or \
-                        smem_bytes(plan, self.tiles) + _MOSAIC_SMEM <= gemv_mod.SMEM_BYTES:
-                    break
-            self._plans[tokens] = plan
+            from pallas_kernels.persistent.schedule import ScheduleOptions
+            candidates = [self.options] if self.options is not None else \
+                [ScheduleOptions()] if self.interpret else gpu_candidates()
+            self._plans[tokens] = pick_plan(self.cfg, tokens, candidates, self.tiles, self.cache_dir)
         return self._plans[tokens]
 
     def _step(self, plan: KernelPlan, *args):

@@ -68,7 +68,7 @@ class ScheduleOptions:
     attn_splits: int = 8
     index_chunks: int = 32
     index_align: int = 64
-    index_topk_parts: int = 8
+    index_topk_parts: int = 16
     context_hint: int = 4096
     num_sms: int = 132
 

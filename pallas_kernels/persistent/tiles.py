@@ -41,7 +41,7 @@ from pallas_kernels.gemv import TP, col_scale, mma_bf16_tile, store_acc_t, swizz
 
 ARRIVALS = (2, 3, 4)  # TMA copies per ring step: weight + x (+ norm weight) (+ second weight)
 UV_DEPTH = 2  # UV's ring depth: its split partials (t_op, splits x 2 KB per slot) would otherwise cap the weight
-# rings' depth through SMEM, and UV streams few bytes
+UV_BYTES = 64 * 1024  # rings' depth through SMEM, and UV streams few bytes; one slot only where two pass this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,8 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
                    t_gk=plgpu.SMEM((g,), jnp.float32), t_rsel=plgpu.SMEM((u,), jnp.int32))
     if attn_splits:  # UV: the split-KV partial outputs of a TK slice, per ring slot, and the merge weights
         sw32 = () if interpret else swizzle_transforms(jnp.float32)
-        out["t_op"] = plgpu.SMEM((min(s, UV_DEPTH), attn_splits, TP, cfg.tile_k), jnp.float32, transforms=sw32)
+        depth = max(1, min(s, UV_DEPTH, UV_BYTES // (attn_splits * TP * cfg.tile_k * 4)))
+        out["t_op"] = plgpu.SMEM((depth, attn_splits, TP, cfg.tile_k), jnp.float32, transforms=sw32)
         out["t_mw"] = plgpu.SMEM((attn_splits, TP), jnp.float32)
     if slot_shapes is not None:
         out["t_sel"] = plgpu.SMEM((rows_per_copy(slot_shapes[0], 4), *slot_shapes[0]), jnp.int32)

@@ -92,8 +92,7 @@ def _check_selection(plan, outs):
 # 1-3 row last chunk (every row a candidate); context 9 < index_topk: chunks past the visible rows are empty, most
 # slots invalid; tile 8 with 8 chunks at context 20 -> chunks of 8 rows < K = 16: INDEX_TOPK streams 1 of each
 # chunk's 2 TN-rows; tile 8 with 8 chunks at context 72 -> 2 ring slots of candidates, resident in INDEX_TOPK's
-# ring for every radix pass (ring None: CAND_SLOTS) or streamed again per pass through a 1-slot ring, its counts
-# reduced one per reduction (PACK_LIMIT 0; else two per reduction, `_packed_totals`). (INDEX_TOPK's
+# ring for every radix pass (ring None: CAND_SLOTS) or streamed again per pass through a 1-slot ring. (INDEX_TOPK's
 # body needs chunks * K / tile to be a multiple of 8 ring rows.)
 CASES = [("bfloat16", 3, 22, 40, 8, 16, None), ("float32", 3, 23, 72, 4, 8, None), ("float32", 1, 25, 9, 8, 16, None),
          ("float32", 1, 26, 20, 8, 8, None), ("float32", 1, 27, 72, 8, 8, None), ("bfloat16", 3, 28, 72, 8, 8, 1)]
@@ -104,7 +103,6 @@ def test_index_bodies_match_xla_backend_in_interpret_mode(dtype, t, seed, contex
                                                           kernel_outputs, monkeypatch):
     if ring is not None:
         monkeypatch.setattr(index_tiles, "CAND_SLOTS", ring)
-        monkeypatch.setattr(index_tiles, "PACK_LIMIT", 0)
     cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
     model, caches, tokens, pos = prefilled(cfg, seed, context, t)
     ok = jnp.ones((1, t), bool)

@@ -92,8 +92,6 @@ _INT32_MIN = -(2**31)
 _BIG = 2**30  # "no causal limit"
 _KEY_NEG_INF = -2139095041  # indexer._float_key(-inf): the least key of any score
 _LANES = 128  # t_ixc: at most this many reduced counts per round trip
-PACK_LIMIT = 2**16 - 1  # the largest total two counts packed in one int32 reduction can hold (`_packed_totals`)
-SCAN_UNROLL = 8  # candidates per iteration of INDEX_TOPK's scalar compaction loop (independent SMEM loads in flight)
 CAND_SLOTS = 32  # INDEX_TOPK's candidate ring t_ixr: [8, TN] f32 slots (64 KB on the GPU; Mosaic's barrier
 # groups hold <= 32 barriers). Up to this many slots the candidates stay resident for every radix pass
 
@@ -198,12 +196,6 @@ def _smem_scalars(tiles, vals, ref):
     """0-d int32 register reductions -> int32 scalars: vals[j] placed at lane j of one [128] row (vector selects),
     one full-ref vector store into `ref` ([128] int32 SMEM), then scalar loads. jax 0.11.2 represents a full
     reduction as a 0-d vector, which Mosaic GPU cannot use as a scalar (loop carry, trip count, predicate)."""
-    _smem_store(tiles, vals, ref)
-    return [ref[tiles.c(j)] for j in range(len(vals))]
-
-
-def _smem_store(tiles, vals, ref):
-    """`_smem_scalars`' store half: vals[j] at lane j of `ref`, visible to every thread's scalar reads after it."""
     lane = _iota_row(tiles, ref.shape[0])  # [128] int32
     row = jnp.where(lane == 0, vals[0], 0)
     for j, v in enumerate(vals[1:], 1):
@@ -211,25 +203,7 @@ def _smem_store(tiles, vals, ref):
     plgpu.commit_smem()  # (its warpgroup barrier) earlier scalar reads of `ref` are done before the store ...
     ref[...] = row
     plgpu.commit_smem()  # ... and the store is visible to every thread's scalar reads
-
-
-def _packed_totals(tiles, counts, packed, ref):
-    """Full sums of the per-lane count arrays `counts` as int32 scalars, two counts per reduction (16-bit fields)
-    where `packed` (a traced bool: every total fits 16 bits), else one per reduction. Each full reduction is a
-    cross-warp round trip through SMEM; the radix select's 15 per pass were most of its time."""
-    pairs = [(counts[j], counts[j + 1]) for j in range(0, len(counts) - 1, 2)]
-    tail = [counts[-1]] if len(counts) % 2 else []
-    pl.when(packed)(lambda: _smem_store(
-        tiles, [jnp.sum(a + lax.shift_left(b, 16)) for a, b in pairs] + [jnp.sum(x) for x in tail], ref))
-    pl.when(~packed)(lambda: _smem_store(tiles, [jnp.sum(x) for x in counts], ref))
-    got = [ref[tiles.c(j)] for j in range(len(counts))]
-    out = []
-    for j in range(len(counts)):
-        v = got[j // 2]  # packed: count j's lane (the tail's lane holds it whole)
-        if j < 2 * len(pairs):
-            v = v & 0xFFFF if j % 2 == 0 else lax.shift_right_logical(v, 16)
-        out.append(jnp.where(packed, v, got[j]))
-    return out
+    return [ref[tiles.c(j)] for j in range(len(vals))]
 
 
 def _radix_step(lo, hi_cnt, counts, k: int, shift):
@@ -598,7 +572,7 @@ def index_topk_body(r, key, consts):
                 def on_slot(g, st, counts):
                     return tuple(count_tile(ring.at[st], cands[0], None if counts is None else list(counts)))
                 counts = stream(on_slot, None, p == 0, peel=True)
-                return [_packed_totals(tiles, counts, n_slot * (TP * width) <= PACK_LIMIT, cnt)]
+                return [_smem_scalars(tiles, [jnp.sum(x) for x in counts], cnt)]
 
             with jax.named_scope("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
                 (lo,), (need,) = _radix_select(kk, count_pass, 1, c(0))
@@ -649,7 +623,7 @@ def index_topk_body(r, key, consts):
                         def _():
                             out_valid[ov, c(q), n] = c(1)
                         return n + sel.astype(jnp.int32), eq + (take & is_eq).astype(jnp.int32)
-                    return lax.fori_loop(0, width, one, carry, unroll=SCAN_UNROLL)
+                    return lax.fori_loop(0, width, one, carry)
 
                 # a slot whose output slots miss this part's runs no step (a dynamic trip count, no cond)
                 lax.fori_loop(0, jnp.where((n < r_hi) & (n_next > r_lo), TP, 0), scan_row, (n, eq))

@@ -25,15 +25,19 @@ INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) --
      `need` keys equal to it in row order. Either way the candidates are in ascending row order and -inf values
      carry row 0.
 INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select over the nc * K candidate slots, streamed
-  from GMEM in [8, TN] f32 boxes (one row TMA each, barrier `t_ixcb`) through the MoE partial-sum slots `t_part`
-  (idle during the indexer). Only the first `rpc` TN-rows of each chunk are streamed: a chunk holds at most
-  min(chunk size, K) candidates at this step (INDEX_SCORE's run-time geometry, from pos), the slots after them
-  are -inf padding, and dropping -inf slots changes neither the K-th largest key nor the selection while at least
-  K slots remain (rpc is kept >= K / (nc * TN)); at glm5_slice's 4K context that is 3 of 32 rows per chunk.
+  from GMEM in [8, TN] f32 boxes (one row TMA each, barrier `t_ixcb`) through the candidate ring `t_ixr`
+  (CAND_SLOTS slots, one more view of the SMEM union on the GPU). When the step's candidates fit the ring (up to
+  256 TN-rows: contexts up to ~16K at glm5_slice) they are loaded once and stay resident for every radix pass and
+  the compaction; else each pass streams them again. Only the first `rpc` TN-rows of each chunk are streamed: a
+  chunk holds at most min(chunk size, K) candidates at this step (INDEX_SCORE's run-time geometry, from pos), the
+  slots after them are -inf padding, and dropping -inf slots changes neither the K-th largest key nor the
+  selection while at least K slots remain (rpc is kept >= K / (nc * TN)); at glm5_slice's 4K context that is 3 of
+  32 rows per chunk.
   Then a compaction pass. The selected rows are listed in flattened (chunk, slot) order = ascending row order,
   finite selections first, the rest idx 0 / valid 0, and the layer's INDEX_TOPK tasks split that list: part p of
-  P writes its slots [p K / P, (p + 1) K / P) (each part repeats the select; the compaction's scalar loop on one
-  SM was the step's critical path, 0.41 ms per layer on the H200 at 4K, bench_persistent_glm5_slice_phases.json).
+  P (16 by default) writes its slots [p K / P, (p + 1) K / P) (each part repeats the select; the compaction's
+  scalar loop on one SM was the step's critical path, 0.41 ms per layer on the H200 at 4K,
+  bench_persistent_glm5_slice_phases.json).
   Per ring slot two vector counts (keys > the K-th key; keys equal to it, of which the first `need` in flattened
   order are taken) give the slot's output slots [n, n'); only a slot that meets the part's range is scanned by a
   scalar loop, which writes the part's rows (GMEM scalar stores). When every chunk took INDEX_SCORE's fast path
@@ -51,9 +55,9 @@ near-ties can differ against the XLA backend; the tests compare the selection ex
 kernel's own candidate values, and with exact ties (duplicate keys, zero q).
 
 SMEM (glm5_slice: N = 32, H = 128, K = 2048, T = 1 / 4): q and the key ring live in the existing weight rings
-t_w0 / t_w1 (4 slots of 64 x 64 bf16: T = 1 takes 1 slot per ring for q, 3 for keys; T = 4 takes 2 and 2), the
-INDEX_TOPK's candidate ring in `t_part` (f32 [8, 64] slots). New: t_ixw [ceil(T*N/64)*64] f32, t_ixs / t_ixi
-[T, 128] f32 / int32, t_ixn [T, 64] f32, t_ixq / t_ixqo [8, H] bf16, t_ixc [128] int32 and two barrier arrays:
+t_w0 / t_w1 (4 slots of 64 x 64 bf16: T = 1 takes 1 slot per ring for q, 3 for keys; T = 4 takes 2 and 2),
+INDEX_TOPK's candidate ring t_ixr [32, 8, 64] f32 = 64 KB in the SMEM union. New: t_ixw [ceil(T*N/64)*64] f32,
+t_ixs / t_ixi [T, 128] f32 / int32, t_ixn [T, 64] f32, t_ixq / t_ixqo [8, H] bf16, t_ixc [128] int32 and two barrier arrays:
 8.3 KB at T = 1, 12.5 KB at T = 4 (`scratch_bytes`).
 
 Counts to scalars. The radix passes' totals (and INDEX_TOPK's per-slot "any candidate >= the K-th key") are full
@@ -64,11 +68,13 @@ it as a 0-d vector, which Mosaic GPU rejects as a scalar).
 What only the GPU exercises: the wgmma (interpret mode multiplies with jnp.dot on plain SMEM), the register layouts
 (WG_STRIDED loads/stores of the 128-wide score rows), TMA zero-fill of the key boxes past the cache end / of the
 new-rows box past row T (interpret mode reads NaN there, which the masks / unused rows absorb). Performance
-(H200, glm5_slice at 4K, the on-device profile of experiments/results/bench_persistent_glm5_slice_phases.json):
-INDEX_SCORE takes 31 us per chunk task, spread over the SMs; INDEX_TOPK ran on one SM per layer for 0.53 ms --
-radix select 0.12 ms, compaction 0.41 ms (6,144 streamed candidates, ~130 cycles each) -- while every attention
-task waited for it: the step's critical path, before the compaction was split into parts (not yet measured on the
-GPU). Left on that path: the select, repeated by every part (9 radix passes, each 15 cross-warp reductions).
+(H200, glm5_slice at 4K, on-device profiles in experiments/results/): INDEX_SCORE takes 31-34 us per chunk task,
+spread over the SMs. INDEX_TOPK, while every attention task waits for it, per layer: one task, 0.53 ms (radix
+select 0.12 ms, compaction 0.41 ms: 6,144 streamed candidates, ~130 cycles each; bench_persistent_glm5_slice_phases
+.json); 8 parts, 0.25 ms each (select 0.12, compaction 0.11; ..._topk_parts.json); 16 parts with the resident
+ring, 0.18 ms each (select 0.10, compaction 0.08; ..._topk_resident.json). Still the longest stage on the step's
+critical path (x 4 layers): the select's 8 passes each end in 15 cross-warp reductions, and a part's compaction
+scans whole ring slots (512 candidates) by scalars.
 """
 from __future__ import annotations
 

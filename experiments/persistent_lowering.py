@@ -8,7 +8,12 @@ the others no-ops) from abstract arguments: no arrays, no launch. Mosaic GPU's l
 jax 0.10 (CI) and 0.11 (the device image): a body that lowers on one can fail on the other, so run this on the
 GPU host after touching a body. For a layout-inference failure the failing transfer op is read from the
 inference's own frame (its error message is an assertion on jax 0.11.2). The config records the kernel's SMEM per
-CTA (`kernel.smem_bytes`) at `--slots`.
+CTA (`kernel.smem_bytes`) at `--slots`. The plan is the one `PersistentDecoder` picks for `--tokens` T
+(`kernel.pick_plan`). Each row records `kernel_chars`, the length of the Mosaic GPU custom call in the lowered
+StableHLO text (the serialized kernel module): the code Mosaic's layout inference works through, whose time on jax
+0.11.2 dominates the kernel's lowering (bench_persistent.py's `lowering_profile`).
+
+    python experiments/persistent_lowering.py --tokens 4 --ops GEMV+ATTN+INDEX_TOPK   # several bodies together
 """
 from __future__ import annotations
 
@@ -65,6 +70,7 @@ def check(plan, ops: list[str], max_len: int, tiles):
                 with _compat.interpret_mesh("NVIDIA H200", plan.schedule.num_sms):
                     lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
             row["lower_s"] = round(time.perf_counter() - t0, 2)
+            row["kernel_chars"] = max(len(line) for line in lowered.as_text().splitlines() if "mosaic_gpu" in line)
             t1 = time.perf_counter()
             if on_gpu:
                 lowered.compile()
@@ -83,6 +89,7 @@ def main(argv=None):
     p.add_argument("--ops", default="all", help="comma list of opcode names (A+B for several in one kernel), "
                                                 "'skeleton', or 'all' (each opcode with a body alone)")
     p.add_argument("--max-len", type=int, default=4352, help="cache rows")
+    p.add_argument("--tokens", type=int, default=1, help="T: tokens per step (1 + MTP depth)")
     p.add_argument("--sms", type=int, default=132)
     p.add_argument("--slots", type=int, default=4, help="SMEM ring depth of the tile bodies (TileConfig.slots)")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
@@ -90,12 +97,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     ops = [o.name for o in Op if o != Op.NOP] if args.ops == "all" else args.ops.split(",")
     from glm_fast import load_config, results
-    from pallas_kernels.persistent import ScheduleOptions, compile_schedule
-    from pallas_kernels.persistent.kernel import KernelPlan, smem_bytes
+    from pallas_kernels.persistent.kernel import gpu_candidates, pick_plan, smem_bytes
     from pallas_kernels.persistent.tiles import TileConfig
-    plan = KernelPlan.build(compile_schedule(load_config(args.config).model, 1, ScheduleOptions(num_sms=args.sms)))
     tiles = TileConfig(slots=args.slots)
-    config = {"config": args.config, "max_len": args.max_len, "sms": args.sms, "slots": args.slots}
+    plan = pick_plan(load_config(args.config).model, args.tokens, gpu_candidates(num_sms=args.sms), tiles, False)
+    from pallas_kernels.persistent import attn_tiles
+    splits = next((b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/o_part")), None)
+    attn = attn_tiles.plan_shape(plan)
+    config = {"config": args.config, "max_len": args.max_len, "sms": args.sms, "slots": args.slots,
+              "tokens": args.tokens, "attn_heads": attn.nh if attn else None, "attn_splits": splits}
     try:
         config["smem_bytes"] = smem_bytes(plan, tiles)
     except ValueError as e:  # the GPU scratch does not fit this config (then every row fails the same way)

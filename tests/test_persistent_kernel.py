@@ -131,7 +131,8 @@ def _lower_glm5_slice(ops, tokens: int = 1):
     from pallas_kernels.persistent.kernel import abstract_step_args, gpu_candidates, persistent_step, pick_plan
     from tests.kernel_testing import lower_for_h200
     plan = pick_plan(load_config("glm5_slice").model, tokens, gpu_candidates(num_sms=132), TileConfig(), False)
-    lower_for_h200(lambda *a: persistent_step(plan, *a, interpret=False, ops=ops), *abstract_step_args(plan, 4352))
+    return lower_for_h200(lambda *a: persistent_step(plan, *a, interpret=False, ops=ops),
+                          *abstract_step_args(plan, 4352))
 
 
 def test_kernel_skeleton_lowers_for_cuda_at_glm5_slice():
@@ -157,12 +158,14 @@ def test_tile_bodies_lower_for_cuda(op):
     _lower_glm5_slice(frozenset([op]))
 
 
-@pytest.mark.parametrize("tokens", [1, 4])
-def test_tile_bodies_lower_together_for_cuda(tokens):
+def test_tile_bodies_lower_together_for_cuda():
     """All lowering bodies in one kernel (one lax.switch, the shared SMEM scratch and barriers), for decode (T = 1)
     and MTP verification (T = 4: column slices of several rows go out row by row, `Tiles.copy_rows`; the SMEM,
-    with 4 x 8 routed-expert partial slots, still fits Mosaic's limit)."""
-    _lower_glm5_slice(frozenset(LOWERING), tokens)
+    with 4 x 8 routed-expert partial slots, still fits Mosaic's limit). The per-token work is loops, not unrolled
+    code (`tiles.per_token`): T = 4's kernel is at most 1.5x T = 1's (measured 1.2x; unrolled it was 2.7x, and
+    Mosaic's lowering time on jax 0.11.2 grows with the code: experiments/results/persistent_lowering_*_t4_*.json)."""
+    sizes = [_lower_glm5_slice(frozenset(LOWERING), tokens) for tokens in (1, 4)]
+    assert sizes[1] < 1.5 * sizes[0], sizes
 
 
 # The H200 acceptance of the persistent kernel (distance to float32 vs bf16 XLA's, teacher-forced greedy agreement

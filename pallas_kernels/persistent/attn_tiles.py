@@ -2,7 +2,7 @@
 one split of the top-K slots, per query token, built from `pallas_kernels.mla_attention`'s tiles.
 
 What one task does (heads [h0, h0 + nh), slots [split * ks, (split + 1) * ks), ks = ceil(K / n_splits)), for
-each token t (a static loop; every token has its own top-K list):
+each token t (`tiles.per_token`: a loop, not unrolled; every token has its own top-K list):
   * one TMA each for q_lat[t, h0:h0+nh] and q_pe[t, h0:h0+nh] into the first nh rows of a [M = 64, C] / [64, R]
     q tile (the wgmma M is 64; rows nh.. hold stale data, are computed row-independently and never stored), and
     the split's index and valid lists as [block_k] chunks (TMA reads past K zero-fill on the GPU; slots past the
@@ -64,7 +64,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import mla_attention as mla
 from pallas_kernels.indexer import col_vector, mma_transforms
 from pallas_kernels.persistent.format import C_ATTN_SCALE
-from pallas_kernels.persistent.tiles import TaskView, _stack
+from pallas_kernels.persistent.tiles import TaskView, _stack, per_token
 
 SEG = 64  # latent segment width on the GPU: one 128-byte swizzle row of bf16
 M = 64  # the wgmma M: q rows per tile (a task's nh <= 64 heads in the first rows)
@@ -268,7 +268,7 @@ def attn_body(r, key, consts):
 
         resident = shape.resident(stages, interpret)
 
-        def run_pass(w: int, tt: int):
+        def run_pass(w: int, tt):
             gather = w == 0 or not resident  # a resident ring still holds the split's rows from pass 0
             if gather:
                 with jax.named_scope("rows_issue"):
@@ -303,20 +303,21 @@ def attn_body(r, key, consts):
                 slot[...] = out[:, i * width:(i + 1) * width]
                 plgpu.commit_smem()
                 col0 = c(w * half * seg + i * width)
-                plgpu.copy_smem_to_gmem(slot.at[heads], o_ref.at[oi, split, c(tt), pl.ds(h0, nh), pl.ds(col0, width)])
+                plgpu.copy_smem_to_gmem(slot.at[heads], o_ref.at[oi, split, tt, pl.ds(h0, nh), pl.ds(col0, width)])
             if w == 0:
                 lse_s[...] = lse * _LN2
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(lse_s.at[heads], lse_ref.at[li, split, c(tt), pl.ds(h0, nh)])
+                plgpu.copy_smem_to_gmem(lse_s.at[heads], lse_ref.at[li, split, tt, pl.ds(h0, nh)])
             plgpu.wait_smem_to_gmem(0)  # the ring is refilled next
 
-        for tt in range(tokens):
-            plgpu.copy_gmem_to_smem(q_ref.at[qi, c(tt), pl.ds(h0, nh)], q.at[heads], meta)
-            plgpu.copy_gmem_to_smem(qpe_ref.at[pi, c(tt), pl.ds(h0, nh)], qpe.at[heads], meta)
+        @per_token(tokens, c)
+        def _(tt):
+            plgpu.copy_gmem_to_smem(q_ref.at[qi, tt, pl.ds(h0, nh)], q.at[heads], meta)
+            plgpu.copy_gmem_to_smem(qpe_ref.at[pi, tt, pl.ds(h0, nh)], qpe.at[heads], meta)
             for j in range(n_blocks):
                 first = pl.ds(base + j * bk, bk)
-                plgpu.copy_gmem_to_smem(idx_ref.at[ii, c(tt), first], idx_s.at[c(j)], meta)
-                plgpu.copy_gmem_to_smem(valid_ref.at[vi, c(tt), first], val_s.at[c(j)], meta)
+                plgpu.copy_gmem_to_smem(idx_ref.at[ii, tt, first], idx_s.at[c(j)], meta)
+                plgpu.copy_gmem_to_smem(valid_ref.at[vi, tt, first], val_s.at[c(j)], meta)
             plgpu.barrier_wait(meta)
             for w in range(n_pass):
                 run_pass(w, tt)

@@ -90,7 +90,7 @@ from pallas_kernels import _compat, ref
 from pallas_kernels.gemv import TP
 from pallas_kernels.indexer import _float_key, count_tile, score_rows
 from pallas_kernels.persistent.format import C_INDEX_SCALE, C_INDEX_WSCALE, Op
-from pallas_kernels.persistent.tiles import TaskView, _stack, rope_row, rows_per_copy
+from pallas_kernels.persistent.tiles import TaskView, _stack, per_token, rope_row, rows_per_copy
 
 NEG_INF = float("-inf")
 RADIX_BITS = 4  # bits per selection pass: 2^4 - 1 thresholds counted per pass, 8 passes to the exact K-th key
@@ -541,14 +541,16 @@ def index_topk_body(r, key, consts):
         vi, ii, oi, ov = t.inp(0), t.inp(1), t.out(0), t.out(1)
         rpc, dense = geometry_now()
         n_slot = lax.div(rpc * nc, TP)  # ring slots per token
-        for q in range(nt):
+
+        @per_token(nt, c)
+        def _(q):
             def where(g, i):  # (chunk, first candidate) of row i of the g-th ring slot
                 row = g * TP + i
                 return lax.div(row, rpc), lax.rem(row, rpc) * width
 
-            def src(g, i, ref, idx, q=q):
+            def src(g, i, ref, idx):
                 ch, off = where(g, i)
-                return ref.at[idx, ch, pl.ds(c(q), 1), pl.ds(off, width)]
+                return ref.at[idx, ch, pl.ds(q, 1), pl.ds(off, width)]
 
             def issue(g):
                 st = lax.rem(g, stages)
@@ -619,15 +621,15 @@ def index_topk_body(r, key, consts):
                         # else cand_idx's
                         @pl.when(mine & (dense >= 0))
                         def _():
-                            out_idx[oi, c(q), n] = ch * dense + off + col
+                            out_idx[oi, q, n] = ch * dense + off + col
 
                         @pl.when(mine & (dense < 0))
                         def _():
-                            out_idx[oi, c(q), n] = cid_ref[ii, ch, c(q), off + col]
+                            out_idx[oi, q, n] = cid_ref[ii, ch, q, off + col]
 
                         @pl.when(mine)
                         def _():
-                            out_valid[ov, c(q), n] = c(1)
+                            out_valid[ov, q, n] = c(1)
                         return n + sel.astype(jnp.int32), eq + (take & is_eq).astype(jnp.int32)
                     return lax.fori_loop(0, width, one, carry)
 
@@ -640,6 +642,6 @@ def index_topk_body(r, key, consts):
 
                 @pl.loop(jnp.clip(n, r_lo, r_hi), r_hi)
                 def _(j):
-                    out_idx[oi, c(q), j] = c(0)
-                    out_valid[ov, c(q), j] = c(0)
+                    out_idx[oi, q, j] = c(0)
+                    out_valid[ov, q, j] = c(0)
     return fn

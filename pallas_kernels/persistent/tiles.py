@@ -355,6 +355,19 @@ def x_view(tiles, x_ref, idx, k0, x_shape):
     return x_ref.at[idx, pl.ds(tiles.c(0), TP), k0 // hd, pl.ds(k0 % hd, tiles.tk)]
 
 
+def per_token(n: int, c):
+    """Decorator running body(t) for the step's n tokens: inline with t = c(0) for T = 1, else one `pl.loop`
+    (the per-token code is not unrolled: Mosaic GPU's lowering time on jax 0.11.2 grows with the kernel's code,
+    and with ATTN / INDEX_TOPK / ROUTER_SELECT unrolled 4x the T = 4 kernel did not lower within 8 minutes on the
+    H200; unrolled, their code grew 4-8x from T = 1, as one `pl.loop` 1.0-1.2x)."""
+    def run(body):
+        if n == 1:
+            body(c(0))
+        else:
+            pl.loop(0, n)(body)
+    return run
+
+
 class TaskView:
     """The dynamic part of one task as the bodies see it: w(j) / inp(j) / out(j) stack indices (for a cache: its
     member index in the cache group, i.e. the layer), arg(a), and
@@ -817,9 +830,8 @@ def router_body(r, key, consts):
         def _(i):
             pres[i] = jnp.int32(0)
 
-        for tt in range(tokens):
-            ti = c(tt)
-
+        @per_token(tokens, c)
+        def _(ti):
             @pl.loop(0, e)
             def _(i):
                 sg = 1.0 / (1.0 + jnp.exp(-lg[c(0), ti, i]))
@@ -881,12 +893,20 @@ def router_body(r, key, consts):
         plgpu.commit_smem()  # the H200 reads stale t_rsel below without it (see the docstring)
 
         oi, oc = t.out(0), t.out(1)
-        for j in range(u):
-            ex = rsel[c(j)]
-            sel_ref[oi, c(j)] = ex
-            for tt in range(tokens):
+
+        def coef(j):
+            ex = rsel[j]
+            sel_ref[oi, j] = ex
+
+            @per_token(tokens, c)
+            def _(tt):
                 acc = jnp.float32(0.0)
                 for kk in range(top_k):
-                    acc = acc + jnp.where(rid[c(tt), c(kk)] == ex, rw[c(tt), c(kk)], jnp.float32(0.0))
-                coef_ref[oc, c(j), c(tt)] = acc
+                    acc = acc + jnp.where(rid[tt, c(kk)] == ex, rw[tt, c(kk)], jnp.float32(0.0))
+                coef_ref[oc, j, tt] = acc
+        if tokens == 1:  # T = 1 as measured on the H200; else a loop over the U (= T x top_k) slots
+            for j in range(u):
+                coef(c(j))
+        else:
+            pl.loop(0, u)(coef)
     return fn

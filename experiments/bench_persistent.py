@@ -36,6 +36,9 @@ attention outputs, so only timing and completion are meaningful there. Each vari
 limit: a deadlocked launch is reported as such instead of hanging the run. The XLA step of the same state is timed
 side by side (`bench_decode.time_step`'s method: jitted, back to back, one sync).
 
+--tokens T: the step decodes T tokens at positions context .. context + T - 1 (1 + D: an MTP verification step,
+on the plan PersistentDecoder picks for that T); the checks compare all T rows.
+
 --profile (GPU only): the persistent variants compile with Mosaic GPU's on-device profiler
 (`persistent_step(profile_dir=...)`: per CTA, a range per task named by its op, the dependency wait and the
 body's phases -- INDEX_TOPK select / compact, ATTN rows_issue / rows_wait / math -- nested in it). After the
@@ -281,10 +284,10 @@ def _full_check(model, caches, tokens, pos, ok, plan, logits, h, rows, context) 
         out[name] = {"vs_xla": _rel(got, ref16[i][0]), "vs_float32": _rel(got, ref32[i][0]),
                      "xla_vs_float32": _rel(ref16[i][0], ref32[i][0])}
     worst = {"vs_xla": 0.0, "vs_float32": 0.0, "xla_vs_float32": 0.0}
-    for bid, got in zip(plan.caches, rows):  # got [T, X]: this step's row at position `context` is row 0
+    for bid, got in zip(plan.caches, rows):  # got [T, X]: this step's rows at positions context .. context + T - 1
         _, layer, field = plan.schedule.buffers[bid].name.split("/")
-        x16, x32 = (getattr(ref[2][int(layer)], field)[0, context] for ref in (ref16, ref32))
-        for k, (a, b) in (("vs_xla", (got[0], x16)), ("vs_float32", (got[0], x32)), ("xla_vs_float32", (x16, x32))):
+        x16, x32 = (getattr(ref[2][int(layer)], field)[0, context:context + got.shape[0]] for ref in (ref16, ref32))
+        for k, (a, b) in (("vs_xla", (got, x16)), ("vs_float32", (got, x32)), ("xla_vs_float32", (x16, x32))):
             worst[k] = max(worst[k], _rel(a, b))
     out["cache_rows_worst"] = worst
     return out
@@ -329,12 +332,14 @@ def _profile(fn, args, profile_dir: str) -> dict:
 
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
                 slots: int = 4, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
-                profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None) -> dict:
+                profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
+                n_tokens: int = 1) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight);
     profile: a persistent variant with the on-device profiler (GPU only; see the module docstring);
     attn_splits, attn_heads: the attention tasks' split-KV factor and heads per task (ScheduleOptions; both None:
-    PersistentDecoder's choice; else the unset one takes ScheduleOptions' default)."""
+    PersistentDecoder's choice; else the unset one takes ScheduleOptions' default); n_tokens: T, the step's tokens
+    at positions context .. context + T - 1 (1 + D: an MTP verification step)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -351,9 +356,9 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     model = Model(cfg, rngs=nnx.Rngs(0))
     state = synthetic_state(cfg, 1, context, context + 64, 0, model.dtype, jax.random.key(1))
     caches = state.layers
-    tokens = jax.random.randint(jax.random.key(2), (1, 1), 0, cfg.vocab_size)
-    pos = jnp.full((1, 1), context, jnp.int32)
-    ok = jnp.ones((1, 1), bool)
+    tokens = jax.random.randint(jax.random.key(2), (1, n_tokens), 0, cfg.vocab_size)
+    pos = context + jnp.arange(n_tokens, dtype=jnp.int32)[None]
+    ok = jnp.ones((1, n_tokens), bool)
     graphdef, params = nnx.split(model)
     xla = jax.jit(lambda p, c: main_cached(nnx.merge(graphdef, p), c, tokens, pos, ok, XLA))
     if ops is None:
@@ -368,7 +373,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     given = {k: v for k, v in (("attn_splits", attn_splits), ("attn_heads", attn_heads)) if v is not None}
     options = ScheduleOptions(**given) if given else None  # None: the decoder's choice
     dec = PersistentDecoder(model, options, interpret=interpret, cache_dir=False)
-    plan, weights = dec.plan(1), dec.weights(1)
+    plan, weights = dec.plan(n_tokens), dec.weights(n_tokens)
     arrays = []
     for bid in plan.caches:
         _, layer, field = plan.schedule.buffers[bid].name.split("/")
@@ -421,8 +426,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
             _, layer, field = plan.schedule.buffers[bid].name.split("/")
             if int(layer) != 0:
                 continue
-            want = getattr(new[0], field)[0, context].astype(jnp.float32)
-            g = got[0].astype(jnp.float32)
+            want = getattr(new[0], field)[0, context:context + n_tokens].astype(jnp.float32)
+            g = got.astype(jnp.float32)  # [T, X]
             errs[field] = {"rel_err": float(jnp.abs(g - want).max() / jnp.abs(want).max()),
                            "finite": bool(jnp.isfinite(g).all())}
         out["layer0_rows_vs_xla"] = errs
@@ -433,6 +438,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="glm5_slice")
     p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=1, help="T: tokens per step (1 + MTP depth: a verification step)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--variants", default="xla,walk,skeleton,dense,full," + ",".join(FULL),
                    help="comma list of: xla, walk, skeleton, dense, lowered, full, index, an opcode name, or "
@@ -457,12 +463,14 @@ def main(argv=None):
         print(json.dumps(run_variant(args.config, args.context, ops, args.reps, sync=args.child != "walk",
                                      slots=args.slots, checks=tuple(args.checks.split(",")),
                                      probe="+" in args.child, profile=args.profile,
-                                     attn_splits=args.attn_splits, attn_heads=args.attn_heads)), flush=True)
+                                     attn_splits=args.attn_splits, attn_heads=args.attn_heads,
+                                     n_tokens=args.tokens)), flush=True)
         return
     from glm_fast import results
     rows = []
     for v in args.variants.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--context", str(args.context),
+               "--tokens", str(args.tokens),
                "--reps", str(args.reps), "--slots", str(args.slots), "--checks", args.checks, "--child", v,
                *(["--profile"] if args.profile else []),
                *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else []),
@@ -480,7 +488,7 @@ def main(argv=None):
         row = {"variant": v, **row, "wall_s": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         print(json.dumps(row)[:2000], flush=True)
-    record = results.result("bench_persistent", {"config": args.config, "context": args.context,
+    record = results.result("bench_persistent", {"config": args.config, "context": args.context, "tokens": args.tokens,
                                                  "reps": args.reps, "slots": args.slots,
                                                  "profile": args.profile, "attn_splits": args.attn_splits,
                                                  "attn_heads": args.attn_heads},

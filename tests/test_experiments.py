@@ -178,6 +178,23 @@ def test_index_probe_matches_indexer_scores(context, k):
     assert any(c["rows"][1] - c["rows"][0] > k for c in res["chunks"]) == (context == 200)
 
 
+def test_bench_persistent_verification_step(tmp_path):
+    """--tokens 3 (an MTP verification step, T = 1 + 2): `dense`'s layer-0 cache rows and `full`'s logits, hidden
+    state and cache rows (all T of each) equal the XLA step's, and every task of layers 0-1 the simulator's."""
+    rec = _entry_point("bench_persistent").main(
+        ["--config", "tiny", "--context", "40", "--tokens", "3", "--reps", "1", "--variants", "dense,full",
+         "--checks", "tasks", "--out", str(tmp_path), "--name", "bp3"])
+    assert rec["config"]["tokens"] == 3
+    rows = {r["variant"]: r for r in rec["rows"]}
+    assert all("error" not in r for r in rows.values()), rows
+    assert all(e["finite"] and e["rel_err"] < 1e-5 for e in rows["dense"]["layer0_rows_vs_xla"].values()), rows
+    check = rows["full"]["check"]
+    assert check["finite"] and check["argmax_equal_xla"], check
+    assert max(check[k]["vs_xla"] for k in ("logits", "hidden", "cache_rows_worst")) < 1e-4, check
+    tasks = dict(rows["full"]["tasks_vs_simulator"])
+    assert tasks.pop("skipped") == 0 and all(v["err"] < 1e-4 for v in tasks.values()), tasks
+
+
 def test_bench_persistent_set_metrics():
     """The selection metric counts each missed member once (a sorted elementwise compare would count every slot
     after a flip), ignores empty (-1) slots and order; the score compare pairs scores by key row."""

@@ -143,8 +143,8 @@ def test_bench_persistent_smoke(tmp_path):
 
 def test_persistent_lowering_reports_each_opcode(tmp_path):
     """On a CPU host the script lowers for CUDA (abstract H200): the bodiless kernel and EMBED's TMA body lower;
-    a config the GPU tile bodies do not fit (tiny: ATTN's staging tile exceeds its ring) is reported as a
-    failure, not raised."""
+    a config the GPU tile bodies do not take (tiny: ATTN's shapes are not GLM-5-like, AttnShape.fits_gpu) is
+    reported as a failure, not raised."""
     rec = _entry_point("persistent_lowering").main(
         ["--config", "glm5_slice", "--ops", "skeleton,EMBED", "--out", str(tmp_path), "--name", "pl"])
     rows = {r["ops"]: r for r in rec["rows"]}

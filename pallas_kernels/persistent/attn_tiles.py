@@ -153,10 +153,10 @@ class AttnShape:
             out.update(tiled)
             out.update(stage)
         else:
-            if stage and _group_bytes(stage) > _nbytes(tiled["a0_kv"]):
-                raise ValueError(f"ATTN's output staging ({_group_bytes(stage)} B) does not fit in its row ring "
-                                 f"({_nbytes(tiled['a0_kv'])} B) for {self}: the GPU ATTN body takes GLM-5-like "
-                                 f"shapes (AttnShape.fits_gpu); run this config in GPU interpret mode")
+            if not self.fits_gpu():  # (the output staging, 16 KB, then also fits in the ring it may alias)
+                raise ValueError(f"ATTN's GPU body does not take {self}: it takes GLM-5-like shapes (bf16, C a "
+                                 f"multiple of 64, R = 64, <= 64 heads per task; AttnShape.fits_gpu); run this "
+                                 f"config in GPU interpret mode")
             out["t_alias"] = plgpu.RefUnion(aliased, tiled, copy, *([stage] if stage else []))
         out["a_full"] = plgpu.Barrier(num_arrivals=(self.c // seg + 1) * bk, num_barriers=stages)
         out["a_meta"] = plgpu.Barrier(num_arrivals=2 + 2 * n_blocks)

@@ -46,10 +46,13 @@ timing runs, one more launch's trace is read back and broken down (`profile.trac
 wait and phases, the table walk outside the tasks, the SMs' spans) into the row's `profile`, in ms at the SM clock
 that nvidia-smi reports right after that launch (`sm_clock_mhz`). The profiler's records and its per-launch trace
 dump callback cost time, so a profiled row's timing is `median_ms_profiled`, not comparable with an unprofiled
-`median_ms`; each timeline's span in the breakdown is the kernel's own time on that SM.
---attn-splits N / --attn-heads H override the attention tasks' split-KV factor (default: PersistentDecoder's
-choice, 16 where the SMEM fits; with only --attn-heads given, ScheduleOptions' 8) and heads per task (default 8;
-64 gathers the selected rows once for all heads).
+`median_ms`; each timeline's span in the breakdown is the kernel's own time on that SM. The row's
+`critical_path` (`profile.critical_path`) walks the same launch back from its last task through whichever bound
+each task -- its SM's previous task or the counter it waited on -- and splits the path's length into op time (per
+op and per layer), signal trips (`sync_ns`) and table walks (`walk_ns`): which links of the chain to shorten.
+--attn-splits N / --attn-heads H override the attention tasks' split-KV factor and heads per task (default:
+PersistentDecoder's choice, `kernel.gpu_candidates`: 64 heads x 32 splits where the SMEM fits; an unset one takes
+ScheduleOptions' default).
 """
 from __future__ import annotations
 
@@ -313,13 +316,14 @@ def _sm_clock_mhz() -> float | None:
         return None
 
 
-def _profile(fn, args, profile_dir: str) -> dict:
+def _profile(fn, args, profile_dir: str, schedule) -> dict:
     """One more launch of the profiled `fn`, its trace broken down (`profile.trace_breakdown`), with the SM clock
-    right after it. jax 0.10.2 names the trace file once per lowering and never overwrites it (that file holds the
-    first launch's trace), so the traces so far are removed first and the newest one is read."""
+    right after it, and its critical path (`profile.critical_path`, given the clock). jax 0.10.2 names the trace
+    file once per lowering and never overwrites it (that file holds the first launch's trace), so the traces so
+    far are removed first and the newest one is read."""
     import jax
 
-    from pallas_kernels.persistent.profile import trace_breakdown
+    from pallas_kernels.persistent.profile import critical_path, task_times, trace_breakdown
     for path in glob.glob(os.path.join(profile_dir, "*-trace.json")):
         os.remove(path)
     jax.block_until_ready(fn(*args))
@@ -327,7 +331,13 @@ def _profile(fn, args, profile_dir: str) -> dict:
     mhz = _sm_clock_mhz()
     with open(max(glob.glob(os.path.join(profile_dir, "*-trace.json")), key=os.path.getmtime)) as f:
         trace = json.load(f)
-    return {"sm_clock_mhz": mhz, "profile": trace_breakdown(trace, None if mhz is None else mhz * 1e3)}
+    out = {"sm_clock_mhz": mhz, "profile": trace_breakdown(trace, None if mhz is None else mhz * 1e3)}
+    if mhz is not None:
+        try:
+            out["critical_path"] = critical_path(task_times(trace, schedule.sm_lists(), mhz / 1e3), schedule)
+        except Exception as e:  # noqa: BLE001 -- e.g. a trace that does not map onto the task lists: reported,
+            out["critical_path"] = f"{type(e).__name__}: {e}"[:2000]  # the breakdown and timings are kept
+    return out
 
 
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
@@ -401,7 +411,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
            "median_ms_profiled" if profile else "median_ms": _median_ms(compiled, (weights, arrays), reps),
            "bytes_of_ops": int(sum(t.nbytes for t in plan.schedule.tasks if t.op in op_set))}
     if profile:
-        out.update(_profile(compiled, (weights, arrays), profile_dir))
+        out.update(_profile(compiled, (weights, arrays), profile_dir, plan.schedule))
         out["profile_note"] = ("median_ms_profiled includes the profiler's records and its per-launch trace dump "
                                "callback: not comparable with an unprofiled median_ms")
         shutil.rmtree(profile_dir)

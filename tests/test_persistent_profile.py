@@ -1,9 +1,15 @@
 """`profile.trace_breakdown` on hand-built traces in the format of Mosaic GPU's profiler dump (ts = (start ns +
 cycles) / 1e3 per timeline), and `persistent_step(profile_dir=...)` refusing interpret mode."""
+from types import SimpleNamespace
+
 import jax
+import numpy as np
 import pytest
 
-from pallas_kernels.persistent.profile import trace_breakdown
+from glm_fast import load_config
+from pallas_kernels.persistent import ScheduleOptions, compile_schedule
+from pallas_kernels.persistent.format import Op
+from pallas_kernels.persistent.profile import critical_path, task_times, trace_breakdown
 
 
 def _events(pid: int, start_ns: int, ranges: list) -> list:
@@ -76,3 +82,94 @@ def test_profiling_refuses_interpret_mode(tmp_path):
     with pytest.raises(ValueError, match="profiling needs the GPU"):
         jax.eval_shape(lambda *a: persistent_step(plan, *a, interpret=True, profile_dir=str(tmp_path)),
                        *abstract_step_args(plan, 64))
+
+
+# -- the critical path (`task_times` + `critical_path`) ----------------------------------------------------------
+
+
+class _Stub:
+    """A schedule's task records and SM lists, by hand: tasks = {id: (op, layer, signal, waited counters)}."""
+    def __init__(self, tasks: dict, lists: list):
+        self._tasks, self._lists = tasks, lists
+
+    def task(self, i):
+        op, layer, signal, waits = self._tasks[i]
+        return SimpleNamespace(op=Op[op], layer=layer, signal=signal, waits=tuple((c, 1) for c in waits))
+
+    def sm_lists(self):
+        return self._lists
+
+
+def _timeline(pid: int, ranges: list, ghz: float = 2.0) -> list:
+    """One SM's events from (name, "B" | "E", ns): ts = (first event's ns + SM cycles since it) / 1e3."""
+    base = ranges[0][2]
+    return [{"name": n, "ph": ph, "ts": (base + (t - base) * ghz) / 1e3, "pid": pid, "tid": 0} for n, ph, t in ranges]
+
+
+def _task_events(times: dict, lists: list) -> dict:
+    """A trace of the tasks' (start, deps_met, end) ns: Init, then per task its op range with the wait inside."""
+    events = []
+    for sm, ids in enumerate(lists):
+        rs = [("Init", "B", times[ids[0]][0] - 5), ("Init", "E", times[ids[0]][0] - 1)]
+        for i in ids:
+            start, met, end = times[i]
+            rs += [("GEMV", "B", start), ("wait", "B", start), ("wait", "E", met), ("GEMV", "E", end)]
+        events += _timeline(sm + 1, rs)
+    return {"traceEvents": events}
+
+
+def test_critical_path_takes_the_later_of_the_sm_and_the_dependency():
+    """SM 0 runs GEMV 0 then ATTN 2 (waits on GEMV 1, long done: bound by its SM); SM 1 runs GEMV 1 then UV 3
+    (waits on ATTN 2: bound by it). Path 0 -> 2 -> 3; every ns of its 300 is an op, a sync or a walk."""
+    stub = _Stub({0: ("GEMV", 0, 0, ()), 1: ("GEMV", 0, 1, ()), 2: ("ATTN", 1, 2, (1,)), 3: ("UV", 1, 3, (2,))},
+                 [[0, 2], [1, 3]])
+    want = {0: (1000.0, 1000.0, 1100.0), 1: (1000.0, 1000.0, 1050.0), 2: (1110.0, 1115.0, 1200.0),
+            3: (1060.0, 1230.0, 1300.0)}
+    times = task_times(_task_events(want, stub.sm_lists()), stub.sm_lists(), cycles_per_ns=2.0)
+    assert times == pytest.approx(want)
+    out = critical_path(times, stub)
+    assert [p[0] for p in out["path"]] == [0, 2, 3] and out["tasks"] == 3
+    assert out["length_ns"] == pytest.approx(300)
+    assert out["ops_ns"] == pytest.approx({"GEMV": 100, "ATTN": 85, "UV": 70})
+    assert (out["sync_ns"], out["walk_ns"]) == pytest.approx((30, 15))
+    assert out["per_layer_ns"] == pytest.approx({0: 100, 1: 155})
+
+
+def test_task_times_refuses_a_trace_of_another_schedule():
+    trace = _task_events({0: (0.0, 0.0, 10.0), 1: (20.0, 20.0, 30.0)}, [[0, 1]])
+    with pytest.raises(ValueError, match="list has 1 tasks"):
+        task_times(trace, [[0]], cycles_per_ns=2.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_critical_path_of_a_simulated_launch(seed):
+    """tiny's schedule on 5 SMs, executed in its topological order with random task times, a fixed walk between an
+    SM's tasks and a fixed signal latency: the path ends at the last task, each link is the SM's previous task
+    or a counter it waited on, and its ops + syncs + walks are its length (the gaps: the fixed costs)."""
+    s = compile_schedule(load_config("tiny").model, 1, ScheduleOptions(tile_n=24, num_sms=5))
+    lists = s.sm_lists()
+    sm_of = {i: sm for sm, ids in enumerate(lists) for i in ids}
+    rng, walk, signal = np.random.default_rng(seed), 7.0, 11.0
+    free, done, times = [0.0] * len(lists), {}, {}
+    for t in s.tasks:  # records are a topological order, and every SM list follows it
+        start = free[sm_of[t.id]] + walk
+        met = max([start] + [done[c] + signal for c, _ in t.waits])
+        times[t.id] = (start, met, met + float(rng.uniform(10, 100)))
+        free[sm_of[t.id]] = times[t.id][2]
+        done[t.signal] = max(done.get(t.signal, 0.0), times[t.id][2])
+    got = task_times(_task_events(times, lists), lists, cycles_per_ns=2.0)
+    out = critical_path(got, s)
+    path = [p[0] for p in out["path"]]
+    assert times[path[-1]][2] == max(e for _, _, e in times.values())
+    for a, b in zip(path, path[1:]):
+        tb = s.task(b)
+        assert (b in lists[sm_of[a]] and lists[sm_of[a]].index(b) == lists[sm_of[a]].index(a) + 1) \
+            or s.task(a).signal in {c for c, _ in tb.waits}
+    gaps = out["sync_ns"] + out["walk_ns"]
+    assert sum(out["ops_ns"].values()) + gaps == pytest.approx(out["length_ns"])
+    assert sum(out["per_layer_ns"].values()) + gaps == pytest.approx(out["length_ns"])
+    assert out["length_ns"] == pytest.approx(times[path[-1]][2] - times[path[0]][0])
+    # each link's gap is the fixed cost of the constraint that bound it, or of the other when both were close
+    links = len(path) - 1
+    assert links * min(walk, signal) - 1e-6 <= gaps <= links * (walk + signal) + 1e-6, (gaps, links)
+    assert out["sync_ns"] >= 0 and out["walk_ns"] >= 0 and out["sync_ns"] > 0  # tiny's layers chain by counters

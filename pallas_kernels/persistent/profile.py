@@ -9,6 +9,12 @@ jax/experimental/mosaic/gpu/profiler.py): {"traceEvents": [{"name", "ph": "B" | 
 timelines of different CTAs share no clock. The breakdown therefore sums cycles per timeline:
 
     trace_breakdown(json.load(open(path)), cycles_per_ms=1980e3)
+
+The critical path needs one clock across SMs: a timeline's first event is its CTA's globaltimer, which all CTAs
+share, and the cycles after it convert at the SM clock (`task_times`); `critical_path` then walks the launch back
+from its last task through whichever bound each task (its SM's previous task, or the counter it waited on):
+
+    critical_path(task_times(trace, schedule.sm_lists(), cycles_per_ns=1.98), schedule)
 """
 from __future__ import annotations
 
@@ -100,3 +106,91 @@ def trace_breakdown(trace: dict, cycles_per_ms: float | None = None) -> dict:
                 d[k[:-len("cycles")] + "ms"] = ({n: c / cycles_per_ms for n, c in v.items()} if isinstance(v, dict)
                                                  else v / cycles_per_ms)
     return out
+
+
+def task_times(trace: dict, sm_lists: list[list[int]], cycles_per_ns: float) -> dict[int, tuple[float, float, float]]:
+    """task id -> (start, deps_met, end) in ns on the launch's shared clock, from one launch's trace.
+
+    Timeline pid = 1 + SM id holds, after Mosaic's "Init", one top-level range per task of that SM's list
+    (`Schedule.sm_lists`), in order; deps_met is the end of the "wait" range nested in it (its start where the
+    task took no wait). A timeline's first event is at its CTA's globaltimer (ns, shared by all CTAs); later ones
+    add SM clock cycles, converted here at `cycles_per_ns` (the SM clock in GHz). Raises ValueError where a
+    timeline's ranges do not match its SM's list."""
+    timelines: dict = {}
+    for e in trace["traceEvents"]:
+        if e.get("ph") in ("B", "E"):
+            timelines.setdefault(e["pid"], {}).setdefault(e["tid"], []).append(e)
+    times = {}
+    for pid, by_tid in timelines.items():
+        if len(by_tid) != 1:
+            raise ValueError(f"timeline pid {pid}: {len(by_tid)} warpgroups recorded ranges; the kernel runs one")
+        events = next(iter(by_tid.values()))
+        t0 = events[0]["ts"]
+        stack, ranges = [], []  # ranges: [start, deps_met, end] of each top-level range other than "Init"
+        for e in events:
+            t = t0 * 1e3 + (e["ts"] - t0) * 1e3 / cycles_per_ns
+            if e["ph"] == "B":
+                if not stack and e["name"] != "Init":
+                    ranges.append([t, None, None])
+                stack.append(e["name"])
+                continue
+            name = stack.pop()
+            if not stack and name != "Init":  # a task's range ends (a bare "wait": a task without a body)
+                r = ranges[-1]
+                r[2] = t
+                r[1] = t if name == WAIT else (r[0] if r[1] is None else r[1])
+            elif len(stack) == 1 and name == WAIT and stack[0] != "Init":  # the task's dependency wait
+                ranges[-1][1] = t
+        ids = sm_lists[pid - 1] if 0 < pid <= len(sm_lists) else None
+        if ids is None or len(ids) != len(ranges):
+            raise ValueError(f"timeline pid {pid}: {len(ranges)} task ranges, but SM {pid - 1}'s list has "
+                             f"{None if ids is None else len(ids)} tasks: a trace of another schedule?")
+        times.update(zip(ids, map(tuple, ranges)))
+    return times
+
+
+def critical_path(times: dict, schedule) -> dict:
+    """The launch's critical path from `task_times`: from the task that ends last, walk back to whichever bound
+    each task's work -- the previous task of its SM list (it started when that one ended) or the last-ending task
+    of the counter it waited on longest (its dependencies were met then) -- whichever ended later.
+
+    Returns length_ns (first path task's start to the last end), tasks (on the path), ops_ns (the path tasks'
+    time from deps met to end, per op), sync_ns (from a binding dependency's end to the wait's end: the signal's
+    trip through GMEM and the poll), walk_ns (from the SM's previous task's end to the next's end of wait: the
+    table walk, dispatch and prefetch issue), and per_layer_ns (ops_ns per layer, -1 for no layer): these sum to
+    length_ns. path: [task id, op, layer, start, deps_met, end] per path task, in order (ns since the path's
+    start)."""
+    tasks = {i: schedule.task(i) for i in times}
+    last_of = {}  # counter -> the id of its signalling task that ended last
+    for i, t in tasks.items():
+        if t.signal >= 0 and (t.signal not in last_of or times[i][2] > times[last_of[t.signal]][2]):
+            last_of[t.signal] = i
+    prev = {}
+    for ids in schedule.sm_lists():
+        prev.update(zip(ids[1:], ids[:-1]))
+    cur, path = max(times, key=lambda i: times[i][2]), []
+    ops, per_layer, sync, walk = {}, {}, 0.0, 0.0
+    while cur is not None:
+        start, met, end = times[cur]
+        t = tasks[cur]
+        path.append(cur)
+        ops[t.op.name] = ops.get(t.op.name, 0.0) + end - met
+        per_layer[t.layer] = per_layer.get(t.layer, 0.0) + end - met
+        deps = [last_of[c] for c, _ in t.waits if c in last_of]
+        dep = max(deps, key=lambda i: times[i][2], default=None)
+        before = prev.get(cur)
+        if dep is not None and (before is None or times[dep][2] > times[before][2]):
+            sync += met - times[dep][2]
+            cur = dep
+        elif before is not None:
+            walk += met - times[before][2]
+            cur = before
+        else:
+            walk += met - start
+            cur = None
+    path.reverse()
+    t0 = times[path[0]][0]
+    return {"length_ns": times[path[-1]][2] - t0, "tasks": len(path),
+            "ops_ns": dict(sorted(ops.items(), key=lambda kv: -kv[1])), "sync_ns": sync, "walk_ns": walk,
+            "per_layer_ns": dict(sorted(per_layer.items())),
+            "path": [[i, tasks[i].op.name, tasks[i].layer, *(x - t0 for x in times[i])] for i in path]}

@@ -41,7 +41,8 @@ from pallas_kernels.gemv import TP, col_scale, mma_bf16_tile, store_acc_t, swizz
 
 ARRIVALS = (2, 3, 4)  # TMA copies per ring step: weight + x (+ norm weight) (+ second weight)
 UV_DEPTH = 2  # UV's ring depth: its split partials (t_op, splits x 2 KB per slot) would otherwise cap the weight
-UV_BYTES = 64 * 1024  # rings' depth through SMEM, and UV streams few bytes; one slot only where two pass this
+# rings' depth through SMEM, and UV streams few bytes
+UV_BYTES = 64 * 1024  # t_op's SMEM cap: a single slot where two would pass it (32 attention splits)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,7 +126,7 @@ def test_critical_path_takes_the_later_of_the_sm_and_the_dependency():
     want = {0: (1000.0, 1000.0, 1100.0), 1: (1000.0, 1000.0, 1050.0), 2: (1110.0, 1115.0, 1200.0),
             3: (1060.0, 1230.0, 1300.0)}
     times = task_times(_task_events(want, stub.sm_lists()), stub.sm_lists(), cycles_per_ns=2.0)
-    assert times == pytest.approx(want)
+    assert set(times) == set(want) and all(times[i] == pytest.approx(want[i]) for i in want), times
     out = critical_path(times, stub)
     assert [p[0] for p in out["path"]] == [0, 2, 3] and out["tasks"] == 3
     assert out["length_ns"] == pytest.approx(300)

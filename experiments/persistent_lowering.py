@@ -54,7 +54,7 @@ def check(plan, ops: list[str], max_len: int, tiles):
 
     from pallas_kernels import _compat
     from pallas_kernels.persistent.format import Op
-    from pallas_kernels.persistent.kernel import abstract_step_args, persistent_step
+    from pallas_kernels.persistent.kernel import abstract_step_args, kernel_chars, persistent_step
 
     on_gpu = jax.default_backend() == "gpu"
     args = abstract_step_args(plan, max_len)
@@ -70,7 +70,7 @@ def check(plan, ops: list[str], max_len: int, tiles):
                 with _compat.interpret_mesh("NVIDIA H200", plan.schedule.num_sms):
                     lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
             row["lower_s"] = round(time.perf_counter() - t0, 2)
-            row["kernel_chars"] = max(len(line) for line in lowered.as_text().splitlines() if "mosaic_gpu" in line)
+            row["kernel_chars"] = kernel_chars(lowered)
             t1 = time.perf_counter()
             if on_gpu:
                 lowered.compile()

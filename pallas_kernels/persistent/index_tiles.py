@@ -57,10 +57,10 @@ kernel's own candidate values, and with exact ties (duplicate keys, zero q).
 SMEM (glm5_slice: N = 32, H = 128, K = 2048, T = 1 / 4): q and the key ring live in the existing weight rings
 t_w0 / t_w1 (4 slots of 64 x 64 bf16: T = 1 takes 1 slot per ring for q, 3 for keys; T = 4 takes 2 and 2),
 INDEX_TOPK's candidate ring t_ixr [32, 8, 64] f32 = 64 KB in the SMEM union. New: t_ixw [ceil(T*N/64)*64] f32,
-t_ixs / t_ixi [T, 128] f32 / int32, t_ixn [T, 64] f32, t_ixq / t_ixqo [8, H] bf16, t_ixc [128] int32 and two barrier arrays:
-8.3 KB at T = 1, 12.5 KB at T = 4 (`scratch_bytes`).
+t_ixs / t_ixi [T, 128] f32 / int32, t_ixn [T, 64] f32, t_ixq / t_ixqo [8, H] bf16, t_ixc [128] int32 and two
+barrier arrays: 8.3 KB at T = 1, 12.5 KB at T = 4 (`scratch_bytes`).
 
-Counts to scalars. The radix passes' totals (and INDEX_TOPK's per-slot "any candidate >= the K-th key") are full
+Counts to scalars. The radix passes' totals (and INDEX_TOPK's per-slot counts of keys above / at the K-th) are full
 reductions of register arrays; they become scalars through SMEM (`_smem_scalars`: one vector store into t_ixc,
 then scalar loads), never by using the 0-d reduction itself as a loop carry or trip count (jax 0.11.2 represents
 it as a 0-d vector, which Mosaic GPU rejects as a scalar).
@@ -504,14 +504,12 @@ def index_topk_body(r, key, consts):
     """INDEX_TOPK: exact top-K of all chunks' candidates per token (see the module docstring), or None."""
     _, (parts,), _, islots, oslots = key
     tiles = r.tiles
-    if tiles is None or "t_ixcb" not in tiles.s:
+    if tiles is None or "t_ixr" not in tiles.s:  # (t_ixr and its barriers t_ixcb come together)
         return None
     val_ref, cid_ref, out_idx, out_valid = (_stack(r, sl) for sl in (*islots[:2], *oslots[:2]))
     if any(a is None for a in (val_ref, cid_ref, out_idx, out_valid)):
         return None
     s, c = tiles.s, tiles.c
-    if "t_ixr" not in s:
-        return None
     ring, bar, cnt, keys = s["t_ixr"], s["t_ixcb"], s["t_ixc"], s["t_ixk"]
     nc, nt, kk = val_ref.shape[1:]
     width = ring.shape[2]  # candidates per row of a ring slot (TN)

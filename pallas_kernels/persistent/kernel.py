@@ -725,6 +725,15 @@ _PHASE_RANGES = 512  # profiler ranges per CTA for the bodies' phases (ATTN: 3 p
 _MOSAIC_SMEM = 16 * 1024  # what Mosaic adds to `smem_bytes` (alignment, its own buffers): up to 15 KB seen
 
 
+def kernel_chars(lowered) -> int:
+    """The length of the Mosaic GPU custom call in a lowered module's StableHLO text (the serialized kernel): a
+    measure of the code Mosaic's layout inference works through, whose time dominates lowering on jax 0.11.2."""
+    calls = [line for line in lowered.as_text().splitlines() if "mosaic_gpu" in line]
+    if not calls:
+        raise ValueError("kernel_chars: no Mosaic GPU kernel in the lowered module")
+    return max(map(len, calls))
+
+
 def smem_bytes(plan: KernelPlan, tiles: tl.TileConfig) -> int:
     """The GPU kernel's SMEM per CTA as the scratch declares it: the tile bodies' buffers (ATTN's union with the
     rings counted once) plus the CTA's dispatch table. A lower bound: Mosaic adds alignment and its own buffers

@@ -356,17 +356,23 @@ def x_view(tiles, x_ref, idx, k0, x_shape):
     return x_ref.at[idx, pl.ds(tiles.c(0), TP), k0 // hd, pl.ds(k0 % hd, tiles.tk)]
 
 
+def unrolled_or_loop(n: int, c, unroll: bool):
+    """Decorator running body(i) for i in [0, n): unrolled with static indices c(i), or as one `pl.loop`."""
+    def run(body):
+        if unroll:
+            for i in range(n):
+                body(c(i))
+        else:
+            pl.loop(0, n)(body)
+    return run
+
+
 def per_token(n: int, c):
     """Decorator running body(t) for the step's n tokens: inline with t = c(0) for T = 1, else one `pl.loop`
     (the per-token code is not unrolled: Mosaic GPU's lowering time on jax 0.11.2 grows with the kernel's code,
     and with ATTN / INDEX_TOPK / ROUTER_SELECT unrolled 4x the T = 4 kernel did not lower within 8 minutes on the
     H200; unrolled, their code grew 4-8x from T = 1, as one `pl.loop` 1.0-1.2x)."""
-    def run(body):
-        if n == 1:
-            body(c(0))
-        else:
-            pl.loop(0, n)(body)
-    return run
+    return unrolled_or_loop(n, c, n == 1)
 
 
 class TaskView:
@@ -895,7 +901,8 @@ def router_body(r, key, consts):
 
         oi, oc = t.out(0), t.out(1)
 
-        def coef(j):
+        @unrolled_or_loop(u, c, tokens == 1)  # T = 1 as measured on the H200; else a loop over the U slots
+        def _(j):
             ex = rsel[j]
             sel_ref[oi, j] = ex
 
@@ -905,9 +912,4 @@ def router_body(r, key, consts):
                 for kk in range(top_k):
                     acc = acc + jnp.where(rid[tt, c(kk)] == ex, rw[tt, c(kk)], jnp.float32(0.0))
                 coef_ref[oc, j, tt] = acc
-        if tokens == 1:  # T = 1 as measured on the H200; else a loop over the U (= T x top_k) slots
-            for j in range(u):
-                coef(c(j))
-        else:
-            pl.loop(0, u)(coef)
     return fn

@@ -71,7 +71,7 @@ new-rows box past row T (interpret mode reads NaN there, which the masks / unuse
 (H200, glm5_slice at 4K, on-device profiles in experiments/results/): INDEX_SCORE takes 31-34 us per chunk task,
 spread over the SMs. INDEX_TOPK, while every attention task waits for it, per layer: one task, 0.53 ms (radix
 select 0.12 ms, compaction 0.41 ms: 6,144 streamed candidates, ~130 cycles each; bench_persistent_glm5_slice_phases
-.json); 8 parts, 0.25 ms each (select 0.12, compaction 0.11; ..._topk_parts.json); 16 parts with the resident
+.json); 8 parts, 0.23 ms each (select 0.12, compaction 0.11; ..._topk_parts.json); 16 parts with the resident
 ring, 0.18 ms each (select 0.10, compaction 0.08; ..._topk_resident.json). Still the longest stage on the step's
 critical path (x 4 layers): the select's 8 passes each end in 15 cross-warp reductions, and a part's compaction
 scans whole ring slots (512 candidates) by scalars.

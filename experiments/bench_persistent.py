@@ -343,13 +343,14 @@ def _profile(fn, args, profile_dir: str, schedule) -> dict:
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
                 slots: int = 4, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
-                n_tokens: int = 1) -> dict:
+                n_tokens: int = 1, topk_bits: int = 4) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight);
     profile: a persistent variant with the on-device profiler (GPU only; see the module docstring);
     attn_splits, attn_heads: the attention tasks' split-KV factor and heads per task (ScheduleOptions; both None:
     PersistentDecoder's choice; else the unset one takes ScheduleOptions' default); n_tokens: T, the step's tokens
-    at positions context .. context + T - 1 (1 + D: an MTP verification step)."""
+    at positions context .. context + T - 1 (1 + D: an MTP verification step); topk_bits: INDEX_TOPK's key bits
+    per radix pass (TileConfig.topk_bits)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -390,7 +391,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
         arrays.append(getattr(caches[int(layer)], field)[0])
     cos, sin = model.rope(pos)
     op_set = frozenset(Op[o] for o in ops)
-    tiles = TileConfig(slots=slots)
+    tiles = TileConfig(slots=slots, topk_bits=topk_bits)
     full = set(ops) == set(FULL)
     profile_dir = tempfile.mkdtemp(prefix="persistent_profile_") if profile else None
     step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
@@ -461,6 +462,8 @@ def main(argv=None):
     p.add_argument("--attn-heads", type=int, default=None,
                    help="heads per attention task (ScheduleOptions.attn_heads; 64 = one gather of the selected rows "
                         "for all heads)")
+    p.add_argument("--topk-bits", type=int, default=4,
+                   help="key bits INDEX_TOPK's radix select decides per pass (TileConfig.topk_bits: 1, 2 or 4)")
     p.add_argument("--checks", default="tasks,buffers,flips", help="the full variant's simulator checks to run")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
@@ -474,14 +477,15 @@ def main(argv=None):
                                      slots=args.slots, checks=tuple(args.checks.split(",")),
                                      probe="+" in args.child, profile=args.profile,
                                      attn_splits=args.attn_splits, attn_heads=args.attn_heads,
-                                     n_tokens=args.tokens)), flush=True)
+                                     n_tokens=args.tokens, topk_bits=args.topk_bits)), flush=True)
         return
     from glm_fast import results
     rows = []
     for v in args.variants.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--context", str(args.context),
                "--tokens", str(args.tokens),
-               "--reps", str(args.reps), "--slots", str(args.slots), "--checks", args.checks, "--child", v,
+               "--reps", str(args.reps), "--slots", str(args.slots), "--topk-bits", str(args.topk_bits),
+               "--checks", args.checks, "--child", v,
                *(["--profile"] if args.profile else []),
                *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else []),
                *(["--attn-heads", str(args.attn_heads)] if args.attn_heads else [])]
@@ -500,6 +504,7 @@ def main(argv=None):
         print(json.dumps(row)[:2000], flush=True)
     record = results.result("bench_persistent", {"config": args.config, "context": args.context, "tokens": args.tokens,
                                                  "reps": args.reps, "slots": args.slots,
+                                                 "topk_bits": args.topk_bits,
                                                  "profile": args.profile, "attn_splits": args.attn_splits,
                                                  "attn_heads": args.attn_heads},
                              rows)

@@ -93,21 +93,23 @@ def _check_selection(plan, outs):
 # slots invalid; tile 8 with 8 chunks at context 20 -> chunks of 8 rows < K = 16: INDEX_TOPK streams 1 of each
 # chunk's 2 TN-rows; tile 8 with 8 chunks at context 72 -> 2 ring slots of candidates, resident in INDEX_TOPK's
 # ring for every radix pass (ring None: CAND_SLOTS) or streamed again per pass through a 1-slot ring. (INDEX_TOPK's
-# body needs chunks * K / tile to be a multiple of 8 ring rows.)
-CASES = [("bfloat16", 3, 22, 40, 8, 16, None), ("float32", 3, 23, 72, 4, 8, None), ("float32", 1, 25, 9, 8, 16, None),
-         ("float32", 1, 26, 20, 8, 8, None), ("float32", 1, 27, 72, 8, 8, None), ("bfloat16", 3, 28, 72, 8, 8, 1)]
+# body needs chunks * K / tile to be a multiple of 8 ring rows.) bits: INDEX_TOPK's key bits per radix pass
+# (TileConfig.topk_bits; 1 = a binary search).
+CASES = [("bfloat16", 3, 22, 40, 8, 16, None, 4), ("float32", 3, 23, 72, 4, 8, None, 1),
+         ("float32", 1, 25, 9, 8, 16, None, 4), ("float32", 1, 26, 20, 8, 8, None, 2),
+         ("float32", 1, 27, 72, 8, 8, None, 4), ("bfloat16", 3, 28, 72, 8, 8, 1, 2)]
 
 
-@pytest.mark.parametrize("dtype,t,seed,context,chunks,tile,ring", CASES)
-def test_index_bodies_match_xla_backend_in_interpret_mode(dtype, t, seed, context, chunks, tile, ring, index_calls,
-                                                          kernel_outputs, monkeypatch):
+@pytest.mark.parametrize("dtype,t,seed,context,chunks,tile,ring,bits", CASES)
+def test_index_bodies_match_xla_backend_in_interpret_mode(dtype, t, seed, context, chunks, tile, ring, bits,
+                                                          index_calls, kernel_outputs, monkeypatch):
     if ring is not None:
         monkeypatch.setattr(index_tiles, "CAND_SLOTS", ring)
     cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
     model, caches, tokens, pos = prefilled(cfg, seed, context, t)
     ok = jnp.ones((1, t), bool)
     dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, index_chunks=chunks), interpret=True,
-                            cache_dir=False, tiles=TileConfig(tile_n=tile, tile_k=tile))
+                            cache_dir=False, tiles=TileConfig(tile_n=tile, tile_k=tile, topk_bits=bits))
 
     def step(w, c):
         logits, h, _ = dec(model, w, c, tokens, pos, ok)
@@ -121,6 +123,38 @@ def test_index_bodies_match_xla_backend_in_interpret_mode(dtype, t, seed, contex
     _check_selection(plan, outs)
 
 
+@pytest.mark.parametrize("bits", [1, 4])
+def test_index_topk_ties_take_the_lowest_rows(bits, index_calls, kernel_outputs):
+    """Every indexer query zeroed (wq_b = 0): every visible row scores exactly 0, a K-way tie at the K-th key, so
+    the selection is the K lowest rows -- as lax.top_k picks, in the XLA backend too. Context 72 > K = 16 with
+    tile 8 and 4 chunks: the radix select and the compaction's `need` ties across several rows and ring slots."""
+    from flax import nnx
+
+    from glm_fast.model.indexer import Indexer
+    cfg = load_config("tiny").model
+    model, _, _, _ = prefilled(cfg, 29, 1, 1)
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, Indexer):
+            m.wq_b.kernel[...] = jnp.zeros_like(m.wq_b.kernel[...])
+    model, caches, tokens, pos = prefilled(model, 29, 72, 1)
+    dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, index_chunks=4), interpret=True, cache_dir=False,
+                            tiles=TileConfig(tile_n=8, tile_k=8, topk_bits=bits))
+
+    def step(w, c):
+        logits, h, _ = dec(model, w, c, tokens, pos, jnp.ones((1, 1), bool))
+        return logits, h, kernel_outputs[-1]
+    logits, h, outs = jax.jit(step)(dec.weights(1), caches)
+    plan = dec.plan(1)
+    assert index_calls and all(ok for _, ok in index_calls)
+    assert_step_matches_xla(model, caches, tokens, pos, logits, h, TOL["float32"])
+    _check_selection(plan, outs)
+    for layer in [b.name.rsplit("/", 1)[0] for b in plan.schedule.buffers if b.name.endswith("/topk_idx")]:
+        idx, valid = _buffer(plan, outs, f"{layer}/topk_idx"), _buffer(plan, outs, f"{layer}/topk_valid")
+        kk = idx.shape[-1]
+        np.testing.assert_array_equal(idx[0], np.arange(kk), err_msg=layer)  # the K lowest of 73 visible rows
+        assert (valid[0] == 1).all(), layer
+
+
 @pytest.mark.parametrize("op", INDEX_OPS, ids=lambda op: op.name)
 def test_index_body_lowers_for_cuda_at_glm5_slice(op, index_calls):
     _lower_glm5_slice(frozenset([op]))
@@ -131,3 +165,9 @@ def test_index_bodies_lower_with_the_other_tile_bodies_for_cuda(index_calls):
     """Both indexer bodies with every other tile body in one kernel (one lax.switch, the shared SMEM scratch)."""
     _lower_glm5_slice(frozenset(LOWERING + (Op.INDEX_SCORE,)))
     assert {op for op, _ in index_calls} == set(INDEX_OPS) and all(ok for _, ok in index_calls)
+
+
+@pytest.mark.parametrize("bits", [0, 3, 8])
+def test_topk_bits_must_split_the_key_into_small_passes(bits):
+    with pytest.raises(ValueError, match="topk_bits must be 1, 2 or 4"):
+        TileConfig(topk_bits=bits)

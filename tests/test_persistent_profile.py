@@ -100,21 +100,24 @@ class _Stub:
         return self._lists
 
 
-def _timeline(pid: int, ranges: list, ghz: float = 2.0) -> list:
-    """One SM's events from (name, "B" | "E", ns): ts = (first event's ns + SM cycles since it) / 1e3."""
+def _timeline(cta: int, sm: int, ranges: list, ghz: float = 2.0) -> list:
+    """One CTA's events from (name, "B" | "E", ns), as Mosaic dumps them: tid = 1 + CTA, pid = 1 + the SM it ran
+    on; ts = (first event's ns + SM cycles since it) / 1e3."""
     base = ranges[0][2]
-    return [{"name": n, "ph": ph, "ts": (base + (t - base) * ghz) / 1e3, "pid": pid, "tid": 0} for n, ph, t in ranges]
+    return [{"name": n, "ph": ph, "ts": (base + (t - base) * ghz) / 1e3, "pid": 1 + sm, "tid": 1 + cta}
+            for n, ph, t in ranges]
 
 
 def _task_events(times: dict, lists: list) -> dict:
-    """A trace of the tasks' (start, deps_met, end) ns: Init, then per task its op range with the wait inside."""
+    """A trace of the tasks' (start, deps_met, end) ns: Init, then per task its op range with the wait inside;
+    CTA c ran on SM (c + 1) % n (the CTA -> SM mapping is the hardware's, not the identity)."""
     events = []
-    for sm, ids in enumerate(lists):
+    for cta, ids in enumerate(lists):
         rs = [("Init", "B", times[ids[0]][0] - 5), ("Init", "E", times[ids[0]][0] - 1)]
         for i in ids:
             start, met, end = times[i]
             rs += [("GEMV", "B", start), ("wait", "B", start), ("wait", "E", met), ("GEMV", "E", end)]
-        events += _timeline(sm + 1, rs)
+        events += _timeline(cta, (cta + 1) % len(lists), rs)
     return {"traceEvents": events}
 
 

@@ -24,7 +24,8 @@ INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) --
      chunk is kept), then a compaction pass (scalar loop, GMEM scalar stores): keys above the K-th, then the first
      `need` keys equal to it in row order. Either way the candidates are in ascending row order and -inf values
      carry row 0.
-INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select over the nc * K candidate slots, streamed
+INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select (but `TileConfig.topk_bits` key bits per
+  pass: 32 / b passes of 2^b - 1 counts) over the nc * K candidate slots, streamed
   from GMEM in [8, TN] f32 boxes (one row TMA each, barrier `t_ixcb`) through the candidate ring `t_ixr`
   (CAND_SLOTS slots, one more view of the SMEM union on the GPU). When the step's candidates fit the ring (up to
   256 TN-rows: contexts up to ~16K at glm5_slice) they are loaded once and stay resident for every radix pass and
@@ -38,9 +39,10 @@ INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select over the
   P (16 by default) writes its slots [p K / P, (p + 1) K / P) (each part repeats the select; the compaction's
   scalar loop on one SM was the step's critical path, 0.41 ms per layer on the H200 at 4K,
   bench_persistent_glm5_slice_phases.json).
-  Per ring slot two vector counts (keys > the K-th key; keys equal to it, of which the first `need` in flattened
-  order are taken) give the slot's output slots [n, n'); only a slot that meets the part's range is scanned by a
-  scalar loop, which writes the part's rows (GMEM scalar stores). When every chunk took INDEX_SCORE's fast path
+  Per ring slot, each row's two counts (keys > the K-th key; keys equal to it, of which the first `need` in
+  flattened order are taken; each <= TN < 256) are packed as byte fields into TP / 2 int32 sums -- 4 cross-warp
+  reductions per slot -- and give the row's output slots [n, n'); only a row that meets the part's range is
+  scanned by a scalar loop (TN candidates), which writes the part's rows (GMEM scalar stores). When every chunk took INDEX_SCORE's fast path
   (chunk size <= K) a candidate's row is computed (chunk * size + slot); only after a slow path is it loaded from
   cand_idx (a dependent GMEM load per selected row: 0.67 ms per layer before the arithmetic rows,
   experiments/results/bench_persistent_glm5_slice_profile.json). `topk_reference` is the jnp reference of a part.
@@ -198,10 +200,11 @@ def _iota_row(tiles, n):
     return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=_row_layout(n))
 
 
-def _smem_scalars(tiles, vals, ref):
-    """0-d int32 register reductions -> int32 scalars: vals[j] placed at lane j of one [128] row (vector selects),
-    one full-ref vector store into `ref` ([128] int32 SMEM), then scalar loads. jax 0.11.2 represents a full
-    reduction as a 0-d vector, which Mosaic GPU cannot use as a scalar (loop carry, trip count, predicate)."""
+def _smem_row(tiles, vals, ref):
+    """0-d int32 register reductions -> SMEM: vals[j] placed at lane j of one [128] row (vector selects), one
+    full-ref vector store into `ref` ([128] int32 SMEM), readable as scalars ref[j] afterwards (static or dynamic
+    j) until the next store. jax 0.11.2 represents a full reduction as a 0-d vector, which Mosaic GPU cannot use
+    as a scalar (loop carry, trip count, predicate)."""
     lane = _iota_row(tiles, ref.shape[0])  # [128] int32
     row = jnp.where(lane == 0, vals[0], 0)
     for j, v in enumerate(vals[1:], 1):
@@ -209,6 +212,11 @@ def _smem_scalars(tiles, vals, ref):
     plgpu.commit_smem()  # (its warpgroup barrier) earlier scalar reads of `ref` are done before the store ...
     ref[...] = row
     plgpu.commit_smem()  # ... and the store is visible to every thread's scalar reads
+
+
+def _smem_scalars(tiles, vals, ref):
+    """`_smem_row`, then the int32 scalars back."""
+    _smem_row(tiles, vals, ref)
     return [ref[tiles.c(j)] for j in range(len(vals))]
 
 
@@ -221,16 +229,19 @@ def _radix_step(lo, hi_cnt, counts, k: int, shift):
     return lo + lax.shift_left(m, shift), new_hi
 
 
-def _radix_select(k: int, count_pass, ntok: int, zero):
+def _radix_select(k: int, count_pass, ntok: int, zero, bits: int = RADIX_BITS):
     """Exact K-th largest key per token: (lo [T], need [T]) with lo = the K-th largest key and need = how many
     keys equal to lo belong to the top K (all keys > lo do). count_pass(p, cands) -> totals [T][2^b - 1] of
-    count(key >= cand) over the whole set as int32 scalars (`_smem_scalars`), cands [T][2^b - 1] int32 scalars."""
-    n_cand = 2**RADIX_BITS - 1
-    passes = 32 // RADIX_BITS
+    count(key >= cand) over the whole set as int32 scalars (`_smem_scalars`), cands [T][2^b - 1] int32 scalars.
+    bits (b): key bits decided per pass, 32 / b passes of 2^b - 1 counts each (b = 1: a binary search)."""
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"radix select: bits per pass must divide 32 and be at most 8, got {bits}")
+    n_cand = 2**bits - 1
+    passes = 32 // bits
 
     def one(p, state):
         los, his = state[:ntok], state[ntok:]
-        shift = (32 - RADIX_BITS) - p * RADIX_BITS
+        shift = (32 - bits) - p * bits
         cands = [[lo + lax.shift_left(zero + j, shift) for j in range(1, n_cand + 1)] for lo in los]
         totals = count_pass(p, cands)
         new = [_radix_step(lo, hi, tot, k, shift) for lo, hi, tot in zip(los, his, totals)]
@@ -514,7 +525,8 @@ def index_topk_body(r, key, consts):
     nc, nt, kk = val_ref.shape[1:]
     width = ring.shape[2]  # candidates per row of a ring slot (TN)
     stages = ring.shape[0]
-    if ring.shape[1] != TP or kk % width or (nc * kk // width) % TP or keys.shape != (TP, width):
+    if (ring.shape[1] != TP or kk % width or (nc * kk // width) % TP or keys.shape != (TP, width)
+            or width > 255 or TP % 2):  # (a row's counts are byte fields of the compaction's packed sums)
         return None
     row_per_chunk = kk // width
     span = kk // parts  # output slots per part
@@ -577,18 +589,20 @@ def index_topk_body(r, key, consts):
             def count_pass(p, cands):  # the first pass loads the candidates, later ones reuse a resident ring
                 def on_slot(g, st, counts):
                     return tuple(count_tile(ring.at[st], cands[0], None if counts is None else list(counts)))
-                counts = stream(on_slot, None, p == 0, peel=True)
-                return [_smem_scalars(tiles, [jnp.sum(x) for x in counts], cnt)]
+                with jax.named_scope("count"):
+                    counts = stream(on_slot, None, p == 0, peel=True)
+                with jax.named_scope("reduce"):
+                    return [_smem_scalars(tiles, [jnp.sum(x) for x in counts], cnt)]
 
             with jax.named_scope("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
-                (lo,), (need,) = _radix_select(kk, count_pass, 1, c(0))
+                (lo,), (need,) = _radix_select(kk, count_pass, 1, c(0), bits=tiles.cfg.topk_bits)
 
             r_lo = t.arg(0) * span  # this part's output slots [r_lo, r_lo + span)
             r_hi = r_lo + span
 
             def on_slot(g, st, carry):
-                """The slot's selected count from two vector counts (keys > lo; keys == lo, of which the first
-                `need` in flattened order are taken); its rows are scanned by scalars only when their output
+                """The slot's selected count per row from packed vector counts (keys > lo; keys == lo, of which
+                the first `need` in flattened order are taken): a row is scanned by scalars only when its output
                 slots [n, n_next) meet this part's."""
                 n, eq = carry
                 x = ring[st] if tiles.interpret else plgpu.load(ring.at[st], (), layout=plgpu.Layout.WG_STRIDED(
@@ -596,14 +610,23 @@ def index_topk_body(r, key, consts):
                 kx = _float_key(x)
                 plgpu.commit_smem()  # the previous slot's scalar reads of `keys` are done
                 keys[...] = kx  # read back as scalars below (see INDEX_SCORE's slow path)
-                gt, n_eq = _smem_scalars(tiles, [jnp.sum(jnp.where(kx > lo, 1, 0)),
-                                                 jnp.sum(jnp.where(kx == lo, 1, 0))], cnt)
-                # keys equal to -inf's are -inf candidates: they count as ties, never as selected rows
-                n_next = n + gt + jnp.where(lo != _KEY_NEG_INF, jnp.clip(need - eq, 0, n_eq), 0)
+                with jax.named_scope("row_counts"):
+                    # row i's two counts (each <= TN < 256) in byte fields 2 (i % 2) and 2 (i % 2) + 1 of word i // 2
+                    row = (lax.broadcasted_iota(jnp.int32, (TP, width), 0) if tiles.interpret else
+                           plgpu.broadcasted_iota(jnp.int32, (TP, width), 0, layout=plgpu.Layout.WG_STRIDED(
+                               (TP, width), vec_size=1)))
+                    field = lax.shift_left(jnp.where(kx > lo, 1, 0) + jnp.where(kx == lo, 256, 0),
+                                           lax.shift_left(row & 1, 4))
+                    word = lax.shift_right_logical(row, 1)
+                    _smem_row(tiles, [jnp.sum(jnp.where(word == w, field, 0)) for w in range(TP // 2)], cnt)
+
+                def row_counts(i):  # (keys > lo, keys == lo) in row i of the slot, from `cnt`
+                    word = lax.shift_right_logical(cnt[lax.div(i, 2)], lax.rem(i, 2) * 16)
+                    return word & 255, lax.shift_right_logical(word, 8) & 255
 
                 def scan_row(i, carry):
-                    """Row i of the slot (TN candidates): its chunk and first slot computed once per row (a
-                    dynamic division), not per candidate."""
+                    """Row i of the slot (TN candidates) by scalars: its chunk and first slot computed once per
+                    row (a dynamic division), not per candidate."""
                     ch, off = where(g, i)
 
                     def one(col, st2):
@@ -629,11 +652,18 @@ def index_topk_body(r, key, consts):
                         def _():
                             out_valid[ov, q, n] = c(1)
                         return n + sel.astype(jnp.int32), eq + (take & is_eq).astype(jnp.int32)
-                    return lax.fori_loop(0, width, one, carry)
+                    lax.fori_loop(0, width, one, carry)
 
-                # a slot whose output slots miss this part's runs no step (a dynamic trip count, no cond)
-                lax.fori_loop(0, jnp.where((n < r_hi) & (n_next > r_lo), TP, 0), scan_row, (n, eq))
-                return n_next, jnp.minimum(eq + n_eq, need)
+                def each_row(i, carry):
+                    n, eq = carry
+                    gt, n_eq = row_counts(i)
+                    # keys equal to -inf's are -inf candidates: they count as ties, never as selected rows
+                    n_next = n + gt + jnp.where(lo != _KEY_NEG_INF, jnp.clip(need - eq, 0, n_eq), 0)
+                    pl.when((n < r_hi) & (n_next > r_lo))(lambda: scan_row(i, carry))
+                    return n_next, jnp.minimum(eq + n_eq, need)
+
+                with jax.named_scope("scan"):
+                    return lax.fori_loop(0, TP, each_row, (n, eq))
 
             with jax.named_scope("compact"):
                 n, _ = stream(on_slot, (c(0), c(0)), False)

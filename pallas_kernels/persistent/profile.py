@@ -3,8 +3,8 @@
 `persistent_step(..., profile_dir=DIR)` turns on Mosaic GPU's profiler: each CTA's warpgroup records, per task,
 a range named by the task's op with the dependency wait's range ("wait") nested in it, plus Mosaic's own "Init"
 range, and each launch's ranges are dumped to DIR as a Chrome trace (`ProfilerSpec.dump` in
-jax/experimental/mosaic/gpu/profiler.py): {"traceEvents": [{"name", "ph": "B" | "E", "ts", "pid": 1 + SM id,
-"tid": the warpgroup}]}. `ts` is (globaltimer at the CTA's start in ns + SM clock cycles since its first event)
+jax/experimental/mosaic/gpu/profiler.py): {"traceEvents": [{"name", "ph": "B" | "E", "ts", "pid": 1 + the SM
+it ran on, "tid": 1 + the traced warpgroup's index in the grid (here: 1 + the CTA)}]}. `ts` is (globaltimer at the CTA's start in ns + SM clock cycles since its first event)
 / 1e3, so within one (pid, tid) timeline, differences of ts times 1e3 are clock cycles (not microseconds), and
 timelines of different CTAs share no clock. The breakdown therefore sums cycles per timeline:
 
@@ -111,20 +111,21 @@ def trace_breakdown(trace: dict, cycles_per_ms: float | None = None) -> dict:
 def task_times(trace: dict, sm_lists: list[list[int]], cycles_per_ns: float) -> dict[int, tuple[float, float, float]]:
     """task id -> (start, deps_met, end) in ns on the launch's shared clock, from one launch's trace.
 
-    Timeline pid = 1 + SM id holds, after Mosaic's "Init", one top-level range per task of that SM's list
-    (`Schedule.sm_lists`), in order; deps_met is the end of the "wait" range nested in it (its start where the
-    task took no wait). A timeline's first event is at its CTA's globaltimer (ns, shared by all CTAs); later ones
-    add SM clock cycles, converted here at `cycles_per_ns` (the SM clock in GHz). Raises ValueError where a
-    timeline's ranges do not match its SM's list."""
+    Timeline tid = 1 + CTA index (Mosaic numbers a trace by block and warpgroup; the kernel traces one warpgroup
+    per CTA) holds, after Mosaic's "Init", one top-level range per task of CTA c's list (`Schedule.sm_lists()[c]`),
+    in order; deps_met is the end of the "wait" range nested in it (its start where the task took no wait). The
+    pid is 1 + the physical SM the CTA ran on (%smid), which is not the CTA index. A timeline's first event is at
+    its CTA's globaltimer (ns, shared by all CTAs); later ones add SM clock cycles, converted here at
+    `cycles_per_ns` (the SM clock in GHz). Raises ValueError where a timeline's ranges do not match its list."""
     timelines: dict = {}
     for e in trace["traceEvents"]:
         if e.get("ph") in ("B", "E"):
-            timelines.setdefault(e["pid"], {}).setdefault(e["tid"], []).append(e)
+            timelines.setdefault(e["tid"], {}).setdefault(e["pid"], []).append(e)
     times = {}
-    for pid, by_tid in timelines.items():
-        if len(by_tid) != 1:
-            raise ValueError(f"timeline pid {pid}: {len(by_tid)} warpgroups recorded ranges; the kernel runs one")
-        events = next(iter(by_tid.values()))
+    for tid, by_pid in timelines.items():
+        if len(by_pid) != 1:
+            raise ValueError(f"timeline tid {tid}: recorded on {len(by_pid)} SMs; a CTA runs on one")
+        events = next(iter(by_pid.values()))
         t0 = events[0]["ts"]
         stack, ranges = [], []  # ranges: [start, deps_met, end] of each top-level range other than "Init"
         for e in events:
@@ -141,9 +142,9 @@ def task_times(trace: dict, sm_lists: list[list[int]], cycles_per_ns: float) -> 
                 r[1] = t if name == WAIT else (r[0] if r[1] is None else r[1])
             elif len(stack) == 1 and name == WAIT and stack[0] != "Init":  # the task's dependency wait
                 ranges[-1][1] = t
-        ids = sm_lists[pid - 1] if 0 < pid <= len(sm_lists) else None
+        ids = sm_lists[tid - 1] if 0 < tid <= len(sm_lists) else None
         if ids is None or len(ids) != len(ranges):
-            raise ValueError(f"timeline pid {pid}: {len(ranges)} task ranges, but SM {pid - 1}'s list has "
+            raise ValueError(f"timeline tid {tid}: {len(ranges)} task ranges, but CTA {tid - 1}'s list has "
                              f"{None if ids is None else len(ids)} tasks: a trace of another schedule?")
         times.update(zip(ids, map(tuple, ranges)))
     return times

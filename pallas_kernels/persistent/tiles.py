@@ -50,14 +50,18 @@ class TileConfig:
     """tile_n (TN): weight columns per tile = the wgmma M granule (swap-AB), 64 on the GPU; tile_k (TK):
     contraction rows per tile, == tile_n on the GPU so that both weight orientations share the ring; smaller
     tiles are for GPU interpret mode only (the CPU tests' tiny heads). slots: the SMEM ring depth (TMA steps in
-    flight per CTA)."""
+    flight per CTA). topk_bits: key bits INDEX_TOPK's radix select decides per pass (32 / b sequential passes of
+    2^b - 1 counts; each pass ends in a cross-warp reduction per count)."""
     tile_n: int = 64
     tile_k: int = 64
     slots: int = 4
+    topk_bits: int = 4
 
     def __post_init__(self):
         if not 2 <= self.slots <= 16:
             raise ValueError(f"slots must be in [2, 16], got {self.slots=}")
+        if self.topk_bits not in (1, 2, 4):
+            raise ValueError(f"topk_bits must be 1, 2 or 4 (bits per radix pass), got {self.topk_bits=}")
         if self.tile_n < 8 or self.tile_k < 8 or self.tile_n % 8 or self.tile_k % 8:
             raise ValueError(f"tile_n and tile_k must be positive multiples of 8, got {self.tile_n=} {self.tile_k=}")
 

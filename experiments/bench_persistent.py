@@ -343,7 +343,7 @@ def _profile(fn, args, profile_dir: str, schedule) -> dict:
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
                 slots: int = 4, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
-                n_tokens: int = 1, topk_bits: int = 4) -> dict:
+                n_tokens: int = 1, topk_bits: int = 2) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight);
     profile: a persistent variant with the on-device profiler (GPU only; see the module docstring);
@@ -462,7 +462,7 @@ def main(argv=None):
     p.add_argument("--attn-heads", type=int, default=None,
                    help="heads per attention task (ScheduleOptions.attn_heads; 64 = one gather of the selected rows "
                         "for all heads)")
-    p.add_argument("--topk-bits", type=int, default=4,
+    p.add_argument("--topk-bits", type=int, default=2,
                    help="key bits INDEX_TOPK's radix select decides per pass (TileConfig.topk_bits: 1, 2 or 4)")
     p.add_argument("--checks", default="tasks,buffers,flips", help="the full variant's simulator checks to run")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")

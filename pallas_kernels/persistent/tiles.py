@@ -51,11 +51,12 @@ class TileConfig:
     contraction rows per tile, == tile_n on the GPU so that both weight orientations share the ring; smaller
     tiles are for GPU interpret mode only (the CPU tests' tiny heads). slots: the SMEM ring depth (TMA steps in
     flight per CTA). topk_bits: key bits INDEX_TOPK's radix select decides per pass (32 / b sequential passes of
-    2^b - 1 counts; each pass ends in a cross-warp reduction per count)."""
+    2^b - 1 counts each): 2 is the fastest on the H200 at glm5_slice, 4K context (select 55 us vs 78 us at 4 bits
+    and 80 us at 1; experiments/results/bench_persistent_glm5_slice_topk_bits{1,2,4}.json)."""
     tile_n: int = 64
     tile_k: int = 64
     slots: int = 4
-    topk_bits: int = 4
+    topk_bits: int = 2
 
     def __post_init__(self):
         if not 2 <= self.slots <= 16:

@@ -57,6 +57,7 @@ ScheduleOptions' default).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -341,11 +342,12 @@ def _profile(fn, args, profile_dir: str, schedule) -> dict:
 
 
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
-                slots: int = 4, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
+                slots: int | None = None, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
                 n_tokens: int = 1, topk_bits: int = 2) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
-    sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight);
+    sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight; None:
+    the decoder's, `kernel.fit_tiles`);
     profile: a persistent variant with the on-device profiler (GPU only; see the module docstring);
     attn_splits, attn_heads: the attention tasks' split-KV factor and heads per task (ScheduleOptions; both None:
     PersistentDecoder's choice; else the unset one takes ScheduleOptions' default); n_tokens: T, the step's tokens
@@ -391,7 +393,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
         arrays.append(getattr(caches[int(layer)], field)[0])
     cos, sin = model.rope(pos)
     op_set = frozenset(Op[o] for o in ops)
-    tiles = TileConfig(slots=slots, topk_bits=topk_bits)
+    tiles = dataclasses.replace(dec.tiles_for(n_tokens), topk_bits=topk_bits,
+                                **({"slots": slots} if slots else {}))  # slots None: the decoder's ring
     full = set(ops) == set(FULL)
     profile_dir = tempfile.mkdtemp(prefix="persistent_profile_") if profile else None
     step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
@@ -410,7 +413,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     print(f"first launch returned in {time.perf_counter() - t2:.1f} s", file=sys.stderr, flush=True)
     out = {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_call_s": time.perf_counter() - t0,
            "median_ms_profiled" if profile else "median_ms": _median_ms(compiled, (weights, arrays), reps),
-           "bytes_of_ops": int(sum(t.nbytes for t in plan.schedule.tasks if t.op in op_set))}
+           "bytes_of_ops": int(sum(t.nbytes for t in plan.schedule.tasks if t.op in op_set)),
+           "slots": tiles.slots, "topk_bits": tiles.topk_bits}
     if profile:
         out.update(_profile(compiled, (weights, arrays), profile_dir, plan.schedule))
         out["profile_note"] = ("median_ms_profiled includes the profiler's records and its per-launch trace dump "
@@ -455,7 +459,8 @@ def main(argv=None):
                    help="comma list of: xla, walk, skeleton, dense, lowered, full, index, an opcode name, or "
                         "opcodes joined by + (a probe)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant (compile + run)")
-    p.add_argument("--slots", type=int, default=4, help="SMEM ring depth of the tile bodies (TileConfig.slots)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="SMEM ring depth of the tile bodies (TileConfig.slots; default: the decoder's, kernel.fit_tiles)")
     p.add_argument("--attn-splits", type=int, default=None,
                    help="split-KV factor of the attention tasks (ScheduleOptions.attn_splits; default: "
                         "PersistentDecoder's choice)")
@@ -484,7 +489,8 @@ def main(argv=None):
     for v in args.variants.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--context", str(args.context),
                "--tokens", str(args.tokens),
-               "--reps", str(args.reps), "--slots", str(args.slots), "--topk-bits", str(args.topk_bits),
+               "--reps", str(args.reps), *(["--slots", str(args.slots)] if args.slots else []),
+               "--topk-bits", str(args.topk_bits),
                "--checks", args.checks, "--child", v,
                *(["--profile"] if args.profile else []),
                *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else []),

@@ -91,20 +91,23 @@ def main(argv=None):
     p.add_argument("--max-len", type=int, default=4352, help="cache rows")
     p.add_argument("--tokens", type=int, default=1, help="T: tokens per step (1 + MTP depth)")
     p.add_argument("--sms", type=int, default=132)
-    p.add_argument("--slots", type=int, default=4, help="SMEM ring depth of the tile bodies (TileConfig.slots)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="SMEM ring depth of the tile bodies (TileConfig.slots; default: PersistentDecoder's, "
+                        "`kernel.fit_tiles`)")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     ops = [o.name for o in Op if o != Op.NOP] if args.ops == "all" else args.ops.split(",")
     from glm_fast import load_config, results
-    from pallas_kernels.persistent.kernel import gpu_candidates, pick_plan, smem_bytes
+    from pallas_kernels.persistent.kernel import fit_tiles, gpu_candidates, pick_plan, smem_bytes
     from pallas_kernels.persistent.tiles import TileConfig
-    tiles = TileConfig(slots=args.slots)
+    tiles = TileConfig(**({"slots": args.slots} if args.slots else {}))
     plan = pick_plan(load_config(args.config).model, args.tokens, gpu_candidates(num_sms=args.sms), tiles, False)
+    tiles = tiles if args.slots else fit_tiles(plan, tiles)  # as PersistentDecoder: the deepest ring that fits
     from pallas_kernels.persistent import attn_tiles
     splits = next((b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/o_part")), None)
     attn = attn_tiles.plan_shape(plan)
-    config = {"config": args.config, "max_len": args.max_len, "sms": args.sms, "slots": args.slots,
+    config = {"config": args.config, "max_len": args.max_len, "sms": args.sms, "slots": tiles.slots,
               "tokens": args.tokens, "attn_heads": attn.nh if attn else None, "attn_splits": splits}
     try:
         config["smem_bytes"] = smem_bytes(plan, tiles)

@@ -82,6 +82,12 @@ def test_attn_scratch_fits_smem_at_glm5_slice():
     scratch = kernel_mod._scratch_types(plan, kernel_mod.tl.TileConfig(), False)
     assert "t_alias" in scratch and "a2_q" not in scratch
     assert kernel_mod.smem_bytes(plan, kernel_mod.tl.TileConfig()) < 220 * 1024
+    # UV reads t_op while it streams W_uv through t_w0: t_op's group starts with a pad as large as t_w0
+    groups = scratch["t_alias"].refs
+    rings = next(g for g in groups if "t_w0" in g)
+    staged = next(g for g in groups if "t_op" in g)
+    assert sorted(staged)[0] == "t_a_pad" and "t_w0" not in staged
+    assert attn_tiles._nbytes(staged["t_a_pad"]) == attn_tiles._group_bytes({"t_w0": rings["t_w0"]})
 
 
 def test_attn_body_lowers_for_cuda_at_glm5_slice(attn_calls):

@@ -92,17 +92,19 @@ def _engine_tokens(model, backend, depth, steps=4):
 
 
 def test_decoder_takes_the_first_attention_layout_that_fits_smem():
-    """glm5_slice on the GPU path: 64 heads x 32 splits at T = 1 (and they fit); at T = 4 the MoE slots' SMEM rules
-    the wider ones out and 8 x 8 is the fallback; given options are kept; interpret mode keeps the defaults (no GPU
-    SMEM to fit)."""
+    """glm5_slice on the GPU path: 64 heads x 32 splits with an 8-slot weight ring at T = 1 (and they fit); at T = 4
+    the MoE slots' SMEM rules the wider ones out: 8 x 16 with a 4-slot ring (`fit_tiles`); given options are kept;
+    interpret mode keeps the defaults (no GPU SMEM to fit)."""
     model = type("M", (), {"cfg": load_config("glm5_slice").model})()
 
     def splits(dec, tokens):  # the plan's split-KV factor: o_part [splits, T, heads, C]
         return next(b.shape[0] for b in dec.plan(tokens).schedule.buffers if b.name.endswith("/o_part"))
     dec = PersistentDecoder(model, interpret=False, cache_dir=False)
-    assert (splits(dec, 1), splits(dec, 4)) == (32, 8)
+    assert (splits(dec, 1), splits(dec, 4)) == (32, 16)
     assert attn_tiles.plan_shape(dec.plan(1)).nh == 64 and attn_tiles.plan_shape(dec.plan(4)).nh == 8
-    assert kernel_mod.smem_bytes(dec.plan(1), TileConfig()) + kernel_mod._MOSAIC_SMEM <= 227 * 1024
+    assert (dec.tiles_for(1).slots, dec.tiles_for(4).slots) == (8, 4)
+    for t in (1, 4):
+        assert kernel_mod.smem_bytes(dec.plan(t), dec.tiles_for(t)) + kernel_mod._MOSAIC_SMEM <= 227 * 1024
     assert splits(PersistentDecoder(model, ScheduleOptions(attn_splits=4), interpret=False, cache_dir=False), 1) == 4
     assert splits(PersistentDecoder(model, interpret=True, cache_dir=False), 1) == ScheduleOptions().attn_splits
 
@@ -128,10 +130,12 @@ def test_engine_persistent_rejects_a_batch(monkeypatch, tmp_path):
 
 def _lower_glm5_slice(ops, tokens: int = 1):
     """Lowers the kernel with the bodies `ops` for the H200 at glm5_slice, on the plan PersistentDecoder picks."""
-    from pallas_kernels.persistent.kernel import abstract_step_args, gpu_candidates, persistent_step, pick_plan
+    from pallas_kernels.persistent.kernel import (abstract_step_args, fit_tiles, gpu_candidates, persistent_step,
+                                                  pick_plan)
     from tests.kernel_testing import lower_for_h200
     plan = pick_plan(load_config("glm5_slice").model, tokens, gpu_candidates(num_sms=132), TileConfig(), False)
-    return lower_for_h200(lambda *a: persistent_step(plan, *a, interpret=False, ops=ops),
+    tiles = fit_tiles(plan, TileConfig())
+    return lower_for_h200(lambda *a: persistent_step(plan, *a, interpret=False, ops=ops, tiles=tiles),
                           *abstract_step_args(plan, 4352))
 
 

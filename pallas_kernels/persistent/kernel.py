@@ -847,6 +847,7 @@ def pick_plan(cfg, tokens: int, candidates: list, tiles: tl.TileConfig, cache_di
     -- Mosaic's own check is the judge, and it passes there (tests/test_persistent_kernel.py lowers the picks
     for the H200). Schedules come from `load_or_compile`'s disk cache (cache_dir=False: compiled, not cached)."""
     from pallas_kernels.persistent.schedule import compile_schedule, load_or_compile
+    shallow = dataclasses.replace(tiles, slots=min(tiles.slots, MIN_SLOTS))  # `fit_tiles` may go down to it
     for i, options in enumerate(candidates):
         if cache_dir is False:
             s = compile_schedule(cfg, tokens, options)
@@ -856,11 +857,26 @@ def pick_plan(cfg, tokens: int, candidates: list, tiles: tl.TileConfig, cache_di
         if i == len(candidates) - 1:
             return plan
         try:
-            if smem_bytes(plan, tiles) + _MOSAIC_SMEM <= gemv_mod.SMEM_BYTES:
+            if smem_bytes(plan, shallow) + _MOSAIC_SMEM <= gemv_mod.SMEM_BYTES:
                 return plan
         except ValueError:  # no GPU scratch for these shapes (a config for interpret mode): the last one decides
             continue
     raise ValueError("pick_plan: no candidate ScheduleOptions given")
+
+
+MIN_SLOTS = 4  # the shallowest weight ring `fit_tiles` takes
+
+
+def fit_tiles(plan: KernelPlan, tiles: tl.TileConfig) -> tl.TileConfig:
+    """`tiles` with the deepest weight ring, from tiles.slots down to MIN_SLOTS in steps of 2, whose SMEM fits with
+    the plan's (`smem_bytes` + Mosaic's own ~16 KB): glm5_slice takes 8 slots at T = 1 and 4 at T = 4 (ATTN, UV
+    and the MoE slots take the rest). A ring no shallower than MIN_SLOTS is returned even where nothing fits."""
+    depths = [tiles.slots] + [d for d in range(tiles.slots - 2, MIN_SLOTS - 1, -2)]
+    for d in depths:
+        cand = dataclasses.replace(tiles, slots=d)
+        if smem_bytes(plan, cand) + _MOSAIC_SMEM <= gemv_mod.SMEM_BYTES:
+            return cand
+    return dataclasses.replace(tiles, slots=min(tiles.slots, MIN_SLOTS))
 
 
 class PersistentDecoder:
@@ -876,6 +892,7 @@ class PersistentDecoder:
         self.interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
         self.cache_dir = cache_dir
         self._plans: dict = {}
+        self._tiles: dict = {}
         self._weights: dict = {}
         self._exported: dict = {}
         self._model = model
@@ -890,12 +907,21 @@ class PersistentDecoder:
             self._plans[tokens] = pick_plan(self.cfg, tokens, candidates, self.tiles, self.cache_dir)
         return self._plans[tokens]
 
+    def tiles_for(self, tokens: int) -> tl.TileConfig:
+        """The tile config of T = tokens: on the GPU the deepest ring that fits its plan (`fit_tiles`), else the
+        given one."""
+        if tokens not in self._tiles:
+            self._tiles[tokens] = self.tiles if self.interpret else fit_tiles(self.plan(tokens), self.tiles)
+        return self._tiles[tokens]
+
     def _step(self, plan: KernelPlan, *args):
         """persistent_step on flat args (weight stacks, caches, tokens, pos, cos, sin): through the cached
         Exported on the GPU (see the class docstring), else directly."""
+        tiles = self.tiles_for(plan.tokens)
+
         def fn(stacks, *rest):
             return persistent_step(plan, PersistentWeights(tuple(stacks)), *rest, interpret=self.interpret,
-                                   tiles=self.tiles)
+                                   tiles=tiles)
         if self.interpret or self.cache_dir is False:
             return fn(*args)
         from pallas_kernels.persistent import aot
@@ -903,7 +929,7 @@ class PersistentDecoder:
         specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
         key = (plan.schedule.meta["hash"], str(specs))
         if key not in self._exported:
-            self._exported[key], _ = aot.exported_step(fn, plan, specs, tiles=self.tiles,
+            self._exported[key], _ = aot.exported_step(fn, plan, specs, tiles=tiles,
                                                        cache_dir=self.cache_dir or default_cache_dir())
         return self._exported[key].call(*args)
 

@@ -23,8 +23,9 @@ configs' odd shapes (e.g. tiny's 16-wide heads in o_proj / ABSORB with 64-wide t
 which compute the same function; GPU interpret mode also takes smaller tiles (untiled SMEM) to cover those.
 On glm5-sized configs every branch of these opcodes fits.
 
-Cross-task prefetch (DESIGN.md sec. 4: issue the next task's first weight tiles before its dependency wait) is
-NOT done yet: every task fills and drains its own ring.
+Weight prefetch (DESIGN.md sec. 4): the dense bodies issue their first ring slots' weight tiles before the task's
+dependency wait (`prefetching`, `Tiles.stream`'s issue_w); every task still fills and drains its own ring (no
+stream across task boundaries).
 """
 from __future__ import annotations
 
@@ -50,12 +51,14 @@ class TileConfig:
     """tile_n (TN): weight columns per tile = the wgmma M granule (swap-AB), 64 on the GPU; tile_k (TK):
     contraction rows per tile, == tile_n on the GPU so that both weight orientations share the ring; smaller
     tiles are for GPU interpret mode only (the CPU tests' tiny heads). slots: the SMEM ring depth (TMA steps in
-    flight per CTA). topk_bits: key bits INDEX_TOPK's radix select decides per pass (32 / b sequential passes of
+    flight per CTA): a task's bytes in flight are what bound one SM's stream (Little's law: ~36 GB/s per SM, the
+    HBM peak / 132, at ~1.5 us of latency takes ~55 KB in flight); 8 slots of 8 KB tiles, where 4 streamed the
+    lm_head's tiles at ~25 GB/s per SM on the H200 (bench_persistent_glm5_slice_topk_rows.json's critical path). topk_bits: key bits INDEX_TOPK's radix select decides per pass (32 / b sequential passes of
     2^b - 1 counts each): 2 is the fastest on the H200 at glm5_slice, 4K context (select 55 us vs 78 us at 4 bits
     and 80 us at 1; experiments/results/bench_persistent_glm5_slice_topk_bits{1,2,4}.json)."""
     tile_n: int = 64
     tile_k: int = 64
-    slots: int = 4
+    slots: int = 8
     topk_bits: int = 2
 
     def __post_init__(self):

@@ -57,10 +57,11 @@ near-ties can differ against the XLA backend; the tests compare the selection ex
 kernel's own candidate values, and with exact ties (duplicate keys, zero q).
 
 SMEM (glm5_slice: N = 32, H = 128, K = 2048, T = 1 / 4): q and the key ring live in the existing weight rings
-t_w0 / t_w1 (4 slots of 64 x 64 bf16: T = 1 takes 1 slot per ring for q, 3 for keys; T = 4 takes 2 and 2),
-INDEX_TOPK's candidate ring t_ixr [32, 8, 64] f32 = 64 KB in the SMEM union. New: t_ixw [ceil(T*N/64)*64] f32,
-t_ixs / t_ixi [T, 128] f32 / int32, t_ixn [T, 64] f32, t_ixq / t_ixqo [8, H] bf16, t_ixc [128] int32 and two
-barrier arrays: 8.3 KB at T = 1, 12.5 KB at T = 4 (`scratch_bytes`).
+t_w0 / t_w1 (`TileConfig.slots` slots of 64 x 64 bf16 each: q takes ceil(T*N / 64) of them per ring, the keys the
+rest), INDEX_TOPK's candidate ring t_ixr [32, 8, 64] f32 = 64 KB in the SMEM union. The bodies' own buffers:
+t_ixw [ceil(T*N/64)*64] f32, t_ixs / t_ixi [T, 128] f32 / int32, t_ixn [T, 64] f32, t_ixq / t_ixqo [8, H] bf16,
+t_ixc [128] int32, t_ixk [8, 64] int32 (8-12 KB) are one more group of the union, placed past t_w0 / t_w1 (no other
+body runs at the same time); only the two barrier arrays are SMEM of their own.
 
 Counts to scalars. The radix passes' totals (and INDEX_TOPK's per-slot counts of keys above / at the K-th) are full
 reductions of register arrays; they become scalars through SMEM (`_smem_scalars`: one vector store into t_ixc,
@@ -138,7 +139,7 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
     """The indexer bodies' own SMEM (see the module docstring); index = `plan_shape`."""
     tokens, heads, sb = index
     qcols = cfg.tile_k * math.ceil(tokens * heads / cfg.tile_k)
-    out.update(
+    own = dict(
         t_ixw=plgpu.SMEM((qcols,), jnp.float32),
         t_ixs=plgpu.SMEM((tokens, sb), jnp.float32),
         t_ixi=plgpu.SMEM((tokens, sb), jnp.int32),
@@ -149,21 +150,24 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
         t_ixqo=plgpu.SMEM((TP, index_dim), dtype),  # ... and RoPE'd (then TMA'd to GMEM)
         # the head weights iw [T, N], read as scalars (whole 128-byte TMAs: `rows_per_copy` stack rows)
         t_ixhw=plgpu.SMEM((rows_per_copy((tokens, heads), jnp.dtype(dtype).itemsize), tokens, heads), dtype),
+    )
+    out.update(
         t_ixkb=plgpu.Barrier(num_arrivals=max(1, index_dim // cfg.tile_n), num_barriers=cfg.slots),
         t_ixcb=plgpu.Barrier(num_arrivals=TP, num_barriers=max(CAND_SLOTS, 2)),  # INDEX_SCORE takes 2
     )
     ring = dict(t_ixr=plgpu.SMEM((CAND_SLOTS, TP, cfg.tile_n), jnp.float32))  # INDEX_TOPK's candidates
-    if "t_alias" in out:  # GPU: one more view of the big rings' SMEM (INDEX_TOPK drains it before it returns)
-        out["t_alias"] = plgpu.RefUnion(*out["t_alias"].refs, ring)
+    if "t_alias" in out:
+        # GPU: two more views of the big rings' SMEM (both bodies drain it before they return): the candidate
+        # ring, and the bodies' own buffers past the weight rings t_w0 / t_w1, which INDEX_SCORE streams through
+        from pallas_kernels.persistent.attn_tiles import _group_bytes
+        refs = out["t_alias"].refs
+        rings = next(g for g in refs if "t_w0" in g)
+        own["t_a_pad_ix"] = plgpu.SMEM((_group_bytes(rings),), jnp.int8)  # (sorts first)
+        out["t_alias"] = plgpu.RefUnion(*refs, ring, own)
     else:
         out.update(ring)
+        out.update(own)
     return out
-
-
-def scratch_bytes(scratch: dict) -> int:
-    """Bytes of the indexer's own SMEM buffers (barriers not counted)."""
-    return sum(math.prod(v.shape) * jnp.dtype(v.dtype).itemsize for k, v in scratch.items()
-               if k.startswith("t_ix") and hasattr(v, "shape"))
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------

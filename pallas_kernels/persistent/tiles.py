@@ -189,6 +189,10 @@ class Tiles:
         else:
             acc_types = [plgpu.ACC((self.tn, TP), jnp.float32) for _ in range(n_acc)]
 
+        # lag 1: a step leaves its own wgmmas in flight and refills the slot of the step before it (retired by
+        # then), so the wgmma's latency overlaps the next step's barrier wait and norm; one slot fewer is in flight
+        lag = 1 if slots >= 2 else 0
+
         def scope(*accs):
             if self.interpret:
                 for a in accs:
@@ -200,14 +204,18 @@ class Tiles:
                 plgpu.barrier_wait(bars.at[slot])
                 compute(slot, accs)
                 if not self.interpret:
-                    plgpu.wgmma_wait(0)  # the slot is free once the wgmmas that read it retired
+                    plgpu.wgmma_wait(lag)  # <= lag groups in flight: step kk - lag's wgmmas retired
+                j = kk - lag  # its slot is free: refill it for step j + slots
 
-                @pl.when(kk + slots < ksteps)
+                @pl.when((j >= 0) & (j + slots < ksteps))
                 def _():
+                    sl = j % slots
                     if issue_w is not None:
-                        issue_w((kk + slots) * self.tk, slot, bars.at[slot])
-                    issue((kk + slots) * self.tk, slot, bars.at[slot])
+                        issue_w((j + slots) * self.tk, sl, bars.at[sl])
+                    issue((j + slots) * self.tk, sl, bars.at[sl])
 
+            if not self.interpret:
+                plgpu.wgmma_wait(0)
             return tuple(a[...] for a in accs)
 
         return pl.run_scoped(scope, *acc_types)

@@ -3,8 +3,9 @@
 JAX's persistent compilation cache is keyed by the *lowered* module, so every new process still traces the step
 and runs Pallas's Mosaic GPU lowering before it can hit that cache; for this kernel that lowering is the cost
 (glm5_slice, all 13 bodies: 5.0 s with jax 0.10.2 on a 2-core CPU host,
-experiments/results/persistent_lowering_glm5_slice_cpu_groups.json; 158-438 s across runs with jax 0.11.2's layout
-inference on the H200 hosts, growing with the kernel's code, then 28-50 s of XLA compile,
+experiments/results/persistent_lowering_glm5_slice_cpu_groups.json; with jax 0.11.2's layout inference on the H200
+hosts 158-438 s, growing with the kernel's code, and 154-172 s since `pallas_kernels._layout_names`; then 28-55 s
+of XLA compile,
 bench_persistent_glm5_slice_*.json). Measured cold / warm start on the H200: 392 s / 14.6 s from process start to
 the first token (bench_decode_glm5_slice_persistent.json).
 `exported_step` lowers once with `jax.export` (StableHLO with the Mosaic GPU kernel inside), writes it

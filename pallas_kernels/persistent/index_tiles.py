@@ -75,9 +75,11 @@ new-rows box past row T (interpret mode reads NaN there, which the masks / unuse
 spread over the SMs. INDEX_TOPK, while every attention task waits for it, per layer: one task, 0.53 ms (radix
 select 0.12 ms, compaction 0.41 ms: 6,144 streamed candidates, ~130 cycles each; bench_persistent_glm5_slice_phases
 .json); 8 parts, 0.23 ms each (select 0.12, compaction 0.11; ..._topk_parts.json); 16 parts with the resident
-ring, 0.18 ms each (select 0.10, compaction 0.08; ..._topk_resident.json). Still the longest stage on the step's
-critical path (x 4 layers): the select's 8 passes each end in 15 cross-warp reductions, and a part's compaction
-scans whole ring slots (512 candidates) by scalars.
+ring, 0.18 ms each (select 0.10, compaction 0.08; ..._topk_resident.json); 2 bits per pass and the per-row
+compaction, 114 us per layer on the critical path (select ~65 us, compaction ~47 us; ..._topk_rows.json). Still
+the longest stage on the step's critical path after the GEMVs (x 4 layers). The select's time is its count loop
+over the ring slots (~2 us per pass plus ~0.5 us per threshold counted; the cross-warp reductions are ~5 us in
+all: the indexer-only probes ..._topk_bits{1,2,4}.json), the compaction's its scalar scan of ~4 rows of 64.
 """
 from __future__ import annotations
 

@@ -871,12 +871,16 @@ MIN_SLOTS = 4  # the shallowest weight ring `fit_tiles` takes
 def fit_tiles(plan: KernelPlan, tiles: tl.TileConfig) -> tl.TileConfig:
     """`tiles` with the deepest weight ring, from tiles.slots down to MIN_SLOTS in steps of 2, whose SMEM fits with
     the plan's (`smem_bytes` + `_MOSAIC_SMEM`): glm5_slice takes 8 slots at T = 1 and 6 at T = 4 (ATTN, UV and the
-    MoE slots take the rest). A ring no shallower than MIN_SLOTS is returned even where nothing fits."""
+    MoE slots take the rest). A ring no shallower than MIN_SLOTS is returned even where nothing fits, and `tiles`
+    as given for a plan without GPU scratch (a config for interpret mode: lowering it says why)."""
     depths = [tiles.slots] + [d for d in range(tiles.slots - 2, MIN_SLOTS - 1, -2)]
     for d in depths:
         cand = dataclasses.replace(tiles, slots=d)
-        if smem_bytes(plan, cand) + _MOSAIC_SMEM <= gemv_mod.SMEM_BYTES:
-            return cand
+        try:
+            if smem_bytes(plan, cand) + _MOSAIC_SMEM <= gemv_mod.SMEM_BYTES:
+                return cand
+        except ValueError:
+            return tiles
     return dataclasses.replace(tiles, slots=min(tiles.slots, MIN_SLOTS))
 
 

@@ -103,6 +103,7 @@ _INT32_MIN = -(2**31)
 _BIG = 2**30  # "no causal limit"
 _KEY_NEG_INF = -2139095041  # indexer._float_key(-inf): the least key of any score
 _LANES = 128  # t_ixc: at most this many reduced counts per round trip
+GROUP = 8  # ring slots INDEX_TOPK's resident radix passes count per loop step (divides CAND_SLOTS)
 CAND_SLOTS = 32  # INDEX_TOPK's candidate ring t_ixr: [8, TN] f32 slots (64 KB on the GPU; Mosaic's barrier
 # groups hold <= 32 barriers). Up to this many slots the candidates stay resident for every radix pass
 
@@ -592,13 +593,41 @@ def index_topk_body(r, key, consts):
                     return lax.fori_loop(1, n_slot, step, carry)
                 return lax.fori_loop(0, n_slot, step, carry)
 
-            def count_pass(p, cands):  # the first pass loads the candidates, later ones reuse a resident ring
+            def slot_keys(g):  # ring slot g's candidates as keys [TP, TN] int32
+                x = ring[g] if tiles.interpret else plgpu.load(ring.at[g], (), layout=plgpu.Layout.WG_STRIDED(
+                    (TP, width), vec_size=1))
+                return _float_key(x)
+
+            def count_pass(p, cands):
+                """The first pass loads the candidates (`stream`, counting each slot as it lands), as does every
+                pass when they do not fit the ring; later passes over a resident ring count GROUP slots per loop
+                step (the loop's own cost was most of a pass). Totals -> `cnt` -> scalars."""
                 def on_slot(g, st, counts):
                     return tuple(count_tile(ring.at[st], cands[0], None if counts is None else list(counts)))
+
+                def group(gi, counts):
+                    for j in range(GROUP):
+                        g = gi * GROUP + j  # past n_slot: slot n_slot - 1 again, not counted
+                        key, live = slot_keys(jnp.minimum(g, n_slot - 1)), (g < n_slot).astype(jnp.int32)
+                        new = [jnp.where(key >= cand, live, 0) for cand in cands[0]]
+                        counts = new if counts is None else [a + b for a, b in zip(counts, new)]
+                    return counts
+
+                grouped = (p > 0) & (n_slot <= stages)
                 with jax.named_scope("count"):
-                    counts = stream(on_slot, None, p == 0, peel=True)
-                with jax.named_scope("reduce"):
-                    return [_smem_scalars(tiles, [jnp.sum(x) for x in counts], cnt)]
+                    @pl.when(grouped)
+                    def _():
+                        counts = lax.fori_loop(1, _cdiv(n_slot, GROUP), lambda gi, cs: tuple(group(gi, list(cs))),
+                                               tuple(group(c(0), None)))
+                        with jax.named_scope("reduce"):
+                            _smem_row(tiles, [jnp.sum(x) for x in counts], cnt)
+
+                    @pl.when(~grouped)
+                    def _():
+                        counts = stream(on_slot, None, p == 0, peel=True)
+                        with jax.named_scope("reduce"):
+                            _smem_row(tiles, [jnp.sum(x) for x in counts], cnt)
+                return [[cnt[c(j)] for j in range(len(cands[0]))]]
 
             with jax.named_scope("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
                 (lo,), (need,) = _radix_select(kk, count_pass, 1, c(0), bits=tiles.cfg.topk_bits)

@@ -59,8 +59,9 @@ class ScheduleOptions:
     single SM streams all K selected rows. index_chunks: indexer score
     tasks per full layer (each covers 1/index_chunks of the visible rows at run time); index_align: row
     granularity of a chunk. index_topk_parts: top-K merge tasks per full layer, each writing 1/parts of the
-    selected rows (the largest divisor of K not above it): the merge's compaction is a scalar loop, which on one SM
-    was the step's critical path. context_hint: cached tokens assumed when weighing the indexer and attention
+    selected rows (the largest divisor of K not above it): the merge's compaction is a scalar loop over the
+    candidates around its share of the list, which on one SM was the step's critical path; every part repeats the
+    (vector) select, so more parts cost only SMs that wait for the attention anyway. context_hint: cached tokens assumed when weighing the indexer and attention
     tasks (balancing only). num_sms: task lists (one persistent CTA per SM; 132 on H100/H200).
     """
     tile_n: int = 64
@@ -68,7 +69,7 @@ class ScheduleOptions:
     attn_splits: int = 8
     index_chunks: int = 32
     index_align: int = 64
-    index_topk_parts: int = 16
+    index_topk_parts: int = 64
     context_hint: int = 4096
     num_sms: int = 132
 

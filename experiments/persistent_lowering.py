@@ -14,10 +14,16 @@ StableHLO text (the serialized kernel module): the code Mosaic's layout inferenc
 0.11.2 dominates the kernel's lowering (bench_persistent.py's `lowering_profile`).
 
     python experiments/persistent_lowering.py --tokens 4 --ops GEMV+ATTN+INDEX_TOPK   # several bodies together
+
+`--warpgroup` lowers with warpgroup semantics on any jax (`_compat.warpgroup_lowering`): jax 0.11's default, whose
+layout inference is most of the device's lowering time, reproduced on a CPU host with jax 0.10.2 for the bodies
+its older inference takes (INDEX_SCORE, INDEX_TOPK, ROUTER_SELECT, IK_WRITE, MOE_COMBINE, EMBED; not the
+wgmma-swizzled GEMV family or ATTN).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -47,7 +53,7 @@ def _failure(e: BaseException) -> dict:
     return info
 
 
-def check(plan, ops: list[str], max_len: int, tiles):
+def check(plan, ops: list[str], max_len: int, tiles, warpgroup: bool = False):
     """Yields, per opcode name ("skeleton" = no bodies), its row: lower + compile times or the failure. On a CPU
     host: lowering for CUDA only (what CI's jax accepts)."""
     import jax
@@ -63,12 +69,14 @@ def check(plan, ops: list[str], max_len: int, tiles):
         row = {"ops": name}
         t0 = time.perf_counter()
         fn = jax.jit(lambda *a: persistent_step(plan, *a, interpret=False, ops=op_set, tiles=tiles))
+        semantics = _compat.warpgroup_lowering() if warpgroup else contextlib.nullcontext()
         try:
-            if on_gpu:
-                lowered = fn.lower(*args)
-            else:  # a CPU host: lower for CUDA on an abstract H200 (no compile)
-                with _compat.interpret_mesh("NVIDIA H200", plan.schedule.num_sms):
-                    lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
+            with semantics:
+                if on_gpu:
+                    lowered = fn.lower(*args)
+                else:  # a CPU host: lower for CUDA on an abstract H200 (no compile)
+                    with _compat.interpret_mesh("NVIDIA H200", plan.schedule.num_sms):
+                        lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
             row["lower_s"] = round(time.perf_counter() - t0, 2)
             row["kernel_chars"] = kernel_chars(lowered)
             t1 = time.perf_counter()
@@ -94,6 +102,10 @@ def main(argv=None):
     p.add_argument("--slots", type=int, default=None,
                    help="SMEM ring depth of the tile bodies (TileConfig.slots; default: PersistentDecoder's, "
                         "`kernel.fit_tiles`)")
+    p.add_argument("--topk-bits", type=int, default=None,
+                   help="key bits per radix pass of the indexer bodies (TileConfig.topk_bits; default its default)")
+    p.add_argument("--warpgroup", action="store_true",
+                   help="lower with warpgroup semantics, as jax 0.11 does (see the module docstring)")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
@@ -101,20 +113,22 @@ def main(argv=None):
     from glm_fast import load_config, results
     from pallas_kernels.persistent.kernel import fit_tiles, gpu_candidates, pick_plan, smem_bytes
     from pallas_kernels.persistent.tiles import TileConfig
-    tiles = TileConfig(**({"slots": args.slots} if args.slots else {}))
+    tiles = TileConfig(**({"slots": args.slots} if args.slots else {}),
+                       **({"topk_bits": args.topk_bits} if args.topk_bits else {}))
     plan = pick_plan(load_config(args.config).model, args.tokens, gpu_candidates(num_sms=args.sms), tiles, False)
     tiles = tiles if args.slots else fit_tiles(plan, tiles)  # as PersistentDecoder: the deepest ring that fits
     from pallas_kernels.persistent import attn_tiles
     splits = next((b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/o_part")), None)
     attn = attn_tiles.plan_shape(plan)
     config = {"config": args.config, "max_len": args.max_len, "sms": args.sms, "slots": tiles.slots,
-              "tokens": args.tokens, "attn_heads": attn.nh if attn else None, "attn_splits": splits}
+              "tokens": args.tokens, "attn_heads": attn.nh if attn else None, "attn_splits": splits,
+              "topk_bits": tiles.topk_bits, "warpgroup": args.warpgroup}
     try:
         config["smem_bytes"] = smem_bytes(plan, tiles)
     except ValueError as e:  # the GPU scratch does not fit this config (then every row fails the same way)
         config["smem_error"] = str(e)
     rows = []
-    for row in check(plan, ops, args.max_len, tiles):  # rewritten after each entry: a run cut off by a time limit
+    for row in check(plan, ops, args.max_len, tiles, args.warpgroup):  # rewritten after each entry: a run cut off by a time limit
         rows.append(row)                               # keeps its rows
         record = results.result("persistent_lowering", config, rows)
         path = results.write(record, args.out, args.name or f"persistent_lowering_{args.config}")

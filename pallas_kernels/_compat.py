@@ -14,6 +14,9 @@ Keep this tiny. Public names:
                           (e.g. SM count) trace on a CPU host, as in jax's tests/pallas/gpu_pallas_interpret_test.py.
   `fence_proxy_async_global()` PTX `fence.proxy.async.global` (Pallas exposes only the SMEM proxy fence,
                           `plgpu.commit_smem`), via `plgpu.inline_mgpu` as jax's own `helpers.inline_ptx` does.
+  `warpgroup_lowering()`  context manager: `plgpu.kernel` calls inside it lower with warpgroup semantics (jax
+                          0.11's default, which runs Mosaic's layout inference; jax 0.10 takes it when asked), to
+                          reproduce the device's lowering on a CPU host.
 """
 from __future__ import annotations
 
@@ -100,3 +103,20 @@ def fence_proxy_async_global() -> None:
         llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.proxy.async.global;", "", has_side_effects=True)
 
     fence()
+
+
+@contextlib.contextmanager
+def warpgroup_lowering():
+    """`plgpu.kernel` with lowering_semantics=Warpgroup inside the block (see the module docstring)."""
+    import dataclasses
+    real = plgpu.kernel
+
+    def kernel(*args, **kwargs):
+        params = kwargs.get("compiler_params") or plgpu.CompilerParams()
+        kwargs["compiler_params"] = dataclasses.replace(params, lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+        return real(*args, **kwargs)
+    plgpu.kernel = kernel
+    try:
+        yield
+    finally:
+        plgpu.kernel = real

@@ -3,14 +3,10 @@
 for CUDA on the CPU with warpgroup semantics (the jax 0.11 default; jax 0.10 takes it when asked): the INDEX_TOPK
 tile body of the persistent kernel at glm5_slice -- loops carrying register arrays, conditionals, reductions,
 SMEM scalars and TMA (about 800 named sites)."""
-import dataclasses
-
 import pytest
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from glm_fast.config import load_config
-from pallas_kernels import _layout_names
-from pallas_kernels.persistent import kernel as kernel_mod
+from pallas_kernels import _compat, _layout_names
 from pallas_kernels.persistent.format import Op
 from pallas_kernels.persistent.kernel import abstract_step_args, gpu_candidates, persistent_step, pick_plan
 from pallas_kernels.persistent.tiles import TileConfig
@@ -34,18 +30,8 @@ def test_names_equal_upstream_names_on_a_persistent_tile_body(monkeypatch):
         return got
     monkeypatch.setattr(li.ValueSite, "__str__", both)
 
-    real = kernel_mod.plgpu
-
-    class Warpgroup:  # the kernel with jax 0.11's default lowering semantics on any jax
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def kernel(self, *args, **kwargs):
-            params = kwargs.get("compiler_params") or real.CompilerParams()
-            kwargs["compiler_params"] = dataclasses.replace(params, lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-            return real.kernel(*args, **kwargs)
-    monkeypatch.setattr(kernel_mod, "plgpu", Warpgroup())
     plan = pick_plan(load_config("glm5_slice").model, 1, gpu_candidates(num_sms=132), TileConfig(), False)
-    lower_for_h200(lambda *a: persistent_step(plan, *a, interpret=False, ops=frozenset([Op.INDEX_TOPK])),
-                   *abstract_step_args(plan, 4352))
+    with _compat.warpgroup_lowering():  # the kernel with jax 0.11's default lowering semantics on any jax
+        lower_for_h200(lambda *a: persistent_step(plan, *a, interpret=False, ops=frozenset([Op.INDEX_TOPK])),
+                       *abstract_step_args(plan, 4352))
     assert len(compared) > 500 and not differ, differ[:5]

@@ -19,9 +19,11 @@ INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) --
   3. Candidates. Fast path, n_rows = r1 - r0 <= K (always at glm5 contexts <= index_chunks * K = 64K): every
      row is a candidate -- the super-block's scores and rows (0 where the score is -inf) are TMA'd to
      cand_val / cand_idx[chunk] in row order, the slots past the chunk filled with -inf / 0. Slow path, n_rows >
-     K: an exact radix select over the chunk (indexer.py's `_float_key` and `count_tile`, 4 bits per pass, 8
-     passes down to the exact K-th key; every pass re-streams the keys and recomputes the scores, nothing of the
-     chunk is kept), then a compaction pass (scalar loop, GMEM scalar stores): keys above the K-th, then the first
+     K: an exact radix select over the chunk (indexer.py's `_float_key` and `count_tile`, `TileConfig.topk_bits`
+     per pass down to the exact K-th key -- at 2 bits, 3 counts per token and pass: with 4 bits' 15 the T = 4
+     body's lowering took 133 s instead of 19 s with warpgroup semantics, jax 0.10.2 on the CPU,
+     persistent_lowering_glm5_slice_cpu_wg_t4_bits{4,2}.json; every pass
+     re-streams the keys and recomputes the scores, nothing of the chunk is kept), then a compaction pass (scalar loop, GMEM scalar stores): keys above the K-th, then the first
      `need` keys equal to it in row order. Either way the candidates are in ascending row order and -inf values
      carry row 0.
 INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select (but `TileConfig.topk_bits` key bits per
@@ -29,14 +31,15 @@ INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select (but `Ti
   from GMEM in [8, TN] f32 boxes (one row TMA each, barrier `t_ixcb`) through the candidate ring `t_ixr`
   (CAND_SLOTS slots, one more view of the SMEM union on the GPU). When the step's candidates fit the ring (up to
   256 TN-rows: contexts up to ~16K at glm5_slice) they are loaded once and stay resident for every radix pass and
-  the compaction; else each pass streams them again. Only the first `rpc` TN-rows of each chunk are streamed: a
+  the compaction (the passes after the first count GROUP = 8 ring slots per loop step); else each pass streams them
+  again. Only the first `rpc` TN-rows of each chunk are streamed: a
   chunk holds at most min(chunk size, K) candidates at this step (INDEX_SCORE's run-time geometry, from pos), the
   slots after them are -inf padding, and dropping -inf slots changes neither the K-th largest key nor the
   selection while at least K slots remain (rpc is kept >= K / (nc * TN)); at glm5_slice's 4K context that is 3 of
   32 rows per chunk.
   Then a compaction pass. The selected rows are listed in flattened (chunk, slot) order = ascending row order,
   finite selections first, the rest idx 0 / valid 0, and the layer's INDEX_TOPK tasks split that list: part p of
-  P (16 by default) writes its slots [p K / P, (p + 1) K / P) (each part repeats the select; the compaction's
+  P (64 by default) writes its slots [p K / P, (p + 1) K / P) (each part repeats the select; the compaction's
   scalar loop on one SM was the step's critical path, 0.41 ms per layer on the H200 at 4K,
   bench_persistent_glm5_slice_phases.json).
   Per ring slot, each row's two counts (keys > the K-th key; keys equal to it, of which the first `need` in
@@ -98,7 +101,8 @@ from pallas_kernels.persistent.format import C_INDEX_SCALE, C_INDEX_WSCALE, Op
 from pallas_kernels.persistent.tiles import TaskView, _stack, per_token, rope_row, rows_per_copy
 
 NEG_INF = float("-inf")
-RADIX_BITS = 4  # bits per selection pass: 2^4 - 1 thresholds counted per pass, 8 passes to the exact K-th key
+RADIX_BITS = 4  # `_radix_select`'s default bits per pass (2^4 - 1 thresholds counted per pass, 8 passes); the
+# bodies take TileConfig.topk_bits
 _INT32_MIN = -(2**31)
 _BIG = 2**30  # "no causal limit"
 _KEY_NEG_INF = -2139095041  # indexer._float_key(-inf): the least key of any score
@@ -303,7 +307,7 @@ def index_score_body(r, key, consts):
     if (parts not in (1, 2) or not tpg or heads % TP or s["t_ixq"].shape != (TP, hd) or rr > hd or rr % 2
             or s["t_ixs"].shape[0] != nt or kk % sb or sb % tk or s["t_ixw"].shape[0] < tk * math.ceil(nt / tpg)
             or any(a.dtype != dt for a in (iq_ref, cache, new_rows)) or cache.shape[-1] != hd
-            or nt * (2**RADIX_BITS - 1) > _LANES):
+            or nt * (2**tiles.cfg.topk_bits - 1) > _LANES):
         return None
     q_slots = math.ceil(nt / tpg)
     ks = slots - q_slots  # key ring depth
@@ -483,7 +487,7 @@ def index_score_body(r, key, consts):
                 n_cand = len(counts[0])
                 return [tot[q * n_cand:(q + 1) * n_cand] for q in range(nt)]
 
-            los, needs = _radix_select(kk, count_pass, nt, c(0))
+            los, needs = _radix_select(kk, count_pass, nt, c(0), bits=tiles.cfg.topk_bits)
 
             def on_sb(sbi, carry):
                 # The keys as a vector op into t_ixi (free on this path), read back as scalars: jax 0.11.2

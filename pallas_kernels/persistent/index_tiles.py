@@ -23,8 +23,9 @@ INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) --
      per pass down to the exact K-th key -- at 2 bits, 3 counts per token and pass: with 4 bits' 15 the T = 4
      body's lowering took 133 s instead of 19 s with warpgroup semantics, jax 0.10.2 on the CPU,
      persistent_lowering_glm5_slice_cpu_wg_t4_bits{4,2}.json; every pass
-     re-streams the keys and recomputes the scores, nothing of the chunk is kept), then a compaction pass (scalar loop, GMEM scalar stores): keys above the K-th, then the first
-     `need` keys equal to it in row order. Either way the candidates are in ascending row order and -inf values
+     re-streams the keys and recomputes the scores, nothing of the chunk is kept), then a compaction pass (scalar
+     loop, GMEM scalar stores): keys above the K-th, then the first `need` keys equal to it in row order. Either way
+     the candidates are in ascending row order and -inf values
      carry row 0.
 INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select (but `TileConfig.topk_bits` key bits per
   pass: 32 / b passes of 2^b - 1 counts) over the nc * K candidate slots, streamed
@@ -45,8 +46,9 @@ INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select (but `Ti
   Per ring slot, each row's two counts (keys > the K-th key; keys equal to it, of which the first `need` in
   flattened order are taken; each <= TN < 256) are packed as byte fields into TP / 2 int32 sums -- 4 cross-warp
   reductions per slot -- and give the row's output slots [n, n'); only a row that meets the part's range is
-  scanned by a scalar loop (TN candidates), which writes the part's rows (GMEM scalar stores). When every chunk took INDEX_SCORE's fast path
-  (chunk size <= K) a candidate's row is computed (chunk * size + slot); only after a slow path is it loaded from
+  scanned by a scalar loop (TN candidates), which writes the part's rows (GMEM scalar stores). When every chunk took
+  INDEX_SCORE's fast path (chunk size <= K) a candidate's row is computed (chunk * size + slot); only after a slow
+  path is it loaded from
   cand_idx (a dependent GMEM load per selected row: 0.67 ms per layer before the arithmetic rows,
   experiments/results/bench_persistent_glm5_slice_profile.json). `topk_reference` is the jnp reference of a part.
 

@@ -4,8 +4,9 @@
 a range named by the task's op with the dependency wait's range ("wait") nested in it, plus Mosaic's own "Init"
 range, and each launch's ranges are dumped to DIR as a Chrome trace (`ProfilerSpec.dump` in
 jax/experimental/mosaic/gpu/profiler.py): {"traceEvents": [{"name", "ph": "B" | "E", "ts", "pid": 1 + the SM
-it ran on, "tid": 1 + the traced warpgroup's index in the grid (here: 1 + the CTA)}]}. `ts` is (globaltimer at the CTA's start in ns + SM clock cycles since its first event)
-/ 1e3, so within one (pid, tid) timeline, differences of ts times 1e3 are clock cycles (not microseconds), and
+it ran on, "tid": 1 + the traced warpgroup's index in the grid (here: 1 + the CTA)}]}. `ts` is (globaltimer at the
+CTA's start in ns + SM clock cycles since its first event) / 1e3, so within one (pid, tid) timeline, differences of
+ts times 1e3 are clock cycles (not microseconds), and
 timelines of different CTAs share no clock. The breakdown therefore sums cycles per timeline:
 
     trace_breakdown(json.load(open(path)), cycles_per_ms=1980e3)

@@ -61,8 +61,9 @@ class ScheduleOptions:
     granularity of a chunk. index_topk_parts: top-K merge tasks per full layer, each writing 1/parts of the
     selected rows (the largest divisor of K not above it): the merge's compaction is a scalar loop over the
     candidates around its share of the list, which on one SM was the step's critical path; every part repeats the
-    (vector) select, so more parts cost only SMs that wait for the attention anyway. context_hint: cached tokens assumed when weighing the indexer and attention
-    tasks (balancing only). num_sms: task lists (one persistent CTA per SM; 132 on H100/H200).
+    (vector) select, so more parts cost only SMs that wait for the attention anyway. context_hint: cached tokens
+    assumed when weighing the indexer and attention tasks (balancing only). num_sms: task lists (one persistent CTA
+    per SM; 132 on H100/H200).
     """
     tile_n: int = 64
     attn_heads: int = 8

@@ -51,10 +51,11 @@ class TileConfig:
     """tile_n (TN): weight columns per tile = the wgmma M granule (swap-AB), 64 on the GPU; tile_k (TK):
     contraction rows per tile, == tile_n on the GPU so that both weight orientations share the ring; smaller
     tiles are for GPU interpret mode only (the CPU tests' tiny heads). slots: the SMEM ring depth (TMA steps in
-    flight per CTA): a task's bytes in flight are what bound one SM's stream (Little's law: ~36 GB/s per SM, the
-    HBM peak / 132, at ~1.5 us of latency takes ~55 KB in flight); 8 slots of 8 KB tiles, where 4 streamed the
-    lm_head's tiles at ~25 GB/s per SM on the H200 (bench_persistent_glm5_slice_topk_rows.json's critical path). topk_bits: key bits INDEX_TOPK's radix select decides per pass (32 / b sequential passes of
-    2^b - 1 counts each): 2 is the fastest on the H200 at glm5_slice, 4K context (select 55 us vs 78 us at 4 bits
+    flight per CTA), 8 where SMEM allows (`kernel.fit_tiles`). The LM head's tiles streamed at ~25 GB/s per SM on
+    the H200 (the HBM peak needs ~36) with 4 slots and with 8 alike (bench_persistent_glm5_slice_topk_rows.json,
+    ..._ring8_union.json): one SM's stream is bound by each ring step's issue latency, not by bytes in flight.
+    topk_bits: key bits INDEX_TOPK's radix select decides per pass (32 / b sequential passes of 2^b - 1 counts
+    each): 2 is the fastest on the H200 at glm5_slice, 4K context (select 55 us vs 78 us at 4 bits
     and 80 us at 1; experiments/results/bench_persistent_glm5_slice_topk_bits{1,2,4}.json)."""
     tile_n: int = 64
     tile_k: int = 64

@@ -109,7 +109,7 @@ _INT32_MIN = -(2**31)
 _BIG = 2**30  # "no causal limit"
 _KEY_NEG_INF = -2139095041  # indexer._float_key(-inf): the least key of any score
 _LANES = 128  # t_ixc: at most this many reduced counts per round trip
-GROUP = 8  # ring slots INDEX_TOPK's resident radix passes count per loop step (divides CAND_SLOTS)
+GROUP = 8  # ring slots INDEX_TOPK's resident radix passes count per loop step (at most; divides CAND_SLOTS)
 CAND_SLOTS = 32  # INDEX_TOPK's candidate ring t_ixr: [8, TN] f32 slots (64 KB on the GPU; Mosaic's barrier
 # groups hold <= 32 barriers). Up to this many slots the candidates stay resident for every radix pass
 
@@ -548,6 +548,7 @@ def index_topk_body(r, key, consts):
     pos_ref = r.inputs[r.plan.inputs.index("pos")]
     rpc_min = -(-kk // (nc * width))  # streamed slots >= K
     rpc_step = TP // math.gcd(nc, TP)  # nc * rpc a whole number of ring slots
+    per_step = min(GROUP, nc * row_per_chunk // TP)  # no more than the step can ever have (tiny's CPU tests: 1-2)
 
     def geometry_now():
         """(TN-rows of each chunk that can hold candidates at this step, rows per chunk when every chunk took
@@ -612,8 +613,8 @@ def index_topk_body(r, key, consts):
                     return tuple(count_tile(ring.at[st], cands[0], None if counts is None else list(counts)))
 
                 def group(gi, counts):
-                    for j in range(GROUP):
-                        g = gi * GROUP + j  # past n_slot: slot n_slot - 1 again, not counted
+                    for j in range(per_step):
+                        g = gi * per_step + j  # past n_slot: slot n_slot - 1 again, not counted
                         key, live = slot_keys(jnp.minimum(g, n_slot - 1)), (g < n_slot).astype(jnp.int32)
                         new = [jnp.where(key >= cand, live, 0) for cand in cands[0]]
                         counts = new if counts is None else [a + b for a, b in zip(counts, new)]
@@ -623,7 +624,7 @@ def index_topk_body(r, key, consts):
                 with jax.named_scope("count"):
                     @pl.when(grouped)
                     def _():
-                        counts = lax.fori_loop(1, _cdiv(n_slot, GROUP), lambda gi, cs: tuple(group(gi, list(cs))),
+                        counts = lax.fori_loop(1, _cdiv(n_slot, per_step), lambda gi, cs: tuple(group(gi, list(cs))),
                                                tuple(group(c(0), None)))
                         with jax.named_scope("reduce"):
                             _smem_row(tiles, [jnp.sum(x) for x in counts], cnt)

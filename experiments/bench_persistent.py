@@ -344,7 +344,7 @@ def _profile(fn, args, profile_dir: str, schedule) -> dict:
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
                 slots: int | None = None, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
-                n_tokens: int = 1, topk_bits: int = 2) -> dict:
+                n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight; None:
     the decoder's, `kernel.fit_tiles`);
@@ -352,7 +352,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     attn_splits, attn_heads: the attention tasks' split-KV factor and heads per task (ScheduleOptions; both None:
     PersistentDecoder's choice; else the unset one takes ScheduleOptions' default); n_tokens: T, the step's tokens
     at positions context .. context + T - 1 (1 + D: an MTP verification step); topk_bits: INDEX_TOPK's key bits
-    per radix pass (TileConfig.topk_bits)."""
+    per radix pass (TileConfig.topk_bits); step_tiles: weight tiles per ring step of the bulk streams
+    (TileConfig.step_tiles; None: its default)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -394,7 +395,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     cos, sin = model.rope(pos)
     op_set = frozenset(Op[o] for o in ops)
     tiles = dataclasses.replace(dec.tiles_for(n_tokens), topk_bits=topk_bits,
-                                **({"slots": slots} if slots else {}))  # slots None: the decoder's ring
+                                **({"slots": slots} if slots else {}),  # slots None: the decoder's ring
+                                **({"step_tiles": step_tiles} if step_tiles else {}))
     full = set(ops) == set(FULL)
     profile_dir = tempfile.mkdtemp(prefix="persistent_profile_") if profile else None
     step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
@@ -414,7 +416,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     out = {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_call_s": time.perf_counter() - t0,
            "median_ms_profiled" if profile else "median_ms": _median_ms(compiled, (weights, arrays), reps),
            "bytes_of_ops": int(sum(t.nbytes for t in plan.schedule.tasks if t.op in op_set)),
-           "slots": tiles.slots, "topk_bits": tiles.topk_bits}
+           "slots": tiles.slots, "topk_bits": tiles.topk_bits, "step_tiles": tiles.step_tiles}
     if profile:
         out.update(_profile(compiled, (weights, arrays), profile_dir, plan.schedule))
         out["profile_note"] = ("median_ms_profiled includes the profiler's records and its per-launch trace dump "
@@ -469,6 +471,9 @@ def main(argv=None):
                         "for all heads)")
     p.add_argument("--topk-bits", type=int, default=2,
                    help="key bits INDEX_TOPK's radix select decides per pass (TileConfig.topk_bits: 1, 2 or 4)")
+    p.add_argument("--step-tiles", type=int, default=None,
+                   help="weight tiles per ring step of GEMV / SWIGLU streams (TileConfig.step_tiles: 1, 2 or 4; "
+                        "default its default)")
     p.add_argument("--checks", default="tasks,buffers,flips", help="the full variant's simulator checks to run")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
@@ -482,7 +487,8 @@ def main(argv=None):
                                      slots=args.slots, checks=tuple(args.checks.split(",")),
                                      probe="+" in args.child, profile=args.profile,
                                      attn_splits=args.attn_splits, attn_heads=args.attn_heads,
-                                     n_tokens=args.tokens, topk_bits=args.topk_bits)), flush=True)
+                                     n_tokens=args.tokens, topk_bits=args.topk_bits,
+                                     step_tiles=args.step_tiles)), flush=True)
         return
     from glm_fast import results
     rows = []
@@ -491,6 +497,7 @@ def main(argv=None):
                "--tokens", str(args.tokens),
                "--reps", str(args.reps), *(["--slots", str(args.slots)] if args.slots else []),
                "--topk-bits", str(args.topk_bits),
+               *(["--step-tiles", str(args.step_tiles)] if args.step_tiles else []),
                "--checks", args.checks, "--child", v,
                *(["--profile"] if args.profile else []),
                *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else []),
@@ -510,7 +517,7 @@ def main(argv=None):
         print(json.dumps(row)[:2000], flush=True)
     record = results.result("bench_persistent", {"config": args.config, "context": args.context, "tokens": args.tokens,
                                                  "reps": args.reps, "slots": args.slots,
-                                                 "topk_bits": args.topk_bits,
+                                                 "topk_bits": args.topk_bits, "step_tiles": args.step_tiles,
                                                  "profile": args.profile, "attn_splits": args.attn_splits,
                                                  "attn_heads": args.attn_heads},
                              rows)

@@ -104,6 +104,9 @@ def main(argv=None):
                         "`kernel.fit_tiles`)")
     p.add_argument("--topk-bits", type=int, default=None,
                    help="key bits per radix pass of the indexer bodies (TileConfig.topk_bits; default its default)")
+    p.add_argument("--step-tiles", type=int, default=None,
+                   help="weight tiles per ring step of GEMV / SWIGLU streams (TileConfig.step_tiles; default its "
+                        "default)")
     p.add_argument("--warpgroup", action="store_true",
                    help="lower with warpgroup semantics, as jax 0.11 does (see the module docstring)")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
@@ -114,7 +117,8 @@ def main(argv=None):
     from pallas_kernels.persistent.kernel import fit_tiles, gpu_candidates, pick_plan, smem_bytes
     from pallas_kernels.persistent.tiles import TileConfig
     tiles = TileConfig(**({"slots": args.slots} if args.slots else {}),
-                       **({"topk_bits": args.topk_bits} if args.topk_bits else {}))
+                       **({"topk_bits": args.topk_bits} if args.topk_bits else {}),
+                       **({"step_tiles": args.step_tiles} if args.step_tiles else {}))
     plan = pick_plan(load_config(args.config).model, args.tokens, gpu_candidates(num_sms=args.sms), tiles, False)
     tiles = tiles if args.slots else fit_tiles(plan, tiles)  # as PersistentDecoder: the deepest ring that fits
     from pallas_kernels.persistent import attn_tiles
@@ -122,7 +126,7 @@ def main(argv=None):
     attn = attn_tiles.plan_shape(plan)
     config = {"config": args.config, "max_len": args.max_len, "sms": args.sms, "slots": tiles.slots,
               "tokens": args.tokens, "attn_heads": attn.nh if attn else None, "attn_splits": splits,
-              "topk_bits": tiles.topk_bits, "warpgroup": args.warpgroup}
+              "topk_bits": tiles.topk_bits, "step_tiles": tiles.step_tiles, "warpgroup": args.warpgroup}
     try:
         config["smem_bytes"] = smem_bytes(plan, tiles)
     except ValueError as e:  # the GPU scratch does not fit this config (then every row fails the same way)

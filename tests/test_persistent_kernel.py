@@ -24,9 +24,9 @@ from tests.kernel_testing import assert_step_matches_xla, prefilled
 # the global order).
 OPTIONS = ScheduleOptions(tile_n=24, attn_heads=3, attn_splits=3, index_chunks=3, index_align=8, num_sms=7)
 SMALL_TILES = TileConfig(tile_n=32, tile_k=16)  # interpret mode only: tiny's heads are 16 wide
-# 8-deep contractions: every ring wraps (4 steps over tiny's 32-wide latent through UV's 2-slot ring, 16 over the
-# 128-wide hidden state through 3 slots)
-DEEP_TILES = TileConfig(tile_n=32, tile_k=8, slots=3)
+# 8-deep contractions: every ring wraps (UV's single k-tiles: 4 steps over tiny's 32-wide latent through its 2-slot
+# ring; the bulk streams' 16 k-tiles over the 128-wide hidden state: 8 steps of 2 tiles through 2 ring steps)
+DEEP_TILES = TileConfig(tile_n=32, tile_k=8, slots=4)
 CONTEXT = 40  # > index_topk (16): DSA really selects
 BF16 = {"model.dtype": "bfloat16", "model.moe_intermediate_size": 128}  # the Pallas backend's tiny variant
 # Tolerance on max |logit error| / max |logit|: float32 is exact up to summation order; bf16 rounds the
@@ -42,7 +42,7 @@ def test_kernel_step_matches_xla_backend_in_interpret_mode(dtype, t, seed, sms, 
     TMA'd into SMEM, padding rows skipped) over a 1-SM schedule, whose list is the global order. tiles: the GPU's
     64 x 64 weight tiles (None; tiny's 16-wide heads / 32-wide latent then keep o_proj, ABSORB, UV and KV_WRITE on
     the jnp bodies), 32 x 16 tiles, with which every branch of tiny's tiled opcodes runs the tile bodies, or
-    32 x 8 tiles through 3-slot rings (UV: 2), where every ring refills its slots."""
+    32 x 8 tiles through 4-slot rings (UV: 2), where every ring refills its slots."""
     cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
     model, caches, tokens, pos = prefilled(cfg, seed, CONTEXT, t)
     ok = jnp.ones((1, t), bool)

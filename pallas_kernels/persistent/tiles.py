@@ -54,6 +54,9 @@ class TileConfig:
     flight per CTA), 8 where SMEM allows (`kernel.fit_tiles`). The LM head's tiles streamed at ~25 GB/s per SM on
     the H200 (the HBM peak needs ~36) with 4 slots and with 8 alike (bench_persistent_glm5_slice_topk_rows.json,
     ..._ring8_union.json): one SM's stream is bound by each ring step's issue latency, not by bytes in flight.
+    step_tiles: weight tiles per ring step of the bulk streams (GEMV, SWIGLU_UP, SWIGLU_DOWN): consecutive k-tiles in
+    consecutive slots under one barrier and one wgmma wait, so that a step's fixed cost (barrier round trip, wgmma
+    wait, scalar issue code) is paid once per step_tiles x 8 KB; the ring then holds slots // step_tiles steps.
     topk_bits: key bits INDEX_TOPK's radix select decides per pass (32 / b sequential passes of 2^b - 1 counts
     each): 2 is the fastest on the H200 at glm5_slice, 4K context (select 55 us vs 78 us at 4 bits
     and 80 us at 1; experiments/results/bench_persistent_glm5_slice_topk_bits{1,2,4}.json)."""
@@ -61,10 +64,13 @@ class TileConfig:
     tile_k: int = 64
     slots: int = 8
     topk_bits: int = 2
+    step_tiles: int = 2
 
     def __post_init__(self):
         if not 2 <= self.slots <= 16:
             raise ValueError(f"slots must be in [2, 16], got {self.slots=}")
+        if self.step_tiles not in (1, 2, 4):
+            raise ValueError(f"step_tiles must be 1, 2 or 4 (weight tiles per ring step), got {self.step_tiles=}")
         if self.topk_bits not in (1, 2, 4):
             raise ValueError(f"topk_bits must be 1, 2 or 4 (bits per radix pass), got {self.topk_bits=}")
         if self.tile_n < 8 or self.tile_k < 8 or self.tile_n % 8 or self.tile_k % 8:
@@ -111,7 +117,7 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
     )
     if part_slots:
         out["t_part"] = plgpu.SMEM((part_slots, TP, cfg.tile_n), jnp.float32)
-    for a in ARRIVALS:
+    for a in sorted({a * g for a in ARRIVALS for g in (1, cfg.step_tiles)}):
         out[f"t_bar{a}"] = plgpu.Barrier(num_arrivals=a, num_barriers=s)
     if cfg.tile_k != cfg.tile_n:  # the [N, K]-stored weights' ring (interpret mode only; else t_w0 serves)
         out["t_wt"] = plgpu.SMEM((s, cfg.tile_n, cfg.tile_k), dtype, transforms=sw)
@@ -162,27 +168,36 @@ class Tiles:
 
     # -- streaming ------------------------------------------------------------------------------------------
 
-    def stream(self, ksteps: int, n_acc: int, arrivals: int, issue, compute, prologue=None, issue_w=None,
-               wait=None, depth: int | None = None):
-        """Runs `ksteps` ring steps of one task and returns the f32 accumulators [TN, TP] (values).
+    def stream(self, ktiles: int, n_acc: int, arrivals: int, issue, compute, prologue=None, issue_w=None,
+               wait=None, depth: int | None = None, group: int = 1):
+        """Streams a task's `ktiles` weight k-tiles through the ring and returns the f32 accumulators [TN, TP].
 
-        issue(k0, slot, barrier): start the step's TMA copies into ring slot `slot` (`arrivals` of them in all,
-        counting issue_w's); compute(slot, accs): the step's wgmmas. prologue(): work that overlaps the first
-        loads. Weight prefetch: with `wait` (the task's dependency wait) and `issue_w` (the step's weight copies,
-        which depend on no other task), the first ring slots' weight tiles are issued *before* the wait, so the
+        issue(k0, slot, barrier): start k-tile k0's TMA copies into ring slot `slot` (`arrivals` of them in all,
+        counting issue_w's); compute(slot, accs): that k-tile's wgmmas. prologue(): work that overlaps the first
+        loads. Weight prefetch: with `wait` (the task's dependency wait) and `issue_w` (the k-tile's weight copies,
+        which depend on no other task), the first ring steps' weight tiles are issued *before* the wait, so the
         weight stream runs while the producers of this task's activations finish; `issue` then copies only the
-        activations. depth: ring slots to use (default: all `TileConfig.slots`).
+        activations. depth: ring slots to use (default: all `TileConfig.slots`). group: k-tiles per ring step
+        (`step_group`): a step's tiles fill consecutive slots and share one barrier (of group x arrivals).
         """
         slots = self.cfg.slots if depth is None else min(depth, self.cfg.slots)
-        bars = self.s[f"t_bar{arrivals}"]
-        first = range(min(slots, ksteps))
+        if ktiles % group or slots < group:
+            raise ValueError(f"stream: {ktiles=} k-tiles do not split into steps of {group} in {slots} slots")
+        steps, depth = ktiles // group, slots // group
+        bars = self.s[f"t_bar{arrivals * group}"]
+
+        def fill(step, ring_step, copy):  # the TMAs of `step`'s k-tiles into ring step `ring_step`'s slots
+            for u in range(group):
+                copy((step * group + u) * self.tk, ring_step * group + u, bars.at[ring_step])
+
+        first = range(min(depth, steps))
         if issue_w is not None:
             for j in first:
-                issue_w(self.c(j * self.tk), self.c(j), bars.at[self.c(j)])
+                fill(self.c(j), self.c(j), issue_w)
         if wait is not None:
             wait()
         for j in first:
-            issue(self.c(j * self.tk), self.c(j), bars.at[self.c(j)])
+            fill(self.c(j), self.c(j), issue)
         if prologue is not None:
             prologue()
         if self.interpret:
@@ -190,36 +205,42 @@ class Tiles:
         else:
             acc_types = [plgpu.ACC((self.tn, TP), jnp.float32) for _ in range(n_acc)]
 
-        # lag 1: a step leaves its own wgmmas in flight and refills the slot of the step before it (retired by
-        # then), so the wgmma's latency overlaps the next step's barrier wait and norm; one slot fewer is in flight
-        lag = 1 if slots >= 2 else 0
+        # lag 1: a step leaves its last wgmma in flight and refills the ring step before it (retired by then), so
+        # the wgmma's latency overlaps the next step's barrier wait and norm; one ring step fewer is in flight
+        lag = 1 if depth >= 2 else 0
 
         def scope(*accs):
             if self.interpret:
                 for a in accs:
                     a[...] = jnp.zeros(a.shape, jnp.float32)
 
-            @pl.loop(0, ksteps)
+            @pl.loop(0, steps)
             def _step(kk):
-                slot = kk % slots
-                plgpu.barrier_wait(bars.at[slot])
-                compute(slot, accs)
+                rs = kk % depth
+                plgpu.barrier_wait(bars.at[rs])
+                for u in range(group):
+                    compute(rs * group + u, accs)
                 if not self.interpret:
-                    plgpu.wgmma_wait(lag)  # <= lag groups in flight: step kk - lag's wgmmas retired
-                j = kk - lag  # its slot is free: refill it for step j + slots
+                    plgpu.wgmma_wait(lag)  # <= 1 wgmma in flight: step kk - lag's retired
+                j = kk - lag  # its ring step is free: refill it for step j + depth
 
-                @pl.when((j >= 0) & (j + slots < ksteps))
+                @pl.when((j >= 0) & (j + depth < steps))
                 def _():
-                    sl = j % slots
                     if issue_w is not None:
-                        issue_w((j + slots) * self.tk, sl, bars.at[sl])
-                    issue((j + slots) * self.tk, sl, bars.at[sl])
+                        fill(j + depth, j % depth, issue_w)
+                    fill(j + depth, j % depth, issue)
 
             if not self.interpret:
                 plgpu.wgmma_wait(0)
             return tuple(a[...] for a in accs)
 
         return pl.run_scoped(scope, *acc_types)
+
+    def step_group(self, ktiles: int) -> int:
+        """k-tiles per ring step for a bulk stream of `ktiles` (`TileConfig.step_tiles` where it divides the
+        stream and leaves at least two ring steps, else 1)."""
+        g = self.cfg.step_tiles
+        return g if ktiles % g == 0 and self.cfg.slots >= 2 * g else 1
 
     def mma(self, acc, w_tile, x_tile, transposed: bool):
         """acc [TN, TP] += W^T x^T; w_tile [TK, TN] (weight stored [K, N]) or [TN, TK] (stored [N, K])."""
@@ -459,7 +480,8 @@ def gemv_body(r, key, consts):
         if norm:
             def prologue():
                 tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
-        (acc,) = tiles.stream(k // tiles.tk, 1, 2 + norm, issue, compute, prologue, issue_w, t.wait)
+        (acc,) = tiles.stream(k // tiles.tk, 1, 2 + norm, issue, compute, prologue, issue_w, t.wait,
+                              group=tiles.step_group(k // tiles.tk))
         res = None if res_ref is None else res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, tiles.tn)]
         tiles.store(acc, out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)], tokens, n, residual=res)
     return fn
@@ -514,7 +536,8 @@ def swiglu_up_body(r, key, consts):
         def prologue():
             tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
 
-        g, u = tiles.stream(k // tiles.tk, 2, 4, issue, compute, prologue, issue_w, None if routed else t.wait)
+        g, u = tiles.stream(k // tiles.tk, 2, 4, issue, compute, prologue, issue_w, None if routed else t.wait,
+                            group=tiles.step_group(k // tiles.tk))
         y = _silu(g) * u
         if routed:
             y = y * present
@@ -561,7 +584,8 @@ def swiglu_down_body(r, key, consts):
         def compute(sl, accs):
             tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
 
-        (y,) = tiles.stream(k // tiles.tk, 1, 2, issue, compute, None, issue_w, None if routed else t.wait)
+        (y,) = tiles.stream(k // tiles.tk, 1, 2, issue, compute, None, issue_w, None if routed else t.wait,
+                            group=tiles.step_group(k // tiles.tk))
         if routed:
             # coef [U, T] is read as GMEM scalars: its [U, 1] rows have 4-byte strides, which TMA cannot move
             coef, vec, ci = _stack(r, islots[3]), s["t_vec"], t.inp(3)

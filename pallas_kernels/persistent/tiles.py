@@ -169,7 +169,7 @@ class Tiles:
     # -- streaming ------------------------------------------------------------------------------------------
 
     def stream(self, ktiles: int, n_acc: int, arrivals: int, issue, compute, prologue=None, issue_w=None,
-               wait=None, depth: int | None = None, group: int = 1):
+               wait=None, depth: int | None = None, group: int = 1, prepare=None):
         """Streams a task's `ktiles` weight k-tiles through the ring and returns the f32 accumulators [TN, TP].
 
         issue(k0, slot, barrier): start k-tile k0's TMA copies into ring slot `slot` (`arrivals` of them in all,
@@ -178,7 +178,8 @@ class Tiles:
         which depend on no other task), the first ring steps' weight tiles are issued *before* the wait, so the
         weight stream runs while the producers of this task's activations finish; `issue` then copies only the
         activations. depth: ring slots to use (default: all `TileConfig.slots`). group: k-tiles per ring step
-        (`step_group`): a step's tiles fill consecutive slots and share one barrier (of group x arrivals).
+        (`step_group`): a step's tiles fill consecutive slots and share one barrier (of group x arrivals);
+        prepare(*slots): work on all of a landed step's slots before their computes (the fused RMSNorm's `norm_x`).
         """
         slots = self.cfg.slots if depth is None else min(depth, self.cfg.slots)
         if ktiles % group or slots < group:
@@ -218,8 +219,11 @@ class Tiles:
             def _step(kk):
                 rs = kk % depth
                 plgpu.barrier_wait(bars.at[rs])
-                for u in range(group):
-                    compute(rs * group + u, accs)
+                step_slots = [rs * group + u for u in range(group)]
+                if prepare is not None:
+                    prepare(*step_slots)
+                for sl in step_slots:
+                    compute(sl, accs)
                 if not self.interpret:
                     plgpu.wgmma_wait(lag)  # <= 1 wgmma in flight: step kk - lag's retired
                 j = kk - lag  # its ring step is free: refill it for step j + depth
@@ -251,26 +255,30 @@ class Tiles:
         else:
             plgpu.wgmma(acc, w_tile, _compat.transpose_ref(x_tile, (1, 0)))
 
-    def norm_x(self, slot, out=None):
-        """x tile [TP, TK] = rmsnorm(x) as `ref.rmsnorm` rounds it: (x * r_t rounded to x's dtype) * w rounded
-        again (r = `inv_rms`'s t_r), in place or into `out` (a plain [TP, TK] SMEM ref). Rounding where the
-        reference does keeps the router's top-k choices (near-ties in bf16) equal to the XLA backend's; gemv.py's
-        cheaper diag(r) epilogue does not."""
-        x_tile, wn_tile, r = self.s["t_x"].at[slot], self.s["t_wn"].at[slot], self.s["t_r"]
-        out = x_tile if out is None else out
-        dt = x_tile.dtype
+    def norm_x(self, *slots, out=None):
+        """x tiles [TP, TK] of ring `slots` = rmsnorm(x) as `ref.rmsnorm` rounds it: (x * r_t rounded to x's dtype)
+        * w rounded again (r = `inv_rms`'s t_r), in place or (one slot) into `out` (a plain [TP, TK] SMEM ref).
+        Rounding where the reference does keeps the router's top-k choices (near-ties in bf16) equal to the XLA
+        backend's; gemv.py's cheaper diag(r) epilogue does not. A ring step's tiles are loaded, scaled and stored
+        together under one proxy fence (one SMEM round trip of latency per step, not per tile)."""
+        r = self.s["t_r"]
+        pairs = [(self.s["t_x"].at[sl], self.s["t_wn"].at[sl]) for sl in slots]
+        outs = [x for x, _ in pairs] if out is None else [out]
+        dt = pairs[0][0].dtype
         if self.interpret:
-            xs = (x_tile[...].astype(jnp.float32) * r[...][:, None]).astype(dt)
-            out[...] = (xs.astype(jnp.float32) * wn_tile[...].astype(jnp.float32)[None, :]).astype(dt)
+            for (x_tile, wn_tile), o in zip(pairs, outs, strict=True):
+                xs = (x_tile[...].astype(jnp.float32) * r[...][:, None]).astype(dt)
+                o[...] = (xs.astype(jnp.float32) * wn_tile[...].astype(jnp.float32)[None, :]).astype(dt)
         else:
             lay = plgpu.Layout.WGMMA_TRANSPOSED
-            xt_ref = _compat.transpose_ref(x_tile, (1, 0))
-            xt = plgpu.load(xt_ref, (), layout=lay)                                              # [TK, TP]
-            wn = plgpu.load(wn_tile, (), layout=lay.reduce(1)).astype(jnp.float32)
             rr = plgpu.load(r, (), layout=lay.reduce(0))
-            xs = (xt.astype(jnp.float32) * plgpu.layout_cast(lax.broadcast_in_dim(rr, xt.shape, (1,)), lay)).astype(dt)
-            xs = xs.astype(jnp.float32) * lax.broadcast_in_dim(wn, xt.shape, (0,))
-            _compat.transpose_ref(out, (1, 0))[...] = plgpu.layout_cast(xs.astype(dt), lay)
+            loaded = [(plgpu.load(_compat.transpose_ref(x, (1, 0)), (), layout=lay),                   # [TK, TP]
+                       plgpu.load(wn, (), layout=lay.reduce(1)).astype(jnp.float32)) for x, wn in pairs]
+            for (xt, wn), o in zip(loaded, outs, strict=True):
+                xs = (xt.astype(jnp.float32) * plgpu.layout_cast(lax.broadcast_in_dim(rr, xt.shape, (1,)), lay)
+                      ).astype(dt)
+                xs = xs.astype(jnp.float32) * lax.broadcast_in_dim(wn, xt.shape, (0,))
+                _compat.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(xs.astype(dt), lay)
         plgpu.commit_smem()  # generic-proxy writes -> the wgmma (async proxy) that reads them
 
     def rope(self, src, cos_ref, sin_ref, tokens: int, x_smem=None):
@@ -472,8 +480,6 @@ def gemv_body(r, key, consts):
             plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[slot], bar)
 
         def compute(slot, accs):
-            if norm:
-                tiles.norm_x(slot)
             tiles.mma(accs[0], ring.at[slot], s["t_x"].at[slot], transposed)
 
         prologue = None
@@ -481,7 +487,7 @@ def gemv_body(r, key, consts):
             def prologue():
                 tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
         (acc,) = tiles.stream(k // tiles.tk, 1, 2 + norm, issue, compute, prologue, issue_w, t.wait,
-                              group=tiles.step_group(k // tiles.tk))
+                              group=tiles.step_group(k // tiles.tk), prepare=tiles.norm_x if norm else None)
         res = None if res_ref is None else res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, tiles.tn)]
         tiles.store(acc, out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)], tokens, n, residual=res)
     return fn
@@ -529,7 +535,6 @@ def swiglu_up_body(r, key, consts):
             plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[sl], bar)
 
         def compute(sl, accs):
-            tiles.norm_x(sl)
             tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
             tiles.mma(accs[1], s["t_w1"].at[sl], s["t_x"].at[sl], False)
 
@@ -537,7 +542,7 @@ def swiglu_up_body(r, key, consts):
             tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
 
         g, u = tiles.stream(k // tiles.tk, 2, 4, issue, compute, prologue, issue_w, None if routed else t.wait,
-                            group=tiles.step_group(k // tiles.tk))
+                            group=tiles.step_group(k // tiles.tk), prepare=tiles.norm_x)
         y = _silu(g) * u
         if routed:
             y = y * present

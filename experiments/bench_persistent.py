@@ -344,7 +344,8 @@ def _profile(fn, args, profile_dir: str, schedule) -> dict:
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
                 slots: int | None = None, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
-                n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None) -> dict:
+                n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None,
+                assign: str | None = None) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight; None:
     the decoder's, `kernel.fit_tiles`);
@@ -353,7 +354,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     PersistentDecoder's choice; else the unset one takes ScheduleOptions' default); n_tokens: T, the step's tokens
     at positions context .. context + T - 1 (1 + D: an MTP verification step); topk_bits: INDEX_TOPK's key bits
     per radix pass (TileConfig.topk_bits); step_tiles: weight tiles per ring step of the bulk streams
-    (TileConfig.step_tiles; None: its default)."""
+    (TileConfig.step_tiles; None: its default); assign: the schedule's SM assignment (ScheduleOptions.assign;
+    None: its default)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -385,7 +387,12 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
         raise SystemExit("--profile needs the GPU: Mosaic GPU's on-device profiler does not run in interpret mode")
     from pallas_kernels.persistent.schedule import ScheduleOptions
     given = {k: v for k, v in (("attn_splits", attn_splits), ("attn_heads", attn_heads)) if v is not None}
-    options = ScheduleOptions(**given) if given else None  # None: the decoder's choice
+    extra = {"assign": assign} if assign else {}
+    options = ScheduleOptions(**given, **extra) if given or (extra and interpret) else None  # None: the decoder's
+    if extra and options is None:  # the decoder's choice of attention layout, with this assignment
+        from pallas_kernels.persistent.kernel import gpu_candidates, pick_plan
+        picked = pick_plan(cfg, n_tokens, gpu_candidates(**extra), TileConfig(), cache_dir=False)
+        options = ScheduleOptions(**picked.schedule.meta["key"]["options"])
     dec = PersistentDecoder(model, options, interpret=interpret, cache_dir=False)
     plan, weights = dec.plan(n_tokens), dec.weights(n_tokens)
     arrays = []
@@ -416,7 +423,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     out = {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_call_s": time.perf_counter() - t0,
            "median_ms_profiled" if profile else "median_ms": _median_ms(compiled, (weights, arrays), reps),
            "bytes_of_ops": int(sum(t.nbytes for t in plan.schedule.tasks if t.op in op_set)),
-           "slots": tiles.slots, "topk_bits": tiles.topk_bits, "step_tiles": tiles.step_tiles}
+           "slots": tiles.slots, "topk_bits": tiles.topk_bits, "step_tiles": tiles.step_tiles,
+           "assign": plan.schedule.meta["key"]["options"]["assign"]}
     if profile:
         out.update(_profile(compiled, (weights, arrays), profile_dir, plan.schedule))
         out["profile_note"] = ("median_ms_profiled includes the profiler's records and its per-launch trace dump "
@@ -474,6 +482,8 @@ def main(argv=None):
     p.add_argument("--step-tiles", type=int, default=None,
                    help="weight tiles per ring step of GEMV / SWIGLU streams (TileConfig.step_tiles: 1, 2 or 4; "
                         "default its default)")
+    p.add_argument("--assign", default=None, choices=("list", "levels"),
+                   help="the schedule's SM assignment (ScheduleOptions.assign; default its default)")
     p.add_argument("--checks", default="tasks,buffers,flips", help="the full variant's simulator checks to run")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
@@ -488,7 +498,7 @@ def main(argv=None):
                                      probe="+" in args.child, profile=args.profile,
                                      attn_splits=args.attn_splits, attn_heads=args.attn_heads,
                                      n_tokens=args.tokens, topk_bits=args.topk_bits,
-                                     step_tiles=args.step_tiles)), flush=True)
+                                     step_tiles=args.step_tiles, assign=args.assign)), flush=True)
         return
     from glm_fast import results
     rows = []
@@ -498,6 +508,7 @@ def main(argv=None):
                "--reps", str(args.reps), *(["--slots", str(args.slots)] if args.slots else []),
                "--topk-bits", str(args.topk_bits),
                *(["--step-tiles", str(args.step_tiles)] if args.step_tiles else []),
+               *(["--assign", args.assign] if args.assign else []),
                "--checks", args.checks, "--child", v,
                *(["--profile"] if args.profile else []),
                *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else []),
@@ -518,6 +529,7 @@ def main(argv=None):
     record = results.result("bench_persistent", {"config": args.config, "context": args.context, "tokens": args.tokens,
                                                  "reps": args.reps, "slots": args.slots,
                                                  "topk_bits": args.topk_bits, "step_tiles": args.step_tiles,
+                                                 "assign": args.assign,
                                                  "profile": args.profile, "attn_splits": args.attn_splits,
                                                  "attn_heads": args.attn_heads},
                              rows)

@@ -179,15 +179,14 @@ def test_index_probe_matches_indexer_scores(context, k):
 
 
 def test_bench_persistent_verification_step(tmp_path):
-    """--tokens 3 (an MTP verification step, T = 1 + 2): `dense`'s layer-0 cache rows and `full`'s logits, hidden
-    state and cache rows (all T of each) equal the XLA step's, and every task of layers 0-1 the simulator's."""
+    """--tokens 3 (an MTP verification step, T = 1 + 2): `full`'s logits, hidden state and cache rows (all T of
+    each) equal the XLA step's, and every task of layers 0-1 the simulator's."""
     rec = _entry_point("bench_persistent").main(
-        ["--config", "tiny", "--context", "40", "--tokens", "3", "--reps", "1", "--variants", "dense,full",
+        ["--config", "tiny", "--context", "40", "--tokens", "3", "--reps", "1", "--variants", "full",
          "--checks", "tasks", "--out", str(tmp_path), "--name", "bp3"])
     assert rec["config"]["tokens"] == 3
     rows = {r["variant"]: r for r in rec["rows"]}
     assert all("error" not in r for r in rows.values()), rows
-    assert all(e["finite"] and e["rel_err"] < 1e-5 for e in rows["dense"]["layer0_rows_vs_xla"].values()), rows
     check = rows["full"]["check"]
     assert check["finite"] and check["argmax_equal_xla"], check
     assert max(check[k]["vs_xla"] for k in ("logits", "hidden", "cache_rows_worst")) < 1e-4, check

@@ -29,8 +29,8 @@ SMEM at glm5_slice (64 heads, C = 512, R = 64, K = 2048; 64 heads x 32 splits pe
 q 64 KB + q_pe 8 KB, one ring stage of 64 rows (C + R) bf16 = 72 KB, index + valid lists 512 B, lse 256 B, the
 output staging [2, 64, 32] f32 = 16 KB: ~161 KB. On the GPU these share one
 `plgpu.RefUnion` ("t_alias", see `add_scratch`) with the tile bodies' big rings t_w0, t_w1 (weights, 8 slots of 8 KB
-each), t_op (UV's split partials) and t_part (MoE partials; these two start past t_w0, which UV streams through
-while it reads t_op), and with INDEX_TOPK's candidate ring, so ATTN adds no SMEM beyond its barriers. That aliasing
+each), t_op and t_uvx (UV's split partials and merged o) and t_part (MoE partials; these start past t_w0, which UV
+streams through while it reads t_uvx), and with INDEX_TOPK's candidate ring, so ATTN adds no SMEM beyond its barriers. That aliasing
 is safe because every body drains its SMEM (TMA loads waited, wgmmas retired, TMA stores waited) before it returns
 and tasks of one CTA run one after the
 other; a future cross-task prefetch that fills t_w0 / t_w1 while an ATTN task runs must exclude them from the
@@ -42,7 +42,7 @@ x 16 splits (bench_persistent_glm5_slice_phases.json) 128 us per task, 98 us of 
 the second pass gathered them a second time; with 64 heads x 32 splits and the resident ring
 (bench_persistent_glm5_slice_attn64x32.json) 48 us per task (23 us issuing, 12.5 us math), 32 tasks per layer
 instead of 128. UV then merges 32 partials per head with a one-slot ring (t_op: `tiles.UV_BYTES`): 43 us per
-task instead of 22.
+task instead of 22, until it merged once per head instead of once per column tile (`tiles.uv_body`).
 
 Interpret mode (CPU): the same code with block_k = 8, a plain allocation per ref (jax 0.10's interpreter has no
 RefUnion), the wgmma products as jnp.dot (`qk_logits` / `online_softmax_pv`'s interpret paths) and the per-row
@@ -73,8 +73,8 @@ ACC_COLS = 256  # accumulator columns per pass: [64, 256] f32 = 128 registers pe
 OUT_TILE = 32  # f32 staging tile width (128 bytes)
 SMEM_BUDGET = 200 * 1024  # the kernel's scratch with ATTN's (a second ring stage only if it fits)
 RINGS = ("t_w0", "t_w1")  # the weight rings, one union group (SWIGLU_UP and INDEX_SCORE use both at once) ...
-STAGED = ("t_op", "t_part")  # ... and UV's split partials / MOE_COMBINE's partials: a group placed past t_w0, which
-# UV streams its W_uv tiles through while it reads t_op; all of them share SMEM with ATTN's on the GPU
+STAGED = ("t_op", "t_uvx", "t_part")  # ... and UV's split partials and merged o / MOE_COMBINE's partials: a group
+# placed past t_w0, which UV streams its W_uv tiles through while it reads t_uvx; all share SMEM with ATTN's on the GPU
 _LN2 = math.log(2.0)
 
 
@@ -145,7 +145,7 @@ class AttnShape:
         bk, n_blocks, seg, _, _ = self.geometry(interpret)
         out = dict(out)
         rings, staged = ({k: out.pop(k) for k in names if k in out and not interpret} for names in (RINGS, STAGED))
-        if staged:  # t_op / t_part start where t_w1 does: they may overlap t_w1, never t_w0
+        if staged:  # t_op / t_uvx / t_part start where t_w1 does: they may overlap t_w1, never t_w0
             staged["t_a_pad"] = plgpu.SMEM((_group_bytes({"t_w0": rings["t_w0"]}),), jnp.int8)  # (sorts first)
         stages = 2 if n_blocks > 1 else 1
         if not interpret:

@@ -665,11 +665,12 @@ def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None, interpret: boo
     hidden = plan.schedule.buffers[plan.hidden_buffer]
     parts = [b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/moe_part")]
     rope = 2 * next(b.shape[-1] for b in plan.schedule.buffers if b.name == "rope_cos")
-    splits = [b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/o_part")]
+    o_parts = [b.shape for b in plan.schedule.buffers if b.name.endswith("/o_part")]  # [splits, T, N, C]
     index_dim = max((b.shape[-1] for b in plan.schedule.buffers if b.name.endswith("/index_k")), default=0)
     return tl.scratch_types(_JNP[hidden.dtype], hidden.shape[-1], rope, index_dim, max(parts, default=0), _slot_shapes(plan), tiles,
-                            interpret, max(splits, default=0), _router_shape(plan),
-                            attn=attn_tiles.plan_shape(plan), index=index_tiles.plan_shape(plan, interpret))
+                            interpret, max((o[0] for o in o_parts), default=0), _router_shape(plan),
+                            attn=attn_tiles.plan_shape(plan), index=index_tiles.plan_shape(plan, interpret),
+                            latent=max((o[-1] for o in o_parts), default=0))
 
 
 def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.TileConfig | None, interpret: bool,

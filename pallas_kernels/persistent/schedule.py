@@ -14,10 +14,12 @@ minus those already implied by another wait (transitive reduction). Every scratc
 once per step (per-layer buffers), so there are no write-after-read hazards.
 
 Assignment (deadlock freedom): tasks are ordered by dependency level (longest path from the step's inputs),
-which is a topological order, and dealt greedily to the SM with the fewest bytes of that level so far (LPT per
-level, largest first). Every SM's list is a subsequence of that one global order, so at any moment the earliest
-unfinished task in the global order is the head of its SM's list and all its producers (earlier in the order)
-are finished: some SM can always progress, whatever the interleaving. `simulate.py` checks it anyway.
+which is a topological order, largest first within a level, and dealt in that order (`ScheduleOptions.assign`)
+either to the SM that a cost model (`sm_gb_s`, `task_us`) expects to be free first ("list": list scheduling) or to
+the SM with the fewest bytes of that level so far ("levels": LPT per level). Every SM's list is a
+subsequence of that one global order, so at any moment the earliest unfinished task in the global order is the
+head of its SM's list and all its producers (earlier in the order) are finished: some SM can always progress,
+whatever the interleaving. `simulate.py` checks it anyway.
 
     sched = load_or_compile(cfg.model, tokens=4, options=ScheduleOptions(num_sms=132), gpu="H200")
     sched.sm_records()      # int32 [num_sms, max_tasks, 32]: what the kernel TMA's in
@@ -63,7 +65,9 @@ class ScheduleOptions:
     candidates around its share of the list, which on one SM was the step's critical path; every part repeats the
     (vector) select, so more parts cost only SMs that wait for the attention anyway. context_hint: cached tokens
     assumed when weighing the indexer and attention tasks (balancing only). num_sms: task lists (one persistent CTA
-    per SM; 132 on H100/H200).
+    per SM; 132 on H100/H200). assign: "list" (`_assign_list`) or "levels" (`_assign_levels`); sm_gb_s, task_us:
+    the list assignment's cost model of a task, task_us + bytes / sm_gb_s (one SM's TMA weight stream ran at
+    ~32 GB/s on the H200, ~1 us between tasks on one SM: bench_persistent_glm5_slice_step2_norm.json).
     """
     tile_n: int = 64
     attn_heads: int = 8
@@ -73,12 +77,20 @@ class ScheduleOptions:
     index_topk_parts: int = 64
     context_hint: int = 4096
     num_sms: int = 132
+    assign: str = "list"
+    sm_gb_s: float = 32.0
+    task_us: float = 1.0
 
     def __post_init__(self):
         for name in ("tile_n", "attn_heads", "index_chunks", "index_align", "index_topk_parts", "context_hint",
                      "num_sms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ScheduleOptions.{name}={getattr(self, name)}: must be a positive integer")
+        if self.assign not in ("list", "levels"):
+            raise ValueError(f"ScheduleOptions.assign={self.assign!r}: 'list' or 'levels'")
+        if not (self.sm_gb_s > 0 and self.task_us >= 0):
+            raise ValueError(f"ScheduleOptions: the cost model needs sm_gb_s > 0 and task_us >= 0, got "
+                             f"{self.sm_gb_s=} {self.task_us=}")
 
 
 @dataclasses.dataclass
@@ -371,11 +383,11 @@ def _records(b: _Builder) -> tuple[np.ndarray, np.ndarray]:
     return rec.astype(np.int32), op_of
 
 
-def _assign(nbytes: np.ndarray, levels: np.ndarray, num_sms: int) -> np.ndarray:
+def _assign_levels(nbytes: np.ndarray, levels: np.ndarray, num_sms: int) -> list[list[int]]:
     """Greedy LPT per dependency level, in the given (topological, level-sorted, largest-first) order: each
     task goes to the SM with the fewest bytes in its level so far, ties to the fewest bytes overall, then the
     lowest id. Levels behave like barriers (a level's consumers wait for all its producers), so each level is
-    balanced on its own. Returns int32 [num_sms, max_len] task ids, -1 padded; each row increasing."""
+    balanced on its own. Returns each SM's task ids, increasing."""
     lists: list[list[int]] = [[] for _ in range(num_sms)]
     total = [0] * num_sms
     heap: list = []
@@ -389,10 +401,52 @@ def _assign(nbytes: np.ndarray, levels: np.ndarray, num_sms: int) -> np.ndarray:
         lists[s].append(i)
         total[s] += w
         heapq.heapreplace(heap, (load + w, total[s], s))
-    out = np.full((num_sms, max(map(len, lists))), -1, np.int32)
+    return lists
+
+
+def _assign_list(nbytes: np.ndarray, op_of: np.ndarray, deps: list, opt: ScheduleOptions) -> list[list[int]]:
+    """List scheduling in the given (topological, level-sorted, largest-first) order: each task goes to an SM the
+    cost model expects free by the time its op's dependencies (`deps[op]`, op groups) are finished -- among those
+    the one with the fewest bytes so far, so that a level's leftover tasks rotate over the SMs -- else to the SM
+    free first; a task takes task_us + bytes / sm_gb_s. Unlike balancing each level's bytes on its own (every
+    level a barrier), a task lands behind less queued work: a router selection no longer waits behind a shared
+    expert's tiles on a busy SM. Returns each SM's task ids, increasing."""
+    lists: list[list[int]] = [[] for _ in range(opt.num_sms)]
+    finish = np.zeros(len(deps))  # expected end of each op group's last task
+    total = [0] * opt.num_sms
+    busy = [(0.0, s) for s in range(opt.num_sms)]  # (free at, SM)
+    idle: list = []  # (bytes so far, SM, free at): SMs free by an earlier task's ready time
+    us_per_byte = 1.0 / (opt.sm_gb_s * 1e3)
+    for i, (w, op) in enumerate(zip(nbytes.tolist(), op_of.tolist())):
+        ready = max((finish[d] for d in deps[op]), default=0.0)
+        while busy and busy[0][0] <= ready:
+            t, s = heapq.heappop(busy)
+            heapq.heappush(idle, (total[s], s, t))
+        if idle:
+            _, s, t = heapq.heappop(idle)
+        else:
+            t, s = heapq.heappop(busy)
+        end = max(t, ready) + opt.task_us + w * us_per_byte
+        finish[op] = max(finish[op], end)
+        lists[s].append(i)
+        total[s] += w
+        heapq.heappush(busy, (end, s))
+    return lists
+
+
+def _model_us(nbytes: np.ndarray, op_of: np.ndarray, deps: list, lists: list[list[int]], opt: ScheduleOptions) -> float:
+    """The makespan (us) of per-SM task lists under the list assignment's cost model (each SM runs its list in
+    order; a task starts when its SM is free and its op's dependencies are finished)."""
+    sm_of = np.empty(len(nbytes), np.int64)
     for s, lst in enumerate(lists):
-        out[s, :len(lst)] = lst
-    return out
+        sm_of[lst] = s
+    free, finish = np.zeros(len(lists)), np.zeros(len(deps))
+    us_per_byte = 1.0 / (opt.sm_gb_s * 1e3)
+    for i, (w, op, s) in enumerate(zip(nbytes.tolist(), op_of.tolist(), sm_of.tolist())):  # a topological order
+        ready = max((finish[d] for d in deps[op]), default=0.0)
+        free[s] = max(free[s], ready) + opt.task_us + w * us_per_byte
+        finish[op] = max(finish[op], free[s])
+    return float(finish.max())
 
 
 def _compiler_hash() -> str:
@@ -419,12 +473,16 @@ def compile_schedule(cfg: ModelConfig, tokens: int, options: ScheduleOptions = S
     cfg.validate()
     b = _Lowering(cfg, tokens, options).lower()
     _finish(b)
-    rec, _ = _records(b)
+    rec, op_of = _records(b)
     key = schedule_key(cfg, tokens, options, gpu)
-    meta = {"key": key, "hash": key_hash(key), "tokens": tokens,
-            "levels": [g.level for g in b.ops]}
-    levels = np.array(meta["levels"])[rec[:, F_SIGNAL]]
-    sm_tasks = _assign(rec[:, F_BYTES], levels, options.num_sms)
+    deps, levels = [g.deps for g in b.ops], [g.level for g in b.ops]
+    lists = (_assign_list(rec[:, F_BYTES], op_of, deps, options) if options.assign == "list"
+             else _assign_levels(rec[:, F_BYTES], np.array(levels)[op_of], options.num_sms))
+    sm_tasks = np.full((options.num_sms, max(map(len, lists))), -1, np.int32)
+    for s, lst in enumerate(lists):
+        sm_tasks[s, :len(lst)] = lst
+    meta = {"key": key, "hash": key_hash(key), "tokens": tokens, "levels": levels,
+            "model_us": _model_us(rec[:, F_BYTES], op_of, deps, lists, options)}
     _drop_known_waits(rec, sm_tasks, [g.ancestors | (1 << i) for i, g in enumerate(b.ops)])
     waits = rec[:, F_WAITS:F_WAITS + 2 * MAX_WAITS:2]
     waiters = np.bincount(waits[waits >= 0], minlength=len(b.ops))
@@ -490,6 +548,7 @@ def schedule_stats(s: Schedule) -> dict:
         "waits": int(sum(c.waiters for c in s.counters)),
         "waiters_max": int(max(c.waiters for c in s.counters)),
         "critical_path_hops": int(max(levels)),
+        "model_us": s.meta.get("model_us"),  # the assignment's cost model's makespan (`_assign`)
         "hops_per_layer_max": int(max(hi - lo + 1 for lo, hi in layer_hops.values())) if layer_hops else 0,
         "scratch_bytes": int(sum(b.nbytes for b in s.buffers if b.kind in (Kind.SCRATCH, Kind.OUTPUT))),
         "record_bytes": int(s.sm_tasks.size * RECORD_WIDTH * 4),

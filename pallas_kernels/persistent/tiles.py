@@ -40,7 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import _compat
 from pallas_kernels.gemv import TP, col_scale, mma_bf16_tile, store_acc_t, swizzle_transforms
 
-ARRIVALS = (2, 3, 4)  # TMA copies per ring step: weight + x (+ norm weight) (+ second weight)
+ARRIVALS = (1, 2, 3, 4)  # TMA copies per k-tile: weight (+ x) (+ norm weight) (+ second weight)
 UV_DEPTH = 2  # UV's ring depth: its split partials (t_op, splits x 2 KB per slot) would otherwise cap the weight
 # rings' depth through SMEM, and UV streams few bytes
 UV_BYTES = 64 * 1024  # t_op's SMEM cap: a single slot where two would pass it (32 attention splits)
@@ -90,7 +90,7 @@ def rows_per_copy(shape, itemsize: int) -> int:
 
 
 def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int, slot_shapes, cfg: TileConfig,
-                  interpret: bool, attn_splits: int = 0, router=None, attn=None, index=None) -> dict:
+                  interpret: bool, attn_splits: int = 0, router=None, attn=None, index=None, latent: int = 0) -> dict:
     """The kernel-wide SMEM of the tile bodies (allocated once, reused by every task).
 
     dtype: the model's activation / weight dtype; hidden: D (one embedding row); rope: R; index_dim: the indexer's
@@ -134,11 +134,13 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
                    t_rs=plgpu.SMEM((3, e), jnp.float32), t_rid=plgpu.SMEM((TP, k), jnp.int32),
                    t_rw=plgpu.SMEM((TP, k), jnp.float32), t_pres=plgpu.SMEM((e,), jnp.int32),
                    t_gk=plgpu.SMEM((g,), jnp.float32), t_rsel=plgpu.SMEM((u,), jnp.int32))
-    if attn_splits:  # UV: the split-KV partial outputs of a TK slice, per ring slot, and the merge weights
+    if attn_splits:  # UV: the split-KV partial outputs of a TK slice per ring slot, the merge weights, the merged
+        # o [T, C] as C / TK x tiles (latent: C)
         sw32 = () if interpret else swizzle_transforms(jnp.float32)
         depth = max(1, min(s, UV_DEPTH, UV_BYTES // (attn_splits * TP * cfg.tile_k * 4)))
         out["t_op"] = plgpu.SMEM((depth, attn_splits, TP, cfg.tile_k), jnp.float32, transforms=sw32)
         out["t_mw"] = plgpu.SMEM((attn_splits, TP), jnp.float32)
+        out["t_uvx"] = plgpu.SMEM((max(1, latent // cfg.tile_k), TP, cfg.tile_k), dtype, transforms=sw)
     if slot_shapes is not None:
         out["t_sel"] = plgpu.SMEM((rows_per_copy(slot_shapes[0], 4), *slot_shapes[0]), jnp.int32)
     if attn is not None:  # ATTN (attn_tiles.AttnShape): its SMEM, sharing the big rings' memory on the GPU
@@ -173,7 +175,7 @@ class Tiles:
         """Streams a task's `ktiles` weight k-tiles through the ring and returns the f32 accumulators [TN, TP].
 
         issue(k0, slot, barrier): start k-tile k0's TMA copies into ring slot `slot` (`arrivals` of them in all,
-        counting issue_w's); compute(slot, accs): that k-tile's wgmmas. prologue(): work that overlaps the first
+        counting issue_w's); compute(slot, accs, kt): the wgmmas of k-tile kt (in `slot`). prologue(): work that overlaps the first
         loads. Weight prefetch: with `wait` (the task's dependency wait) and `issue_w` (the k-tile's weight copies,
         which depend on no other task), the first ring steps' weight tiles are issued *before* the wait, so the
         weight stream runs while the producers of this task's activations finish; `issue` then copies only the
@@ -222,8 +224,8 @@ class Tiles:
                 step_slots = [rs * group + u for u in range(group)]
                 if prepare is not None:
                     prepare(*step_slots)
-                for sl in step_slots:
-                    compute(sl, accs)
+                for u, sl in enumerate(step_slots):
+                    compute(sl, accs, kk * group + u)
                 if not self.interpret:
                     plgpu.wgmma_wait(lag)  # <= 1 wgmma in flight: step kk - lag's retired
                 j = kk - lag  # its ring step is free: refill it for step j + depth
@@ -479,7 +481,7 @@ def gemv_body(r, key, consts):
         def issue(k0, slot, bar):
             plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[slot], bar)
 
-        def compute(slot, accs):
+        def compute(slot, accs, _kt):
             tiles.mma(accs[0], ring.at[slot], s["t_x"].at[slot], transposed)
 
         prologue = None
@@ -534,7 +536,7 @@ def swiglu_up_body(r, key, consts):
         def issue(k0, sl, bar):
             plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[sl], bar)
 
-        def compute(sl, accs):
+        def compute(sl, accs, _kt):
             tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
             tiles.mma(accs[1], s["t_w1"].at[sl], s["t_x"].at[sl], False)
 
@@ -586,7 +588,7 @@ def swiglu_down_body(r, key, consts):
                     else x_view(tiles, a_ref, ai, k0, xs))
             plgpu.copy_gmem_to_smem(xsrc, s["t_x"].at[sl], bar)
 
-        def compute(sl, accs):
+        def compute(sl, accs, _kt):
             tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
 
         (y,) = tiles.stream(k // tiles.tk, 1, 2, issue, compute, None, issue_w, None if routed else t.wait,
@@ -692,7 +694,7 @@ def absorb_body(r, key, consts):
                 plgpu.copy_gmem_to_smem(qb_ref.at[xi, pl.ds(c(0), TP), pl.ds(q0 + k0, tiles.tk)], s["t_x"].at[slot],
                                         bar)
 
-            def compute(slot, accs):
+            def compute(slot, accs, _kt):
                 tiles.mma(accs[0], tiles.wt_ring.at[slot], s["t_x"].at[slot], True)
 
             (acc,) = tiles.stream(hn // tiles.tk, 1, 2, issue, compute)
@@ -779,8 +781,11 @@ def ik_write_body(r, key, consts):
 
 def uv_body(r, key, consts):
     """UV for one head: merge the split-KV partials (o = sum_s exp(lse_s - logsumexp lse) o_s, weights as scalars
-    in SMEM) into each x tile in registers, then v[:, head] = o . W_uv[head] as swap-AB wgmma over kv_b tiles.
-    None when the shapes do not fit."""
+    in SMEM) once, TK columns at a time, into the resident x tiles t_uvx [C / TK, TP, TK]; then v[:, head] =
+    o . W_uv[head] as swap-AB wgmma, one weight stream of kv_b tiles per TN columns. (Merging inside the weight
+    stream redid the merge and reloaded the partials for every column tile, through a one-slot ring: 43 us of
+    the critical path per layer on the H200, bench_persistent_glm5_slice_step2.json.) None when the shapes do
+    not fit."""
     _, _, wstk, islots, oslots = key
     tiles, op_ref, lse_ref, v_ref = r.tiles, _stack(r, islots[0]), _stack(r, islots[1]), _stack(r, oslots[0])
     if tiles is None or any(a is None for a in (op_ref, lse_ref, v_ref)) or "t_op" not in tiles.s:
@@ -789,15 +794,16 @@ def uv_body(r, key, consts):
     splits, tokens, heads, c_dim = op_ref.shape[1:]
     hv = v_ref.shape[-1]
     hn = kv_b.shape[-1] // heads - hv
-    if (splits != tiles.s["t_op"].shape[1] or c_dim % tiles.tk or (hv > tiles.tn and hv % tiles.tn)
-            or kv_b.dtype != tiles.dtype or v_ref.dtype != tiles.dtype):
+    if (splits != tiles.s["t_op"].shape[1] or c_dim % tiles.tk or c_dim // tiles.tk != tiles.s["t_uvx"].shape[0]
+            or (hv > tiles.tn and hv % tiles.tn) or kv_b.dtype != tiles.dtype or v_ref.dtype != tiles.dtype):
         return None
     s, c, dt = tiles.s, tiles.c, tiles.dtype
     n = min(hv, tiles.tn)
+    nk, depth, bars = c_dim // tiles.tk, s["t_op"].shape[0], s["t_bar1"]
 
-    def merge(slot):
-        """t_x[slot] = cast(sum_s t_mw[s, t] * t_op[slot, s])."""
-        op, mw, x = s["t_op"].at[slot], s["t_mw"], s["t_x"].at[slot]
+    def merge(slot, kt):
+        """t_uvx[kt] = cast(sum_s t_mw[s, t] * t_op[slot, s])."""
+        op, mw, x = s["t_op"].at[slot], s["t_mw"], s["t_uvx"].at[kt]
         if tiles.interpret:
             x[...] = jnp.sum(mw[...][:, :, None] * op[...], axis=0).astype(dt)
         else:
@@ -809,7 +815,7 @@ def uv_body(r, key, consts):
                 term = o_j * plgpu.layout_cast(lax.broadcast_in_dim(w_j, o_j.shape, (1,)), lay)
                 total = term if total is None else total + term
             _compat.transpose_ref(x, (1, 0))[...] = plgpu.layout_cast(total.astype(dt), lay)
-        plgpu.commit_smem()
+        plgpu.commit_smem()  # (its warpgroup barrier also orders every thread's t_op reads before the refill)
 
     def fn(t: TaskView):
         head, wi, pi, li = t.arg(0), t.w(0), t.inp(0), t.inp(1)
@@ -830,6 +836,23 @@ def uv_body(r, key, consts):
             for j in range(splits):
                 mw[c(j), c(tt)] = jnp.exp(ls[j] - lse)
 
+        def load(kt, slot):  # the partials of latent columns [kt * TK, +TK) into t_op[slot]
+            plgpu.copy_gmem_to_smem(op_ref.at[pi, pl.ds(c(0), splits), pl.ds(c(0), TP), head,
+                                              pl.ds(kt * tiles.tk, tiles.tk)], s["t_op"].at[slot], bars.at[slot])
+
+        for j in range(min(depth, nk)):
+            load(c(j), c(j))
+
+        @pl.loop(0, nk)
+        def _(kt):
+            slot = kt % depth
+            plgpu.barrier_wait(bars.at[slot])
+            merge(slot, kt)
+
+            @pl.when(kt + depth < nk)
+            def _():
+                load(kt + depth, slot)
+
         @pl.loop(0, max(hv // tiles.tn, 1))
         def _(ct):
             c0 = ct * tiles.tn
@@ -837,14 +860,11 @@ def uv_body(r, key, consts):
             def issue(k0, slot, bar):
                 plgpu.copy_gmem_to_smem(kv_b.at[wi, pl.ds(k0, tiles.tk), pl.ds(w0 + c0, tiles.tn)],
                                         s["t_w0"].at[slot], bar)
-                plgpu.copy_gmem_to_smem(op_ref.at[pi, pl.ds(c(0), splits), pl.ds(c(0), TP), head,
-                                                  pl.ds(k0, tiles.tk)], s["t_op"].at[slot], bar)
 
-            def compute(slot, accs):
-                merge(slot)
-                tiles.mma(accs[0], s["t_w0"].at[slot], s["t_x"].at[slot], False)
+            def compute(slot, accs, kt):
+                tiles.mma(accs[0], s["t_w0"].at[slot], s["t_uvx"].at[kt], False)
 
-            (acc,) = tiles.stream(c_dim // tiles.tk, 1, 2, issue, compute, depth=s["t_op"].shape[0])
+            (acc,) = tiles.stream(nk, 1, 1, issue, compute, group=tiles.step_group(nk))
             tiles.store(acc, v_ref.at[t.out(0), pl.ds(c(0), tokens), head, pl.ds(c0, n)], tokens, n)
     return fn
 

@@ -164,12 +164,27 @@ def test_dsa_really_selects_in_the_simulated_step(tiny):
     assert machine.bufs[valid].sum() == tiny.index_topk < CONTEXT + 1
 
 
-@pytest.mark.parametrize("t", [1, 4])
-def test_glm5_slice_random_interleavings_never_deadlock(t):
-    s = compile_schedule(load_config("glm5_slice").model, t, ScheduleOptions(num_sms=132))
+@pytest.mark.parametrize("t,assign", [(1, "levels"), (4, "levels"), (1, "list")])
+def test_glm5_slice_random_interleavings_never_deadlock(t, assign):
+    s = compile_schedule(load_config("glm5_slice").model, t, ScheduleOptions(num_sms=132, assign=assign))
+    lists = s.sm_lists()
+    assert sorted(i for lst in lists for i in lst) == list(range(len(s.records)))
+    assert all(lst == sorted(lst) for lst in lists)  # every list a subsequence of the global order
+    assert s.meta["model_us"] > 0
     orders = [run_counters(s, seed) for seed in range(3)]
     assert all(len(o) == len(s.records) for o in orders)
     assert orders[0] != orders[1]
+
+
+def test_list_assignment_rotates_leftover_tasks_and_beats_levels_in_its_model():
+    """The list assignment keeps glm5's bytes per SM balanced (a level's leftover tasks go to the SM with the
+    fewest bytes among those free) and, judged by its own cost model, finishes no later than LPT per level."""
+    cfg = load_config("glm5_slice").model
+    by = {a: compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=a)) for a in ("list", "levels")}
+    assert schedule_stats(by["list"])["imbalance"] < 1.05
+    assert by["list"].meta["model_us"] <= by["levels"].meta["model_us"]
+    with pytest.raises(ValueError, match="'list' or 'levels'"):
+        ScheduleOptions(assign="greedy")
 
 
 def test_a_task_before_its_producer_in_one_list_deadlocks(tiny_schedule):

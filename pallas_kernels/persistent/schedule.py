@@ -65,9 +65,11 @@ class ScheduleOptions:
     candidates around its share of the list, which on one SM was the step's critical path; every part repeats the
     (vector) select, so more parts cost only SMs that wait for the attention anyway. context_hint: cached tokens
     assumed when weighing the indexer and attention tasks (balancing only). num_sms: task lists (one persistent CTA
-    per SM; 132 on H100/H200). assign: "list" (`_assign_list`) or "levels" (`_assign_levels`); sm_gb_s, task_us:
-    the list assignment's cost model of a task, task_us + bytes / sm_gb_s (one SM's TMA weight stream ran at
-    ~32 GB/s on the H200, ~1 us between tasks on one SM: bench_persistent_glm5_slice_step2_norm.json).
+    per SM; 132 on H100/H200). assign: "levels" (`_assign_levels`) or "list" (`_assign_list`; on the H200 at
+    glm5_slice its critical path was 2.50 ms against 2.47 ms for "levels":
+    experiments/results/bench_persistent_glm5_slice_uv_{list,levels}.json); sm_gb_s, task_us: the list
+    assignment's cost model of a task, task_us + bytes / sm_gb_s (one SM's TMA weight stream ran at ~32 GB/s on
+    the H200, ~1 us between tasks on one SM: bench_persistent_glm5_slice_step2_norm.json).
     """
     tile_n: int = 64
     attn_heads: int = 8
@@ -77,7 +79,7 @@ class ScheduleOptions:
     index_topk_parts: int = 64
     context_hint: int = 4096
     num_sms: int = 132
-    assign: str = "list"
+    assign: str = "levels"
     sm_gb_s: float = 32.0
     task_us: float = 1.0
 

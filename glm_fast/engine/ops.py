@@ -130,8 +130,12 @@ def _pallas_lm_head(x, w, norm_weight, eps):
 PALLAS = Ops("pallas", _pallas_indexer_topk, _pallas_sparse_mla, _pallas_moe, _pallas_lm_head, _pallas_moe_fp8)
 
 # "persistent": the engine runs decode / verification steps' main model through one kernel launch
-# (`pallas_kernels.persistent.kernel`); this table serves what stays outside it (prefill, MTP drafting): XLA.
-PERSISTENT = dataclasses.replace(XLA, name="persistent")
+# (`pallas_kernels.persistent.kernel`); this table serves what stays outside it (prefill, MTP drafting): the
+# Pallas kernels. With XLA's a D = 3 step took 18.6 ms on the H200 at glm5_slice, 4K, of which ~13 ms were the
+# drafts: each MTP depth runs its MoE block over a 2D-row window, where XLA gathers every chosen expert's weights
+# (bench_decode_glm5_slice_persistent_mtp3.json); the pallas backend's whole D = 3 step takes 6.75 ms
+# (bench_decode_glm5_slice_pallas.json).
+PERSISTENT = dataclasses.replace(PALLAS, name="persistent")
 
 BACKENDS = {"xla": lambda: XLA, "pallas": lambda: PALLAS, "persistent": lambda: PERSISTENT}
 

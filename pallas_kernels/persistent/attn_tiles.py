@@ -29,8 +29,8 @@ SMEM at glm5_slice (64 heads, C = 512, R = 64, K = 2048; 64 heads x 32 splits pe
 q 64 KB + q_pe 8 KB, one ring stage of 64 rows (C + R) bf16 = 72 KB, index + valid lists 512 B, lse 256 B, the
 output staging [2, 64, 32] f32 = 16 KB: ~161 KB. On the GPU these share one
 `plgpu.RefUnion` ("t_alias", see `add_scratch`) with the tile bodies' big rings t_w0, t_w1 (weights, 8 slots of 8 KB
-each), t_op and t_uvx (UV's split partials and merged o) and t_part (MoE partials; these start past t_w0, which UV
-streams through while it reads t_uvx), and with INDEX_TOPK's candidate ring, so ATTN adds no SMEM beyond its barriers. That aliasing
+each), t_op and t_uvx (UV's split partials and merged o; these start past t_w0, which UV streams through while it
+reads t_uvx), t_part (MOE_COMBINE's partials), and with INDEX_TOPK's candidate ring, so ATTN adds no SMEM beyond its barriers. That aliasing
 is safe because every body drains its SMEM (TMA loads waited, wgmmas retired, TMA stores waited) before it returns
 and tasks of one CTA run one after the
 other; a future cross-task prefetch that fills t_w0 / t_w1 while an ATTN task runs must exclude them from the
@@ -73,8 +73,10 @@ ACC_COLS = 256  # accumulator columns per pass: [64, 256] f32 = 128 registers pe
 OUT_TILE = 32  # f32 staging tile width (128 bytes)
 SMEM_BUDGET = 200 * 1024  # the kernel's scratch with ATTN's (a second ring stage only if it fits)
 RINGS = ("t_w0", "t_w1")  # the weight rings, one union group (SWIGLU_UP and INDEX_SCORE use both at once) ...
-STAGED = ("t_op", "t_uvx", "t_part")  # ... and UV's split partials and merged o / MOE_COMBINE's partials: a group
-# placed past t_w0, which UV streams its W_uv tiles through while it reads t_uvx; all share SMEM with ATTN's on the GPU
+STAGED = ("t_op", "t_uvx")  # ... UV's split partials and merged o: a group placed past t_w0, which UV streams its
+# W_uv tiles through while it reads t_uvx ...
+OWN = ("t_part",)  # ... and MOE_COMBINE's partials, a group of its own (that body uses no ring); all share SMEM with
+# ATTN's on the GPU
 _LN2 = math.log(2.0)
 
 
@@ -144,13 +146,14 @@ class AttnShape:
         ALIASED rings become one RefUnion "t_alias" (unpacked by `unalias`); interpret mode: plain entries."""
         bk, n_blocks, seg, _, _ = self.geometry(interpret)
         out = dict(out)
-        rings, staged = ({k: out.pop(k) for k in names if k in out and not interpret} for names in (RINGS, STAGED))
-        if staged:  # t_op / t_uvx / t_part start where t_w1 does: they may overlap t_w1, never t_w0
+        rings, staged, own = ({k: out.pop(k) for k in names if k in out and not interpret}
+                              for names in (RINGS, STAGED, OWN))
+        if staged:  # t_op / t_uvx start where t_w1 does: they may overlap t_w1, never t_w0
             staged["t_a_pad"] = plgpu.SMEM((_group_bytes({"t_w0": rings["t_w0"]}),), jnp.int8)  # (sorts first)
         stages = 2 if n_blocks > 1 else 1
         if not interpret:
             rest = sum(_nbytes(v) for v in out.values())
-            while stages > 1 and rest + max(_group_bytes(rings), _group_bytes(staged),
+            while stages > 1 and rest + max(_group_bytes(rings), _group_bytes(staged), _group_bytes(own),
                                             _group_bytes(self.groups(stages, False)[0])) > SMEM_BUDGET:
                 stages -= 1
         tiled, copy, stage = self.groups(stages, interpret)
@@ -162,8 +165,8 @@ class AttnShape:
                 raise ValueError(f"ATTN's GPU body does not take {self}: it takes GLM-5-like shapes (bf16, C a "
                                  f"multiple of 64, R = 64, <= 64 heads per task; AttnShape.fits_gpu); run this "
                                  f"config in GPU interpret mode")
-            out["t_alias"] = plgpu.RefUnion(rings, *([staged] if staged else []), tiled, copy,
-                                            *([stage] if stage else []))
+            out["t_alias"] = plgpu.RefUnion(rings, *([staged] if staged else []), *([own] if own else []), tiled,
+                                            copy, *([stage] if stage else []))
         out["a_full"] = plgpu.Barrier(num_arrivals=(self.c // seg + 1) * bk, num_barriers=stages)
         out["a_meta"] = plgpu.Barrier(num_arrivals=2 + 2 * n_blocks)
         return out

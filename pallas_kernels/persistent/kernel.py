@@ -837,8 +837,9 @@ def gpu_candidates(**options) -> list:
     selected latent rows: every head group gathers the split's rows again, so 64 heads per task gather them once
     for all heads, and 32 splits keep a split's 64 rows resident in SMEM for both column passes (one gather per
     row instead of 16). 16 splits of 8 heads halved ATTN's time against 8 splits on the H200 at glm5_slice, T = 1
-    (experiments/results/bench_persistent_glm5_slice_topk_splits16.json vs ..._profile.json). More splits
-    grow UV's partials in SMEM, which T = 4's MoE slots leave no room for: 8 splits are the fallback there."""
+    (experiments/results/bench_persistent_glm5_slice_topk_splits16.json vs ..._profile.json). At T = 4 the
+    dispatch table (145 tasks per SM: 32 routed slots) leaves 64 x 32 2 KB short of SMEM: 8 x 16 is taken there
+    (8 x 8 until MOE_COMBINE's partials got a union group of their own)."""
     from pallas_kernels.persistent.schedule import ScheduleOptions
     return [ScheduleOptions(attn_heads=h, attn_splits=sp, **options) for h, sp in GPU_CHOICES]
 
@@ -871,8 +872,7 @@ MIN_SLOTS = 4  # the shallowest weight ring `fit_tiles` takes
 
 def fit_tiles(plan: KernelPlan, tiles: tl.TileConfig) -> tl.TileConfig:
     """`tiles` with the deepest weight ring, from tiles.slots down to MIN_SLOTS in steps of 2, whose SMEM fits with
-    the plan's (`smem_bytes` + `_MOSAIC_SMEM`): glm5_slice takes 8 slots at T = 1 and 6 at T = 4 (ATTN, UV and the
-    MoE slots take the rest). A ring no shallower than MIN_SLOTS is returned even where nothing fits, and `tiles`
+    the plan's (`smem_bytes` + `_MOSAIC_SMEM`): glm5_slice takes 8 slots at T = 1 and T = 4. A ring no shallower than MIN_SLOTS is returned even where nothing fits, and `tiles`
     as given for a plan without GPU scratch (a config for interpret mode: lowering it says why)."""
     depths = [tiles.slots] + [d for d in range(tiles.slots - 2, MIN_SLOTS - 1, -2)]
     for d in depths:

@@ -354,6 +354,12 @@ class Tiles:
             o[...] = plgpu.layout_cast(value, plgpu.Layout.WG_STRIDED((TP, self.tn), vec_size=4))
         plgpu.commit_smem()
 
+    def store_zeros(self, dst, tokens: int, n: int):
+        """dst [T, n] (a GMEM view) = 0, through the staging tile of dst's dtype."""
+        o = self.s["t_o" if dst.dtype == self.dtype else "t_o32"]
+        self.store_s(o, jnp.zeros((TP, self.tn), o.dtype))
+        self.flush(o, dst, tokens, n)
+
     def flush(self, o, dst, tokens: int, n: int):
         """TMA rows [0, T) and columns [0, n) of the [TP, TN] SMEM tile `o` to dst and wait for the write."""
         self.copy_rows(o, tokens, 0, n, dst)
@@ -503,7 +509,9 @@ def _expert(tiles, r, slot_ref, idx, slot):
 
 
 def swiglu_up_body(r, key, consts):
-    """SWIGLU_UP (gate and up tiles of one x stream, fused RMSNorm, routed or dense) or None."""
+    """SWIGLU_UP (gate and up tiles of one x stream, fused RMSNorm, routed or dense) or None. With T > 1 a routed
+    slot that no token chose (U = min(E, T k) slots, fewer distinct experts) streams no weights and writes its
+    tile as zeros (what the multiply by `present` gives)."""
     _, (n, eps, routed), wstk, islots, oslots = key
     tiles, x_ref, out_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0])
     if tiles is None or x_ref is None or out_ref is None or n > tiles.tn:
@@ -543,20 +551,28 @@ def swiglu_up_body(r, key, consts):
         def prologue():
             tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
 
-        g, u = tiles.stream(k // tiles.tk, 2, 4, issue, compute, prologue, issue_w, None if routed else t.wait,
-                            group=tiles.step_group(k // tiles.tk), prepare=tiles.norm_x)
-        y = _silu(g) * u
-        if routed:
-            y = y * present
-            dst = out_ref.at[t.out(0), slot, pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
+        def dst():
+            if routed:
+                return out_ref.at[t.out(0), slot, pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
+            return out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
+
+        def run():
+            g, u = tiles.stream(k // tiles.tk, 2, 4, issue, compute, prologue, issue_w,
+                                None if routed else t.wait, group=tiles.step_group(k // tiles.tk),
+                                prepare=tiles.norm_x)
+            y = _silu(g) * u
+            tiles.store(y * present if routed else y, dst(), tokens, n)
+        if routed and tokens > 1:  # (T = 1: all k slots are chosen)
+            pl.when(present > 0)(run)
+            pl.when(present == 0)(lambda: tiles.store_zeros(dst(), tokens, n))
         else:
-            dst = out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
-        tiles.store(y, dst, tokens, n)
+            run()
     return fn
 
 
 def swiglu_down_body(r, key, consts):
-    """SWIGLU_DOWN (routed slot x coefficient, shared expert into a partial slot, dense + residual) or None."""
+    """SWIGLU_DOWN (routed slot x coefficient, shared expert into a partial slot, dense + residual) or None. With
+    T > 1 a routed slot that no token chose streams nothing and writes its partial tile as zeros."""
     _, (n, routed, to_slot), wstk, islots, oslots = key
     tiles, a_ref, out_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0])
     if tiles is None or a_ref is None or out_ref is None or n > tiles.tn:
@@ -591,22 +607,31 @@ def swiglu_down_body(r, key, consts):
         def compute(sl, accs, _kt):
             tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
 
-        (y,) = tiles.stream(k // tiles.tk, 1, 2, issue, compute, None, issue_w, None if routed else t.wait,
-                            group=tiles.step_group(k // tiles.tk))
-        if routed:
-            # coef [U, T] is read as GMEM scalars: its [U, 1] rows have 4-byte strides, which TMA cannot move
-            coef, vec, ci = _stack(r, islots[3]), s["t_vec"], t.inp(3)
-            for tt in range(TP):
-                vec[tiles.c(tt)] = coef[ci, slot, tiles.c(tt)] * present if tt < tokens else jnp.float32(0.0)
-            y = tiles.col_scale(y, "t_vec")
-        elif to_slot:  # shared expert: `ref.swiglu` rounds to the activation dtype before the sum
-            y = y.astype(a_ref.dtype).astype(jnp.float32)
-        if routed or to_slot:
-            dst = out_ref.at[t.out(0), out_slot, pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
-            tiles.store(y, dst, tokens, n)
+        def run():
+            (y,) = tiles.stream(k // tiles.tk, 1, 2, issue, compute, None, issue_w, None if routed else t.wait,
+                                group=tiles.step_group(k // tiles.tk))
+            if routed:
+                # coef [U, T] is read as GMEM scalars: its [U, 1] rows have 4-byte strides, which TMA cannot move
+                coef, vec, ci = _stack(r, islots[3]), s["t_vec"], t.inp(3)
+                for tt in range(TP):
+                    vec[tiles.c(tt)] = coef[ci, slot, tiles.c(tt)] * present if tt < tokens else jnp.float32(0.0)
+                y = tiles.col_scale(y, "t_vec")
+            elif to_slot:  # shared expert: `ref.swiglu` rounds to the activation dtype before the sum
+                y = y.astype(a_ref.dtype).astype(jnp.float32)
+            if routed or to_slot:
+                tiles.store(y, part_dst(), tokens, n)
+            else:
+                res = res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, tiles.tn)]
+                tiles.store(y, out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)], tokens, n,
+                            residual=res)
+
+        def part_dst():
+            return out_ref.at[t.out(0), out_slot, pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
+        if routed and tokens > 1:  # (T = 1: all k slots are chosen)
+            pl.when(present > 0)(run)
+            pl.when(present == 0)(lambda: tiles.store_zeros(part_dst(), tokens, n))
         else:
-            res = res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, tiles.tn)]
-            tiles.store(y, out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)], tokens, n, residual=res)
+            run()
     return fn
 
 

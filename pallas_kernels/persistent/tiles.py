@@ -4,8 +4,8 @@ scalar loops), MOE_COMBINE and EMBED on SMEM tiles; ROUTER_SELECT as scalar SMEM
 
 The weight bytes of a decode step are GEMV-shaped (o_proj and the experts are ~85% of them), so these bodies
 are the ones that must stream at the HBM ceiling. Each task streams its [TK x TN] weight tiles through a ring of
-`TileConfig.slots` SMEM slots (`plgpu.copy_gmem_to_smem` + one barrier per slot, refilled as soon as the wgmma
-that read a slot retired) and multiplies them with the swap-AB wgmma of `pallas_kernels.gemv` (the weight's
+`TileConfig.slots` SMEM slots (`plgpu.copy_gmem_to_smem`; the bulk streams fill `TileConfig.step_tiles`
+consecutive slots per ring step under one barrier, and a step is refilled once the wgmmas that read it retired) and multiplies them with the swap-AB wgmma of `pallas_kernels.gemv` (the weight's
 columns in the wgmma M slot, the T <= 8 tokens in N; see gemv.py's docstring): acc [TN, TP] += W_tile^T @
 x_tile^T, both operands straight from swizzled SMEM. The tile functions are gemv.py's (`mma_bf16_tile`,
 `col_scale`, `store_acc_t`, `swizzle_transforms`). The fused RMSNorm computes 1/rms per token in a prologue

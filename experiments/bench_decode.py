@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a plain checkout
+
 from glm_fast import Engine, Model, accounting, load_config, results
 from glm_fast.engine.cache import new_state
 from glm_fast.engine.engine import _Mode

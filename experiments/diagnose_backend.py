@@ -19,11 +19,14 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a plain checkout
 
 from glm_fast import Model, load_config
 from glm_fast.model import to_float32

@@ -105,6 +105,26 @@ def test_diagnose_backend_smoke(tmp_path):
     assert set(rec["float32_floor"]) == {"xla", "pallas"}
 
 
+def test_bench_decode_protocol_smoke(tmp_path):
+    """The issue's protocol script on tiny (CPU; the persistent kernel in GPU interpret mode): one row per
+    (backend, depth, batch) except the persistent backend's batches > 1, roofline fractions from the HBM rate it
+    measured, projected tokens/s on the MTP rows, the JSON written with its ceilings."""
+    _entry_point("bench_decode").main(
+        ["--config", "tiny", "--backends", "xla,persistent", "--contexts", "32", "--batches", "1,2",
+         "--mtp-depths", "0,1", "--steps", "1", "--warmup", "1", "--hbm-gib", "0.01", "--out", str(tmp_path),
+         "--name", "bd"])
+    rec = json.loads((tmp_path / "bd.json").read_text())
+    rows = {(r["backend"], r["mtp_depth"], r["batch"]): r for r in rec["rows"]}
+    assert set(rows) == {("xla", d, b) for d in (0, 1) for b in (1, 2)} | {("persistent", d, 1) for d in (0, 1)}
+    assert rec["ceilings"]["hbm_tb_s"] > 0
+    for (_, depth, batch), r in rows.items():
+        assert r["ms_per_step"] > 0 and 0 < r["roofline_fraction"] < 1, r
+        assert r["bytes_per_step"] > 0 and np.isclose(r["roofline_ms"], 1e3 * r["bytes_per_step"] / (
+            rec["ceilings"]["hbm_tb_s"] * 1e12)), r
+        assert ("projected_tokens_per_s" in r) == (depth > 0), r
+    assert rows[("xla", 1, 1)]["bytes_per_step"] > rows[("xla", 0, 1)]["bytes_per_step"]  # drafts + verify rows
+
+
 def test_bench_persistent_smoke(tmp_path):
     """Each variant runs in its own subprocess (GPU interpret mode here). `dense`: the layer-0 cache rows (no
     attention upstream) equal the XLA step's. `full` (tiny is float32): logits, hidden state and cache rows equal

@@ -30,9 +30,9 @@ q 64 KB + q_pe 8 KB, one ring stage of 64 rows (C + R) bf16 = 72 KB, index + val
 output staging [2, 64, 32] f32 = 16 KB: ~161 KB. On the GPU these share one
 `plgpu.RefUnion` ("t_alias", see `add_scratch`) with the tile bodies' big rings t_w0, t_w1 (weights, 8 slots of 8 KB
 each), t_op and t_uvx (UV's split partials and merged o; these start past t_w0, which UV streams through while it
-reads t_uvx), t_part (MOE_COMBINE's partials), and with INDEX_TOPK's candidate ring, so ATTN adds no SMEM beyond its barriers. That aliasing
-is safe because every body drains its SMEM (TMA loads waited, wgmmas retired, TMA stores waited) before it returns
-and tasks of one CTA run one after the
+reads t_uvx), t_part (MOE_COMBINE's partials), and with INDEX_TOPK's candidate ring, so ATTN adds no SMEM beyond
+its barriers. That aliasing is safe because every body drains its SMEM (TMA loads waited, wgmmas retired, TMA
+stores waited) before it returns and tasks of one CTA run one after the
 other; a future cross-task prefetch that fills t_w0 / t_w1 while an ATTN task runs must exclude them from the
 union. A second ring stage (overlapping the next block's row gathers with this block's wgmmas) is taken when it
 fits `SMEM_BUDGET` -- not at glm5_slice, where the body issues a block's 576 row TMAs, waits, then computes.

@@ -872,8 +872,9 @@ MIN_SLOTS = 4  # the shallowest weight ring `fit_tiles` takes
 
 def fit_tiles(plan: KernelPlan, tiles: tl.TileConfig) -> tl.TileConfig:
     """`tiles` with the deepest weight ring, from tiles.slots down to MIN_SLOTS in steps of 2, whose SMEM fits with
-    the plan's (`smem_bytes` + `_MOSAIC_SMEM`): glm5_slice takes 8 slots at T = 1 and T = 4. A ring no shallower than MIN_SLOTS is returned even where nothing fits, and `tiles`
-    as given for a plan without GPU scratch (a config for interpret mode: lowering it says why)."""
+    the plan's (`smem_bytes` + `_MOSAIC_SMEM`): glm5_slice takes 8 slots at T = 1 and T = 4. A ring no shallower
+    than MIN_SLOTS is returned even where nothing fits, and `tiles` as given for a plan without GPU scratch (a
+    config for interpret mode: lowering it says why)."""
     depths = [tiles.slots] + [d for d in range(tiles.slots - 2, MIN_SLOTS - 1, -2)]
     for d in depths:
         cand = dataclasses.replace(tiles, slots=d)

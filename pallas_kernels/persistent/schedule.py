@@ -418,7 +418,6 @@ def _assign_list(nbytes: np.ndarray, op_of: np.ndarray, deps: list, opt: Schedul
     total = [0] * opt.num_sms
     busy = [(0.0, s) for s in range(opt.num_sms)]  # (free at, SM)
     idle: list = []  # (bytes so far, SM, free at): SMs free by an earlier task's ready time
-    us_per_byte = 1.0 / (opt.sm_gb_s * 1e3)
     for i, (w, op) in enumerate(zip(nbytes.tolist(), op_of.tolist())):
         ready = max((finish[d] for d in deps[op]), default=0.0)
         while busy and busy[0][0] <= ready:
@@ -428,7 +427,7 @@ def _assign_list(nbytes: np.ndarray, op_of: np.ndarray, deps: list, opt: Schedul
             _, s, t = heapq.heappop(idle)
         else:
             t, s = heapq.heappop(busy)
-        end = max(t, ready) + opt.task_us + w * us_per_byte
+        end = max(t, ready) + _task_us(w, opt)
         finish[op] = max(finish[op], end)
         lists[s].append(i)
         total[s] += w
@@ -436,17 +435,22 @@ def _assign_list(nbytes: np.ndarray, op_of: np.ndarray, deps: list, opt: Schedul
     return lists
 
 
-def _model_us(nbytes: np.ndarray, op_of: np.ndarray, deps: list, lists: list[list[int]], opt: ScheduleOptions) -> float:
+def _task_us(nbytes: int, opt: ScheduleOptions) -> float:
+    """A task's time in the list assignment's cost model."""
+    return opt.task_us + nbytes / (opt.sm_gb_s * 1e3)
+
+
+def _model_us(nbytes: np.ndarray, op_of: np.ndarray, deps: list, lists: list[list[int]],
+              opt: ScheduleOptions) -> float:
     """The makespan (us) of per-SM task lists under the list assignment's cost model (each SM runs its list in
     order; a task starts when its SM is free and its op's dependencies are finished)."""
     sm_of = np.empty(len(nbytes), np.int64)
     for s, lst in enumerate(lists):
         sm_of[lst] = s
     free, finish = np.zeros(len(lists)), np.zeros(len(deps))
-    us_per_byte = 1.0 / (opt.sm_gb_s * 1e3)
     for i, (w, op, s) in enumerate(zip(nbytes.tolist(), op_of.tolist(), sm_of.tolist())):  # a topological order
         ready = max((finish[d] for d in deps[op]), default=0.0)
-        free[s] = max(free[s], ready) + opt.task_us + w * us_per_byte
+        free[s] = max(free[s], ready) + _task_us(w, opt)
         finish[op] = max(finish[op], free[s])
     return float(finish.max())
 
@@ -550,7 +554,7 @@ def schedule_stats(s: Schedule) -> dict:
         "waits": int(sum(c.waiters for c in s.counters)),
         "waiters_max": int(max(c.waiters for c in s.counters)),
         "critical_path_hops": int(max(levels)),
-        "model_us": s.meta.get("model_us"),  # the assignment's cost model's makespan (`_assign`)
+        "model_us": s.meta.get("model_us"),  # the cost model's makespan of the lists (`_model_us`)
         "hops_per_layer_max": int(max(hi - lo + 1 for lo, hi in layer_hops.values())) if layer_hops else 0,
         "scratch_bytes": int(sum(b.nbytes for b in s.buffers if b.kind in (Kind.SCRATCH, Kind.OUTPUT))),
         "record_bytes": int(s.sm_tasks.size * RECORD_WIDTH * 4),

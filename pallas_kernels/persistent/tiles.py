@@ -5,9 +5,10 @@ scalar loops), MOE_COMBINE and EMBED on SMEM tiles; ROUTER_SELECT as scalar SMEM
 The weight bytes of a decode step are GEMV-shaped (o_proj and the experts are ~85% of them), so these bodies
 are the ones that must stream at the HBM ceiling. Each task streams its [TK x TN] weight tiles through a ring of
 `TileConfig.slots` SMEM slots (`plgpu.copy_gmem_to_smem`; the bulk streams fill `TileConfig.step_tiles`
-consecutive slots per ring step under one barrier, and a step is refilled once the wgmmas that read it retired) and multiplies them with the swap-AB wgmma of `pallas_kernels.gemv` (the weight's
-columns in the wgmma M slot, the T <= 8 tokens in N; see gemv.py's docstring): acc [TN, TP] += W_tile^T @
-x_tile^T, both operands straight from swizzled SMEM. The tile functions are gemv.py's (`mma_bf16_tile`,
+consecutive slots per ring step under one barrier, and a step is refilled once the wgmmas that read it retired)
+and multiplies them with the swap-AB wgmma of `pallas_kernels.gemv` (the weight's columns in the wgmma M slot,
+the T <= 8 tokens in N; see gemv.py's docstring): acc [TN, TP] += W_tile^T @ x_tile^T, both operands straight from
+swizzled SMEM. The tile functions are gemv.py's (`mma_bf16_tile`,
 `col_scale`, `store_acc_t`, `swizzle_transforms`). The fused RMSNorm computes 1/rms per token in a prologue
 (overlapping the first weight loads) and normalises each x tile in place, rounding where `ref.rmsnorm` does
 (`Tiles.norm_x`; gemv.py's diag(r) epilogue flips bf16 router near-ties against the XLA backend).
@@ -41,9 +42,9 @@ from pallas_kernels import _compat
 from pallas_kernels.gemv import TP, col_scale, mma_bf16_tile, store_acc_t, swizzle_transforms
 
 ARRIVALS = (1, 2, 3, 4)  # TMA copies per k-tile: weight (+ x) (+ norm weight) (+ second weight)
-UV_DEPTH = 2  # UV's ring depth: its split partials (t_op, splits x 2 KB per slot) would otherwise cap the weight
-# rings' depth through SMEM, and UV streams few bytes
-UV_BYTES = 64 * 1024  # t_op's SMEM cap: a single slot where two would pass it (32 attention splits)
+UV_DEPTH = 2  # the depth of UV's ring of split partials (t_op, splits x TP x TK f32 per slot), which it merges
+# once per head before streaming W_uv ...
+UV_BYTES = 64 * 1024  # ... within this SMEM: a single slot where two would pass it (32 attention splits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,22 +172,22 @@ class Tiles:
     # -- streaming ------------------------------------------------------------------------------------------
 
     def stream(self, ktiles: int, n_acc: int, arrivals: int, issue, compute, prologue=None, issue_w=None,
-               wait=None, depth: int | None = None, group: int = 1, prepare=None):
+               wait=None, group: int = 1, prepare=None):
         """Streams a task's `ktiles` weight k-tiles through the ring and returns the f32 accumulators [TN, TP].
 
         issue(k0, slot, barrier): start k-tile k0's TMA copies into ring slot `slot` (`arrivals` of them in all,
-        counting issue_w's); compute(slot, accs, kt): the wgmmas of k-tile kt (in `slot`). prologue(): work that overlaps the first
-        loads. Weight prefetch: with `wait` (the task's dependency wait) and `issue_w` (the k-tile's weight copies,
-        which depend on no other task), the first ring steps' weight tiles are issued *before* the wait, so the
-        weight stream runs while the producers of this task's activations finish; `issue` then copies only the
-        activations. depth: ring slots to use (default: all `TileConfig.slots`). group: k-tiles per ring step
-        (`step_group`): a step's tiles fill consecutive slots and share one barrier (of group x arrivals);
-        prepare(*slots): work on all of a landed step's slots before their computes (the fused RMSNorm's `norm_x`).
+        counting issue_w's); compute(slot, accs, kt): the wgmmas of k-tile kt (in `slot`). prologue(): work that
+        overlaps the first loads. Weight prefetch: with `wait` (the task's dependency wait) and `issue_w` (the
+        k-tile's weight copies, which depend on no other task), the first ring steps' weight tiles are issued
+        *before* the wait, so the weight stream runs while the producers of this task's activations finish; `issue`
+        then copies only the activations. group: k-tiles per ring step (`step_group`): a step's tiles fill
+        consecutive slots and share one barrier (of group x arrivals); prepare(*slots): work on all of a landed
+        step's slots before their computes (the fused RMSNorm's `norm_x`).
         """
-        slots = self.cfg.slots if depth is None else min(depth, self.cfg.slots)
+        slots = self.cfg.slots
         if ktiles % group or slots < group:
             raise ValueError(f"stream: {ktiles=} k-tiles do not split into steps of {group} in {slots} slots")
-        steps, depth = ktiles // group, slots // group
+        steps, depth = ktiles // group, slots // group  # depth: the ring's steps
         bars = self.s[f"t_bar{arrivals * group}"]
 
         def fill(step, ring_step, copy):  # the TMAs of `step`'s k-tiles into ring step `ring_step`'s slots
@@ -508,6 +509,16 @@ def _expert(tiles, r, slot_ref, idx, slot):
     return jnp.maximum(e, 0), (e >= 0).astype(jnp.float32)
 
 
+def _unless_unchosen(routed: bool, tokens: int, present, run, zero):
+    """run(), except for a routed slot that no token chose (present == 0), possible only with T > 1 (U = min(E, T k)
+    slots for fewer distinct experts; at T = 1 all k are chosen): zero() instead, streaming no weights."""
+    if routed and tokens > 1:
+        pl.when(present > 0)(run)
+        pl.when(present == 0)(zero)
+    else:
+        run()
+
+
 def swiglu_up_body(r, key, consts):
     """SWIGLU_UP (gate and up tiles of one x stream, fused RMSNorm, routed or dense) or None. With T > 1 a routed
     slot that no token chose (U = min(E, T k) slots, fewer distinct experts) streams no weights and writes its
@@ -562,11 +573,8 @@ def swiglu_up_body(r, key, consts):
                                 prepare=tiles.norm_x)
             y = _silu(g) * u
             tiles.store(y * present if routed else y, dst(), tokens, n)
-        if routed and tokens > 1:  # (T = 1: all k slots are chosen)
-            pl.when(present > 0)(run)
-            pl.when(present == 0)(lambda: tiles.store_zeros(dst(), tokens, n))
-        else:
-            run()
+        _unless_unchosen(routed, tokens, present if routed else None, run,
+                         lambda: tiles.store_zeros(dst(), tokens, n))
     return fn
 
 
@@ -607,6 +615,9 @@ def swiglu_down_body(r, key, consts):
         def compute(sl, accs, _kt):
             tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
 
+        def part_dst():
+            return out_ref.at[t.out(0), out_slot, pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
+
         def run():
             (y,) = tiles.stream(k // tiles.tk, 1, 2, issue, compute, None, issue_w, None if routed else t.wait,
                                 group=tiles.step_group(k // tiles.tk))
@@ -624,14 +635,8 @@ def swiglu_down_body(r, key, consts):
                 res = res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, tiles.tn)]
                 tiles.store(y, out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)], tokens, n,
                             residual=res)
-
-        def part_dst():
-            return out_ref.at[t.out(0), out_slot, pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
-        if routed and tokens > 1:  # (T = 1: all k slots are chosen)
-            pl.when(present > 0)(run)
-            pl.when(present == 0)(lambda: tiles.store_zeros(part_dst(), tokens, n))
-        else:
-            run()
+        _unless_unchosen(routed, tokens, present if routed else None, run,
+                         lambda: tiles.store_zeros(part_dst(), tokens, n))
     return fn
 
 

@@ -87,25 +87,29 @@ def _check_selection(plan, outs):
             np.testing.assert_array_equal(np.sort(idx[t, :n]), want, err_msg=f"{layer} token {t}")
 
 
-# (dtype, T, seed, context, index_chunks, tile): tile 16 with 8 chunks -> chunks of <= 8 rows (every row a
-# candidate); tile 8 with 4 chunks at context 72 -> chunks of 24 rows > K = 16 (radix select + compaction) and a
-# 1-3 row last chunk (every row a candidate); context 9 < index_topk: chunks past the visible rows are empty, most
-# slots invalid; tile 8 with 8 chunks at context 20 -> chunks of 8 rows < K = 16: INDEX_TOPK streams 1 of each
-# chunk's 2 TN-rows; tile 8 with 8 chunks at context 72 -> 2 ring slots of candidates, resident in INDEX_TOPK's
-# ring for every radix pass (ring None: CAND_SLOTS) or streamed again per pass through a 1-slot ring. (INDEX_TOPK's
-# body needs chunks * K / tile to be a multiple of 8 ring rows.) bits: INDEX_TOPK's key bits per radix pass
-# (TileConfig.topk_bits; 1 = a binary search, exercised by the ties test: every pass is a sequential scan of the
-# candidates in interpret mode, so the T = 3 cases take the fewer passes of 2 and 4 bits).
-CASES = [("bfloat16", 3, 22, 40, 8, 16, None, 4), ("float32", 3, 23, 72, 4, 8, None, 2),
-         ("float32", 1, 25, 9, 8, 16, None, 4), ("float32", 1, 26, 20, 8, 8, None, 2),
-         ("float32", 1, 27, 72, 8, 8, None, 4), ("bfloat16", 3, 28, 72, 8, 8, 1, 4)]
+# (dtype, T, seed, context, index_chunks, tile, ring, bits, regs): tile 16 with 8 chunks -> chunks of <= 8 rows
+# (every row a candidate); tile 8 with 4 chunks at context 72 -> chunks of 24 rows > K = 16 (radix select +
+# compaction) and a 1-3 row last chunk (every row a candidate); context 9 < index_topk: chunks past the visible rows
+# are empty, most slots invalid; tile 8 with 8 chunks at context 20 -> chunks of 8 rows < K = 16: INDEX_TOPK streams
+# 1 of each chunk's 2 TN-rows; tile 8 with 8 chunks at context 72 -> 2 ring slots of candidates: counted from
+# registers (regs None: REG_SLOTS), resident in INDEX_TOPK's ring and loaded per pass (regs 1), or streamed again per
+# pass through a 1-slot ring (ring 1). (INDEX_TOPK's body needs chunks * K / tile to be a multiple of 8 ring rows.)
+# bits: INDEX_TOPK's key bits per radix pass (TileConfig.topk_bits; 1 = a binary search, exercised by the ties
+# test: every pass is a sequential scan of the candidates in interpret mode, so the T = 3 cases take the fewer
+# passes of 2 and 4 bits).
+CASES = [("bfloat16", 3, 22, 40, 8, 16, None, 4, None), ("float32", 3, 23, 72, 4, 8, None, 2, None),
+         ("float32", 1, 25, 9, 8, 16, None, 4, None), ("float32", 1, 26, 20, 8, 8, None, 2, None),
+         ("float32", 1, 27, 72, 8, 8, None, 4, 1), ("float32", 1, 30, 72, 8, 8, None, 2, None),
+         ("bfloat16", 3, 28, 72, 8, 8, 1, 4, None)]
 
 
-@pytest.mark.parametrize("dtype,t,seed,context,chunks,tile,ring,bits", CASES)
-def test_index_bodies_match_xla_backend_in_interpret_mode(dtype, t, seed, context, chunks, tile, ring, bits,
+@pytest.mark.parametrize("dtype,t,seed,context,chunks,tile,ring,bits,regs", CASES)
+def test_index_bodies_match_xla_backend_in_interpret_mode(dtype, t, seed, context, chunks, tile, ring, bits, regs,
                                                           index_calls, kernel_outputs, monkeypatch):
     if ring is not None:
         monkeypatch.setattr(index_tiles, "CAND_SLOTS", ring)
+    if regs is not None:
+        monkeypatch.setattr(index_tiles, "REG_SLOTS", regs)
     cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
     model, caches, tokens, pos = prefilled(cfg, seed, context, t)
     ok = jnp.ones((1, t), bool)
@@ -154,6 +158,44 @@ def test_index_topk_ties_take_the_lowest_rows(bits, index_calls, kernel_outputs)
         kk = idx.shape[-1]
         np.testing.assert_array_equal(idx[0], np.arange(kk), err_msg=layer)  # the K lowest of 73 visible rows
         assert (valid[0] == 1).all(), layer
+
+
+def _select_eagerly(keys, k, bits):
+    """`_radix_select` over int32 keys [T, n] with an exact jnp count per pass, run eagerly: (lo, need, passes)."""
+    passes = []
+
+    def count_pass(p, cands):
+        passes.append(int(p))
+        return [[jnp.sum(keys[t] >= cand).astype(jnp.int32) for cand in cs] for t, cs in enumerate(cands)]
+    with jax.disable_jit():  # the while loop runs in Python: its passes are counted
+        lo, need = index_tiles._radix_select(k, count_pass, keys.shape[0], jnp.int32(0), bits=bits)
+    return [int(x) for x in lo], [int(x) for x in need], len(passes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_radix_select_is_exact_and_stops_early(bits, seed):
+    """The top K as (keys > lo) + the first `need` keys == lo equals lax.top_k's set (ties to the lower index) for
+    distinct scores, heavy ties, and mostly -inf rows with fewer finite scores than K; with distinct scores the
+    passes stop early (exactly K keys >= the bin's low end) instead of running all 32 / bits."""
+    from pallas_kernels.indexer import _float_key
+    rng = np.random.default_rng(seed)
+    n, k = 300, 37
+    distinct = rng.standard_normal(n).astype(np.float32)
+    ties = np.round(rng.standard_normal(n) * 2).astype(np.float32)  # ~10 distinct values
+    sparse = np.full(n, -np.inf, np.float32)
+    sparse[rng.choice(n, 20, replace=False)] = rng.standard_normal(20)
+    vals = jnp.asarray(np.stack([distinct, ties, sparse]))
+    keys = _float_key(vals)
+    los, needs, _ = _select_eagerly(keys, k, bits)
+    for t in range(vals.shape[0]):
+        kt = np.asarray(keys[t])
+        above, equal = np.flatnonzero(kt > los[t]), np.flatnonzero(kt == los[t])
+        assert 0 <= needs[t] <= len(equal) and len(above) + needs[t] == k
+        got = np.sort(np.concatenate([above, equal[:needs[t]]]))
+        np.testing.assert_array_equal(got, np.sort(np.asarray(jax.lax.top_k(vals[t], k)[1])), err_msg=f"row {t}")
+    *_, n_passes = _select_eagerly(keys[:1], k, bits)
+    assert n_passes < 32 // bits, n_passes
 
 
 @pytest.mark.parametrize("op", INDEX_OPS, ids=lambda op: op.name)

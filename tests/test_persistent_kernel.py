@@ -156,7 +156,7 @@ def test_tile_bodies_lower_for_cuda(op):
     tiles through the SMEM ring + swap-AB wgmma (tiles.py); ABSORB (W_uk tiles K-major, RoPE as an SMEM scalar
     loop); UV (split-KV merge into the x tiles in registers, then W_uv tiles); KV_WRITE (norm on x tiles, RoPE
     loop); IK_WRITE (row LayerNorm, RoPE loop); MOE_COMBINE on [8, 64] SMEM tiles; EMBED as per-token row TMAs;
-    ROUTER_SELECT as scalar SMEM loops; ATTN (attn_tiles.py); INDEX_SCORE / INDEX_TOPK (index_tiles.py): they
+    ROUTER_SELECT as vector reductions; ATTN (attn_tiles.py); INDEX_SCORE / INDEX_TOPK (index_tiles.py): they
     lower for the H200 at glm5_slice (lowering only, jax 0.10.2; jax 0.11.2's stricter layout inference is
     checked on the GPU host by experiments/persistent_lowering.py)."""
     _lower_glm5_slice(frozenset([op]))

@@ -100,16 +100,20 @@ from pallas_kernels import _compat, ref
 from pallas_kernels.gemv import TP
 from pallas_kernels.indexer import _float_key, count_tile, score_rows
 from pallas_kernels.persistent.format import C_INDEX_SCALE, C_INDEX_WSCALE, Op
-from pallas_kernels.persistent.tiles import TaskView, _stack, per_token, rope_row, rows_per_copy
+from pallas_kernels.persistent.tiles import (TaskView, _stack, lane_iota, load_vec, per_token, rope_row, rows_per_copy,
+                                             smem_row)
 
 NEG_INF = float("-inf")
 RADIX_BITS = 4  # `_radix_select`'s default bits per pass (2^4 - 1 thresholds counted per pass, 8 passes); the
 # bodies take TileConfig.topk_bits
 _INT32_MIN = -(2**31)
+_INT32_MAX = 2**31 - 1
 _BIG = 2**30  # "no causal limit"
 _KEY_NEG_INF = -2139095041  # indexer._float_key(-inf): the least key of any score
 _LANES = 128  # t_ixc: at most this many reduced counts per round trip
 GROUP = 8  # ring slots INDEX_TOPK's resident radix passes count per loop step (at most; divides CAND_SLOTS)
+REG_SLOTS = 16  # INDEX_TOPK: up to this many candidate ring slots are counted from registers (4 keys per thread
+# each), loaded once for every radix pass (glm5_slice at 4K context: 12 slots)
 CAND_SLOTS = 32  # INDEX_TOPK's candidate ring t_ixr: [8, TN] f32 slots (64 KB on the GPU; Mosaic's barrier
 # groups hold <= 32 barriers). Up to this many slots the candidates stay resident for every radix pass
 
@@ -196,73 +200,55 @@ def _chunk_rows(pos: list, n_chunks: int, align: int):
     return visible, lax.div(_cdiv(visible, n_chunks) + (align - 1), align) * align
 
 
-def _row_layout(n):
-    return plgpu.Layout.WG_STRIDED((n,), vec_size=1)
-
-
-def _load_row(tiles, ref):
-    """A 1-D SMEM row [n] (n a multiple of 128 on the GPU) as a register vector in one fixed layout."""
-    if tiles.interpret:
-        return ref[...]
-    return plgpu.load(ref, (), layout=_row_layout(ref.shape[0]))
-
-
-def _iota_row(tiles, n):
-    if tiles.interpret:
-        return lax.iota(jnp.int32, n)
-    return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=_row_layout(n))
-
-
-def _smem_row(tiles, vals, ref):
-    """0-d int32 register reductions -> SMEM: vals[j] placed at lane j of one [128] row (vector selects), one
-    full-ref vector store into `ref` ([128] int32 SMEM), readable as scalars ref[j] afterwards (static or dynamic
-    j) until the next store. jax 0.11.2 represents a full reduction as a 0-d vector, which Mosaic GPU cannot use
-    as a scalar (loop carry, trip count, predicate)."""
-    lane = _iota_row(tiles, ref.shape[0])  # [128] int32
-    row = jnp.where(lane == 0, vals[0], 0)
-    for j, v in enumerate(vals[1:], 1):
-        row = jnp.where(lane == j, v, row)
-    plgpu.commit_smem()  # (its warpgroup barrier) earlier scalar reads of `ref` are done before the store ...
-    ref[...] = row
-    plgpu.commit_smem()  # ... and the store is visible to every thread's scalar reads
-
-
 def _smem_scalars(tiles, vals, ref):
-    """`_smem_row`, then the int32 scalars back."""
-    _smem_row(tiles, vals, ref)
+    """`smem_row`, then the int32 scalars back."""
+    smem_row(tiles, vals, ref)
     return [ref[tiles.c(j)] for j in range(len(vals))]
 
 
-def _radix_step(lo, hi_cnt, counts, k: int, shift):
-    """One radix pass of indexer.py's select: counts[j-1] = count(key >= lo + j << shift), j = 1..2^b - 1 ->
-    (new lo, count(key >= new lo + 1 << shift)). counts are non-increasing in j."""
-    m = sum(jnp.where(c >= k, 1, 0) for c in counts)
-    ext = [*counts, hi_cnt]  # ext[j - 1] = count(key >= lo + j << shift), j = 1 .. 2^b
-    new_hi = sum(jnp.where(m + 1 == j, ext[j - 1], 0) for j in range(1, len(ext) + 1))
-    return lo + lax.shift_left(m, shift), new_hi
-
-
 def _radix_select(k: int, count_pass, ntok: int, zero, bits: int = RADIX_BITS):
-    """Exact K-th largest key per token: (lo [T], need [T]) with lo = the K-th largest key and need = how many
-    keys equal to lo belong to the top K (all keys > lo do). count_pass(p, cands) -> totals [T][2^b - 1] of
-    count(key >= cand) over the whole set as int32 scalars (`_smem_scalars`), cands [T][2^b - 1] int32 scalars.
-    bits (b): key bits decided per pass, 32 / b passes of 2^b - 1 counts each (b = 1: a binary search)."""
+    """Exact top-K threshold per token: (lo [T], need [T]) such that the top K keys are all keys > lo and the
+    first `need` keys equal to lo. count_pass(p, cands) -> totals [T][2^b - 1] of count(key >= cand) over the
+    whole set as int32 scalars (`_smem_scalars`), cands [T][2^b - 1] int32 scalars; p = the pass (traced).
+    bits (b): key bits decided per pass (b = 1: a binary search). Each pass keeps the bin [lo, lo + 2^shift)
+    that holds the K-th largest key; once exactly K keys are >= lo (ge == K) the top K are the keys >= lo, and
+    the token is done early with (lo - 1, 0) -- lo > INT32_MIN then, so lo - 1 does not wrap. Else after 32 / b
+    passes lo is the K-th largest key and need = K - count(key > lo). The passes stop when every token is done:
+    with distinct scores after ~log2(#keys) mantissa bits past the exponent's, not 32 / b passes."""
     if bits not in (1, 2, 4, 8):
         raise ValueError(f"radix select: bits per pass must divide 32 and be at most 8, got {bits}")
     n_cand = 2**bits - 1
     passes = 32 // bits
 
-    def one(p, state):
-        los, his = state[:ntok], state[ntok:]
+    def body(state):
+        p, los, his, ges = state[0], state[1:1 + ntok], state[1 + ntok:1 + 2 * ntok], state[1 + 2 * ntok:]
         shift = (32 - bits) - p * bits
         cands = [[lo + lax.shift_left(zero + j, shift) for j in range(1, n_cand + 1)] for lo in los]
         totals = count_pass(p, cands)
-        new = [_radix_step(lo, hi, tot, k, shift) for lo, hi, tot in zip(los, his, totals)]
-        return tuple(n[0] for n in new) + tuple(n[1] for n in new)
+        out = ([], [], [])
+        for lo, hi, ge, counts in zip(los, his, ges, totals):
+            # counts[j - 1] = count(key >= lo + j << shift), non-increasing in j: m = the largest j with >= K
+            m = sum(jnp.where(cnt >= k, 1, 0) for cnt in counts)
+            ext = [ge, *counts, hi]  # ext[j] = count(key >= lo + j << shift), j = 0 .. 2^b
+            done = ge == k
+            new = (lo + lax.shift_left(m, shift), sum(jnp.where(m + 1 == j, ext[j], 0) for j in range(1, n_cand + 2)),
+                   sum(jnp.where(m == j, ext[j], 0) for j in range(n_cand + 1)))
+            for acc, old, nw in zip(out, (lo, hi, ge), new):
+                acc.append(jnp.where(done, old, nw))
+        return (p + 1, *out[0], *out[1], *out[2])
 
-    init = tuple(zero + _INT32_MIN for _ in range(ntok)) + tuple(zero for _ in range(ntok))
-    state = lax.fori_loop(0, passes, one, init)
-    return list(state[:ntok]), [k - h for h in state[ntok:]]
+    def cond(state):
+        live = state[1 + 2 * ntok] != k
+        for ge in state[2 + 2 * ntok:]:
+            live = live | (ge != k)
+        return (state[0] < passes) & live
+
+    # ge starts at -1 (never K): until a pass moves lo off INT32_MIN, count(key >= lo) is not tracked
+    init = (zero, *(zero + _INT32_MIN for _ in range(ntok)), *(zero for _ in range(ntok)), *(zero - 1 for _ in range(ntok)))
+    state = lax.while_loop(cond, body, init)
+    los, his, ges = state[1:1 + ntok], state[1 + ntok:1 + 2 * ntok], state[1 + 2 * ntok:]
+    return ([jnp.where(ge == k, lo - 1, lo) for lo, ge in zip(los, ges)],
+            [jnp.where(ge == k, 0, k - hi) for hi, ge in zip(his, ges)])
 
 
 def topk_reference(vals, idx, part, parts: int):
@@ -460,9 +446,9 @@ def index_score_body(r, key, consts):
         @pl.when(n_rows <= kk)
         def _fast():
             def on_sb(sbi, carry):
-                rows = _iota_row(tiles, sb) + (r0 + sbi * sb)
+                rows = lane_iota(tiles, sb) + (r0 + sbi * sb)
                 for q in range(nt):
-                    v = _load_row(tiles, sc.at[c(q)])
+                    v = load_vec(tiles, sc.at[c(q)])
                     si[c(q), pl.ds(c(0), sb)] = jnp.where(v > NEG_INF, rows, 0)
                 plgpu.commit_smem()
                 write_out(sbi)
@@ -496,7 +482,7 @@ def index_score_body(r, key, consts):
                 # lowers a bitcast of a scalar to a vector, which a scalar loop cannot use.
                 plgpu.commit_smem()  # the previous super-block's scalar reads of t_ixi are done
                 for q in range(nt):
-                    si[c(q), pl.ds(c(0), sb)] = _float_key(_load_row(tiles, sc.at[c(q)]))
+                    si[c(q), pl.ds(c(0), sb)] = _float_key(load_vec(tiles, sc.at[c(q)]))
                 plgpu.commit_smem()
                 out = []
                 for q in range(nt):
@@ -549,6 +535,7 @@ def index_topk_body(r, key, consts):
     rpc_min = -(-kk // (nc * width))  # streamed slots >= K
     rpc_step = TP // math.gcd(nc, TP)  # nc * rpc a whole number of ring slots
     per_step = min(GROUP, nc * row_per_chunk // TP)  # no more than the step can ever have (tiny's CPU tests: 1-2)
+    n_regs = min(REG_SLOTS, stages, nc * row_per_chunk // TP)  # slots whose keys the select can keep in registers
 
     def geometry_now():
         """(TN-rows of each chunk that can hold candidates at this step, rows per chunk when every chunk took
@@ -605,6 +592,10 @@ def index_topk_body(r, key, consts):
                     (TP, width), vec_size=1))
                 return _float_key(x)
 
+            def totals(counts):  # per-thread partial counts -> `cnt` -> int32 scalars
+                with jax.named_scope("reduce"):
+                    smem_row(tiles, [jnp.sum(x) for x in counts], cnt)
+
             def count_pass(p, cands):
                 """The first pass loads the candidates (`stream`, counting each slot as it lands), as does every
                 pass when they do not fit the ring; later passes over a resident ring count GROUP slots per loop
@@ -624,20 +615,59 @@ def index_topk_body(r, key, consts):
                 with jax.named_scope("count"):
                     @pl.when(grouped)
                     def _():
-                        counts = lax.fori_loop(1, _cdiv(n_slot, per_step), lambda gi, cs: tuple(group(gi, list(cs))),
-                                               tuple(group(c(0), None)))
-                        with jax.named_scope("reduce"):
-                            _smem_row(tiles, [jnp.sum(x) for x in counts], cnt)
+                        totals(lax.fori_loop(1, _cdiv(n_slot, per_step), lambda gi, cs: tuple(group(gi, list(cs))),
+                                             tuple(group(c(0), None))))
 
                     @pl.when(~grouped)
                     def _():
-                        counts = stream(on_slot, None, p == 0, peel=True)
-                        with jax.named_scope("reduce"):
-                            _smem_row(tiles, [jnp.sum(x) for x in counts], cnt)
+                        totals(stream(on_slot, None, p == 0, peel=True))
                 return [[cnt[c(j)] for j in range(len(cands[0]))]]
 
-            with jax.named_scope("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
-                (lo,), (need,) = _radix_select(kk, count_pass, 1, c(0), bits=tiles.cfg.topk_bits)
+            def publish(lo, need):  # one select's result -> the last two lanes of `cnt`, read after both selects
+                plgpu.commit_smem()  # every thread has read the last pass's counts
+                cnt[c(_LANES - 2)] = lo
+                cnt[c(_LANES - 1)] = need
+
+            in_regs = n_slot <= n_regs
+
+            @pl.when(in_regs)
+            def _():
+                """Up to REG_SLOTS slots: loaded once, their keys kept in registers for every pass (slots past
+                n_slot read as INT32_MIN, which no threshold counts: thresholds are > INT32_MIN)."""
+                @pl.loop(0, n_slot)
+                def _(g):
+                    issue(g)
+
+                @pl.loop(0, n_slot)
+                def _(g):
+                    plgpu.barrier_wait(bar.at[g])
+                keys = [jnp.minimum(slot_keys(c(g)), jnp.where(g < n_slot, _INT32_MAX, _INT32_MIN))
+                        for g in range(n_regs)]
+
+                def count_regs(_, cands):
+                    with jax.named_scope("count"):
+                        counts = []
+                        for cand in cands[0]:
+                            acc = jnp.where(keys[0] >= cand, 1, 0)
+                            for key in keys[1:]:
+                                acc = acc + jnp.where(key >= cand, 1, 0)
+                            counts.append(acc)
+                        totals(counts)
+                    return [[cnt[c(j)] for j in range(len(cands[0]))]]
+                with jax.named_scope("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
+                    (lo,), (need,) = _radix_select(kk, count_regs, 1, c(0), bits=tiles.cfg.topk_bits)
+                publish(lo, need)
+
+            @pl.when(~in_regs)
+            def _():
+                with jax.named_scope("select"):
+                    (lo,), (need,) = _radix_select(kk, count_pass, 1, c(0), bits=tiles.cfg.topk_bits)
+                publish(lo, need)
+
+            plgpu.commit_smem()
+            # an early exit below -inf's key (every finite key and some -inf ones are the top K) selects the finite
+            # keys, as lo = -inf's key does: the row counts below never count -inf candidates
+            lo, need = jnp.maximum(cnt[c(_LANES - 2)], _KEY_NEG_INF), cnt[c(_LANES - 1)]
 
             r_lo = t.arg(0) * span  # this part's output slots [r_lo, r_lo + span)
             r_hi = r_lo + span
@@ -660,7 +690,7 @@ def index_topk_body(r, key, consts):
                     field = lax.shift_left(jnp.where(kx > lo, 1, 0) + jnp.where(kx == lo, 256, 0),
                                            lax.shift_left(row & 1, 4))
                     word = lax.shift_right_logical(row, 1)
-                    _smem_row(tiles, [jnp.sum(jnp.where(word == w, field, 0)) for w in range(TP // 2)], cnt)
+                    smem_row(tiles, [jnp.sum(jnp.where(word == w, field, 0)) for w in range(TP // 2)], cnt)
 
                 def row_counts(i):  # (keys > lo, keys == lo) in row i of the slot, from `cnt`
                     word = lax.shift_right_logical(cnt[lax.div(i, 2)], lax.rem(i, 2) * 16)

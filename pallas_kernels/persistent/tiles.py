@@ -1,6 +1,6 @@
 """Op bodies of the persistent kernel that lower for Mosaic GPU (DESIGN.md sec. 4): the GEMV family (GEMV,
 SWIGLU_UP, SWIGLU_DOWN, ABSORB, UV) as TMA weight tiles + swap-AB wgmma; KV_WRITE, IK_WRITE (norms, RoPE as SMEM
-scalar loops), MOE_COMBINE and EMBED on SMEM tiles; ROUTER_SELECT as scalar SMEM loops.
+scalar loops), MOE_COMBINE and EMBED on SMEM tiles; ROUTER_SELECT on one register vector of scores per token.
 
 The weight bytes of a decode step are GEMV-shaped (o_proj and the experts are ~85% of them), so these bodies
 are the ones that must stream at the HBM ceiling. Each task streams its [TK x TN] weight tiles through a ring of
@@ -130,11 +130,13 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
     if router is not None:  # ROUTER_SELECT: (E, top_k, n_group, U)
         e, k, g, u = router
         tokens = slot_shapes[1][1]
+        lanes = 128 * math.ceil(max(e, k, g) / 128)  # t_rv: padded score rows; t_rx / t_rf: reductions -> scalars
         out.update(t_rl=plgpu.SMEM((rows_per_copy((tokens, e), 4), tokens, e), jnp.float32),
                    t_rb=plgpu.SMEM((rows_per_copy((e,), 4), e), jnp.float32),
-                   t_rs=plgpu.SMEM((3, e), jnp.float32), t_rid=plgpu.SMEM((TP, k), jnp.int32),
+                   t_rv=plgpu.SMEM((2, lanes), jnp.float32), t_rx=plgpu.SMEM((lanes,), jnp.int32),
+                   t_rf=plgpu.SMEM((lanes,), jnp.float32), t_rid=plgpu.SMEM((TP, k), jnp.int32),
                    t_rw=plgpu.SMEM((TP, k), jnp.float32), t_pres=plgpu.SMEM((e,), jnp.int32),
-                   t_gk=plgpu.SMEM((g,), jnp.float32), t_rsel=plgpu.SMEM((u,), jnp.int32))
+                   t_rsel=plgpu.SMEM((u,), jnp.int32))
     if attn_splits:  # UV: the split-KV partial outputs of a TK slice per ring slot, the merge weights, the merged
         # o [T, C] as C / TK x tiles (latent: C)
         sw32 = () if interpret else swizzle_transforms(jnp.float32)
@@ -409,6 +411,34 @@ def x_view(tiles, x_ref, idx, k0, x_shape):
         return x_ref.at[idx, pl.ds(tiles.c(0), TP), pl.ds(k0, tiles.tk)]
     hd = x_shape[-1]
     return x_ref.at[idx, pl.ds(tiles.c(0), TP), k0 // hd, pl.ds(k0 % hd, tiles.tk)]
+
+
+def load_vec(tiles, ref):
+    """A 1-D SMEM row [n] (n a multiple of 128 on the GPU) as a register vector in one fixed layout."""
+    if tiles.interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WG_STRIDED((ref.shape[0],), vec_size=1))
+
+
+def lane_iota(tiles, n):
+    """int32 [n] 0..n-1 in `load_vec`'s layout."""
+    if tiles.interpret:
+        return lax.iota(jnp.int32, n)
+    return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=plgpu.Layout.WG_STRIDED((n,), vec_size=1))
+
+
+def smem_row(tiles, vals, ref):
+    """0-d register reductions -> SMEM: vals[j] placed at lane j of one [128] row (vector selects), one full-ref
+    vector store into `ref` ([128] SMEM of the vals' dtype), readable as scalars ref[j] afterwards (static or
+    dynamic j) until the next store. jax 0.11.2 represents a full reduction as a 0-d vector, which Mosaic GPU
+    cannot use as a scalar (loop carry, trip count, predicate)."""
+    lane = lane_iota(tiles, ref.shape[0])  # [128] int32
+    row = jnp.where(lane == 0, vals[0], 0)
+    for j, v in enumerate(vals[1:], 1):
+        row = jnp.where(lane == j, v, row)
+    plgpu.commit_smem()  # (its warpgroup barrier) earlier scalar reads of `ref` are done before the store ...
+    ref[...] = row
+    plgpu.commit_smem()  # ... and the store is visible to every thread's scalar reads
 
 
 def unrolled_or_loop(n: int, c, unroll: bool):
@@ -900,31 +930,37 @@ def uv_body(r, key, consts):
 
 
 def router_body(r, key, consts):
-    """ROUTER_SELECT as scalar loops over SMEM (E is small): sigmoid + bias choice, group-limited top-k (ties to the
-    lower index, as `lax.top_k`), normalised weights x ROUTED_SCALE (`simulate._route`), the distinct experts in
-    increasing order into the U slots and coef[u, t]; outputs stored as GMEM scalars. None when it does not fit.
-    The logits and the bias come in by TMA (t_rl / t_rb) and are read as SMEM scalars. A `commit_smem` separates
-    the slot placement loop's conditional scalar stores into t_rsel from the reads after it: without it the H200
-    (jax 0.11.2) read back t_rsel's initial -1s, every slot empty (experiments/probe_router.py reproduces it in
-    a dozen lines; experiments/results/bench_persistent_glm5_slice_s6.json in the whole kernel)."""
+    """ROUTER_SELECT: sigmoid + bias choice, group-limited top-k (ties to the lower index, as `lax.top_k`),
+    normalised weights x ROUTED_SCALE (`simulate._route`), the distinct experts in increasing order into the U
+    slots and coef[u, t]; outputs stored as GMEM scalars. None when it does not fit.
+    Per token the E scores are one register vector (t_rv's rows, E padded to 128 lanes with -inf): each of the
+    top_k picks is two warpgroup reductions (max, then the lowest lane holding it), the group scores (top-2 sums)
+    three per group; only the picks' ids go back to scalars (`smem_row`). (As scalar loops over SMEM, top_k x E
+    dependent steps, it took 25 us per layer on the H200: bench_persistent_glm5_slice_uv_levels.json.)
+    The logits and the bias come in by TMA (t_rl / t_rb) and are copied into t_rv's padded rows as SMEM scalars.
+    A `commit_smem` separates the slot placement loop's conditional scalar stores into t_rsel from the reads after
+    it: without it the H200 (jax 0.11.2) read back t_rsel's initial -1s, every slot empty
+    (experiments/probe_router.py reproduces it in a dozen lines; experiments/results/
+    bench_persistent_glm5_slice_s6.json in the whole kernel)."""
     from pallas_kernels.persistent.format import C_ROUTED_SCALE
     _, (top_k, n_group, topk_group, norm), wstk, islots, oslots = key
     tiles, lg_ref, sel_ref, coef_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0]), _stack(r, oslots[1])
-    if tiles is None or any(a is None for a in (lg_ref, sel_ref, coef_ref)) or "t_rs" not in tiles.s:
+    if tiles is None or any(a is None for a in (lg_ref, sel_ref, coef_ref)) or "t_rv" not in tiles.s:
         return None
     bias = r.weights[wstk[0]]
     tokens, e = lg_ref.shape[1:]
     u = sel_ref.shape[1]
-    if (tiles.s["t_rs"].shape[1] != e or tiles.s["t_rid"].shape[1] != top_k or tiles.s["t_gk"].shape[0] != n_group
-            or bias.dtype != jnp.float32 or lg_ref.dtype != jnp.float32 or tiles.s["t_rl"].shape[1:] != (tokens, e)):
-        return None
     s, c = tiles.s, tiles.c
+    lanes = s["t_rv"].shape[1]
+    if (lanes < e or s["t_rid"].shape[1] != top_k or s["t_rf"].shape[0] < n_group or bias.dtype != jnp.float32
+            or lg_ref.dtype != jnp.float32 or s["t_rl"].shape[1:] != (tokens, e) or s["t_rx"].shape[0] < top_k):
+        return None
     gsize = e // n_group
     scale = float(consts[C_ROUTED_SCALE])
-    neg = jnp.float32(-jnp.inf)
+    neg = float("-inf")
 
     def fn(t: TaskView):
-        rs, gk, pres, lg, bs = s["t_rs"], s["t_gk"], s["t_pres"], s["t_rl"], s["t_rb"]
+        rv, rx, rf, pres, lg, bs = s["t_rv"], s["t_rx"], s["t_rf"], s["t_pres"], s["t_rl"], s["t_rb"]
         rid, rw, rsel = s["t_rid"], s["t_rw"], s["t_rsel"]
         tiles.load_row(lg_ref, t.inp(0), "t_rl")
         tiles.load_row(bias, t.w(0), "t_rb")
@@ -932,49 +968,57 @@ def router_body(r, key, consts):
         @pl.loop(0, e)
         def _(i):
             pres[i] = jnp.int32(0)
+            rv[c(1), i] = bs[c(0), i]
+        lane = lane_iota(tiles, lanes)
+
+        def in_range(x, lo, hi):  # x where lo <= lane < hi, else -inf
+            return jnp.where(lane >= lo, jnp.where(lane < hi, x, neg), neg)
+
+        def first_max(x):  # (max of x, the lowest lane holding it) as 0-d vectors
+            m = jnp.max(x)
+            return m, jnp.min(jnp.where(x == m, lane, lanes))
 
         @per_token(tokens, c)
         def _(ti):
+            plgpu.commit_smem()  # the previous token's scalar reads of t_rv are done
+
             @pl.loop(0, e)
             def _(i):
-                sg = 1.0 / (1.0 + jnp.exp(-lg[c(0), ti, i]))
-                rs[c(0), i] = sg
-                rs[c(1), i] = sg + bs[c(0), i]
-
-            gscores = []
-            for g in range(n_group):  # sum of the group's top-2 choices
-                def top2(i, carry, g=g):
-                    m1, m2 = carry
-                    v = rs[c(1), g * gsize + i]
-                    return jnp.where(v > m1, v, m1), jnp.where(v > m1, m1, jnp.where(v > m2, v, m2))
-                m1, m2 = lax.fori_loop(0, gsize, top2, (neg, neg))
-                gscores.append(m1 + m2)
-            taken = [c(0) > 0] * n_group  # traced: Mosaic lowers no boolean constants
-            for _ in range(topk_group):  # the topk_group best groups, lowest index first on ties
-                best, bidx = neg, c(-1)
+                rv[c(0), i] = lg[c(0), ti, i]
+            plgpu.commit_smem()  # the scalar stores -> the vector loads
+            sg = 1.0 / (1.0 + jnp.exp(-load_vec(tiles, rv.at[c(0)])))
+            choice = in_range(sg + load_vec(tiles, rv.at[c(1)]), 0, e)
+            if topk_group < n_group:  # the topk_group groups of the best top-2 sums, lowest index first on ties
+                gscores = []
                 for g in range(n_group):
-                    better = jnp.logical_and(jnp.logical_not(taken[g]), jnp.logical_or(gscores[g] > best,
-                                                                                      bidx < 0))
-                    best, bidx = jnp.where(better, gscores[g], best), jnp.where(better, c(g), bidx)
-                taken = [jnp.logical_or(taken[g], bidx == g) for g in range(n_group)]
-            for g in range(n_group):
-                gk[c(g)] = jnp.where(taken[g], jnp.float32(1.0), jnp.float32(0.0))
-
-            @pl.loop(0, e)
-            def _(i):
-                rs[c(2), i] = jnp.where(gk[i // gsize] > 0, rs[c(1), i], neg)
-
+                    x = in_range(choice, g * gsize, (g + 1) * gsize)
+                    m1, i1 = first_max(x)
+                    gscores.append(m1 + jnp.max(jnp.where(lane == i1, neg, x)))
+                smem_row(tiles, gscores, rf)
+                gs = [rf[c(g)] for g in range(n_group)]
+                taken = [c(0) > 0] * n_group  # traced: Mosaic lowers no boolean constants
+                for _ in range(topk_group):
+                    best, bidx = jnp.float32(neg), c(-1)
+                    for g in range(n_group):
+                        better = jnp.logical_and(jnp.logical_not(taken[g]),
+                                                 jnp.logical_or(gs[g] > best, bidx < 0))
+                        best, bidx = jnp.where(better, gs[g], best), jnp.where(better, c(g), bidx)
+                    taken = [jnp.logical_or(taken[g], bidx == g) for g in range(n_group)]
+                for g in range(n_group):  # + -inf over the groups not taken (a scalar added to the vector)
+                    dropped = choice + jnp.where(taken[g], jnp.float32(0.0), jnp.float32(neg))
+                    choice = jnp.where(lane >= g * gsize, jnp.where(lane < (g + 1) * gsize, dropped, choice), choice)
+            picks = []
+            for _ in range(top_k):
+                _, i = first_max(choice)
+                picks.append(i)
+                choice = jnp.where(lane == i, neg, choice)
+            rv[c(0), pl.ds(c(0), lanes)] = sg  # (each thread rewrites its own lanes) read back as scalars below
+            smem_row(tiles, picks, rx)
             total = jnp.float32(0.0)
             for j in range(top_k):
-                def amax(i, carry):
-                    bv, bix = carry
-                    v = rs[c(2), i]
-                    better = jnp.logical_or(v > bv, bix < 0)
-                    return jnp.where(better, v, bv), jnp.where(better, i, bix)
-                _, bix = lax.fori_loop(0, e, amax, (neg, c(-1)))
-                rs[c(2), bix] = neg
+                bix = rx[c(j)]
+                wv = rv[c(0), bix]
                 rid[ti, c(j)] = bix
-                wv = rs[c(0), bix]
                 rw[ti, c(j)] = wv
                 total = total + wv
                 pres[bix] = jnp.int32(1)

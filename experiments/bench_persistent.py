@@ -52,7 +52,8 @@ each task -- its SM's previous task or the counter it waited on -- and splits th
 op and per layer), signal trips (`sync_ns`) and table walks (`walk_ns`): which links of the chain to shorten.
 --attn-splits N / --attn-heads H override the attention tasks' split-KV factor and heads per task (default:
 PersistentDecoder's choice, `kernel.gpu_candidates`: 64 heads x 32 splits where the SMEM fits; an unset one takes
-ScheduleOptions' default).
+ScheduleOptions' default). --index-chunks N / --assign override the indexer score tasks per layer and the SM
+assignment on top of the decoder's attention layout.
 """
 from __future__ import annotations
 
@@ -345,7 +346,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
                 slots: int | None = None, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
                 n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None,
-                assign: str | None = None) -> dict:
+                assign: str | None = None, index_chunks: int | None = None) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight; None:
     the decoder's, `kernel.fit_tiles`);
@@ -354,8 +355,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     PersistentDecoder's choice; else the unset one takes ScheduleOptions' default); n_tokens: T, the step's tokens
     at positions context .. context + T - 1 (1 + D: an MTP verification step); topk_bits: INDEX_TOPK's key bits
     per radix pass (TileConfig.topk_bits); step_tiles: weight tiles per ring step of the bulk streams
-    (TileConfig.step_tiles; None: its default); assign: the schedule's SM assignment (ScheduleOptions.assign;
-    None: its default)."""
+    (TileConfig.step_tiles; None: its default); assign, index_chunks: the schedule's SM assignment and indexer
+    score tasks per layer (ScheduleOptions.assign / .index_chunks; None: their defaults)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -387,9 +388,9 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
         raise SystemExit("--profile needs the GPU: Mosaic GPU's on-device profiler does not run in interpret mode")
     from pallas_kernels.persistent.schedule import ScheduleOptions
     given = {k: v for k, v in (("attn_splits", attn_splits), ("attn_heads", attn_heads)) if v is not None}
-    extra = {"assign": assign} if assign else {}
+    extra = {k: v for k, v in (("assign", assign), ("index_chunks", index_chunks)) if v}
     options = ScheduleOptions(**given, **extra) if given or (extra and interpret) else None  # None: the decoder's
-    if extra and options is None:  # the decoder's choice of attention layout, with this assignment
+    if extra and options is None:  # the decoder's choice of attention layout, with these options
         from pallas_kernels.persistent.kernel import gpu_candidates, pick_plan
         picked = pick_plan(cfg, n_tokens, gpu_candidates(**extra), TileConfig(), cache_dir=False)
         options = ScheduleOptions(**picked.schedule.meta["key"]["options"])
@@ -484,6 +485,8 @@ def main(argv=None):
                         "default its default)")
     p.add_argument("--assign", default=None, choices=("list", "levels"),
                    help="the schedule's SM assignment (ScheduleOptions.assign; default its default)")
+    p.add_argument("--index-chunks", type=int, default=None,
+                   help="indexer score tasks per layer (ScheduleOptions.index_chunks; default its default)")
     p.add_argument("--checks", default="tasks,buffers,flips", help="the full variant's simulator checks to run")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
@@ -498,7 +501,8 @@ def main(argv=None):
                                      probe="+" in args.child, profile=args.profile,
                                      attn_splits=args.attn_splits, attn_heads=args.attn_heads,
                                      n_tokens=args.tokens, topk_bits=args.topk_bits,
-                                     step_tiles=args.step_tiles, assign=args.assign)), flush=True)
+                                     step_tiles=args.step_tiles, assign=args.assign,
+                                     index_chunks=args.index_chunks)), flush=True)
         return
     from glm_fast import results
     rows = []
@@ -509,6 +513,7 @@ def main(argv=None):
                "--topk-bits", str(args.topk_bits),
                *(["--step-tiles", str(args.step_tiles)] if args.step_tiles else []),
                *(["--assign", args.assign] if args.assign else []),
+               *(["--index-chunks", str(args.index_chunks)] if args.index_chunks else []),
                "--checks", args.checks, "--child", v,
                *(["--profile"] if args.profile else []),
                *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else []),
@@ -529,7 +534,7 @@ def main(argv=None):
     record = results.result("bench_persistent", {"config": args.config, "context": args.context, "tokens": args.tokens,
                                                  "reps": args.reps, "slots": args.slots,
                                                  "topk_bits": args.topk_bits, "step_tiles": args.step_tiles,
-                                                 "assign": args.assign,
+                                                 "assign": args.assign, "index_chunks": args.index_chunks,
                                                  "profile": args.profile, "attn_splits": args.attn_splits,
                                                  "attn_heads": args.attn_heads},
                              rows)

@@ -379,7 +379,8 @@ def index_score_body(r, key, consts):
         n_sb = _cdiv(n_rows, sb)
 
         layer = t.inp(2)  # member index in the index-key cache group
-        prepare_q(t.inp(0), t.inp(1))
+        with jax.named_scope("q"):  # profiler phases (`persistent_step(profile_dir=...)`)
+            prepare_q(t.inp(0), t.inp(1))
 
         # This step's new rows: scored once, patched over their (stale) cache positions below.
         nslot = c(q_slots)
@@ -436,14 +437,16 @@ def index_score_body(r, key, consts):
                 return lax.fori_loop(1, n_sb, step, carry)
             return lax.fori_loop(0, n_sb, step, carry)
 
-        def write_out(sbi, both=True):
+        def write_out(sbi, wait=True):
             cols = pl.ds(sbi * sb, sb)
             for q in range(nt):
                 plgpu.copy_smem_to_gmem(sc.at[pl.ds(c(q), 1)], val_ref.at[oi_v, chunk, pl.ds(c(q), 1), cols])
                 plgpu.copy_smem_to_gmem(si.at[pl.ds(c(q), 1)], idx_ref.at[oi_i, chunk, pl.ds(c(q), 1), cols])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # t_ixs / t_ixi are rewritten next
+            if wait:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # t_ixs / t_ixi are rewritten next
 
         @pl.when(n_rows <= kk)
+        @jax.named_scope("fast")
         def _fast():
             def on_sb(sbi, carry):
                 rows = lane_iota(tiles, sb) + (r0 + sbi * sb)
@@ -461,8 +464,8 @@ def index_score_body(r, key, consts):
             plgpu.commit_smem()
 
             @pl.loop(n_sb, kk // sb)
-            def _(sbi):
-                write_out(sbi)
+            def _(sbi):  # the same padding rows every time: no wait between the stores (one at the end)
+                write_out(sbi, wait=False)
 
         @pl.when(n_rows > kk)
         def _slow():

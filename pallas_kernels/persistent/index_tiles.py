@@ -4,7 +4,8 @@ INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) --
   1. q: each token's N indexer heads (iq [T, N*H]) are staged 8 heads at a time into SMEM (row TMAs into both
      `t_ixq` and `t_ixqo` [8, H]; the head weights likewise into `t_ixhw`: activations that another CTA stored
      by TMA are read through TMA and SMEM, never as GMEM loads), RoPE'd on their first R dims from t_ixq into
-     t_ixqo (`tiles.rope_row`, as `Tiles.rope`: a scalar loop per row, rounding where `apply_rope` does), TMA'd
+     t_ixqo (`tiles.rope_rows`, as `Tiles.rope`: a scalar loop over the pairs of all 8 rows, rounding where
+     `apply_rope` does), TMA'd
      from t_ixqo to the CTA's GMEM staging rows
      (the kernel's per-CTA GMEM scratch, `gmem_shape`) and TMA'd back into the wgmma B operand: the first
      ceil(T*N / TK) slots of the weight rings t_w0 / t_w1 (H/TN = 1 or 2 parts of TN dims; TK rows = TK/N
@@ -100,8 +101,8 @@ from pallas_kernels import _compat, ref
 from pallas_kernels.gemv import TP
 from pallas_kernels.indexer import _float_key, count_tile, score_rows
 from pallas_kernels.persistent.format import C_INDEX_SCALE, C_INDEX_WSCALE, Op
-from pallas_kernels.persistent.tiles import (TaskView, _stack, lane_iota, load_vec, per_token, rope_row, rows_per_copy,
-                                             smem_row)
+from pallas_kernels.persistent.tiles import (TaskView, _stack, lane_iota, load_vec, per_token, rope_rows,
+                                             rows_per_copy, smem_row)
 
 NEG_INF = float("-inf")
 RADIX_BITS = 4  # `_radix_select`'s default bits per pass (2^4 - 1 thresholds counted per pass, 8 passes); the
@@ -244,7 +245,8 @@ def _radix_select(k: int, count_pass, ntok: int, zero, bits: int = RADIX_BITS):
         return (state[0] < passes) & live
 
     # ge starts at -1 (never K): until a pass moves lo off INT32_MIN, count(key >= lo) is not tracked
-    init = (zero, *(zero + _INT32_MIN for _ in range(ntok)), *(zero for _ in range(ntok)), *(zero - 1 for _ in range(ntok)))
+    init = (zero, *(zero + _INT32_MIN for _ in range(ntok)), *(zero for _ in range(ntok)),
+            *(zero - 1 for _ in range(ntok)))
     state = lax.while_loop(cond, body, init)
     los, his, ges = state[1:1 + ntok], state[1 + ntok:1 + 2 * ntok], state[1 + 2 * ntok:]
     return ([jnp.where(ge == k, lo - 1, lo) for lo, ge in zip(los, ges)],
@@ -355,8 +357,7 @@ def index_score_body(r, key, consts):
                     plgpu.copy_gmem_to_smem(src, stg.at[pl.ds(c(i), 1)], bar)
             plgpu.barrier_wait(row_bar)
             plgpu.barrier_wait(out_bar)
-            for i in range(TP):  # out of place, as `Tiles.rope`
-                rope_row(stage, stage_out, c(i), s["t_cos"], s["t_sin"], t, rr, dt)
+            rope_rows(stage, stage_out, [(c(i), t) for i in range(TP)], s["t_cos"], s["t_sin"], rr, dt)
             plgpu.commit_smem()  # generic-proxy stores -> the TMA that reads the stage
             plgpu.copy_smem_to_gmem(stage_out, q_gmem.at[pl.ds(t * heads + g8 * TP, TP)])
         plgpu.wait_smem_to_gmem(0)  # the staging rows are written before the TMA loads below read them

@@ -297,8 +297,7 @@ class Tiles:
         self.load_small(cos_ref.at[pl.ds(c(0), TP)], "t_cos")
         self.load_small(sin_ref.at[pl.ds(c(0), TP)], "t_sin")
         x = s["t_pe"] if x_smem is None else x_smem
-        for tt in range(tokens):
-            rope_row(x, s["t_pe_out"], c(tt), s["t_cos"], s["t_sin"], c(tt), rr, dt)
+        rope_rows(x, s["t_pe_out"], [(c(tt), c(tt)) for tt in range(tokens)], s["t_cos"], s["t_sin"], rr, dt)
         plgpu.commit_smem()
 
     def inv_rms(self, x_row, k: int, tokens: int, eps: float):
@@ -381,20 +380,23 @@ class Tiles:
             plgpu.copy_smem_to_gmem(src.at[pl.ds(c(tt), 1), pl.ds(c(col0), n)], dst.at[pl.ds(c(tt), 1)])
 
 
-def rope_row(src, dst, row, cos, sin, t, rr: int, dt):
-    """dst[row, :rr] = `apply_rope` of src[row, :rr] (SMEM refs; interleaved pairs in, the two halves out) with the
-    cos / sin of row t of the SMEM refs cos / sin [.., rr/2], rounding to dt where the reference's jnp ops do:
-    one dynamic scalar loop over the pairs, out of place (INDEX_SCORE's earlier in-place variant, all pairs
-    unrolled, wrote wrong heads on the H200 with jax 0.11.2; experiments/probe_index.py checks the staged rows)."""
+def rope_rows(src, dst, rows, cos, sin, rr: int, dt):
+    """dst[row, :rr] = `apply_rope` of src[row, :rr] for each (row, t) of `rows` (SMEM refs; interleaved pairs in,
+    the two halves out) with the cos / sin of row t of the SMEM refs cos / sin [.., rr/2], rounding to dt where the
+    reference's jnp ops do: one dynamic scalar loop over the pairs that rotates every row's pair per iteration
+    (independent chains: a loop per row was latency-bound, ~50 cycles per pair), out of place (INDEX_SCORE's
+    earlier in-place variant, all pairs unrolled, wrote wrong heads on the H200 with jax 0.11.2;
+    experiments/probe_index.py checks the staged rows)."""
     def rnd(v):
         return v.astype(dt).astype(jnp.float32)
 
     @pl.loop(0, rr // 2)
     def _(j):
-        even, odd = src[row, 2 * j].astype(jnp.float32), src[row, 2 * j + 1].astype(jnp.float32)
-        co, si = cos[t, j].astype(jnp.float32), sin[t, j].astype(jnp.float32)
-        dst[row, j] = (rnd(even * co) - rnd(odd * si)).astype(dt)
-        dst[row, j + rr // 2] = (rnd(odd * co) + rnd(even * si)).astype(dt)
+        for row, t in rows:
+            even, odd = src[row, 2 * j].astype(jnp.float32), src[row, 2 * j + 1].astype(jnp.float32)
+            co, si = cos[t, j].astype(jnp.float32), sin[t, j].astype(jnp.float32)
+            dst[row, j] = (rnd(even * co) - rnd(odd * si)).astype(dt)
+            dst[row, j + rr // 2] = (rnd(odd * co) + rnd(even * si)).astype(dt)
 
 
 # ---- branch bodies ------------------------------------------------------------------------------------------

@@ -254,3 +254,22 @@ def test_glm5_schedule_compiles_fast_and_is_balanced():
     assert st["hops_per_layer_max"] == 12  # DESIGN.md sec. 4: ~12 dependency hops per MoE layer
     assert st["critical_path_hops"] <= 12 * (dense + moe) + 2
     assert st["tasks_by_op"]["ATTN"] == cfg.num_hidden_layers * cfg.num_attention_heads // 8 * 8
+
+
+def test_tasks_with_the_longer_chain_after_them_run_first_on_each_sm():
+    """Within a level the op with the longer dependency chain after it goes first in every SM's list: at
+    glm5_slice each SM runs its indexer q tiles (-> INDEX_SCORE -> INDEX_TOPK -> ATTN) before its q_b tiles
+    (-> ABSORB -> ATTN), and the router's tile before the shared expert's up tiles of the same layer."""
+    s = compile_schedule(load_config("glm5_slice").model, 1, ScheduleOptions(num_sms=132))
+    names = [c.name.rsplit("/", 1)[-1] for c in s.counters]
+    checked = 0
+    for row in s.sm_tasks:
+        ops = [(names[s.records[t, F_SIGNAL]], s.records[t, F_LAYER]) for t in row[row >= 0]]
+        for first, then in (("index_q", "q_b"), ("router", "shared_up")):
+            for layer in {lay for name, lay in ops if name == first}:
+                a = [i for i, o in enumerate(ops) if o == (first, layer)]
+                b = [i for i, o in enumerate(ops) if o == (then, layer)]
+                if a and b:
+                    assert max(a) < min(b), (first, then, layer, ops)
+                    checked += 1
+    assert checked

@@ -110,6 +110,7 @@ class _OpGroup:
     waits: tuple[int, ...] = ()
     level: int = 0
     ancestors: int = 0  # bitmask of every op group this one transitively depends on
+    height: int = 0  # op groups on the longest dependency chain from this one to the end of the step
 
 
 class _Builder:
@@ -306,6 +307,10 @@ def _finish(b: _Builder) -> None:
             g.ancestors |= 1 << d
         g.waits = tuple(d for d in g.deps if not (implied >> d) & 1)
         g.level = 1 + max((b.ops[d].level for d in g.deps), default=-1)
+    for g in reversed(b.ops):
+        g.height += 1
+        for d in g.deps:
+            b.ops[d].height = max(b.ops[d].height, g.height)
 
 
 @dataclasses.dataclass
@@ -354,7 +359,10 @@ def _constants(m: ModelConfig) -> np.ndarray:
 
 
 def _records(b: _Builder) -> tuple[np.ndarray, np.ndarray]:
-    """All tasks' records in (level, -bytes, op, tile) order, renumbered by that order; and op id per task."""
+    """All tasks' records in (level, -height, -bytes, op, tile) order, renumbered by that order; and op id per
+    task. Within a level (no task depends on another) the tasks of the op with the longer chain after it come
+    first, so each SM runs them first: the indexer's q tiles before q_b's (INDEX_SCORE -> INDEX_TOPK -> ATTN
+    waits on them, only ABSORB -> ATTN on q_b), the router's tile before the shared expert's."""
     rows, op_of = [], []
     for oid, g in enumerate(b.ops):
         n = len(g.args)
@@ -376,8 +384,8 @@ def _records(b: _Builder) -> tuple[np.ndarray, np.ndarray]:
         rows.append(rec)
         op_of.append(np.full(n, oid))
     rec, op_of = np.concatenate(rows), np.concatenate(op_of)
-    level = np.array([g.level for g in b.ops])[op_of]
-    order = np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], level))
+    level, height = (np.array([getattr(g, a) for g in b.ops])[op_of] for a in ("level", "height"))
+    order = np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], -height, level))
     rec, op_of = rec[order], op_of[order]
     rec[:, F_ID] = np.arange(len(rec))
     if rec[:, F_BYTES].max() >= 2 ** 31:

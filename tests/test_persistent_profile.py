@@ -52,15 +52,17 @@ def test_bare_wait_counts_as_wait_and_empty_trace_is_zero():
 
 
 def test_nested_phases_are_parts_of_their_top_level_range():
-    """INDEX_TOPK [0, 100) with phases select [5, 60) (a wait [10, 20) inside) and compact [60, 95) (a nested
-    row [70, 80)): parts at any depth, the wait counted as wait only."""
+    """INDEX_TOPK [0, 100) with phases select [5, 60) (a wait [10, 20) inside) and compact [60, 95) (two nested
+    rows [70, 80) and [85, 90)): parts at any depth with their counts, the wait counted as wait only."""
     out = trace_breakdown({"traceEvents": _events(1, 0, [
         ("INDEX_TOPK", "B", 0), ("select", "B", 5), ("wait", "B", 10), ("wait", "E", 20), ("select", "E", 60),
-        ("compact", "B", 60), ("row", "B", 70), ("row", "E", 80), ("compact", "E", 95), ("INDEX_TOPK", "E", 100)])},
+        ("compact", "B", 60), ("row", "B", 70), ("row", "E", 80), ("row", "B", 85), ("row", "E", 90),
+        ("compact", "E", 95), ("INDEX_TOPK", "E", 100)])},
         cycles_per_ms=10.0)
     op = out["ops"]["INDEX_TOPK"]
-    assert op["parts_cycles"] == {"select": 55, "compact": 35, "row": 10} and op["wait_cycles"] == 10
-    assert op["parts_ms"] == {"select": 5.5, "compact": 3.5, "row": 1.0}
+    assert op["parts_cycles"] == {"select": 55, "compact": 35, "row": 15} and op["wait_cycles"] == 10
+    assert op["parts_count"] == {"select": 1, "compact": 1, "row": 2}
+    assert op["parts_ms"] == {"select": 5.5, "compact": 3.5, "row": 1.5}
     assert out["ops"]["INDEX_TOPK"]["exclusive_cycles"] == 90
 
 

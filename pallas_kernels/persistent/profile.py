@@ -27,29 +27,33 @@ WAIT = "wait"  # the dependency wait's range (`kernel._Seam.wait`)
 def _timeline(events: list, key) -> tuple[int, list]:
     """(span, top-level ranges) of one timeline's events in recorded order: span in cycles from its first event to
     its last; each top-level range as (name, cycles, cycles in "wait" ranges: nested in it at any depth, or all of
-    it for a "wait" range, {name: cycles} of its other nested ranges at any depth, e.g. a body's phases)."""
+    it for a "wait" range, {name: cycles} and {name: count} of its other nested ranges at any depth, e.g. a body's
+    phases and how often each ran)."""
     t0 = events[0]["ts"]
-    stack, top = [], []  # stack: [name, start, nested wait cycles, nested other ranges]
+    stack, top = [], []  # stack: [name, start, nested wait cycles, nested other ranges, their counts]
     for e in events:
         t = round((e["ts"] - t0) * 1e3)  # cycles since the first event
         if e["ph"] == "B":
-            stack.append([e["name"], t, 0, {}])
+            stack.append([e["name"], t, 0, {}, {}])
             continue
         if not stack or stack[-1][0] != e["name"]:
             open_ = stack[-1][0] if stack else None
             raise ValueError(f"timeline {key}: end of {e['name']!r} at ts {e['ts']} while {open_!r} is open")
-        name, start, wait, parts = stack.pop()
+        name, start, wait, parts, counts = stack.pop()
         cycles = t - start
         if name == WAIT:
             wait = cycles
         if stack:
-            stack[-1][2] += wait
+            outer = stack[-1]
+            outer[2] += wait
             for n, cy in parts.items():
-                stack[-1][3][n] = stack[-1][3].get(n, 0) + cy
+                outer[3][n] = outer[3].get(n, 0) + cy
+                outer[4][n] = outer[4].get(n, 0) + counts[n]
             if name != WAIT:
-                stack[-1][3][name] = stack[-1][3].get(name, 0) + cycles
+                outer[3][name] = outer[3].get(name, 0) + cycles
+                outer[4][name] = outer[4].get(name, 0) + 1
         else:
-            top.append((name, cycles, wait, parts))
+            top.append((name, cycles, wait, parts, counts))
     if stack:
         raise ValueError(f"timeline {key}: {stack[-1][0]!r} begun and never ended")
     return round((events[-1]["ts"] - t0) * 1e3), top
@@ -62,7 +66,8 @@ def trace_breakdown(trace: dict, cycles_per_ms: float | None = None) -> dict:
       out), largest first: count (ranges), cycles (inclusive), wait_cycles (in "wait" ranges nested inside; of a
       bare "wait": all of it), exclusive_cycles (cycles - wait_cycles), fraction (cycles / span_cycles),
       mean_cycles (per range), parts_cycles ({name: cycles} of the other ranges nested inside at any depth:
-      the phases a body marks with `jax.named_scope`, e.g. INDEX_TOPK's "select" / "compact");
+      the phases a body marks with `jax.named_scope`, e.g. INDEX_TOPK's "select" / "compact"), parts_count (how
+      many of each: per range, e.g. INDEX_TOPK's radix passes);
     span_cycles: the timelines' spans (first event to last) summed; max_span_cycles / median_span_cycles: over
       the timelines (one SM's time);
     outside_cycles: the spans outside every top-level range (the task table's copy and walk, the signals): the
@@ -80,13 +85,15 @@ def trace_breakdown(trace: dict, cycles_per_ms: float | None = None) -> dict:
     for key, events in timelines.items():
         span, top = _timeline(events, key)
         spans.append(span)
-        for name, cycles, wait, parts in top:
-            op = ops.setdefault(name, {"count": 0, "cycles": 0, "wait_cycles": 0, "parts_cycles": {}})
+        for name, cycles, wait, parts, counts in top:
+            op = ops.setdefault(name, {"count": 0, "cycles": 0, "wait_cycles": 0, "parts_cycles": {},
+                                       "parts_count": {}})
             op["count"] += 1
             op["cycles"] += cycles
             op["wait_cycles"] += wait
             for n, cy in parts.items():
                 op["parts_cycles"][n] = op["parts_cycles"].get(n, 0) + cy
+                op["parts_count"][n] = op["parts_count"].get(n, 0) + counts[n]
     total = sum(spans)
     frac = (lambda c: c / total) if total else (lambda c: 0.0)
     for op in ops.values():

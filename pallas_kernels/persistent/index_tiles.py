@@ -29,12 +29,14 @@ INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) --
      the candidates are in ascending row order and -inf values
      carry row 0.
 INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select (but `TileConfig.topk_bits` key bits per
-  pass: 32 / b passes of 2^b - 1 counts) over the nc * K candidate slots, streamed
+  pass: at most 32 / b passes of 2^b - 1 counts; `_radix_select` stops once exactly K keys are >= its bin's low
+  end) over the nc * K candidate slots, streamed
   from GMEM in [8, TN] f32 boxes (one row TMA each, barrier `t_ixcb`) through the candidate ring `t_ixr`
   (CAND_SLOTS slots, one more view of the SMEM union on the GPU). When the step's candidates fit the ring (up to
   256 TN-rows: contexts up to ~16K at glm5_slice) they are loaded once and stay resident for every radix pass and
-  the compaction (the passes after the first count GROUP = 8 ring slots per loop step); else each pass streams them
-  again. Only the first `rpc` TN-rows of each chunk are streamed: a
+  the compaction: up to REG_SLOTS = 16 slots (contexts up to ~8K) the select counts their keys from registers,
+  computed once; past that the passes after the first count GROUP = 8 ring slots per loop step. Else each pass
+  streams them again. Only the first `rpc` TN-rows of each chunk are streamed: a
   chunk holds at most min(chunk size, K) candidates at this step (INDEX_SCORE's run-time geometry, from pos), the
   slots after them are -inf padding, and dropping -inf slots changes neither the K-th largest key nor the
   selection while at least K slots remain (rpc is kept >= K / (nc * TN)); at glm5_slice's 4K context that is 3 of
@@ -82,10 +84,11 @@ spread over the SMs. INDEX_TOPK, while every attention task waits for it, per la
 select 0.12 ms, compaction 0.41 ms: 6,144 streamed candidates, ~130 cycles each; bench_persistent_glm5_slice_phases
 .json); 8 parts, 0.23 ms each (select 0.12, compaction 0.11; ..._topk_parts.json); 16 parts with the resident
 ring, 0.18 ms each (select 0.10, compaction 0.08; ..._topk_resident.json); 2 bits per pass and the per-row
-compaction, 114 us per layer on the critical path (select ~65 us, compaction ~47 us; ..._topk_rows.json). Still
-the longest stage on the step's critical path after the GEMVs (x 4 layers). The select's time is its count loop
-over the ring slots (~2 us per pass plus ~0.5 us per threshold counted; the cross-warp reductions are ~5 us in
-all: the indexer-only probes ..._topk_bits{1,2,4}.json), the compaction's its scalar scan of ~4 rows of 64.
+compaction, 114 us per layer on the critical path (select ~65 us, compaction ~47 us; ..._topk_rows.json). The
+select's time was its count loop over the ring slots (~2 us per pass plus ~0.5 us per threshold counted: the
+indexer-only probes ..._topk_bits{1,2,4}.json); with the keys in registers and the early stop it went from 60 to
+22 us per task (..._regs_router.json), which leaves the compaction (~29 us, 18 of them the scalar scan of the rows
+that meet the part's range) the larger half.
 """
 from __future__ import annotations
 
@@ -714,21 +717,22 @@ def index_topk_body(r, key, consts):
                         sel = take & (v > NEG_INF)
                         mine = sel & (n >= r_lo) & (n < r_hi)
 
-                        # the key row: by arithmetic after the fast path (no dependent GMEM load per selection),
-                        # else cand_idx's
-                        @pl.when(mine & (dense >= 0))
-                        def _():
-                            out_idx[oi, q, n] = ch * dense + off + col
-
-                        @pl.when(mine & (dense < 0))
-                        def _():
-                            out_idx[oi, q, n] = cid_ref[ii, ch, q, off + col]
-
                         @pl.when(mine)
                         def _():
                             out_valid[ov, q, n] = c(1)
+
+                            # the key row: by arithmetic after the fast path (no dependent GMEM load per
+                            # selection), else cand_idx's
+                            @pl.when(dense >= 0)
+                            def _():
+                                out_idx[oi, q, n] = ch * dense + off + col
+
+                            @pl.when(dense < 0)
+                            def _():
+                                out_idx[oi, q, n] = cid_ref[ii, ch, q, off + col]
                         return n + sel.astype(jnp.int32), eq + (take & is_eq).astype(jnp.int32)
-                    lax.fori_loop(0, width, one, carry)
+                    # unrolled: the loads of 8 candidates do not wait for the previous ones' stores
+                    lax.fori_loop(0, width, one, carry, unroll=math.gcd(width, 8))
 
                 def each_row(i, carry):
                     n, eq = carry

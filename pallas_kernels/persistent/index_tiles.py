@@ -1,8 +1,8 @@
 """Tile bodies of the persistent kernel's lightning indexer (DESIGN.md sec. 4, level 3): INDEX_SCORE and INDEX_TOPK.
 
 INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) -- `index_score_body`:
-  1. q: each token's N indexer heads (iq [T, N*H]) are staged 8 heads at a time into SMEM (row TMAs into both
-     `t_ixq` and `t_ixqo` [8, H]; the head weights likewise into `t_ixhw`: activations that another CTA stored
+  1. q: each token's N indexer heads (iq [T, N*H]) are staged up to Q_GROUPS x 8 heads at a time into SMEM (32
+     at glm5_slice: one round; row TMAs into both `t_ixq` and `t_ixqo` [32, H]; the head weights likewise into `t_ixhw`: activations that another CTA stored
      by TMA are read through TMA and SMEM, never as GMEM loads), RoPE'd on their first R dims from t_ixq into
      t_ixqo (`tiles.rope_rows`, as `Tiles.rope`: a scalar loop over the pairs of all 8 rows, rounding where
      `apply_rope` does), TMA'd
@@ -67,8 +67,8 @@ kernel's own candidate values, and with exact ties (duplicate keys, zero q).
 SMEM (glm5_slice: N = 32, H = 128, K = 2048, T = 1 / 4): q and the key ring live in the existing weight rings
 t_w0 / t_w1 (`TileConfig.slots` slots of 64 x 64 bf16 each: q takes ceil(T*N / 64) of them per ring, the keys the
 rest), INDEX_TOPK's candidate ring t_ixr [32, 8, 64] f32 = 64 KB in the SMEM union. The bodies' own buffers:
-t_ixw [ceil(T*N/64)*64] f32, t_ixs / t_ixi [T, 128] f32 / int32, t_ixn [T, 64] f32, t_ixq / t_ixqo [8, H] bf16,
-t_ixc [128] int32, t_ixk [8, 64] int32 (8-12 KB) are one more group of the union, placed past t_w0 / t_w1 (no other
+t_ixw [ceil(T*N/64)*64] f32, t_ixs / t_ixi [T, 128] f32 / int32, t_ixn [T, 64] f32, t_ixq / t_ixqo [32, H] bf16,
+t_ixc [128] int32, t_ixk [8, 64] int32 (20-24 KB) are one more group of the union, placed past t_w0 / t_w1 (no other
 body runs at the same time); only the two barrier arrays are SMEM of their own.
 
 Counts to scalars. The radix passes' totals (and INDEX_TOPK's per-slot counts of keys above / at the K-th) are full
@@ -116,6 +116,8 @@ _BIG = 2**30  # "no causal limit"
 _KEY_NEG_INF = -2139095041  # indexer._float_key(-inf): the least key of any score
 _LANES = 128  # t_ixc: at most this many reduced counts per round trip
 GROUP = 8  # ring slots INDEX_TOPK's resident radix passes count per loop step (at most; divides CAND_SLOTS)
+Q_GROUPS = 4  # INDEX_SCORE stages (and RoPEs) up to this many groups of TP q heads per round: one round at glm5_slice's
+# T = 1 (the rounds' TMA waits and latency-bound RoPE loops were 23 of its 31 us per task, 4 rounds of 8 heads)
 REG_SLOTS = 16  # INDEX_TOPK: up to this many candidate ring slots are counted from registers (4 keys per thread
 # each), loaded once for every radix pass (glm5_slice at 4K context: 12 slots)
 CAND_SLOTS = 32  # INDEX_TOPK's candidate ring t_ixr: [8, TN] f32 slots (64 KB on the GPU; Mosaic's barrier
@@ -156,6 +158,7 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
     """The indexer bodies' own SMEM (see the module docstring); index = `plan_shape`."""
     tokens, heads, sb = index
     qcols = cfg.tile_k * math.ceil(tokens * heads / cfg.tile_k)
+    qrows = TP * math.gcd(heads // TP, Q_GROUPS) if heads % TP == 0 else TP  # (the body rejects heads % TP)
     own = dict(
         t_ixw=plgpu.SMEM((qcols,), jnp.float32),
         t_ixs=plgpu.SMEM((tokens, sb), jnp.float32),
@@ -163,14 +166,14 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
         t_ixn=plgpu.SMEM((tokens, cfg.tile_k), jnp.float32),
         t_ixc=plgpu.SMEM((_LANES,), jnp.int32),  # reduced counts -> scalars (`_smem_scalars`)
         t_ixk=plgpu.SMEM((TP, cfg.tile_n), jnp.int32),  # INDEX_TOPK: one ring slot's keys, read as scalars
-        t_ixq=plgpu.SMEM((TP, index_dim), dtype),  # q staging, 8 heads x H, as read
-        t_ixqo=plgpu.SMEM((TP, index_dim), dtype),  # ... and RoPE'd (then TMA'd to GMEM)
+        t_ixq=plgpu.SMEM((qrows, index_dim), dtype),  # q staging, up to 32 heads x H, as read
+        t_ixqo=plgpu.SMEM((qrows, index_dim), dtype),  # ... and RoPE'd (then TMA'd to GMEM)
         # the head weights iw [T, N], read as scalars (whole 128-byte TMAs: `rows_per_copy` stack rows)
         t_ixhw=plgpu.SMEM((rows_per_copy((tokens, heads), jnp.dtype(dtype).itemsize), tokens, heads), dtype),
     )
     out.update(
         t_ixkb=plgpu.Barrier(num_arrivals=max(1, index_dim // cfg.tile_n), num_barriers=cfg.slots),
-        t_ixcb=plgpu.Barrier(num_arrivals=TP, num_barriers=max(CAND_SLOTS, 2)),  # INDEX_SCORE takes 2
+        t_ixcb=plgpu.Barrier(num_arrivals=TP, num_barriers=max(CAND_SLOTS, 2 * qrows // TP)),  # INDEX_SCORE's q
     )
     ring = dict(t_ixr=plgpu.SMEM((CAND_SLOTS, TP, cfg.tile_n), jnp.float32))  # INDEX_TOPK's candidates
     if "t_alias" in out:
@@ -297,7 +300,9 @@ def index_score_body(r, key, consts):
     sb = s["t_ixs"].shape[1]
     parts = hd // tn if hd % tn == 0 else 0
     tpg = tk // heads if tk % heads == 0 else 0  # tokens per q slot
-    if (parts not in (1, 2) or not tpg or heads % TP or s["t_ixq"].shape != (TP, hd) or rr > hd or rr % 2
+    qrows = s["t_ixq"].shape[0]  # q rows staged (and RoPE'd) per round
+    if (parts not in (1, 2) or not tpg or heads % qrows or qrows % TP or s["t_ixq"].shape[1] != hd or rr > hd
+            or rr % 2
             or s["t_ixs"].shape[0] != nt or kk % sb or sb % tk or s["t_ixw"].shape[0] < tk * math.ceil(nt / tpg)
             or any(a.dtype != dt for a in (iq_ref, cache, new_rows)) or cache.shape[-1] != hd
             or nt * (2**tiles.cfg.topk_bits - 1) > _LANES):
@@ -344,25 +349,25 @@ def index_score_body(r, key, consts):
         tiles.load_small(cos_ref.at[pl.ds(c(0), TP)], "t_cos")
         tiles.load_small(sin_ref.at[pl.ds(c(0), TP)], "t_sin")
         tiles.load_row(iw_ref, wi, "t_ixhw")
-        row_bar, out_bar = s["t_ixcb"].at[c(0)], s["t_ixcb"].at[c(1)]  # TP arrivals: each stage's row copies
+        bars = s["t_ixcb"]  # TP arrivals: barriers 2j / 2j + 1 take group j's row copies into each stage
 
         @pl.loop(0, nt * heads)
         def _(j):
             w_s[j] = s["t_ixhw"][c(0), lax.div(j, heads), lax.rem(j, heads)].astype(jnp.float32) * scale
 
-        @pl.loop(0, nt * (heads // TP))
-        def _(grp):  # 8 heads of one token per group
-            t, g8 = lax.div(grp, heads // TP), lax.rem(grp, heads // TP)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous group's store has read the stage
-            for i in range(TP):  # by TMA, not GMEM loads: iq is another CTA's TMA store; the rows go to both
-                src = iq_ref.at[xi, pl.ds(t, 1), pl.ds((g8 * TP + i) * hd, hd)]  # stages (dims >= R unchanged)
-                for stg, bar in ((stage, row_bar), (stage_out, out_bar)):
-                    plgpu.copy_gmem_to_smem(src, stg.at[pl.ds(c(i), 1)], bar)
-            plgpu.barrier_wait(row_bar)
-            plgpu.barrier_wait(out_bar)
-            rope_rows(stage, stage_out, [(c(i), t) for i in range(TP)], s["t_cos"], s["t_sin"], rr, dt)
+        @pl.loop(0, nt * (heads // qrows))
+        def _(rnd):  # qrows heads of one token per round, in groups of TP rows
+            t, h0 = lax.div(rnd, heads // qrows), lax.rem(rnd, heads // qrows) * qrows
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous round's store has read the stage
+            for i in range(qrows):  # by TMA, not GMEM loads: iq is another CTA's TMA store; the rows go to both
+                src = iq_ref.at[xi, pl.ds(t, 1), pl.ds((h0 + i) * hd, hd)]  # stages (dims >= R unchanged)
+                for k, stg in enumerate((stage, stage_out)):
+                    plgpu.copy_gmem_to_smem(src, stg.at[pl.ds(c(i), 1)], bars.at[c(2 * (i // TP) + k)])
+            for j in range(2 * qrows // TP):
+                plgpu.barrier_wait(bars.at[c(j)])
+            rope_rows(stage, stage_out, [(c(i), t) for i in range(qrows)], s["t_cos"], s["t_sin"], rr, dt)
             plgpu.commit_smem()  # generic-proxy stores -> the TMA that reads the stage
-            plgpu.copy_smem_to_gmem(stage_out, q_gmem.at[pl.ds(t * heads + g8 * TP, TP)])
+            plgpu.copy_smem_to_gmem(stage_out, q_gmem.at[pl.ds(t * heads + h0, qrows)])
         plgpu.wait_smem_to_gmem(0)  # the staging rows are written before the TMA loads below read them
         for g in range(q_slots):
             for p, ring in enumerate(rings):

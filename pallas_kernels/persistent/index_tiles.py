@@ -657,19 +657,15 @@ def index_topk_body(r, key, consts):
                         for g in range(n_regs)]
 
                 def count_regs(_, cands):
-                    """Two thresholds' counts per reduction, as 16-bit fields (a total is <= REG_SLOTS * TP * TN
-                    < 2^16 keys, TN <= 255): the cross-warp reductions were over half of a pass."""
                     with jax.named_scope("count"):
                         counts = []
-                        for j, cand in enumerate(cands[0]):
-                            one = 1 << (16 * (j % 2))
-                            acc = jnp.where(keys[0] >= cand, one, 0)
+                        for cand in cands[0]:
+                            acc = jnp.where(keys[0] >= cand, 1, 0)
                             for key in keys[1:]:
-                                acc = acc + jnp.where(key >= cand, one, 0)
-                            counts.append(acc if j % 2 == 0 else counts.pop() + acc)
+                                acc = acc + jnp.where(key >= cand, 1, 0)
+                            counts.append(acc)
                         totals(counts)
-                    words = [cnt[c(j // 2)] for j in range(len(cands[0]))]
-                    return [[lax.shift_right_logical(w, 16 * (j % 2)) & 0xFFFF for j, w in enumerate(words)]]
+                    return [[cnt[c(j)] for j in range(len(cands[0]))]]
                 with jax.named_scope("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
                     (lo,), (need,) = _radix_select(kk, count_regs, 1, c(0), bits=tiles.cfg.topk_bits)
                 publish(lo, need)

@@ -976,9 +976,12 @@ def router_body(r, key, consts):
         def in_range(x, lo, hi):  # x where lo <= lane < hi, else -inf
             return jnp.where(lane >= lo, jnp.where(lane < hi, x, neg), neg)
 
-        def first_max(x):  # (max of x, the lowest lane holding it) as 0-d vectors
+        def first_max(x):
+            """(max of x, the lowest lane holding it) as 0-d vectors. The lane is clamped to E - 1: with NaN
+            scores (upstream garbage, e.g. a benchmark probe's skipped bodies) no lane equals the max, and the
+            pick indexes SMEM rows below (the scalar loops this replaced picked lane 0 there)."""
             m = jnp.max(x)
-            return m, jnp.min(jnp.where(x == m, lane, lanes))
+            return m, jnp.minimum(jnp.min(jnp.where(x == m, lane, lanes)), e - 1)
 
         @per_token(tokens, c)
         def _(ti):

@@ -2,10 +2,10 @@
 
 INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) -- `index_score_body`:
   1. q: each token's N indexer heads (iq [T, N*H]) are staged up to Q_GROUPS x 8 heads at a time into SMEM (32
-     at glm5_slice: one round; row TMAs into both `t_ixq` and `t_ixqo` [32, H]; the head weights likewise into `t_ixhw`: activations that another CTA stored
-     by TMA are read through TMA and SMEM, never as GMEM loads), RoPE'd on their first R dims from t_ixq into
-     t_ixqo (`tiles.rope_rows`, as `Tiles.rope`: a scalar loop over the pairs of all 8 rows, rounding where
-     `apply_rope` does), TMA'd
+     at glm5_slice: one round; row TMAs into both `t_ixq` and `t_ixqo` [32, H]; the head weights likewise into
+     `t_ixhw`: activations that another CTA stored by TMA are read through TMA and SMEM, never as GMEM loads),
+     RoPE'd on their first R dims from t_ixq into t_ixqo (`tiles.rope_rows`, as `Tiles.rope`: a scalar loop over
+     the pairs of all the round's rows, rounding where `apply_rope` does), TMA'd
      from t_ixqo to the CTA's GMEM staging rows
      (the kernel's per-CTA GMEM scratch, `gmem_shape`) and TMA'd back into the wgmma B operand: the first
      ceil(T*N / TK) slots of the weight rings t_w0 / t_w1 (H/TN = 1 or 2 parts of TN dims; TK rows = TK/N
@@ -117,7 +117,8 @@ _KEY_NEG_INF = -2139095041  # indexer._float_key(-inf): the least key of any sco
 _LANES = 128  # t_ixc: at most this many reduced counts per round trip
 GROUP = 8  # ring slots INDEX_TOPK's resident radix passes count per loop step (at most; divides CAND_SLOTS)
 Q_GROUPS = 4  # INDEX_SCORE stages (and RoPEs) up to this many groups of TP q heads per round: one round at glm5_slice's
-# T = 1 (the rounds' TMA waits and latency-bound RoPE loops were 23 of its 31 us per task, 4 rounds of 8 heads)
+# T = 1. (The q staging takes ~24 us of its ~32 us per task either way, one round or 4 rounds of 8 heads: its scalar
+# RoPE is instruction-bound, `tiles.rope_rows`; bench_persistent_glm5_slice_{priority,q32}.json)
 REG_SLOTS = 16  # INDEX_TOPK: up to this many candidate ring slots are counted from registers (4 keys per thread
 # each), loaded once for every radix pass (glm5_slice at 4K context: 12 slots)
 CAND_SLOTS = 32  # INDEX_TOPK's candidate ring t_ixr: [8, TN] f32 slots (64 KB on the GPU; Mosaic's barrier

@@ -383,10 +383,11 @@ class Tiles:
 def rope_rows(src, dst, rows, cos, sin, rr: int, dt):
     """dst[row, :rr] = `apply_rope` of src[row, :rr] for each (row, t) of `rows` (SMEM refs; interleaved pairs in,
     the two halves out) with the cos / sin of row t of the SMEM refs cos / sin [.., rr/2], rounding to dt where the
-    reference's jnp ops do: one dynamic scalar loop over the pairs that rotates every row's pair per iteration
-    (independent chains: a loop per row was latency-bound, ~50 cycles per pair), out of place (INDEX_SCORE's
-    earlier in-place variant, all pairs unrolled, wrote wrong heads on the H200 with jax 0.11.2;
-    experiments/probe_index.py checks the staged rows)."""
+    reference's jnp ops do: one dynamic scalar loop over the pairs that rotates every row's pair per iteration,
+    out of place (INDEX_SCORE's earlier in-place variant, all pairs unrolled, wrote wrong heads on the H200 with
+    jax 0.11.2; experiments/probe_index.py checks the staged rows). Scalar code runs on every thread of the
+    warpgroup: ~30 instructions per pair, so INDEX_SCORE's 32 heads x 32 pairs take ~24 us on the H200 whether
+    the rows run one loop each or together (bench_persistent_glm5_slice_{priority,q32}.json)."""
     def rnd(v):
         return v.astype(dt).astype(jnp.float32)
 

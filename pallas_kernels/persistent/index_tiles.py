@@ -605,6 +605,11 @@ def index_topk_body(r, key, consts):
                     (TP, width), vec_size=1))
                 return _float_key(x)
 
+            def tally(counts, key, cands, live=1):
+                """counts (None: none yet) + per-thread counts of key >= each threshold (times `live`)."""
+                new = [jnp.where(key >= cand, live, 0) for cand in cands]
+                return new if counts is None else [a + b for a, b in zip(counts, new)]
+
             def totals(counts):  # per-thread partial counts -> `cnt` -> int32 scalars
                 with jax.named_scope("reduce"):
                     smem_row(tiles, [jnp.sum(x) for x in counts], cnt)
@@ -619,9 +624,8 @@ def index_topk_body(r, key, consts):
                 def group(gi, counts):
                     for j in range(per_step):
                         g = gi * per_step + j  # past n_slot: slot n_slot - 1 again, not counted
-                        key, live = slot_keys(jnp.minimum(g, n_slot - 1)), (g < n_slot).astype(jnp.int32)
-                        new = [jnp.where(key >= cand, live, 0) for cand in cands[0]]
-                        counts = new if counts is None else [a + b for a, b in zip(counts, new)]
+                        counts = tally(counts, slot_keys(jnp.minimum(g, n_slot - 1)), cands[0],
+                                       (g < n_slot).astype(jnp.int32))
                     return counts
 
                 grouped = (p > 0) & (n_slot <= stages)
@@ -636,7 +640,9 @@ def index_topk_body(r, key, consts):
                         totals(stream(on_slot, None, p == 0, peel=True))
                 return [[cnt[c(j)] for j in range(len(cands[0]))]]
 
-            def publish(lo, need):  # one select's result -> the last two lanes of `cnt`, read after both selects
+            def select(count):  # the radix select -> the last two lanes of `cnt`, read after either select
+                with jax.named_scope("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
+                    (lo,), (need,) = _radix_select(kk, count, 1, c(0), bits=tiles.cfg.topk_bits)
                 plgpu.commit_smem()  # every thread has read the last pass's counts
                 cnt[c(_LANES - 2)] = lo
                 cnt[c(_LANES - 1)] = need
@@ -659,23 +665,14 @@ def index_topk_body(r, key, consts):
 
                 def count_regs(_, cands):
                     with jax.named_scope("count"):
-                        counts = []
-                        for cand in cands[0]:
-                            acc = jnp.where(keys[0] >= cand, 1, 0)
-                            for key in keys[1:]:
-                                acc = acc + jnp.where(key >= cand, 1, 0)
-                            counts.append(acc)
+                        counts = None
+                        for key in keys:
+                            counts = tally(counts, key, cands[0])
                         totals(counts)
                     return [[cnt[c(j)] for j in range(len(cands[0]))]]
-                with jax.named_scope("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
-                    (lo,), (need,) = _radix_select(kk, count_regs, 1, c(0), bits=tiles.cfg.topk_bits)
-                publish(lo, need)
+                select(count_regs)
 
-            @pl.when(~in_regs)
-            def _():
-                with jax.named_scope("select"):
-                    (lo,), (need,) = _radix_select(kk, count_pass, 1, c(0), bits=tiles.cfg.topk_bits)
-                publish(lo, need)
+            pl.when(~in_regs)(lambda: select(count_pass))
 
             plgpu.commit_smem()
             # an early exit below -inf's key (every finite key and some -inf ones are the top K) selects the finite

@@ -386,8 +386,8 @@ def rope_rows(src, dst, rows, cos, sin, rr: int, dt):
     reference's jnp ops do: one dynamic scalar loop over the pairs that rotates every row's pair per iteration,
     out of place (INDEX_SCORE's earlier in-place variant, all pairs unrolled, wrote wrong heads on the H200 with
     jax 0.11.2; experiments/probe_index.py checks the staged rows). Scalar code runs on every thread of the
-    warpgroup: ~30 instructions per pair, so INDEX_SCORE's 32 heads x 32 pairs take ~24 us on the H200 whether
-    the rows run one loop each or together (bench_persistent_glm5_slice_{priority,q32}.json)."""
+    warpgroup: INDEX_SCORE's q staging (32 heads x 32 pairs) takes ~24 us on the H200 whether the rows run one
+    loop each or together (bench_persistent_glm5_slice_{priority,q32}.json), which reads as instruction-bound."""
     def rnd(v):
         return v.astype(dt).astype(jnp.float32)
 
@@ -974,8 +974,8 @@ def router_body(r, key, consts):
             rv[c(1), i] = bs[c(0), i]
         lane = lane_iota(tiles, lanes)
 
-        def in_range(x, lo, hi):  # x where lo <= lane < hi, else -inf
-            return jnp.where(lane >= lo, jnp.where(lane < hi, x, neg), neg)
+        def in_range(x, lo, hi, other=neg):  # x where lo <= lane < hi, else `other`
+            return jnp.where(lane >= lo, jnp.where(lane < hi, x, other), other)
 
         def first_max(x):
             """(max of x, the lowest lane holding it) as 0-d vectors. The lane is clamped to E - 1: with NaN
@@ -1012,7 +1012,7 @@ def router_body(r, key, consts):
                     taken = [jnp.logical_or(taken[g], bidx == g) for g in range(n_group)]
                 for g in range(n_group):  # + -inf over the groups not taken (a scalar added to the vector)
                     dropped = choice + jnp.where(taken[g], jnp.float32(0.0), jnp.float32(neg))
-                    choice = jnp.where(lane >= g * gsize, jnp.where(lane < (g + 1) * gsize, dropped, choice), choice)
+                    choice = in_range(dropped, g * gsize, (g + 1) * gsize, choice)
             picks = []
             for _ in range(top_k):
                 _, i = first_max(choice)

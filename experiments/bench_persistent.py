@@ -346,7 +346,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
                 slots: int | None = None, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
                 n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None,
-                assign: str | None = None, index_chunks: int | None = None) -> dict:
+                assign: str | None = None, index_chunks: int | None = None, lowering: str = "default") -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight; None:
     the decoder's, `kernel.fit_tiles`);
@@ -356,7 +356,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     at positions context .. context + T - 1 (1 + D: an MTP verification step); topk_bits: INDEX_TOPK's key bits
     per radix pass (TileConfig.topk_bits); step_tiles: weight tiles per ring step of the bulk streams
     (TileConfig.step_tiles; None: its default); assign, index_chunks: the schedule's SM assignment and indexer
-    score tasks per layer (ScheduleOptions.assign / .index_chunks; None: their defaults)."""
+    score tasks per layer (ScheduleOptions.assign / .index_chunks; None: their defaults); lowering: Mosaic GPU's
+    lowering semantics ("default": `kernel.default_lowering(T)`; "jax": jax's default; "lane"; "warpgroup")."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -409,7 +410,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     profile_dir = tempfile.mkdtemp(prefix="persistent_profile_") if profile else None
     step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
                                                 ops=op_set, sync=sync, tiles=tiles, buffers=full or probe,
-                                                profile_dir=profile_dir))
+                                                profile_dir=profile_dir,
+                                                lowering=None if lowering == "jax" else lowering))
     t0 = time.perf_counter()
     sampler = _Sampler()
     lowered = step.lower(weights, arrays)
@@ -425,7 +427,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
            "median_ms_profiled" if profile else "median_ms": _median_ms(compiled, (weights, arrays), reps),
            "bytes_of_ops": int(sum(t.nbytes for t in plan.schedule.tasks if t.op in op_set)),
            "slots": tiles.slots, "topk_bits": tiles.topk_bits, "step_tiles": tiles.step_tiles,
-           "assign": plan.schedule.meta["key"]["options"]["assign"]}
+           "assign": plan.schedule.meta["key"]["options"]["assign"], "lowering": lowering}
     if profile:
         out.update(_profile(compiled, (weights, arrays), profile_dir, plan.schedule))
         out["profile_note"] = ("median_ms_profiled includes the profiler's records and its per-launch trace dump "
@@ -487,6 +489,8 @@ def main(argv=None):
                    help="the schedule's SM assignment (ScheduleOptions.assign; default its default)")
     p.add_argument("--index-chunks", type=int, default=None,
                    help="indexer score tasks per layer (ScheduleOptions.index_chunks; default its default)")
+    p.add_argument("--lowering", default="default", choices=("default", "jax", "lane", "warpgroup"),
+                   help="Mosaic GPU lowering semantics of the persistent variants (default: kernel.default_lowering)")
     p.add_argument("--checks", default="tasks,buffers,flips", help="the full variant's simulator checks to run")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
@@ -502,7 +506,7 @@ def main(argv=None):
                                      attn_splits=args.attn_splits, attn_heads=args.attn_heads,
                                      n_tokens=args.tokens, topk_bits=args.topk_bits,
                                      step_tiles=args.step_tiles, assign=args.assign,
-                                     index_chunks=args.index_chunks)), flush=True)
+                                     index_chunks=args.index_chunks, lowering=args.lowering)), flush=True)
         return
     from glm_fast import results
     rows = []
@@ -514,7 +518,7 @@ def main(argv=None):
                *(["--step-tiles", str(args.step_tiles)] if args.step_tiles else []),
                *(["--assign", args.assign] if args.assign else []),
                *(["--index-chunks", str(args.index_chunks)] if args.index_chunks else []),
-               "--checks", args.checks, "--child", v,
+               "--checks", args.checks, "--lowering", args.lowering, "--child", v,
                *(["--profile"] if args.profile else []),
                *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else []),
                *(["--attn-heads", str(args.attn_heads)] if args.attn_heads else [])]
@@ -535,6 +539,7 @@ def main(argv=None):
                                                  "reps": args.reps, "slots": args.slots,
                                                  "topk_bits": args.topk_bits, "step_tiles": args.step_tiles,
                                                  "assign": args.assign, "index_chunks": args.index_chunks,
+                                                 "lowering": args.lowering,
                                                  "profile": args.profile, "attn_splits": args.attn_splits,
                                                  "attn_heads": args.attn_heads},
                              rows)

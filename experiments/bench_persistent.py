@@ -346,7 +346,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
                 slots: int | None = None, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
                 n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None,
-                assign: str | None = None, index_chunks: int | None = None, lowering: str = "default") -> dict:
+                assign: str | None = None, index_chunks: int | None = None, lowering: str = "lane") -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight; None:
     the decoder's, `kernel.fit_tiles`);
@@ -357,7 +357,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     per radix pass (TileConfig.topk_bits); step_tiles: weight tiles per ring step of the bulk streams
     (TileConfig.step_tiles; None: its default); assign, index_chunks: the schedule's SM assignment and indexer
     score tasks per layer (ScheduleOptions.assign / .index_chunks; None: their defaults); lowering: Mosaic GPU's
-    lowering semantics ("default": `kernel.default_lowering(T)`; "jax": jax's default; "lane"; "warpgroup")."""
+    lowering semantics ("lane", the kernel's default; "warpgroup"; "jax": jax's default)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -489,8 +489,8 @@ def main(argv=None):
                    help="the schedule's SM assignment (ScheduleOptions.assign; default its default)")
     p.add_argument("--index-chunks", type=int, default=None,
                    help="indexer score tasks per layer (ScheduleOptions.index_chunks; default its default)")
-    p.add_argument("--lowering", default="default", choices=("default", "jax", "lane", "warpgroup"),
-                   help="Mosaic GPU lowering semantics of the persistent variants (default: kernel.default_lowering)")
+    p.add_argument("--lowering", default="lane", choices=("lane", "warpgroup", "jax"),
+                   help="Mosaic GPU lowering semantics of the persistent variants (jax: jax's default)")
     p.add_argument("--checks", default="tasks,buffers,flips", help="the full variant's simulator checks to run")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)

@@ -4,8 +4,8 @@ INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) --
   1. q: each token's N indexer heads (iq [T, N*H]) are staged up to Q_GROUPS x 8 heads at a time into SMEM (32
      at glm5_slice: one round; row TMAs into both `t_ixq` and `t_ixqo` [32, H]; the head weights likewise into
      `t_ixhw`: activations that another CTA stored by TMA are read through TMA and SMEM, never as GMEM loads),
-     RoPE'd on their first R dims from t_ixq into t_ixqo (`tiles.rope_rows`, as `Tiles.rope`: a scalar loop over
-     the pairs of all the round's rows, rounding where `apply_rope` does), TMA'd
+     RoPE'd on their first R dims from t_ixq into t_ixqo (`tiles.rope_rows`, as `Tiles.rope`: the round's pairs
+     spread over the warpgroup's threads, rounding where `apply_rope` does), TMA'd
      from t_ixqo to the CTA's GMEM staging rows
      (the kernel's per-CTA GMEM scratch, `gmem_shape`) and TMA'd back into the wgmma B operand: the first
      ceil(T*N / TK) slots of the weight rings t_w0 / t_w1 (H/TN = 1 or 2 parts of TN dims; TK rows = TK/N
@@ -356,19 +356,20 @@ def index_score_body(r, key, consts):
         def _(j):
             w_s[j] = s["t_ixhw"][c(0), lax.div(j, heads), lax.rem(j, heads)].astype(jnp.float32) * scale
 
-        @pl.loop(0, nt * (heads // qrows))
-        def _(rnd):  # qrows heads of one token per round, in groups of TP rows
-            t, h0 = lax.div(rnd, heads // qrows), lax.rem(rnd, heads // qrows) * qrows
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous round's store has read the stage
-            for i in range(qrows):  # by TMA, not GMEM loads: iq is another CTA's TMA store; the rows go to both
-                src = iq_ref.at[xi, pl.ds(t, 1), pl.ds((h0 + i) * hd, hd)]  # stages (dims >= R unchanged)
-                for k, stg in enumerate((stage, stage_out)):
-                    plgpu.copy_gmem_to_smem(src, stg.at[pl.ds(c(i), 1)], bars.at[c(2 * (i // TP) + k)])
-            for j in range(2 * qrows // TP):
-                plgpu.barrier_wait(bars.at[c(j)])
-            rope_rows(stage, stage_out, [(c(i), t) for i in range(qrows)], s["t_cos"], s["t_sin"], rr, dt)
-            plgpu.commit_smem()  # generic-proxy stores -> the TMA that reads the stage
-            plgpu.copy_smem_to_gmem(stage_out, q_gmem.at[pl.ds(t * heads + h0, qrows)])
+        for t in range(nt):  # static: the RoPE's cos / sin row
+            @pl.loop(0, heads // qrows)
+            def _(rnd):  # qrows heads of token t per round, in groups of TP rows
+                h0 = rnd * qrows
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous round's store has read the stage
+                for i in range(qrows):  # by TMA, not GMEM loads: iq is another CTA's TMA store; the rows go to
+                    src = iq_ref.at[xi, pl.ds(c(t), 1), pl.ds((h0 + i) * hd, hd)]  # both stages (dims >= R kept)
+                    for k, stg in enumerate((stage, stage_out)):
+                        plgpu.copy_gmem_to_smem(src, stg.at[pl.ds(c(i), 1)], bars.at[c(2 * (i // TP) + k)])
+                for j in range(2 * qrows // TP):
+                    plgpu.barrier_wait(bars.at[c(j)])
+                rope_rows(stage, stage_out, qrows, s["t_cos"], s["t_sin"], rr, dt, t=t, interpret=tiles.interpret)
+                plgpu.commit_smem()  # generic-proxy stores -> the TMA that reads the stage
+                plgpu.copy_smem_to_gmem(stage_out, q_gmem.at[pl.ds(c(t * heads) + h0, qrows)])
         plgpu.wait_smem_to_gmem(0)  # the staging rows are written before the TMA loads below read them
         for g in range(q_slots):
             for p, ring in enumerate(rings):

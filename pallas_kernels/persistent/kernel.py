@@ -91,20 +91,13 @@ from pallas_kernels.persistent.schedule import Schedule
 from pallas_kernels.persistent.simulate import _layernorm, _rope_front, _route
 
 GRID_AXIS = "sm"
-# Mosaic GPU lowering semantics per step width (`persistent_step(lowering=...)`), measured on the H200 with jax
-# 0.11.2 at glm5_slice, 4K context (experiments/results/bench_persistent_glm5_slice_lane*.json):
-# * T = 1: jax's default. On jax 0.11 that is warpgroup semantics, whose Python layout inference takes 150-250 s
-#   of lowering but whose code runs the step in ~2.5 ms; lane semantics lowers in 21 s but runs 3.9 ms.
-# * T > 1 (MTP verification): lane semantics (jax 0.10's default). With warpgroup semantics the T = 4 kernel
-#   lowered in 390-470 s and its launch did not return (bench_persistent_glm5_slice_t4_time.json); with lane
-#   semantics it lowers in 22 s, runs 8.3 ms and matches the simulator task by task.
+# Mosaic GPU lowering semantics (`persistent_step(lowering=...)`): lane semantics, jax 0.10's default, on every
+# jax. jax 0.11 defaults to warpgroup semantics, whose Python layout inference made the kernel's lowering on the
+# H200 150-250 s at T = 1 and 390-470 s at T = 4 -- and that T = 4 kernel's launch did not return
+# (bench_persistent_glm5_slice_t4_time.json). With lane semantics (jax 0.11.2, glm5_slice, 4K context) T = 1
+# lowers in 21-23 s with a 2.16 ms critical path (..._rope_lane.json; warpgroup's last was 2.25 ms, ..._tidy.json),
+# T = 4 in 22-25 s, and every task of layers 0-1 matches the simulator (..._lane.json, ..._rope_t4.json).
 _LOWERING = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSemantics.Warpgroup}
-
-
-def default_lowering(tokens: int) -> str | None:
-    """The lowering semantics `persistent_step` uses for a T-token step: "lane" for T > 1, else None (jax's
-    default); see `_LOWERING`'s note."""
-    return "lane" if tokens > 1 else None
 _JNP = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int32": jnp.int32}
 
 # aux row: [branch, signal, n_waits, (counter, target) x MAX_WAITS, weight idx x 3, input idx x 6, output idx x 2,
@@ -783,7 +776,7 @@ def _step_inputs(plan: KernelPlan, tokens, pos, cos, sin):
 
 def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens, pos, cos, sin, *,
                     interpret=False, ops=None, tiles: tl.TileConfig | None = tl.TileConfig(), sync: bool = True,
-                    buffers: bool = False, profile_dir: str | None = None, lowering: str | None = "default"):
+                    buffers: bool = False, profile_dir: str | None = None, lowering: str | None = "lane"):
     """One decode step in one kernel launch.
 
     caches: per CACHE buffer of `plan.caches`, its array [L, X] (batch squeezed); tokens, pos int [T];
@@ -799,8 +792,8 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     ("wait") nested in it, in SM clock cycles, and a `jax.debug.callback` dumps them to
     `profile_dir/<name>-<time_ns>-trace.json` (Chrome trace format; jax 0.10.2 names the file once per lowering
     and does not overwrite it: a later launch's trace needs it removed first). `profile.trace_breakdown` reads it.
-    lowering: Mosaic GPU's lowering semantics, "lane" / "warpgroup" / None (jax's default) / "default"
-    (`default_lowering(T)`).
+    lowering: Mosaic GPU's lowering semantics, "lane" (see `_LOWERING`'s note) / "warpgroup" / None (jax's
+    default: warpgroup on jax 0.11, lane on 0.10).
     """
     # Out-of-bounds TMA reads (x rows T..7, the columns past a ragged last tile) zero-fill on the GPU and only
     # reach accumulator rows that are never stored; the interpreter must be told to allow them.
@@ -813,7 +806,6 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     if profile_dir is not None:  # ranges per CTA: an op and a wait range per task; Mosaic's "Init"; the dump's header
         space = 2 * int((s.sm_tasks >= 0).sum(1).max()) + 8 + _PHASE_RANGES
         compiler.update(profile_space=space, profile_dir=profile_dir)
-    lowering = default_lowering(plan.tokens) if lowering == "default" else lowering
     if lowering is not None:
         compiler["lowering_semantics"] = _LOWERING[lowering]
     compiler_params = plgpu.CompilerParams(**compiler) if compiler else None

@@ -288,8 +288,8 @@ class Tiles:
 
     def rope(self, src, cos_ref, sin_ref, tokens: int, x_smem=None):
         """t_pe_out [TP, R] = `apply_rope` (interleaved in, halves out) of the GMEM view src [TP, R] (or of the
-        first R columns of the SMEM ref x_smem), rounding to x's dtype where the reference's jnp ops do; a scalar
-        loop over SMEM (R / 2 pairs per token)."""
+        first R columns of the SMEM ref x_smem), rounding to x's dtype where the reference's jnp ops do
+        (`rope_rows`)."""
         s, c, dt = self.s, self.c, self.dtype
         rr = s["t_pe"].shape[1]
         if x_smem is None:
@@ -297,7 +297,7 @@ class Tiles:
         self.load_small(cos_ref.at[pl.ds(c(0), TP)], "t_cos")
         self.load_small(sin_ref.at[pl.ds(c(0), TP)], "t_sin")
         x = s["t_pe"] if x_smem is None else x_smem
-        rope_rows(x, s["t_pe_out"], [(c(tt), c(tt)) for tt in range(tokens)], s["t_cos"], s["t_sin"], rr, dt)
+        rope_rows(x, s["t_pe_out"], tokens, s["t_cos"], s["t_sin"], rr, dt, interpret=self.interpret)
         plgpu.commit_smem()
 
     def inv_rms(self, x_row, k: int, tokens: int, eps: float):
@@ -380,24 +380,82 @@ class Tiles:
             plgpu.copy_smem_to_gmem(src.at[pl.ds(c(tt), 1), pl.ds(c(col0), n)], dst.at[pl.ds(c(tt), 1)])
 
 
-def rope_rows(src, dst, rows, cos, sin, rr: int, dt):
-    """dst[row, :rr] = `apply_rope` of src[row, :rr] for each (row, t) of `rows` (SMEM refs; interleaved pairs in,
-    the two halves out) with the cos / sin of row t of the SMEM refs cos / sin [.., rr/2], rounding to dt where the
-    reference's jnp ops do: one dynamic scalar loop over the pairs that rotates every row's pair per iteration,
-    out of place (INDEX_SCORE's earlier in-place variant, all pairs unrolled, wrote wrong heads on the H200 with
-    jax 0.11.2; experiments/probe_index.py checks the staged rows). Scalar code runs on every thread of the
-    warpgroup: INDEX_SCORE's q staging (32 heads x 32 pairs) takes ~24 us on the H200 whether the rows run one
-    loop each or together (bench_persistent_glm5_slice_{priority,q32}.json), which reads as instruction-bound."""
+def rope_rows(src, dst, n: int, cos, sin, rr: int, dt, t: int | None = None, interpret: bool = False):
+    """dst[i, :rr] = `apply_rope` of src[i, :rr] for rows i < n (SMEM refs; interleaved pairs in, the two halves
+    out), with the cos / sin [.., rr/2] (SMEM refs) of row t, or of row i when t is None (rows = tokens), rounding
+    to dt where the reference's jnp ops do; out of place. Follow it with `plgpu.commit_smem()` before reading dst.
+
+    On the GPU each of the warpgroup's 128 threads rotates its own pairs (`_rope_threads`): n * rr/2 pairs over
+    128 threads, e.g. INDEX_SCORE's 32 heads x 32 pairs in 8 per thread. The scalar loop it replaced ran every pair
+    on every thread: ~24 us per INDEX_SCORE q staging with jax 0.11's warpgroup lowering, 70 us with lane
+    lowering (bench_persistent_glm5_slice_{tidy,lane_profile}.json). Interpret mode runs that scalar loop (GPU
+    interpret mode has no threads): the same values."""
+    if not interpret:
+        _rope_threads(src, dst, n, cos, sin, rr, dt, t)
+        return
+
     def rnd(v):
         return v.astype(dt).astype(jnp.float32)
 
     @pl.loop(0, rr // 2)
     def _(j):
-        for row, t in rows:
-            even, odd = src[row, 2 * j].astype(jnp.float32), src[row, 2 * j + 1].astype(jnp.float32)
-            co, si = cos[t, j].astype(jnp.float32), sin[t, j].astype(jnp.float32)
-            dst[row, j] = (rnd(even * co) - rnd(odd * si)).astype(dt)
-            dst[row, j + rr // 2] = (rnd(odd * co) + rnd(even * si)).astype(dt)
+        for i in range(n):
+            ct = i if t is None else t
+            even, odd = src[i, 2 * j].astype(jnp.float32), src[i, 2 * j + 1].astype(jnp.float32)
+            co, si = cos[ct, j].astype(jnp.float32), sin[ct, j].astype(jnp.float32)
+            dst[i, j] = (rnd(even * co) - rnd(odd * si)).astype(dt)
+            dst[i, j + rr // 2] = (rnd(odd * co) + rnd(even * si)).astype(dt)
+
+
+def _rope_threads(src, dst, n: int, cos, sin, rr: int, dt, t: int | None):
+    """`rope_rows` on the GPU as Mosaic GPU code (`plgpu.inline_mgpu`, which both lowering semantics take): pair
+    p = i * rr/2 + j goes to thread p mod 128 of the warpgroup, in rounds of 128 pairs (the last one guarded)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    half = rr // 2
+    total = n * half
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 4)
+    def _(_ctx, src_m, dst_m, cos_m, sin_m):
+        i32, index, f32 = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+        out_ty = ir.MemRefType(dst_m.type).element_type
+        tid = arith.remui(mgpu_utils.thread_idx(), mgpu_utils.c(128, i32))
+
+        def ix(v):
+            return arith.index_cast(index, v)
+
+        def load(ref, i, j):
+            v = memref.load(ref, [ix(i), ix(j)])
+            return v if v.type == f32 else arith.extf(f32, v)
+
+        def rnd(v):  # to dt and back, as the reference's bf16 ops round
+            return v if out_ty == f32 else arith.extf(f32, arith.truncf(out_ty, v))
+
+        def store(v, i, j):
+            memref.store(v if out_ty == f32 else arith.truncf(out_ty, v), dst_m, [ix(i), ix(j)])
+
+        def pair(p):
+            i = arith.divui(p, mgpu_utils.c(half, i32))
+            j = arith.remui(p, mgpu_utils.c(half, i32))
+            j2 = arith.muli(j, mgpu_utils.c(2, i32))
+            even, odd = load(src_m, i, j2), load(src_m, i, arith.addi(j2, mgpu_utils.c(1, i32)))
+            ct = i if t is None else mgpu_utils.c(t, i32)
+            co, si = load(cos_m, ct, j), load(sin_m, ct, j)
+            store(arith.subf(rnd(arith.mulf(even, co)), rnd(arith.mulf(odd, si))), i, j)
+            store(arith.addf(rnd(arith.mulf(odd, co)), rnd(arith.mulf(even, si))), i,
+                  arith.addi(j, mgpu_utils.c(half, i32)))
+
+        for base in range(0, total, 128):
+            p = arith.addi(tid, mgpu_utils.c(base, i32))
+            if total - base >= 128:
+                pair(p)
+            else:
+                with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, p, mgpu_utils.c(total, i32))):
+                    pair(p)
+
+    _(src, dst, cos, sin)
 
 
 # ---- branch bodies ------------------------------------------------------------------------------------------

@@ -177,6 +177,15 @@ def _max_len(args, context: int) -> int:
     return context + args.warmup + 2 * args.steps * 4 + 16
 
 
+def _persistent_options(args):
+    """`--persistent-attn HxS` as the persistent kernel's ScheduleOptions (None: the decoder's pick)."""
+    if not args.persistent_attn:
+        return None
+    from pallas_kernels.persistent.schedule import ScheduleOptions
+    heads, splits = (int(v) for v in args.persistent_attn.lower().split("x"))
+    return ScheduleOptions(attn_heads=heads, attn_splits=splits)
+
+
 def ttft_child(args) -> None:
     """Child process: build the model, generate 1 token from a short prompt, print TTFT as JSON."""
     t0 = time.perf_counter()
@@ -186,7 +195,7 @@ def ttft_child(args) -> None:
     jax.block_until_ready(nnx.state(model))
     built = time.perf_counter() - t0
     engine = Engine(model, backend=args.backends.split(",")[0], max_len=_max_len(args, _contexts(args)[0]),
-                    compilation_cache=args.ttft_cache)
+                    compilation_cache=args.ttft_cache, persistent_options=_persistent_options(args))
     out = engine.generate(list(range(1, 33)), 2)
     print(json.dumps({"ttft_s": out.stats["time_to_first_token_s"], "model_init_s": built,
                       "process_to_first_token_s": time.perf_counter() - t0 + 0.0}))
@@ -202,7 +211,8 @@ def cold_warm(args) -> dict:
     for name in ("cold", "warm"):
         cmd = [sys.executable, __file__, "--ttft-child", "--ttft-cache", cache, "--config", args.config,
                "--backends", args.backends, "--contexts", args.contexts, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)] + sum((["--set", s] for s in args.set), [])
+               "--warmup", str(args.warmup)] + sum((["--set", s] for s in args.set), []) + (
+                   ["--persistent-attn", args.persistent_attn] if args.persistent_attn else [])
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1", "GLM_FAST_SCHEDULE_DIR": sched})
@@ -228,6 +238,9 @@ def main(argv=None) -> None:
     p.add_argument("--hf-peers", default="", help="comma list of: eager, compile (GPU only)")
     p.add_argument("--hf-context", type=int, default=128)
     p.add_argument("--assume-accepted", type=float, default=2.76)
+    p.add_argument("--persistent-attn", default=None, metavar="HEADSxSPLITS",
+                   help="the persistent kernel's attention layout at every step width, e.g. 64x32 (plain decoding's "
+                        "fastest at glm5_slice; too large for T = 4's SMEM). Default: the decoder's lossless pick")
     p.add_argument("--cold-warm", action="store_true", help="measure cold/warm time to first token")
     p.add_argument("--hbm-gib", type=float, default=4.0)
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
@@ -267,7 +280,8 @@ def main(argv=None) -> None:
     rows = []
     for backend in args.backends.split(","):
         for context in contexts:
-            engine = Engine(model, backend=backend, max_len=_max_len(args, context), compilation_cache=False)
+            engine = Engine(model, backend=backend, max_len=_max_len(args, context), compilation_cache=False,
+                            persistent_options=_persistent_options(args))
             for depth in depths:
                 for batch in batches:
                     if backend == "persistent" and batch > 1:  # the persistent kernel decodes one sequence
@@ -287,7 +301,8 @@ def main(argv=None) -> None:
                     print(json.dumps(row), flush=True)
             del engine
     rows += hf_rows
-    record = results.result("bench_decode", {"name": cfg.name, "overrides": args.set}, rows, ceilings,
+    record = results.result("bench_decode", {"name": cfg.name, "overrides": args.set,
+                                             "persistent_attn": args.persistent_attn}, rows, ceilings,
                             extra_versions=("torch", "transformers"), cache="synthetic random rows",
                             weights="random", **extra)
     path = results.write(record, args.out, args.name)

@@ -67,10 +67,12 @@ class _Mode:
 
 
 class Engine:
-    """Batch >= 1 generation with a latent KV cache; `backend` names the op table ("xla", ...)."""
+    """Batch >= 1 generation with a latent KV cache; `backend` names the op table ("xla", ...).
+    persistent_options: the `ScheduleOptions` of backend="persistent"'s kernel at every step width (None: its
+    decoder picks per T, `kernel.gpu_candidates`)."""
 
     def __init__(self, model: Model, backend: str = "xla", max_len: int | None = None, prefill_chunk: int = 256,
-                 compilation_cache: str | os.PathLike | None | bool = None):
+                 compilation_cache: str | os.PathLike | None | bool = None, persistent_options=None):
         self.cfg = model.cfg
         self.ops = get_ops(backend)
         self.backend = backend
@@ -87,7 +89,7 @@ class Engine:
         self._persistent = None
         if backend == "persistent":  # decode / verification steps in one kernel launch; prefill and MTP on XLA
             from pallas_kernels.persistent.kernel import PersistentDecoder
-            self._persistent = PersistentDecoder(model)
+            self._persistent = PersistentDecoder(model, persistent_options)
             self.params = (self.params, self._persistent.weights(1))
 
     # ---- compiled pieces ---------------------------------------------------------------------------------

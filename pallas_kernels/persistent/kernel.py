@@ -907,7 +907,7 @@ class PersistentDecoder:
     def __init__(self, model, options=None, interpret=None, cache_dir=None, tiles: tl.TileConfig | None = None):
         self.tiles = tiles or tl.TileConfig()
         self.cfg = model.cfg
-        self.options = options  # None: `plan` picks them per T (`pick_plan`)
+        self.options = options  # None: `plan` picks them once, for the widest T
         self.interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
         self.cache_dir = cache_dir
         self._plans: dict = {}
@@ -917,13 +917,21 @@ class PersistentDecoder:
         self._model = model
 
     def plan(self, tokens: int) -> KernelPlan:
-        """The plan for T = tokens: of the given options, else of `pick_plan`'s choice (`gpu_candidates` on the GPU,
-        the defaults in interpret mode, where there is no GPU SMEM to fit)."""
+        """The plan for T = tokens, of one ScheduleOptions at every T: the given options, else (on the GPU)
+        `pick_plan`'s choice at the widest step the engine runs, T = 1 + cfg.mtp_depth, else (interpret mode, no
+        GPU SMEM to fit) the defaults. One attention layout at every width is what keeps MTP lossless: a split-KV
+        merge over a different split count rounds differently, and on the H200 greedy D = 3 tokens left plain
+        greedy's at the 20th of 64 with 32 splits at T = 1 and 16 at T = 4, and matched with 16 at both
+        (tests/test_persistent_kernel.py, gpu mark). Plain decoding's fastest layout (64 heads x 32 splits, ~8%
+        shorter critical path than 8 x 16 at glm5_slice) is `PersistentDecoder(model, ScheduleOptions(
+        attn_heads=64, attn_splits=32))`."""
+        from pallas_kernels.persistent.schedule import ScheduleOptions
+        if self.options is None:
+            self.options = ScheduleOptions() if self.interpret else ScheduleOptions(**pick_plan(
+                self.cfg, 1 + self.cfg.mtp_depth, gpu_candidates(), self.tiles, self.cache_dir
+            ).schedule.meta["key"]["options"])
         if tokens not in self._plans:
-            from pallas_kernels.persistent.schedule import ScheduleOptions
-            candidates = [self.options] if self.options is not None else \
-                [ScheduleOptions()] if self.interpret else gpu_candidates()
-            self._plans[tokens] = pick_plan(self.cfg, tokens, candidates, self.tiles, self.cache_dir)
+            self._plans[tokens] = pick_plan(self.cfg, tokens, [self.options], self.tiles, self.cache_dir)
         return self._plans[tokens]
 
     def tiles_for(self, tokens: int) -> tl.TileConfig:

@@ -248,7 +248,7 @@ class _Machine:
         return (both - v_dim, v_dim) if v_dim is not None else (nope, both - nope)
 
     def _absorb(self, t):
-        (kv_b,), (qb, cos, sin), (q_lat, q_pe), head = t.weights, t.inputs, t.outputs, t.args[0]
+        (kv_b,), (qb, cos, sin), (_, q_pe), head = t.weights, t.inputs, t.outputs, t.args[0]
         _, heads, r = self.bufs[q_pe].shape
         qbv = self.read(qb)
         nope = qbv.shape[1] // heads - r

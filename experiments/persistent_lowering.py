@@ -11,7 +11,8 @@ inference's own frame (its error message is an assertion on jax 0.11.2). The con
 CTA (`kernel.smem_bytes`) at `--slots`. The plan is the one `PersistentDecoder` picks for `--tokens` T
 (`kernel.pick_plan`). Each row records `kernel_chars`, the length of the Mosaic GPU custom call in the lowered
 StableHLO text (the serialized kernel module): the code Mosaic's layout inference works through, whose time on jax
-0.11.2 dominates the kernel's lowering (bench_persistent.py's `lowering_profile`).
+0.11.2 dominated the kernel's lowering with warpgroup semantics (bench_persistent.py's `lowering_profile`); the
+kernel lowers with lane semantics (`kernel._LOWERING`), which `--warpgroup` overrides.
 
     python experiments/persistent_lowering.py --tokens 4 --ops GEMV+ATTN+INDEX_TOPK   # several bodies together
 

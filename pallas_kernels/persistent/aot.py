@@ -3,11 +3,10 @@
 JAX's persistent compilation cache is keyed by the *lowered* module, so every new process still traces the step
 and runs Pallas's Mosaic GPU lowering before it can hit that cache; for this kernel that lowering is the cost
 (glm5_slice, all 13 bodies: 5.0 s with jax 0.10.2 on a 2-core CPU host,
-experiments/results/persistent_lowering_glm5_slice_cpu_groups.json; with jax 0.11.2's layout inference on the H200
-hosts 158-438 s, growing with the kernel's code, and 154-172 s since `pallas_kernels._layout_names`; then 28-55 s
-of XLA compile,
-bench_persistent_glm5_slice_*.json). Measured cold / warm start on the H200: 392 s / 14.6 s from process start to
-the first token (bench_decode_glm5_slice_persistent.json).
+experiments/results/persistent_lowering_glm5_slice_cpu_groups.json; on the H200 hosts with jax 0.11.2 18-25 s with
+the lane semantics the kernel lowers with, 150-470 s with jax 0.11's warpgroup default: `kernel._LOWERING`), then
+~60 s of XLA compile. Measured cold / warm start on the H200: 109 s / 16.4 s from process start to the first token,
+13 s of both building the random model (bench_decode_glm5_slice_persistent.json).
 `exported_step` lowers once with `jax.export` (StableHLO with the Mosaic GPU kernel inside), writes it
 atomically next to the cached schedules, and on later starts deserializes it; `Exported.call` then only
 compiles, which the compilation cache serves.

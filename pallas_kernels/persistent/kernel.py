@@ -850,8 +850,9 @@ def gpu_candidates(**options) -> list:
     for all heads, and 32 splits keep a split's 64 rows resident in SMEM for both column passes (one gather per
     row instead of 16). 16 splits of 8 heads halved ATTN's time against 8 splits on the H200 at glm5_slice, T = 1
     (experiments/results/bench_persistent_glm5_slice_topk_splits16.json vs ..._profile.json). At T = 4 the
-    dispatch table (145 tasks per SM: 32 routed slots) leaves 64 x 32 2 KB short of SMEM: 8 x 16 is taken there
-    (8 x 8 until MOE_COMBINE's partials got a union group of their own)."""
+    dispatch table (145 tasks per SM: 32 routed slots) leaves 64 x 32 short of SMEM: 8 x 16 is taken there
+    (8 x 8 until MOE_COMBINE's partials got a union group of their own), and `PersistentDecoder` takes it at T = 1
+    too (one layout at every width: lossless MTP)."""
     from pallas_kernels.persistent.schedule import ScheduleOptions
     return [ScheduleOptions(attn_heads=h, attn_splits=sp, **options) for h, sp in GPU_CHOICES]
 

@@ -353,8 +353,7 @@ def moe_experts_fp8(x, expert_ids, expert_weights, w_gate, w_up, w_down, shared=
     weight: w_gate/w_up q [E, I, D], w_down q [E, D, I]; shared q [Is, D], [Is, D], [D, Is]. Reference:
     `pallas_kernels.fp8.moe_experts_fp8_ref`. Needs D and I multiples of 128."""
     config = config or MoeConfig()
-    (qg, sg), (qu, su), (qd, sd) = w_gate, w_up, w_down
-    e, i, d = qg.shape
+    e, i, d = w_gate[0].shape
     _check_routing(x, expert_ids, expert_weights, d, "moe_experts_fp8")
     for name, (q, s), want in (("w_gate", w_gate, (e, i, d)), ("w_up", w_up, (e, i, d)),
                                ("w_down", w_down, (e, d, i))):

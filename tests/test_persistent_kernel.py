@@ -178,9 +178,9 @@ LOWERING = (Op.GEMV, Op.SWIGLU_UP, Op.SWIGLU_DOWN, Op.ABSORB, Op.UV, Op.MOE_COMB
 @pytest.mark.parametrize("op", LOWERING)
 def test_tile_bodies_lower_for_cuda(op):
     """GEMV (fused norm, residual, f32 router output), SWIGLU_UP / SWIGLU_DOWN (dense, shared, routed): TMA weight
-    tiles through the SMEM ring + swap-AB wgmma (tiles.py); ABSORB (W_uk tiles K-major, RoPE as an SMEM scalar
-    loop); UV (split-KV merge into the x tiles in registers, then W_uv tiles); KV_WRITE (norm on x tiles, RoPE
-    loop); IK_WRITE (row LayerNorm, RoPE loop); MOE_COMBINE on [8, 64] SMEM tiles; EMBED as per-token row TMAs;
+    tiles through the SMEM ring + swap-AB wgmma (tiles.py); ABSORB (W_uk tiles K-major, RoPE spread over the
+    threads, `tiles.rope_rows`); UV (split-KV merge into the x tiles in registers, then W_uv tiles); KV_WRITE (norm
+    on x tiles, RoPE); IK_WRITE (row LayerNorm, RoPE); MOE_COMBINE on [8, 64] SMEM tiles; EMBED as per-token row TMAs;
     ROUTER_SELECT as vector reductions; ATTN (attn_tiles.py); INDEX_SCORE / INDEX_TOPK (index_tiles.py): they
     lower for the H200 at glm5_slice (lowering only, jax 0.10.2; jax 0.11.2's stricter layout inference is
     checked on the GPU host by experiments/persistent_lowering.py)."""
@@ -199,3 +199,14 @@ def test_tile_bodies_lower_together_for_cuda():
 
 # The H200 acceptance of the persistent kernel (distance to float32 vs bf16 XLA's, teacher-forced greedy agreement
 # over 256 steps) is parametrized with the pallas backend's in tests/test_pallas_backend.py.
+
+
+def test_threaded_rope_bodies_lower_with_both_semantics():
+    """INDEX_SCORE and IK_WRITE, whose RoPE is inline Mosaic GPU code (`tiles.rope_rows`: pair p on thread p mod
+    128), lower for the H200 with warpgroup semantics (jax 0.11's default, `_compat.warpgroup_lowering`) as well as
+    with the kernel's lane semantics (test_tile_bodies_lower_for_cuda); an unknown lowering is a clear error."""
+    from pallas_kernels import _compat
+    with _compat.warpgroup_lowering():
+        _lower_glm5_slice(frozenset([Op.INDEX_SCORE, Op.IK_WRITE]))
+    with pytest.raises(ValueError, match="lowering='thread'"):
+        kernel_mod.persistent_step(None, None, None, None, None, None, None, lowering="thread")

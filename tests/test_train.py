@@ -74,7 +74,7 @@ def _peaked_logits(tokens, shift: int, s: int, v: int):
 def test_mtp_loss_target_alignment_perfect_vs_off_by_one():
     """Depth k at row i must be scored against t_{i+k+1}: perfect logits for that give ~0 loss and accuracy 1;
     the same logits shifted by one (t_{i+k} or t_{i+k+2}) give high loss and accuracy 0."""
-    b, s, v, d = 2, 12, 40, 3
+    s, v, d = 12, 40, 3
     tokens = (jnp.arange(s + 1)[None, :] + jnp.array([[0], [17]])) % v  # counting: every depth can be perfect
     right_main = _peaked_logits(tokens, 1, s, v)
     right_mtp = jnp.stack([_peaked_logits(tokens, k + 1, s, v) for k in range(1, d + 1)])

@@ -7,8 +7,6 @@ into the query and W_uv applied after, then the dense MLP or the selected expert
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from glm_fast.engine.cache import LayerCache
 from glm_fast.engine.ops import Ops
 from glm_fast.model.layer import DecoderLayer

@@ -20,7 +20,6 @@ import json
 import pathlib
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 import yaml
 

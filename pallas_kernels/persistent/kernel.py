@@ -795,6 +795,9 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     lowering: Mosaic GPU's lowering semantics, "lane" (see `_LOWERING`'s note) / "warpgroup" / None (jax's
     default: warpgroup on jax 0.11, lane on 0.10).
     """
+    if lowering is not None and lowering not in _LOWERING:
+        raise ValueError(f"persistent_step: lowering={lowering!r}; use one of {sorted(_LOWERING)} or None "
+                         "(jax's default)")
     # Out-of-bounds TMA reads (x rows T..7, the columns past a ragged last tile) zero-fill on the GPU and only
     # reach accumulator rows that are never stored; the interpreter must be told to allow them.
     params = gemv_mod.interpret_params(interpret)

@@ -1,6 +1,7 @@
 """Op bodies of the persistent kernel that lower for Mosaic GPU (DESIGN.md sec. 4): the GEMV family (GEMV,
-SWIGLU_UP, SWIGLU_DOWN, ABSORB, UV) as TMA weight tiles + swap-AB wgmma; KV_WRITE, IK_WRITE (norms, RoPE as SMEM
-scalar loops), MOE_COMBINE and EMBED on SMEM tiles; ROUTER_SELECT on one register vector of scores per token.
+SWIGLU_UP, SWIGLU_DOWN, ABSORB, UV) as TMA weight tiles + swap-AB wgmma; KV_WRITE, IK_WRITE (norms, RoPE
+spread over the warpgroup's threads: `rope_rows`), MOE_COMBINE and EMBED on SMEM tiles; ROUTER_SELECT on one
+register vector of scores per token.
 
 The weight bytes of a decode step are GEMV-shaped (o_proj and the experts are ~85% of them), so these bodies
 are the ones that must stream at the HBM ceiling. Each task streams its [TK x TN] weight tiles through a ring of

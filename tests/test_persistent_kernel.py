@@ -95,7 +95,8 @@ def _engine_tokens(model, backend, depth, steps=4):
 def test_decoder_takes_one_attention_layout_that_fits_smem_at_every_width():
     """glm5_slice on the GPU path: at T = 4 (1 + its MTP depth 3) the larger dispatch table rules 64 heads x 32
     splits out of SMEM, so 8 x 16 with an 8-slot weight ring is taken at T = 1 and T = 4 alike (one layout: lossless
-    MTP); given options are kept at every width (64 x 32 fits at T = 1); interpret mode keeps the defaults."""
+    MTP); given options are kept at every width (64 x 32 fits at T = 1); without MTP depths the widest step is
+    T = 1, which takes 64 x 32; interpret mode keeps the defaults."""
     model = type("M", (), {"cfg": load_config("glm5_slice").model})()
     assert model.cfg.mtp_depth == 3
 
@@ -113,6 +114,8 @@ def test_decoder_takes_one_attention_layout_that_fits_smem_at_every_width():
     assert kernel_mod.smem_bytes(fast.plan(1), fast.tiles_for(1)) + kernel_mod._MOSAIC_SMEM <= 227 * 1024
     assert splits(PersistentDecoder(model, ScheduleOptions(attn_splits=4), interpret=False, cache_dir=False), 1) == 4
     assert splits(PersistentDecoder(model, interpret=True, cache_dir=False), 1) == ScheduleOptions().attn_splits
+    no_mtp = type("M", (), {"cfg": dataclasses.replace(model.cfg, mtp_depth=0)})()  # widest step T = 1: 64 x 32
+    assert splits(PersistentDecoder(no_mtp, interpret=False, cache_dir=False), 1) == 32
 
 
 @pytest.mark.parametrize("depth", [0, 1])

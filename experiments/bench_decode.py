@@ -182,7 +182,10 @@ def _persistent_options(args):
     if not args.persistent_attn:
         return None
     from pallas_kernels.persistent.schedule import ScheduleOptions
-    heads, splits = (int(v) for v in args.persistent_attn.lower().split("x"))
+    try:
+        heads, splits = (int(v) for v in args.persistent_attn.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--persistent-attn {args.persistent_attn!r}: give HEADSxSPLITS, e.g. 64x32") from None
     return ScheduleOptions(attn_heads=heads, attn_splits=splits)
 
 

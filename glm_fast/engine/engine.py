@@ -69,7 +69,7 @@ class _Mode:
 class Engine:
     """Batch >= 1 generation with a latent KV cache; `backend` names the op table ("xla", ...).
     persistent_options: the `ScheduleOptions` of backend="persistent"'s kernel at every step width (None: its
-    decoder picks per T, `kernel.gpu_candidates`)."""
+    decoder picks one layout that fits the widest step, `PersistentDecoder.plan`)."""
 
     def __init__(self, model: Model, backend: str = "xla", max_len: int | None = None, prefill_chunk: int = 256,
                  compilation_cache: str | os.PathLike | None | bool = None, persistent_options=None):

@@ -117,8 +117,8 @@ _KEY_NEG_INF = -2139095041  # indexer._float_key(-inf): the least key of any sco
 _LANES = 128  # t_ixc: at most this many reduced counts per round trip
 GROUP = 8  # ring slots INDEX_TOPK's resident radix passes count per loop step (at most; divides CAND_SLOTS)
 Q_GROUPS = 4  # INDEX_SCORE stages (and RoPEs) up to this many groups of TP q heads per round: one round at glm5_slice's
-# T = 1. (The q staging takes ~24 us of its ~32 us per task either way, one round or 4 rounds of 8 heads: its scalar
-# RoPE is instruction-bound, `tiles.rope_rows`; bench_persistent_glm5_slice_{priority,q32}.json)
+# T = 1. (With a scalar RoPE run by every thread the q staging took ~24 us per task either way, one round or 4 of 8
+# heads, bench_persistent_glm5_slice_{priority,q32}.json; spread over the threads, `tiles.rope_rows`, 6 us.)
 REG_SLOTS = 16  # INDEX_TOPK: up to this many candidate ring slots are counted from registers (4 keys per thread
 # each), loaded once for every radix pass (glm5_slice at 4K context: 12 slots)
 CAND_SLOTS = 32  # INDEX_TOPK's candidate ring t_ixr: [8, TN] f32 slots (64 KB on the GPU; Mosaic's barrier

@@ -92,30 +92,36 @@ def _engine_tokens(model, backend, depth, steps=4):
     return engine.generate(prompt, steps, speculative_depth=depth).tokens
 
 
-def test_decoder_takes_one_attention_layout_that_fits_smem_at_every_width():
-    """glm5_slice on the GPU path: at T = 4 (1 + its MTP depth 3) the larger dispatch table rules 64 heads x 32
-    splits out of SMEM, so 8 x 16 with an 8-slot weight ring is taken at T = 1 and T = 4 alike (one layout: lossless
-    MTP); given options are kept at every width (64 x 32 fits at T = 1); without MTP depths the widest step is
-    T = 1, which takes 64 x 32; interpret mode keeps the defaults."""
+def test_decoder_takes_one_attention_layout_that_fits_smem_at_every_width(monkeypatch):
+    """glm5_slice on the GPU path: 64 heads x 32 splits with an 8-slot weight ring fits SMEM at T = 1 and at T = 4
+    (1 + its MTP depth 3; the dispatch table is walked in fixed chunks, so its SMEM does not grow with T) and is
+    taken at both (one layout: lossless MTP). Where the widest step does not fit the first choice (SMEM shrunk
+    below T = 4's need but not T = 1's), the next choice is taken at every width. Given options are kept at every
+    width; interpret mode keeps the defaults."""
     model = type("M", (), {"cfg": load_config("glm5_slice").model})()
     assert model.cfg.mtp_depth == 3
 
-    def splits(dec, tokens):  # the plan's split-KV factor: o_part [splits, T, heads, C]
-        return next(b.shape[0] for b in dec.plan(tokens).schedule.buffers if b.name.endswith("/o_part"))
+    def layout(dec, tokens):  # (heads per ATTN task, split-KV factor: o_part [splits, T, heads, C])
+        plan = dec.plan(tokens)
+        return (attn_tiles.plan_shape(plan).nh,
+                next(b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/o_part")))
     dec = PersistentDecoder(model, interpret=False, cache_dir=False)
-    assert (splits(dec, 1), splits(dec, 4)) == (16, 16)
-    assert attn_tiles.plan_shape(dec.plan(1)).nh == 8 and attn_tiles.plan_shape(dec.plan(4)).nh == 8
+    assert (layout(dec, 1), layout(dec, 4)) == ((64, 32), (64, 32))
     assert (dec.tiles_for(1).slots, dec.tiles_for(4).slots) == (8, 8)
     for t in (1, 4):
         assert kernel_mod.smem_bytes(dec.plan(t), dec.tiles_for(t)) + kernel_mod._MOSAIC_SMEM <= 227 * 1024
-    fast = PersistentDecoder(model, ScheduleOptions(attn_heads=64, attn_splits=32), interpret=False, cache_dir=False)
-    assert splits(fast, 1) == 32 and attn_tiles.plan_shape(fast.plan(1)).nh == 64
-    assert fast.tiles_for(1).slots == 8
-    assert kernel_mod.smem_bytes(fast.plan(1), fast.tiles_for(1)) + kernel_mod._MOSAIC_SMEM <= 227 * 1024
-    assert splits(PersistentDecoder(model, ScheduleOptions(attn_splits=4), interpret=False, cache_dir=False), 1) == 4
-    assert splits(PersistentDecoder(model, interpret=True, cache_dir=False), 1) == ScheduleOptions().attn_splits
-    no_mtp = type("M", (), {"cfg": dataclasses.replace(model.cfg, mtp_depth=0)})()  # widest step T = 1: 64 x 32
-    assert splits(PersistentDecoder(no_mtp, interpret=False, cache_dir=False), 1) == 32
+
+    need = {t: kernel_mod.smem_bytes(dec.plan(t), dataclasses.replace(dec.tiles, slots=kernel_mod.MIN_SLOTS))
+            + kernel_mod._MOSAIC_SMEM for t in (1, 4)}
+    assert need[1] < need[4]
+    monkeypatch.setattr(kernel_mod.gemv_mod, "SMEM_BYTES", need[4] - 1)  # 64 x 32 fits at T = 1 only
+    narrow = PersistentDecoder(model, interpret=False, cache_dir=False)
+    assert (layout(narrow, 1), layout(narrow, 4)) == ((8, 16), (8, 16))
+    monkeypatch.undo()
+
+    given = PersistentDecoder(model, ScheduleOptions(attn_heads=8, attn_splits=4), interpret=False, cache_dir=False)
+    assert (layout(given, 1), layout(given, 4)) == ((8, 4), (8, 4))
+    assert layout(PersistentDecoder(model, interpret=True, cache_dir=False), 1)[1] == ScheduleOptions().attn_splits
 
 
 @pytest.mark.parametrize("depth", [0, 1])

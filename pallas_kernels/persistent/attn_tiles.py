@@ -56,7 +56,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -65,7 +64,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import mla_attention as mla
 from pallas_kernels.indexer import col_vector, mma_transforms
 from pallas_kernels.persistent.format import C_ATTN_SCALE
-from pallas_kernels.persistent.tiles import TaskView, _stack, per_token
+from pallas_kernels.persistent.tiles import TaskView, _stack, per_token, phase
 
 SEG = 64  # latent segment width on the GPU: one 128-byte swizzle row of bf16
 M = 64  # the wgmma M: q rows per tile (a task's nh <= 64 heads in the first rows)
@@ -280,7 +279,7 @@ def attn_body(r, key, consts):
         def run_pass(w: int, tt):
             gather = w == 0 or not resident  # a resident ring still holds the split's rows from pass 0
             if gather:
-                with jax.named_scope("rows_issue"):
+                with phase("rows_issue"):
                     for j in range(min(stages, n_blocks)):
                         fill(c(j), c(j))
             q_segs = [q.at[:, pl.ds(cc * seg, seg)] for cc in range(n_seg)] + [qpe]
@@ -288,16 +287,16 @@ def attn_body(r, key, consts):
             def block(j, carry):
                 slot = lax.rem(j, stages)
                 if gather:
-                    with jax.named_scope("rows_wait"):  # profiler phases (`persistent_step(profile_dir=...)`)
+                    with phase("rows_wait"):  # profiler phases (`persistent_step(profile_dir=...)`)
                         plgpu.barrier_wait(full.at[slot])
-                with jax.named_scope("math"):
+                with phase("math"):
                     kv_segs = [kv.at[slot * n_seg + cc] for cc in range(n_seg)] + [pe.at[slot]]
                     logits = mla.qk_logits(q_segs, kv_segs, interpret)
                     carry = mla.online_softmax_pv(logits, block_bias(j), kv_segs[w * half:(w + 1) * half], carry,
                                                   scale_log2=scale_log2, interpret=interpret)
                     if not interpret:
                         plgpu.wgmma_wait(0)  # the slot is free once the wgmmas that read it retired
-                with jax.named_scope("rows_issue"):
+                with phase("rows_issue"):
                     pl.when(j + stages < n_blocks)(lambda: fill(slot, j + stages))
                 return carry
 

@@ -94,7 +94,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -104,7 +103,7 @@ from pallas_kernels import _compat, ref
 from pallas_kernels.gemv import TP
 from pallas_kernels.indexer import _float_key, count_tile, score_rows
 from pallas_kernels.persistent.format import C_INDEX_SCALE, C_INDEX_WSCALE, Op
-from pallas_kernels.persistent.tiles import (TaskView, _stack, lane_iota, load_vec, per_token, rope_rows,
+from pallas_kernels.persistent.tiles import (TaskView, _stack, lane_iota, load_vec, per_token, phase, rope_rows,
                                              rows_per_copy, smem_row)
 
 NEG_INF = float("-inf")
@@ -390,7 +389,7 @@ def index_score_body(r, key, consts):
         n_sb = _cdiv(n_rows, sb)
 
         layer = t.inp(2)  # member index in the index-key cache group
-        with jax.named_scope("q"):  # profiler phases (`persistent_step(profile_dir=...)`)
+        with phase("q"):  # profiler phases (`persistent_step(profile_dir=...)`)
             prepare_q(t.inp(0), t.inp(1))
 
         # This step's new rows: scored once, patched over their (stale) cache positions below.
@@ -457,7 +456,7 @@ def index_score_body(r, key, consts):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # t_ixs / t_ixi are rewritten next
 
         @pl.when(n_rows <= kk)
-        @jax.named_scope("fast")
+        @phase("fast")
         def _fast():
             def on_sb(sbi, carry):
                 rows = lane_iota(tiles, sb) + (r0 + sbi * sb)
@@ -612,7 +611,7 @@ def index_topk_body(r, key, consts):
                 return new if counts is None else [a + b for a, b in zip(counts, new)]
 
             def totals(counts):  # per-thread partial counts -> `cnt` -> int32 scalars
-                with jax.named_scope("reduce"):
+                with phase("reduce"):
                     smem_row(tiles, [jnp.sum(x) for x in counts], cnt)
 
             def count_pass(p, cands):
@@ -630,7 +629,7 @@ def index_topk_body(r, key, consts):
                     return counts
 
                 grouped = (p > 0) & (n_slot <= stages)
-                with jax.named_scope("count"):
+                with phase("count"):
                     @pl.when(grouped)
                     def _():
                         totals(lax.fori_loop(1, _cdiv(n_slot, per_step), lambda gi, cs: tuple(group(gi, list(cs))),
@@ -642,7 +641,7 @@ def index_topk_body(r, key, consts):
                 return [[cnt[c(j)] for j in range(len(cands[0]))]]
 
             def select(count):  # the radix select -> the last two lanes of `cnt`, read after either select
-                with jax.named_scope("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
+                with phase("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
                     (lo,), (need,) = _radix_select(kk, count, 1, c(0), bits=tiles.cfg.topk_bits)
                 plgpu.commit_smem()  # every thread has read the last pass's counts
                 cnt[c(_LANES - 2)] = lo
@@ -665,7 +664,7 @@ def index_topk_body(r, key, consts):
                         for g in range(n_regs)]
 
                 def count_regs(_, cands):
-                    with jax.named_scope("count"):
+                    with phase("count"):
                         counts = None
                         for key in keys:
                             counts = tally(counts, key, cands[0])
@@ -693,7 +692,7 @@ def index_topk_body(r, key, consts):
                 kx = _float_key(x)
                 plgpu.commit_smem()  # the previous slot's scalar reads of `keys` are done
                 keys[...] = kx  # read back as scalars below (see INDEX_SCORE's slow path)
-                with jax.named_scope("row_counts"):
+                with phase("row_counts"):
                     # row i's two counts (each <= TN < 256) in byte fields 2 (i % 2) and 2 (i % 2) + 1 of word i // 2
                     row = (lax.broadcasted_iota(jnp.int32, (TP, width), 0) if tiles.interpret else
                            plgpu.broadcasted_iota(jnp.int32, (TP, width), 0, layout=plgpu.Layout.WG_STRIDED(
@@ -746,10 +745,10 @@ def index_topk_body(r, key, consts):
                     pl.when((n < r_hi) & (n_next > r_lo))(lambda: scan_row(i, carry))
                     return n_next, jnp.minimum(eq + n_eq, need)
 
-                with jax.named_scope("scan"):
+                with phase("scan"):
                     return lax.fori_loop(0, TP, each_row, (n, eq))
 
-            with jax.named_scope("compact"):
+            with phase("compact"):
                 n, _ = stream(on_slot, (c(0), c(0)), False)
 
                 @pl.loop(jnp.clip(n, r_lo, r_hi), r_hi)

@@ -108,6 +108,9 @@ A_IN = A_W + MAX_WEIGHTS
 A_OUT = A_IN + MAX_INPUTS
 A_ARGS = A_OUT + MAX_OUTPUTS
 AUX_WIDTH = 32  # >= A_ARGS + NUM_ARGS (27); 128-byte rows for the TMA of a CTA's table
+# Rows of a CTA's dispatch table per SMEM buffer (the walk double-buffers them): 8 KB of SMEM at any list length,
+# where the whole table took 18.5 KB at glm5_slice T = 4 (145 tasks per SM) and kept 64 x 32 attention out of it.
+TABLE_CHUNK = 32
 
 # Per op: the args that change the code path (part of the branch key); the others are read at run time. An
 # expert slot / output slot only enters the key through its sign (present or not).
@@ -200,10 +203,12 @@ class KernelPlan:
                    _arg_align(aux, len(branches)))
 
     def sm_aux(self) -> np.ndarray:
-        """int32 [num_sms, max_len, AUX_WIDTH]: each SM's aux rows in list order; padding rows have branch -1."""
+        """int32 [num_sms, rows, AUX_WIDTH]: each SM's aux rows in list order, padded with branch -1 rows to a
+        multiple of TABLE_CHUNK rows (the kernel's walk fetches whole chunks)."""
         tasks = self.schedule.sm_tasks
-        out = np.full((*tasks.shape, AUX_WIDTH), -1, np.int32)
-        out[tasks >= 0] = self.aux[tasks[tasks >= 0]]
+        rows = -(-tasks.shape[1] // TABLE_CHUNK) * TABLE_CHUNK
+        out = np.full((tasks.shape[0], rows, AUX_WIDTH), -1, np.int32)
+        out[:, :tasks.shape[1]][tasks >= 0] = self.aux[tasks[tasks >= 0]]
         return out
 
     @property
@@ -714,22 +719,36 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
         @pl.loop(0, len(s.records))
         def _(task):
             run_task(lambda j: aux_ref[task, j])
-    else:  # this CTA's rows of the per-SM table, in SMEM (Mosaic reads scalars from SMEM, not GMEM); a 1-SM
-        # schedule in interpret mode takes this path too (its one list is the global order), testing the table walk
-        def walk(table, bar):
-            plgpu.copy_gmem_to_smem(sm_ref.at[cta], table, bar)
-            plgpu.barrier_wait(bar)
+    else:  # this CTA's rows of the per-SM table, TABLE_CHUNK rows at a time through two SMEM buffers (Mosaic
+        # reads scalars from SMEM, not GMEM); a 1-SM schedule in interpret mode takes this path too (its one list
+        # is the global order), testing the table walk
+        chunks = sm_ref.shape[1] // TABLE_CHUNK
 
-            @pl.loop(0, sm_ref.shape[1])
-            def _(i):
-                @pl.when(table[i, A_BRANCH] >= 0)
+        def walk(table, bars):
+            def fetch(c):
+                plgpu.copy_gmem_to_smem(sm_ref.at[cta, pl.ds(c * TABLE_CHUNK, TABLE_CHUNK)], table.at[c % 2],
+                                        bars.at[c % 2])
+            fetch(0)
+
+            @pl.loop(0, chunks)
+            def _(c):
+                @pl.when(c + 1 < chunks)
                 def _():
-                    run_task(lambda j: table[i, j])
+                    plgpu.commit_smem()  # (its warpgroup barrier) every thread is done with chunk c - 1's buffer
+                    fetch(c + 1)
+                plgpu.barrier_wait(bars.at[c % 2])
 
-        pl.run_scoped(walk, plgpu.SMEM(sm_ref.shape[1:], jnp.int32), plgpu.Barrier(num_arrivals=1))
+                @pl.loop(0, TABLE_CHUNK)
+                def _(i):
+                    @pl.when(table[c % 2, i, A_BRANCH] >= 0)
+                    def _():
+                        run_task(lambda j: table[c % 2, i, j])
+
+        pl.run_scoped(walk, plgpu.SMEM((2, TABLE_CHUNK, AUX_WIDTH), jnp.int32),
+                      plgpu.Barrier(num_arrivals=1, num_barriers=2))
 
 
-_PHASE_RANGES = 512  # profiler ranges per CTA for the bodies' phases (ATTN: 3 per block and pass per task)
+_PHASE_RANGES = 512  # profiler ranges per CTA for the bodies' phases at T = 1 (ATTN: 3 per block and pass per task)
 _MOSAIC_SMEM = 30 * 1024  # what the H200 run adds to `smem_bytes`: Mosaic's alignment and barriers (+13.8 KB at
 # glm5_slice T = 1 by jax 0.10.2's count on the CPU), jax 0.11.2's own buffers and the profiler's (+14.7 KB more:
 # 235,520 B on the H200, bench_persistent_glm5_slice_ring8.json, against 220,832 B by 0.10.2's count)
@@ -746,9 +765,9 @@ def kernel_chars(lowered) -> int:
 
 def smem_bytes(plan: KernelPlan, tiles: tl.TileConfig) -> int:
     """The GPU kernel's SMEM per CTA as the scratch declares it: the tile bodies' buffers (ATTN's union with the
-    rings counted once) plus the CTA's dispatch table. A lower bound: Mosaic adds alignment, barriers and its own
-    buffers (`_MOSAIC_SMEM`)."""
-    table = plan.sm_aux()[0].nbytes
+    rings counted once) plus the dispatch table's two chunk buffers. A lower bound: Mosaic adds alignment, barriers
+    and its own buffers (`_MOSAIC_SMEM`)."""
+    table = 2 * TABLE_CHUNK * AUX_WIDTH * 4
     return table + sum(attn_tiles._nbytes(v) for v in _scratch_types(plan, tiles, False).values())
 
 
@@ -789,7 +808,8 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     buffer's final value, {buffer id: array} (to locate a wrong op against `simulate.simulate_step`'s).
     profile_dir: turn on Mosaic GPU's on-device profiler (GPU only; 16 bytes of SMEM per range, ~11 KB at
     glm5_slice): every launch records, per CTA, a range per task named by its op with the dependency wait's range
-    ("wait") nested in it, in SM clock cycles, and a `jax.debug.callback` dumps them to
+    ("wait") nested in it, and at T = 1 the bodies' phases (`tl.phase`; at T > 1 their per-token ranges would
+    overflow the profiler's SMEM), in SM clock cycles, and a `jax.debug.callback` dumps them to
     `profile_dir/<name>-<time_ns>-trace.json` (Chrome trace format; jax 0.10.2 names the file once per lowering
     and does not overwrite it: a later launch's trace needs it removed first). `profile.trace_breakdown` reads it.
     lowering: Mosaic GPU's lowering semantics, "lane" (see `_LOWERING`'s note) / "warpgroup" / None (jax's
@@ -806,8 +826,9 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
         raise ValueError("profile_dir: profiling needs the GPU (Mosaic GPU's on-device profiler), not interpret mode")
     s = plan.schedule
     compiler = {}
+    phases = profile_dir is None or plan.tokens == 1  # the bodies' phase ranges (`tl.PHASES`): at T = 1 only
     if profile_dir is not None:  # ranges per CTA: an op and a wait range per task; Mosaic's "Init"; the dump's header
-        space = 2 * int((s.sm_tasks >= 0).sum(1).max()) + 8 + _PHASE_RANGES
+        space = 2 * int((s.sm_tasks >= 0).sum(1).max()) + 8 + (_PHASE_RANGES if phases else 0)
         compiler.update(profile_space=space, profile_dir=profile_dir)
     if lowering is not None:
         compiler["lowering_semantics"] = _LOWERING[lowering]
@@ -829,8 +850,12 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
         compiler_params=compiler_params,
         interpret=params,
     )
-    outs = kernel(jnp.asarray(plan.aux), jnp.asarray(plan.sm_aux()), *_step_inputs(plan, tokens, pos, cos, sin),
-                  *weights.stacks, *caches)
+    marks = tl.PHASES.set(phases)
+    try:
+        outs = kernel(jnp.asarray(plan.aux), jnp.asarray(plan.sm_aux()), *_step_inputs(plan, tokens, pos, cos, sin),
+                      *weights.stacks, *caches)
+    finally:
+        tl.PHASES.reset(marks)
     stacks, rows = outs[:len(stack_types)], outs[len(stack_types):]
     rows = [rows[g][m] for g, m in (plan.buffer_slot[b][1:] for b in plan.caches)]  # (drops the GMEM scratch)
 

@@ -31,9 +31,12 @@ stream across task boundaries).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -43,6 +46,23 @@ from pallas_kernels import _compat
 from pallas_kernels.gemv import TP, col_scale, mma_bf16_tile, store_acc_t, swizzle_transforms
 
 ARRIVALS = (1, 2, 3, 4)  # TMA copies per k-tile: weight (+ x) (+ norm weight) (+ second weight)
+# Whether the bodies' profiler phases are marked (`phase`). `kernel.persistent_step` turns them off for a
+# profiled launch at T > 1: the profiler keeps every range of a CTA in SMEM without a bound, and the bodies' per-token
+# phases at T = 4 overflowed it (the launch aborted); task and wait ranges alone are counted exactly.
+PHASES = contextvars.ContextVar("persistent_profile_phases", default=True)
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """A profiler range inside a task's body (`persistent_step(profile_dir=...)`; a `jax.named_scope`, which
+    Mosaic GPU's profiler records), unless PHASES is off. A context manager, or a decorator of a body function."""
+    if PHASES.get():
+        with jax.named_scope(name):
+            yield
+    else:
+        yield
+
+
 UV_DEPTH = 2  # the depth of UV's ring of split partials (t_op, splits x TP x TK f32 per slot), which it merges
 # once per head before streaming W_uv ...
 UV_BYTES = 64 * 1024  # ... within this SMEM: a single slot where two would pass it (32 attention splits)

@@ -112,6 +112,17 @@ def test_schedule_covers_dense_moe_full_and_shared_layers(tiny, tiny_schedule):
                        3: "layers/2/topk_idx"}
 
 
+@pytest.mark.parametrize("t,per_token", [(1, 64), (4, 32), (5, 16)])
+def test_topk_merge_splits_per_token_and_part(t, per_token):
+    """glm5_slice (K = 2048): a full layer's INDEX_TOPK tasks are one per (token, part), index_topk_parts (64) parts
+    per token while T * 64 <= index_topk_tasks (128), else the largest divisor of K under 128 / T: the tokens of a
+    verification step merge on different SMs at once."""
+    s = compile_schedule(load_config("glm5_slice").model, t, ScheduleOptions())
+    layer = min(u.layer for u in s.tasks if u.op == Op.INDEX_TOPK)
+    args = sorted(u.args[:3] for u in s.tasks if u.op == Op.INDEX_TOPK and u.layer == layer)
+    assert args == sorted((j, per_token, q) for q in range(t) for j in range(per_token))
+
+
 def test_records_round_trip(tiny_schedule):
     s = tiny_schedule
     for rec in s.records:

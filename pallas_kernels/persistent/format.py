@@ -31,9 +31,10 @@ Per op: weights / inputs / outputs / args (buffers are row-major; T = query toke
                    rows [chunk*cs, (chunk+1)*cs) of the S = max(pos)+1 visible rows, cs = roundup(ceil(S /
                    n_chunks), align); causal DSA scores (consts INDEX_SCALE, INDEX_WSCALE), local top-K
                    candidates (-inf / row 0 where fewer), written to cand_*[chunk]
-    INDEX_TOPK     - / [cand_val, cand_idx] / [topk_idx, topk_valid] / [part, parts]
-                   top-K of all candidates (ties to the lower flattened (chunk, slot)), listed in flattened
-                   order = ascending row, valid ones first; this task writes slots [part*K/parts, (part+1)*K/parts)
+    INDEX_TOPK     - / [cand_val, cand_idx] / [topk_idx, topk_valid] / [part, parts, token]
+                   top-K of token's candidates (ties to the lower flattened (chunk, slot)), listed in flattened
+                   order = ascending row, valid ones first; this task writes token's slots [part*K/parts,
+                   (part+1)*K/parts)
     ABSORB         [kv_b] / [qb, cos, sin] / [q_lat, q_pe] / [head]
                    q_lat[:, head] = q_nope . W_uk[head]; q_pe[:, head] = rope(qb's rope part)
     ATTN           - / [q_lat, q_pe, c_kv, k_pe, topk_idx, topk_valid] / [o_part, lse_part] /
@@ -192,9 +193,9 @@ def written_region(task: Task, buffers: list[Buffer]) -> list[tuple[int, tuple[s
     full = slice(None)
     if op in (Op.EMBED, Op.ROUTER_SELECT):
         return [(b, (full,)) for b in out]
-    if op == Op.INDEX_TOPK:  # part a[0] of a[1]: its 1/a[1] of the K selected-row slots
+    if op == Op.INDEX_TOPK:  # part a[0] of a[1]: its 1/a[1] of token a[2]'s K selected-row slots
         n = buffers[out[0]].shape[-1] // a[1]
-        return [(b, (full, slice(a[0] * n, (a[0] + 1) * n))) for b in out]
+        return [(b, (slice(a[2], a[2] + 1), slice(a[0] * n, (a[0] + 1) * n))) for b in out]
     if op in (Op.GEMV, Op.MOE_COMBINE):
         return [(out[0], (full, slice(a[0], a[0] + a[1])))]
     if op in (Op.KV_WRITE, Op.IK_WRITE):

@@ -28,7 +28,10 @@ INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) --
      loop, GMEM scalar stores): keys above the K-th, then the first `need` keys equal to it in row order. Either way
      the candidates are in ascending row order and -inf values
      carry row 0.
-INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select (but `TileConfig.topk_bits` key bits per
+INDEX_TOPK -- `index_topk_body`: for the task's one token (the schedule splits a layer's merge per token and
+  part: at T = 4 the tokens' merges run on different SMs at once, where one task per part had looped over the T
+  tokens, 182 us per task on the H200 against 58 at T = 1, bench_persistent_glm5_slice_chunked{,_t4}.json), the
+  same exact radix select (but `TileConfig.topk_bits` key bits per
   pass: at most 32 / b passes of 2^b - 1 counts; `_radix_select` stops once exactly K keys are >= its bin's low
   end) over the nc * K candidate slots, streamed
   from GMEM in [8, TN] f32 boxes (one row TMA each, barrier `t_ixcb`) through the candidate ring `t_ixr`
@@ -42,8 +45,8 @@ INDEX_TOPK -- `index_topk_body`: per token, the same exact radix select (but `Ti
   selection while at least K slots remain (rpc is kept >= K / (nc * TN)); at glm5_slice's 4K context that is 3 of
   32 rows per chunk.
   Then a compaction pass. The selected rows are listed in flattened (chunk, slot) order = ascending row order,
-  finite selections first, the rest idx 0 / valid 0, and the layer's INDEX_TOPK tasks split that list: part p of
-  P (64 by default) writes its slots [p K / P, (p + 1) K / P) (each part repeats the select; the compaction's
+  finite selections first, the rest idx 0 / valid 0, and the token's INDEX_TOPK tasks split that list: part p of
+  P (64 by default at T = 1, `ScheduleOptions.index_topk_parts` / `index_topk_tasks`) writes its slots [p K / P, (p + 1) K / P) (each part repeats the select; the compaction's
   scalar loop on one SM was the step's critical path, 0.41 ms per layer on the H200 at 4K,
   bench_persistent_glm5_slice_phases.json).
   Per ring slot, each row's two counts (keys > the K-th key; keys equal to it, of which the first `need` in
@@ -103,7 +106,7 @@ from pallas_kernels import _compat, ref
 from pallas_kernels.gemv import TP
 from pallas_kernels.indexer import _float_key, count_tile, score_rows
 from pallas_kernels.persistent.format import C_INDEX_SCALE, C_INDEX_WSCALE, Op
-from pallas_kernels.persistent.tiles import (TaskView, _stack, lane_iota, load_vec, per_token, phase, rope_rows,
+from pallas_kernels.persistent.tiles import (TaskView, _stack, lane_iota, load_vec, phase, rope_rows,
                                              rows_per_copy, smem_row)
 
 NEG_INF = float("-inf")
@@ -259,11 +262,13 @@ def _radix_select(k: int, count_pass, ntok: int, zero, bits: int = RADIX_BITS):
             [jnp.where(ge == k, 0, k - hi) for hi, ge in zip(his, ges)])
 
 
-def topk_reference(vals, idx, part, parts: int):
-    """INDEX_TOPK's part `part` of `parts` in jnp (the simulator's and the interpret-mode v1 body's): the top-K of
-    the candidates vals / idx [nc, T, K] (ties to the lower flattened (chunk, slot)), listed in flattened order
-    (ascending row, as `index_topk_body` writes them), valid ones first -> this part's slots [part * K / parts,
-    (part + 1) * K / parts): (rows int32 [T, K / parts], 0 where invalid; valid int32 [T, K / parts])."""
+def topk_reference(vals, idx, part, parts: int, token):
+    """INDEX_TOPK's part `part` of `parts` for `token` in jnp (the simulator's and the interpret-mode v1 body's):
+    the top-K of the token's candidates in vals / idx [nc, T, K] (ties to the lower flattened (chunk, slot)),
+    listed in flattened order (ascending row, as `index_topk_body` writes them), valid ones first -> this part's
+    slots [part * K / parts, (part + 1) * K / parts): (rows int32 [1, K / parts], 0 where invalid; valid int32
+    [1, K / parts])."""
+    vals, idx = (lax.dynamic_slice_in_dim(a, token, 1, axis=1) for a in (vals, idx))
     nc, nt, k = vals.shape
     flat_v, flat_i = (a.transpose(1, 0, 2).reshape(nt, nc * k) for a in (vals, idx))
     sel, valid = (a[0] for a in ref.select_topk(flat_v[None], k))
@@ -534,7 +539,7 @@ def index_topk_body(r, key, consts):
         return None
     s, c = tiles.s, tiles.c
     ring, bar, cnt, keys = s["t_ixr"], s["t_ixcb"], s["t_ixc"], s["t_ixk"]
-    nc, nt, kk = val_ref.shape[1:]
+    nc, _, kk = val_ref.shape[1:]  # (one token per task)
     width = ring.shape[2]  # candidates per row of a ring slot (TN)
     stages = ring.shape[0]
     if (ring.shape[1] != TP or kk % width or (nc * kk // width) % TP or keys.shape != (TP, width)
@@ -564,195 +569,194 @@ def index_topk_body(r, key, consts):
     def fn(t: TaskView):
         vi, ii, oi, ov = t.inp(0), t.inp(1), t.out(0), t.out(1)
         rpc, dense = geometry_now()
-        n_slot = lax.div(rpc * nc, TP)  # ring slots per token
+        n_slot = lax.div(rpc * nc, TP)  # ring slots of the token
+        q = t.arg(2)  # this task's token (`schedule` splits the merge per token and part)
 
-        @per_token(nt, c)
-        def _(q):
-            def where(g, i):  # (chunk, first candidate) of row i of the g-th ring slot
-                row = g * TP + i
-                return lax.div(row, rpc), lax.rem(row, rpc) * width
+        def where(g, i):  # (chunk, first candidate) of row i of the g-th ring slot
+            row = g * TP + i
+            return lax.div(row, rpc), lax.rem(row, rpc) * width
 
-            def src(g, i, ref, idx):
-                ch, off = where(g, i)
-                return ref.at[idx, ch, pl.ds(q, 1), pl.ds(off, width)]
+        def src(g, i, ref, idx):
+            ch, off = where(g, i)
+            return ref.at[idx, ch, pl.ds(q, 1), pl.ds(off, width)]
 
-            def issue(g):
+        def issue(g):
+            st = lax.rem(g, stages)
+            for i in range(TP):
+                plgpu.copy_gmem_to_smem(src(g, i, val_ref, vi), ring.at[st, pl.ds(c(i), 1)], bar.at[st])
+
+        def stream(on_slot, carry, load, peel=False):
+            """on_slot over the n_slot ring slots of candidates; they are TMA'd in when `load` (a traced
+            bool) or when they do not all fit the ring (else the ring still holds them: `resident`)."""
+            load = load | (n_slot > stages)
+            for g in range(stages):
+                pl.when(load & (g < n_slot))(lambda g=g: issue(c(g)))
+
+            def step(g, carry):
                 st = lax.rem(g, stages)
-                for i in range(TP):
-                    plgpu.copy_gmem_to_smem(src(g, i, val_ref, vi), ring.at[st, pl.ds(c(i), 1)], bar.at[st])
+                pl.when(load)(lambda: plgpu.barrier_wait(bar.at[st]))
+                carry = on_slot(g, st, carry)
+                pl.when(load & (g + stages < n_slot))(lambda: issue(g + stages))
+                return carry
 
-            def stream(on_slot, carry, load, peel=False):
-                """on_slot over the n_slot ring slots of candidates; they are TMA'd in when `load` (a traced
-                bool) or when they do not all fit the ring (else the ring still holds them: `resident`)."""
-                load = load | (n_slot > stages)
-                for g in range(stages):
-                    pl.when(load & (g < n_slot))(lambda g=g: issue(c(g)))
+            if peel:
+                carry = step(c(0), carry)
+                return lax.fori_loop(1, n_slot, step, carry)
+            return lax.fori_loop(0, n_slot, step, carry)
 
-                def step(g, carry):
-                    st = lax.rem(g, stages)
-                    pl.when(load)(lambda: plgpu.barrier_wait(bar.at[st]))
-                    carry = on_slot(g, st, carry)
-                    pl.when(load & (g + stages < n_slot))(lambda: issue(g + stages))
-                    return carry
+        def slot_keys(g):  # ring slot g's candidates as keys [TP, TN] int32
+            x = ring[g] if tiles.interpret else plgpu.load(ring.at[g], (), layout=plgpu.Layout.WG_STRIDED(
+                (TP, width), vec_size=1))
+            return _float_key(x)
 
-                if peel:
-                    carry = step(c(0), carry)
-                    return lax.fori_loop(1, n_slot, step, carry)
-                return lax.fori_loop(0, n_slot, step, carry)
+        def tally(counts, key, cands, live=1):
+            """counts (None: none yet) + per-thread counts of key >= each threshold (times `live`)."""
+            new = [jnp.where(key >= cand, live, 0) for cand in cands]
+            return new if counts is None else [a + b for a, b in zip(counts, new)]
 
-            def slot_keys(g):  # ring slot g's candidates as keys [TP, TN] int32
-                x = ring[g] if tiles.interpret else plgpu.load(ring.at[g], (), layout=plgpu.Layout.WG_STRIDED(
-                    (TP, width), vec_size=1))
-                return _float_key(x)
+        def totals(counts):  # per-thread partial counts -> `cnt` -> int32 scalars
+            with phase("reduce"):
+                smem_row(tiles, [jnp.sum(x) for x in counts], cnt)
 
-            def tally(counts, key, cands, live=1):
-                """counts (None: none yet) + per-thread counts of key >= each threshold (times `live`)."""
-                new = [jnp.where(key >= cand, live, 0) for cand in cands]
-                return new if counts is None else [a + b for a, b in zip(counts, new)]
+        def count_pass(p, cands):
+            """The first pass loads the candidates (`stream`, counting each slot as it lands), as does every
+            pass when they do not fit the ring; later passes over a resident ring count GROUP slots per loop
+            step (the loop's own cost was most of a pass). Totals -> `cnt` -> scalars."""
+            def on_slot(g, st, counts):
+                return tuple(count_tile(ring.at[st], cands[0], None if counts is None else list(counts)))
 
-            def totals(counts):  # per-thread partial counts -> `cnt` -> int32 scalars
-                with phase("reduce"):
-                    smem_row(tiles, [jnp.sum(x) for x in counts], cnt)
+            def group(gi, counts):
+                for j in range(per_step):
+                    g = gi * per_step + j  # past n_slot: slot n_slot - 1 again, not counted
+                    counts = tally(counts, slot_keys(jnp.minimum(g, n_slot - 1)), cands[0],
+                                   (g < n_slot).astype(jnp.int32))
+                return counts
 
-            def count_pass(p, cands):
-                """The first pass loads the candidates (`stream`, counting each slot as it lands), as does every
-                pass when they do not fit the ring; later passes over a resident ring count GROUP slots per loop
-                step (the loop's own cost was most of a pass). Totals -> `cnt` -> scalars."""
-                def on_slot(g, st, counts):
-                    return tuple(count_tile(ring.at[st], cands[0], None if counts is None else list(counts)))
+            grouped = (p > 0) & (n_slot <= stages)
+            with phase("count"):
+                @pl.when(grouped)
+                def _():
+                    totals(lax.fori_loop(1, _cdiv(n_slot, per_step), lambda gi, cs: tuple(group(gi, list(cs))),
+                                         tuple(group(c(0), None))))
 
-                def group(gi, counts):
-                    for j in range(per_step):
-                        g = gi * per_step + j  # past n_slot: slot n_slot - 1 again, not counted
-                        counts = tally(counts, slot_keys(jnp.minimum(g, n_slot - 1)), cands[0],
-                                       (g < n_slot).astype(jnp.int32))
-                    return counts
+                @pl.when(~grouped)
+                def _():
+                    totals(stream(on_slot, None, p == 0, peel=True))
+            return [[cnt[c(j)] for j in range(len(cands[0]))]]
 
-                grouped = (p > 0) & (n_slot <= stages)
+        def select(count):  # the radix select -> the last two lanes of `cnt`, read after either select
+            with phase("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
+                (lo,), (need,) = _radix_select(kk, count, 1, c(0), bits=tiles.cfg.topk_bits)
+            plgpu.commit_smem()  # every thread has read the last pass's counts
+            cnt[c(_LANES - 2)] = lo
+            cnt[c(_LANES - 1)] = need
+
+        in_regs = n_slot <= n_regs
+
+        @pl.when(in_regs)
+        def _():
+            """Up to REG_SLOTS slots: loaded once, their keys kept in registers for every pass (slots past
+            n_slot read as INT32_MIN, which no threshold counts: thresholds are > INT32_MIN)."""
+            @pl.loop(0, n_slot)
+            def _(g):
+                issue(g)
+
+            @pl.loop(0, n_slot)
+            def _(g):
+                plgpu.barrier_wait(bar.at[g])
+            keys = [jnp.minimum(slot_keys(c(g)), jnp.where(g < n_slot, _INT32_MAX, _INT32_MIN))
+                    for g in range(n_regs)]
+
+            def count_regs(_, cands):
                 with phase("count"):
-                    @pl.when(grouped)
-                    def _():
-                        totals(lax.fori_loop(1, _cdiv(n_slot, per_step), lambda gi, cs: tuple(group(gi, list(cs))),
-                                             tuple(group(c(0), None))))
-
-                    @pl.when(~grouped)
-                    def _():
-                        totals(stream(on_slot, None, p == 0, peel=True))
+                    counts = None
+                    for key in keys:
+                        counts = tally(counts, key, cands[0])
+                    totals(counts)
                 return [[cnt[c(j)] for j in range(len(cands[0]))]]
+            select(count_regs)
 
-            def select(count):  # the radix select -> the last two lanes of `cnt`, read after either select
-                with phase("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
-                    (lo,), (need,) = _radix_select(kk, count, 1, c(0), bits=tiles.cfg.topk_bits)
-                plgpu.commit_smem()  # every thread has read the last pass's counts
-                cnt[c(_LANES - 2)] = lo
-                cnt[c(_LANES - 1)] = need
+        pl.when(~in_regs)(lambda: select(count_pass))
 
-            in_regs = n_slot <= n_regs
+        plgpu.commit_smem()
+        # an early exit below -inf's key (every finite key and some -inf ones are the top K) selects the finite
+        # keys, as lo = -inf's key does: the row counts below never count -inf candidates
+        lo, need = jnp.maximum(cnt[c(_LANES - 2)], _KEY_NEG_INF), cnt[c(_LANES - 1)]
 
-            @pl.when(in_regs)
-            def _():
-                """Up to REG_SLOTS slots: loaded once, their keys kept in registers for every pass (slots past
-                n_slot read as INT32_MIN, which no threshold counts: thresholds are > INT32_MIN)."""
-                @pl.loop(0, n_slot)
-                def _(g):
-                    issue(g)
+        r_lo = t.arg(0) * span  # this part's output slots [r_lo, r_lo + span)
+        r_hi = r_lo + span
 
-                @pl.loop(0, n_slot)
-                def _(g):
-                    plgpu.barrier_wait(bar.at[g])
-                keys = [jnp.minimum(slot_keys(c(g)), jnp.where(g < n_slot, _INT32_MAX, _INT32_MIN))
-                        for g in range(n_regs)]
+        def on_slot(g, st, carry):
+            """The slot's selected count per row from packed vector counts (keys > lo; keys == lo, of which
+            the first `need` in flattened order are taken): a row is scanned by scalars only when its output
+            slots [n, n_next) meet this part's."""
+            n, eq = carry
+            x = ring[st] if tiles.interpret else plgpu.load(ring.at[st], (), layout=plgpu.Layout.WG_STRIDED(
+                (TP, width), vec_size=1))
+            kx = _float_key(x)
+            plgpu.commit_smem()  # the previous slot's scalar reads of `keys` are done
+            keys[...] = kx  # read back as scalars below (see INDEX_SCORE's slow path)
+            with phase("row_counts"):
+                # row i's two counts (each <= TN < 256) in byte fields 2 (i % 2) and 2 (i % 2) + 1 of word i // 2
+                row = (lax.broadcasted_iota(jnp.int32, (TP, width), 0) if tiles.interpret else
+                       plgpu.broadcasted_iota(jnp.int32, (TP, width), 0, layout=plgpu.Layout.WG_STRIDED(
+                           (TP, width), vec_size=1)))
+                field = lax.shift_left(jnp.where(kx > lo, 1, 0) + jnp.where(kx == lo, 256, 0),
+                                       lax.shift_left(row & 1, 4))
+                word = lax.shift_right_logical(row, 1)
+                smem_row(tiles, [jnp.sum(jnp.where(word == w, field, 0)) for w in range(TP // 2)], cnt)
 
-                def count_regs(_, cands):
-                    with phase("count"):
-                        counts = None
-                        for key in keys:
-                            counts = tally(counts, key, cands[0])
-                        totals(counts)
-                    return [[cnt[c(j)] for j in range(len(cands[0]))]]
-                select(count_regs)
+            def row_counts(i):  # (keys > lo, keys == lo) in row i of the slot, from `cnt`
+                word = lax.shift_right_logical(cnt[lax.div(i, 2)], lax.rem(i, 2) * 16)
+                return word & 255, lax.shift_right_logical(word, 8) & 255
 
-            pl.when(~in_regs)(lambda: select(count_pass))
+            def scan_row(i, carry):
+                """Row i of the slot (TN candidates) by scalars: its chunk and first slot computed once per
+                row (a dynamic division), not per candidate."""
+                ch, off = where(g, i)
 
-            plgpu.commit_smem()
-            # an early exit below -inf's key (every finite key and some -inf ones are the top K) selects the finite
-            # keys, as lo = -inf's key does: the row counts below never count -inf candidates
-            lo, need = jnp.maximum(cnt[c(_LANES - 2)], _KEY_NEG_INF), cnt[c(_LANES - 1)]
+                def one(col, st2):
+                    n, eq = st2
+                    v = ring[st, i, col]
+                    kv = keys[i, col]
+                    is_eq = kv == lo
+                    take = (kv > lo) | (is_eq & (eq < need))
+                    sel = take & (v > NEG_INF)
+                    mine = sel & (n >= r_lo) & (n < r_hi)
 
-            r_lo = t.arg(0) * span  # this part's output slots [r_lo, r_lo + span)
-            r_hi = r_lo + span
+                    @pl.when(mine)
+                    def _():
+                        out_valid[ov, q, n] = c(1)
 
-            def on_slot(g, st, carry):
-                """The slot's selected count per row from packed vector counts (keys > lo; keys == lo, of which
-                the first `need` in flattened order are taken): a row is scanned by scalars only when its output
-                slots [n, n_next) meet this part's."""
-                n, eq = carry
-                x = ring[st] if tiles.interpret else plgpu.load(ring.at[st], (), layout=plgpu.Layout.WG_STRIDED(
-                    (TP, width), vec_size=1))
-                kx = _float_key(x)
-                plgpu.commit_smem()  # the previous slot's scalar reads of `keys` are done
-                keys[...] = kx  # read back as scalars below (see INDEX_SCORE's slow path)
-                with phase("row_counts"):
-                    # row i's two counts (each <= TN < 256) in byte fields 2 (i % 2) and 2 (i % 2) + 1 of word i // 2
-                    row = (lax.broadcasted_iota(jnp.int32, (TP, width), 0) if tiles.interpret else
-                           plgpu.broadcasted_iota(jnp.int32, (TP, width), 0, layout=plgpu.Layout.WG_STRIDED(
-                               (TP, width), vec_size=1)))
-                    field = lax.shift_left(jnp.where(kx > lo, 1, 0) + jnp.where(kx == lo, 256, 0),
-                                           lax.shift_left(row & 1, 4))
-                    word = lax.shift_right_logical(row, 1)
-                    smem_row(tiles, [jnp.sum(jnp.where(word == w, field, 0)) for w in range(TP // 2)], cnt)
-
-                def row_counts(i):  # (keys > lo, keys == lo) in row i of the slot, from `cnt`
-                    word = lax.shift_right_logical(cnt[lax.div(i, 2)], lax.rem(i, 2) * 16)
-                    return word & 255, lax.shift_right_logical(word, 8) & 255
-
-                def scan_row(i, carry):
-                    """Row i of the slot (TN candidates) by scalars: its chunk and first slot computed once per
-                    row (a dynamic division), not per candidate."""
-                    ch, off = where(g, i)
-
-                    def one(col, st2):
-                        n, eq = st2
-                        v = ring[st, i, col]
-                        kv = keys[i, col]
-                        is_eq = kv == lo
-                        take = (kv > lo) | (is_eq & (eq < need))
-                        sel = take & (v > NEG_INF)
-                        mine = sel & (n >= r_lo) & (n < r_hi)
-
-                        @pl.when(mine)
+                        # the key row: by arithmetic after the fast path (no dependent GMEM load per
+                        # selection), else cand_idx's
+                        @pl.when(dense >= 0)
                         def _():
-                            out_valid[ov, q, n] = c(1)
+                            out_idx[oi, q, n] = ch * dense + off + col
 
-                            # the key row: by arithmetic after the fast path (no dependent GMEM load per
-                            # selection), else cand_idx's
-                            @pl.when(dense >= 0)
-                            def _():
-                                out_idx[oi, q, n] = ch * dense + off + col
+                        @pl.when(dense < 0)
+                        def _():
+                            out_idx[oi, q, n] = cid_ref[ii, ch, q, off + col]
+                    return n + sel.astype(jnp.int32), eq + (take & is_eq).astype(jnp.int32)
+                # unrolled: the loads of 8 candidates do not wait for the previous ones' stores
+                lax.fori_loop(0, width, one, carry, unroll=math.gcd(width, 8))
 
-                            @pl.when(dense < 0)
-                            def _():
-                                out_idx[oi, q, n] = cid_ref[ii, ch, q, off + col]
-                        return n + sel.astype(jnp.int32), eq + (take & is_eq).astype(jnp.int32)
-                    # unrolled: the loads of 8 candidates do not wait for the previous ones' stores
-                    lax.fori_loop(0, width, one, carry, unroll=math.gcd(width, 8))
+            def each_row(i, carry):
+                n, eq = carry
+                gt, n_eq = row_counts(i)
+                # keys equal to -inf's are -inf candidates: they count as ties, never as selected rows
+                n_next = n + gt + jnp.where(lo != _KEY_NEG_INF, jnp.clip(need - eq, 0, n_eq), 0)
+                pl.when((n < r_hi) & (n_next > r_lo))(lambda: scan_row(i, carry))
+                return n_next, jnp.minimum(eq + n_eq, need)
 
-                def each_row(i, carry):
-                    n, eq = carry
-                    gt, n_eq = row_counts(i)
-                    # keys equal to -inf's are -inf candidates: they count as ties, never as selected rows
-                    n_next = n + gt + jnp.where(lo != _KEY_NEG_INF, jnp.clip(need - eq, 0, n_eq), 0)
-                    pl.when((n < r_hi) & (n_next > r_lo))(lambda: scan_row(i, carry))
-                    return n_next, jnp.minimum(eq + n_eq, need)
+            with phase("scan"):
+                return lax.fori_loop(0, TP, each_row, (n, eq))
 
-                with phase("scan"):
-                    return lax.fori_loop(0, TP, each_row, (n, eq))
+        with phase("compact"):
+            n, _ = stream(on_slot, (c(0), c(0)), False)
 
-            with phase("compact"):
-                n, _ = stream(on_slot, (c(0), c(0)), False)
-
-                @pl.loop(jnp.clip(n, r_lo, r_hi), r_hi)
-                def _(j):
-                    out_idx[oi, q, j] = c(0)
-                    out_valid[ov, q, j] = c(0)
+            @pl.loop(jnp.clip(n, r_lo, r_hi), r_hi)
+            def _(j):
+                out_idx[oi, q, j] = c(0)
+                out_valid[ov, q, j] = c(0)
     return fn

@@ -502,11 +502,10 @@ def _jnp_body(key, r: _Refs):
 
         def fn(get):
             vals = inp(get, 0)
-            part, (nt, k) = get(A_ARGS), vals.shape[1:]
-            out = index_tiles.topk_reference(vals, inp(get, 1), part, parts)
+            part, token, k = get(A_ARGS), get(A_ARGS + 2), vals.shape[2]
+            out = index_tiles.topk_reference(vals, inp(get, 1), part, parts, token)
             for j, value in enumerate(out):
-                r.write(oslots[j], get(A_OUT + j), value, pl.ds(jnp.int32(0), nt),
-                        pl.ds(part * (k // parts), k // parts))
+                r.write(oslots[j], get(A_OUT + j), value, pl.ds(token, 1), pl.ds(part * (k // parts), k // parts))
         return fn
 
     def head_dims(get, kv_b_cols, heads, nope=None, v_dim=None):

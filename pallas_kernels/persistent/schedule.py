@@ -4,7 +4,7 @@ assignment, statistics and the on-disk cache.
 `compile_schedule(cfg, tokens, options)` lowers one step of the main model (embedding, every decoder layer,
 final norm + LM head) for T = `tokens` query tokens of one sequence (1 + D for MTP verification) into op groups
 of tile-level tasks (`format.Op`): one GEMV task per output column tile, per-head absorb / W_uv tasks, attention
-per head group, indexer score chunks + a top-k merge in `index_topk_parts` parts, the router's logit tiles +
+per head group, indexer score chunks + a top-k merge per token in `index_topk_parts` parts, the router's logit tiles +
 selection, expert tasks per (routed slot, tile) with the expert id read at run time from the selection's slot
 table, and a combine per column tile. RMSNorms are fused into the consuming GEMVs, RoPE into the cache writes /
 absorb / score tasks, residual adds into o_proj and the dense down projection.
@@ -48,7 +48,7 @@ from pallas_kernels.persistent.format import (
     F_INPUTS, F_LAYER, F_NWAITS, F_OP, F_OUTPUTS, F_SIGNAL, F_TILE, F_WAITS, F_WEIGHTS, MAX_INPUTS,
     MAX_OUTPUTS, MAX_WAITS, MAX_WEIGHTS, NUM_ARGS, RECORD_WIDTH, Buffer, Counter, Kind, Op, Task, Weight)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: INDEX_TOPK tasks per (token, part)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +60,13 @@ class ScheduleOptions:
     and 1/attn_splits of the top-K slots (split-KV; the W_uv tasks merge the partial softmaxes), so that no
     single SM streams all K selected rows. index_chunks: indexer score
     tasks per full layer (each covers 1/index_chunks of the visible rows at run time); index_align: row
-    granularity of a chunk. index_topk_parts: top-K merge tasks per full layer, each writing 1/parts of the
-    selected rows (the largest divisor of K not above it): the merge's compaction is a scalar loop over the
-    candidates around its share of the list, which on one SM was the step's critical path; every part repeats the
-    (vector) select, so more parts cost only SMs that wait for the attention anyway. context_hint: cached tokens
+    granularity of a chunk. index_topk_parts: top-K merge tasks per token of a full layer, each writing 1/parts
+    of the token's selected rows (the largest divisor of K not above it): the merge's compaction is a scalar loop
+    over the candidates around its share of the list, which on one SM was the step's critical path; every part
+    repeats the (vector) select, so more parts cost only SMs that wait for the attention anyway.
+    index_topk_tasks: at most this many merge tasks per layer over all T tokens (fewer parts per token where
+    T * index_topk_parts exceeds it): one task per token and part, so a verification step's tokens merge on
+    different SMs at once; about one per SM, since a second round of tasks on an SM is on the critical path. context_hint: cached tokens
     assumed when weighing the indexer and attention tasks (balancing only). num_sms: task lists (one persistent CTA
     per SM; 132 on H100/H200). assign: "levels" (`_assign_levels`) or "list" (`_assign_list`; on the H200 at
     glm5_slice its critical path was 2.50 ms against 2.47 ms for "levels":
@@ -77,6 +80,7 @@ class ScheduleOptions:
     index_chunks: int = 32
     index_align: int = 64
     index_topk_parts: int = 64
+    index_topk_tasks: int = 128
     context_hint: int = 4096
     num_sms: int = 132
     assign: str = "levels"
@@ -84,8 +88,8 @@ class ScheduleOptions:
     task_us: float = 1.0
 
     def __post_init__(self):
-        for name in ("tile_n", "attn_heads", "index_chunks", "index_align", "index_topk_parts", "context_hint",
-                     "num_sms"):
+        for name in ("tile_n", "attn_heads", "index_chunks", "index_align", "index_topk_parts",
+                     "index_topk_tasks", "context_hint", "num_sms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ScheduleOptions.{name}={getattr(self, name)}: must be a positive integer")
         if self.assign not in ("list", "levels"):
@@ -225,9 +229,10 @@ class _Lowering:
                  [(i, nc, opt.index_align, 0) for i in range(nc)], (math.ceil(opt.context_hint / nc) * hi
                                                                    + t * ni * hi) * elt)
             topk = buf("topk_idx", (t, kt), "int32"), buf("topk_valid", (t, kt), "int32")
-            parts = max(d for d in range(1, opt.index_topk_parts + 1) if kt % d == 0)
-            b.op(f"{p}/index_topk", Op.INDEX_TOPK, l, (), cand, topk, [(j, parts, 0, 0) for j in range(parts)],
-                 nc * t * kt * 8)
+            cap = min(opt.index_topk_parts, max(1, opt.index_topk_tasks // t))
+            parts = max(d for d in range(1, cap + 1) if kt % d == 0)  # per token
+            b.op(f"{p}/index_topk", Op.INDEX_TOPK, l, (), cand, topk,
+                 [(j, parts, q, 0) for q in range(t) for j in range(parts)], nc * kt * 8)
         # Level 4: absorb W_uk per head (q_pe RoPE fused), attention per head group over the top-K rows.
         kv_b = b.weight(f"{a}/kv_b_proj/kernel", (c, n * (hn + hv)), dt)
         q_lat, q_pe = buf("q_lat", (t, n, c)), buf("q_pe", (t, n, r))

@@ -240,7 +240,7 @@ class _Machine:
         self.write(t, vals, idx)
 
     def _index_topk(self, t):
-        self.write(t, *topk_reference(*(self.read(b) for b in t.inputs), t.args[0], t.args[1]))
+        self.write(t, *topk_reference(*(self.read(b) for b in t.inputs), t.args[0], t.args[1], t.args[2]))
 
     def _head_dims(self, kv_b, heads, v_dim=None, nope=None):
         """(nope, v) head dims from kv_b [C, N (H_n + H_v)] and one of them."""

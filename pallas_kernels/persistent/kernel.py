@@ -876,10 +876,9 @@ def gpu_candidates(**options) -> list:
     selected latent rows: every head group gathers the split's rows again, so 64 heads per task gather them once
     for all heads, and 32 splits keep a split's 64 rows resident in SMEM for both column passes (one gather per
     row instead of 16). 16 splits of 8 heads halved ATTN's time against 8 splits on the H200 at glm5_slice, T = 1
-    (experiments/results/bench_persistent_glm5_slice_topk_splits16.json vs ..._profile.json). At T = 4 the
-    dispatch table (145 tasks per SM: 32 routed slots) leaves 64 x 32 short of SMEM: 8 x 16 is taken there
-    (8 x 8 until MOE_COMBINE's partials got a union group of their own), and `PersistentDecoder` takes it at T = 1
-    too (one layout at every width: lossless MTP)."""
+    (experiments/results/bench_persistent_glm5_slice_topk_splits16.json vs ..._profile.json). 64 x 32 fits
+    glm5_slice at T = 1 and T = 4 since the dispatch table is walked in chunks (`TABLE_CHUNK`); before, T = 4's
+    whole table (145 tasks per SM) left it short of SMEM and 8 x 16 was taken at every width."""
     from pallas_kernels.persistent.schedule import ScheduleOptions
     return [ScheduleOptions(attn_heads=h, attn_splits=sp, **options) for h, sp in GPU_CHOICES]
 
@@ -949,10 +948,9 @@ class PersistentDecoder:
         `pick_plan`'s choice at the widest step the engine runs, T = 1 + cfg.mtp_depth, else (interpret mode, no
         GPU SMEM to fit) the defaults. One attention layout at every width is what keeps MTP lossless: a split-KV
         merge over a different split count rounds differently, and on the H200 greedy D = 3 tokens left plain
-        greedy's at the 20th of 64 with 32 splits at T = 1 and 16 at T = 4, and matched with 16 at both
-        (tests/test_persistent_kernel.py, gpu mark). Plain decoding's fastest layout (64 heads x 32 splits: a 2.16 ms
-        critical path vs 8 x 16's 2.34 at glm5_slice, bench_persistent_glm5_slice_rope_{lane,8x16}.json) is
-        `PersistentDecoder(model, ScheduleOptions(attn_heads=64, attn_splits=32))`."""
+        greedy's at the 20th of 64 with 32 splits at T = 1 and 16 at T = 4, and matched with one layout at both
+        (tests/test_persistent_kernel.py, gpu mark). glm5_slice takes 64 heads x 32 splits, plain decoding's
+        fastest (a 2.16 ms critical path vs 8 x 16's 2.34, bench_persistent_glm5_slice_rope_{lane,8x16}.json)."""
         from pallas_kernels.persistent.schedule import ScheduleOptions
         if self.options is None:
             self.options = ScheduleOptions() if self.interpret else ScheduleOptions(**pick_plan(

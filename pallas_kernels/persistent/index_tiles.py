@@ -46,9 +46,9 @@ INDEX_TOPK -- `index_topk_body`: for the task's one token (the schedule splits a
   32 rows per chunk.
   Then a compaction pass. The selected rows are listed in flattened (chunk, slot) order = ascending row order,
   finite selections first, the rest idx 0 / valid 0, and the token's INDEX_TOPK tasks split that list: part p of
-  P (64 by default at T = 1, `ScheduleOptions.index_topk_parts` / `index_topk_tasks`) writes its slots [p K / P, (p + 1) K / P) (each part repeats the select; the compaction's
-  scalar loop on one SM was the step's critical path, 0.41 ms per layer on the H200 at 4K,
-  bench_persistent_glm5_slice_phases.json).
+  P (64 by default at T = 1, `ScheduleOptions.index_topk_parts` / `index_topk_tasks`) writes its slots
+  [p K / P, (p + 1) K / P) (each part repeats the select; the compaction's scalar loop on one SM was the step's
+  critical path, 0.41 ms per layer on the H200 at 4K, bench_persistent_glm5_slice_phases.json).
   Per ring slot, each row's two counts (keys > the K-th key; keys equal to it, of which the first `need` in
   flattened order are taken; each <= TN < 256) are packed as byte fields into TP / 2 int32 sums -- 4 cross-warp
   reductions per slot -- and give the row's output slots [n, n'); only a row that meets the part's range is

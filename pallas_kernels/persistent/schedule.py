@@ -4,9 +4,9 @@ assignment, statistics and the on-disk cache.
 `compile_schedule(cfg, tokens, options)` lowers one step of the main model (embedding, every decoder layer,
 final norm + LM head) for T = `tokens` query tokens of one sequence (1 + D for MTP verification) into op groups
 of tile-level tasks (`format.Op`): one GEMV task per output column tile, per-head absorb / W_uv tasks, attention
-per head group, indexer score chunks + a top-k merge per token in `index_topk_parts` parts, the router's logit tiles +
-selection, expert tasks per (routed slot, tile) with the expert id read at run time from the selection's slot
-table, and a combine per column tile. RMSNorms are fused into the consuming GEMVs, RoPE into the cache writes /
+per head group, indexer score chunks + a top-k merge per token in `index_topk_parts` parts, the router's logit
+tiles + selection, expert tasks per (routed slot, tile) with the expert id read at run time from the selection's
+slot table, and a combine per column tile. RMSNorms are fused into the consuming GEMVs, RoPE into the cache writes /
 absorb / score tasks, residual adds into o_proj and the dense down projection.
 
 Dependencies: every buffer has a producer op group; an op group waits on the counters of its inputs' producers,
@@ -66,10 +66,10 @@ class ScheduleOptions:
     repeats the (vector) select, so more parts cost only SMs that wait for the attention anyway.
     index_topk_tasks: at most this many merge tasks per layer over all T tokens (fewer parts per token where
     T * index_topk_parts exceeds it): one task per token and part, so a verification step's tokens merge on
-    different SMs at once; about one per SM, since a second round of tasks on an SM is on the critical path. context_hint: cached tokens
-    assumed when weighing the indexer and attention tasks (balancing only). num_sms: task lists (one persistent CTA
-    per SM; 132 on H100/H200). assign: "levels" (`_assign_levels`) or "list" (`_assign_list`; on the H200 at
-    glm5_slice its critical path was 2.50 ms against 2.47 ms for "levels":
+    different SMs at once; about one per SM, since a second round of tasks on an SM is on the critical path.
+    context_hint: cached tokens assumed when weighing the indexer and attention tasks (balancing only).
+    num_sms: task lists (one persistent CTA per SM; 132 on H100/H200). assign: "levels" (`_assign_levels`) or
+    "list" (`_assign_list`; on the H200 at glm5_slice its critical path was 2.50 ms against 2.47 ms for "levels":
     experiments/results/bench_persistent_glm5_slice_uv_{list,levels}.json); sm_gb_s, task_us: the list
     assignment's cost model of a task, task_us + bytes / sm_gb_s (one SM's TMA weight stream ran at ~32 GB/s on
     the H200, ~1 us between tasks on one SM: bench_persistent_glm5_slice_step2_norm.json).

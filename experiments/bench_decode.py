@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a plain checkout
 
-from glm_fast import Engine, Model, accounting, load_config, results
+from glm_fast import Engine, Model, accounting, device_trace, load_config, results
 from glm_fast.engine.cache import new_state
 from glm_fast.engine.engine import _Mode
 
@@ -93,9 +93,12 @@ def synthetic_state(cfg, batch: int, context: int, max_len: int, depth: int, dty
     return state.replace(layers=layers, mtp=mtp, tokens=tokens, pending=jnp.full((batch,), context, jnp.int32))
 
 
-def time_step(engine: Engine, state, depth: int, steps: int, warmup: int, host_loop: bool = False) -> dict:
+def time_step(engine: Engine, state, depth: int, steps: int, warmup: int, host_loop: bool = False,
+              trace_steps: int = 0, trace_dir: str | None = None) -> dict:
     """Back-to-back ms per decode step of `engine` from `state` (donated), its compile time and the accepted
-    tokens per step; with `host_loop`, also the per-step host read that `Engine.generate` does."""
+    tokens per step; with `host_loop`, also the per-step host read that `Engine.generate` does; with
+    `trace_steps`, a `jax.profiler` trace of that many more back-to-back steps reduced to the device's kernels,
+    busy time and gaps per step (`glm_fast.device_trace`), the trace kept under `trace_dir` if given."""
     step = engine._fn("step", _Mode(depth, True, 0.0, 1.0))
     key = jax.random.key(0)
     tc = time.perf_counter()
@@ -118,12 +121,24 @@ def time_step(engine: Engine, state, depth: int, steps: int, warmup: int, host_l
             accepted.append(np.asarray(n))  # the host read Engine.generate does every step
         out["ms_per_step_host_loop"] = 1e3 * (time.perf_counter() - t) / steps
         out["measured_accepted_per_step"] = 1 + float(np.mean(accepted))
+    if trace_steps:
+        def one():
+            nonlocal state
+            state, emitted, _ = compiled(engine.params, state, key)
+            return emitted
+        with tempfile.TemporaryDirectory(prefix="glm_fast_trace_") as tmp:
+            path = device_trace.capture(one, trace_steps, trace_dir or tmp)
+            out["device_trace"] = device_trace.breakdown(path, trace_steps)
+            if trace_dir:
+                out["device_trace"]["path"] = path
     return out
 
 
-def bench_engine(engine: Engine, batch: int, context: int, depth: int, steps: int, warmup: int) -> dict:
+def bench_engine(engine: Engine, batch: int, context: int, depth: int, steps: int, warmup: int,
+                 trace_steps: int = 0, trace_dir: str | None = None) -> dict:
     state = synthetic_state(engine.cfg, batch, context, engine.max_len, depth, engine.dtype, jax.random.key(1))
-    return time_step(engine, state, depth, steps, warmup, host_loop=True)
+    return time_step(engine, state, depth, steps, warmup, host_loop=True, trace_steps=trace_steps,
+                     trace_dir=trace_dir)
 
 
 def hf_peer(cfg, kind: str, context: int, steps: int, warmup: int) -> dict:
@@ -245,6 +260,9 @@ def main(argv=None) -> None:
                    help="the persistent kernel's attention layout at every step width, e.g. 64x32 (plain decoding's "
                         "fastest at glm5_slice; too large for T = 4's SMEM). Default: the decoder's lossless pick")
     p.add_argument("--cold-warm", action="store_true", help="measure cold/warm time to first token")
+    p.add_argument("--trace-steps", type=int, default=0,
+                   help="also trace this many steps per row: device kernels, busy time and gaps per step")
+    p.add_argument("--trace-dir", default=None, help="keep the --trace-steps traces here (default: deleted)")
     p.add_argument("--hbm-gib", type=float, default=4.0)
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
@@ -290,7 +308,8 @@ def main(argv=None) -> None:
                     if backend == "persistent" and batch > 1:  # the persistent kernel decodes one sequence
                         print(f"skip: backend persistent at batch {batch}", flush=True)
                         continue
-                    r = bench_engine(engine, batch, context, depth, args.steps, args.warmup)
+                    where = args.trace_dir and os.path.join(args.trace_dir, f"{backend}_{context}_{depth}_{batch}")
+                    r = bench_engine(engine, batch, context, depth, args.steps, args.warmup, args.trace_steps, where)
                     nbytes = accounting.bytes_per_decode_step(cfg, context, dtype, tokens=1 + depth, batch=batch)
                     row = {"backend": backend, "layout": "single", "batch": batch, "context_len": context,
                            "mtp_depth": depth, **r, "bytes_per_step": nbytes,

@@ -108,11 +108,11 @@ def test_diagnose_backend_smoke(tmp_path):
 def test_bench_decode_protocol_smoke(tmp_path):
     """The issue's protocol script on tiny (CPU; the persistent kernel in GPU interpret mode): one row per
     (backend, depth, batch) except the persistent backend's batches > 1, roofline fractions from the HBM rate it
-    measured, projected tokens/s on the MTP rows, the JSON written with its ceilings."""
+    measured, projected tokens/s on the MTP rows, a traced step per row, the JSON written with its ceilings."""
     _entry_point("bench_decode").main(
         ["--config", "tiny", "--backends", "xla,persistent", "--contexts", "32", "--batches", "1,2",
          "--mtp-depths", "0,1", "--steps", "1", "--warmup", "1", "--hbm-gib", "0.01", "--out", str(tmp_path),
-         "--name", "bd"])
+         "--name", "bd", "--trace-steps", "1"])
     rec = json.loads((tmp_path / "bd.json").read_text())
     rows = {(r["backend"], r["mtp_depth"], r["batch"]): r for r in rec["rows"]}
     assert set(rows) == {("xla", d, b) for d in (0, 1) for b in (1, 2)} | {("persistent", d, 1) for d in (0, 1)}
@@ -122,6 +122,7 @@ def test_bench_decode_protocol_smoke(tmp_path):
         assert r["bytes_per_step"] > 0 and np.isclose(r["roofline_ms"], 1e3 * r["bytes_per_step"] / (
             rec["ceilings"]["hbm_tb_s"] * 1e12)), r
         assert ("projected_tokens_per_s" in r) == (depth > 0), r
+        assert r["device_trace"]["steps"] == 1 and r["device_trace"]["idle_us"] >= 0, r  # (no GPU track here)
     assert rows[("xla", 1, 1)]["bytes_per_step"] > rows[("xla", 0, 1)]["bytes_per_step"]  # drafts + verify rows
 
 

@@ -69,11 +69,15 @@ def test_batch_equals_per_sequence():
         assert batch == single, depth
 
 
-def test_rollback_leaves_no_stale_rows():
+@pytest.mark.parametrize("depth", [0, 3])
+def test_rollback_leaves_no_stale_rows(depth):
+    """Every row below `pending` written, none past it: after rejected drafts (D = 3, rolled back) and in plain
+    decoding (D = 0, which writes only the accepted row and skips the rollback)."""
     model = _tiny_vocab_model(4)
     engine = Engine(model, max_len=96, prefill_chunk=8, compilation_cache=False)
-    out = engine.generate([[3, 1, 4, 1, 5], [9, 2, 6]], 30, speculative_depth=3)
-    assert out.stats["accepted_per_step"] < 4.0  # some drafts were rejected and rolled back
+    out = engine.generate([[3, 1, 4, 1, 5], [9, 2, 6]], 30, speculative_depth=depth)
+    if depth:
+        assert out.stats["accepted_per_step"] < depth + 1.0  # some drafts were rejected and rolled back
     pending = np.asarray(out.state.pending)
     for cache in out.state.layers:
         for rows in (cache.c_kv, cache.k_pe) + ((cache.index_k,) if cache.index_k is not None else ()):

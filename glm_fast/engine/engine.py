@@ -198,7 +198,8 @@ class Engine:
         drafts = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
         emitted = jnp.where(j < n[:, None], drafts, jnp.where(j == n[:, None], nxt[:, None], -1))
         pending = state.pending + n + 1
-        layers = [c.clear_from(pending, d + 1) for c in layers]  # rejected draft rows leave no trace
+        if d:  # rejected draft rows leave no trace (at D = 0 the step wrote only row pos, now accepted)
+            layers = [c.clear_from(pending, d + 1) for c in layers]
         state = state.replace(layers=layers, pending=pending,
                               tokens=state.tokens.at[bi, pending].set(nxt))
         if d:

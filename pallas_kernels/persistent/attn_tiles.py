@@ -262,7 +262,8 @@ def attn_body(r, key, consts):
         def fill(slot, j):
             r.with_caches((g_kv, g_pe), layer, lambda ckv_l, kpe_l: mla.gather_rows(
                 ckv_l, kpe_l, idx_s.at[j], kv_copy, pe_copy.at[slot], full.at[slot], b=None, seg0=slot * n_seg,
-                n_seg=n_seg, num_rows=bk, seq_len=seq_len, overlay=(new_ckv, new_kpe, pos, layer)))
+                n_seg=n_seg, num_rows=bk, seq_len=seq_len, overlay=(new_ckv, new_kpe, pos, layer),
+                warps=not interpret))
 
         def block_bias(j):
             """0 for a valid slot of this split, -inf else; the column-vector layout of the logits."""

@@ -137,18 +137,23 @@ def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_ring, pe_dst, full_bar, *, b, seg
             which = jnp.where(row == overlay[2][t], row * 0 + t, which)
         return row, which
 
-    def issue(row, which, r):
+    def from_cache(row, which, r):
         if overlay is None:
             copy(ckv_ref, kpe_ref, b, row, r)
-            return
-        new_ckv, new_kpe, _, nb = overlay
-        pl.when(which < 0)(lambda: copy(ckv_ref, kpe_ref, b, row, r))
-        pl.when(which >= 0)(lambda: copy(new_ckv, new_kpe, nb, jnp.maximum(which, 0), r))
+        else:
+            pl.when(which < 0)(lambda: copy(ckv_ref, kpe_ref, b, row, r))
+
+    def from_new(row, which, r):
+        if overlay is not None:
+            new_ckv, new_kpe, _, nb = overlay
+            pl.when(which >= 0)(lambda: copy(new_ckv, new_kpe, nb, jnp.maximum(which, 0), r))
 
     if not warps:
         @pl.loop(0, num_rows)
         def _row(r):
-            issue(*source(r), r)
+            row, which = source(r)
+            from_cache(row, which, r)
+            from_new(row, which, r)
         return
     if num_rows % 4:
         raise ValueError(f"gather_rows: warps=True issues a quarter of the rows per warp; {num_rows=} is not a "
@@ -162,7 +167,18 @@ def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_ring, pe_dst, full_bar, *, b, seg
             row, which = rows[j]
             for q in range(1, 4):
                 row, which = (jnp.where(w == q, v, old) for v, old in zip(rows[q * quarter + j], (row, which)))
-            issue(row, which, w * quarter + j)
+            from_cache(row, which, w * quarter + j)
+
+    if overlay is not None:  # the (at most T) overlaid rows, by one thread: only a block that holds one loops
+        hit = rows[0][1] >= 0
+        for _, which in rows[1:]:
+            hit = hit | (which >= 0)
+
+        @pl.when(hit)
+        def _():
+            @pl.loop(0, num_rows)
+            def _(r):
+                from_new(*source(r), r)
 
 
 def copy_rows(ckv_ref, kpe_ref, kv_ring, pe_dst, full_bar, *, b, t, first, seg0, n_seg: int, num_rows: int):

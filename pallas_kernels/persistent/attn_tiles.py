@@ -7,9 +7,9 @@ each token t (`tiles.per_token`: a loop, not unrolled; every token has its own t
     q tile (the wgmma M is 64; rows nh.. hold stale data, are computed row-independently and never stored), and
     the split's index and valid lists as [block_k] chunks (TMA reads past K zero-fill on the GPU; slots past the
     split's end are masked by an iota in any case);
-  * the selected rows, `block_k` per ring slot, by per-row TMAs (`mla_attention.gather_rows`, indices clamped to
-    the cache) -- rows equal to this step's pos[t'] come from the KV_WRITE `rows` outputs instead of the cache
-    (gather_rows' overlay; `_Refs.cache`'s semantics);
+  * the selected rows, `block_k` per ring slot, by per-row TMAs issued from the 4 warps on the GPU
+    (`mla_attention.gather_rows`, indices clamped to the cache) -- rows equal to this step's pos[t'] come from
+    the KV_WRITE `rows` outputs instead of the cache (gather_rows' overlay; `_Refs.cache`'s semantics);
   * per block: logits [64, block_k] = `qk_logits` over the C/64 latent segments and the rope segment, masked by
     a column bias (0 valid / -inf), then `online_softmax_pv` into an f32 accumulator [64, C / n_pass];
   * `_finish`, then o_part[split, t, h0:h0+nh] (rounded to q_lat's dtype, as the jnp body's
@@ -42,7 +42,12 @@ x 16 splits (bench_persistent_glm5_slice_phases.json) 128 us per task, 98 us of 
 the second pass gathered them a second time; with 64 heads x 32 splits and the resident ring
 (bench_persistent_glm5_slice_attn64x32.json) 48 us per task (23 us issuing, 12.5 us math), 32 tasks per layer
 instead of 128. UV then merges 32 partials per head with a one-slot ring (t_op: `tiles.UV_BYTES`): 43 us per
-task instead of 22, until it merged once per head instead of once per column tile (`tiles.uv_body`).
+task instead of 22, until it merged once per head instead of once per column tile (`tiles.uv_body`). The row
+copies now go out from the warpgroup's 4 warps (`gather_rows(warps=True)`, GPU only): 16 -> 11.5 us issuing and 40
+-> 34 us per task, critical path 2.14 -> 2.11 ms at T = 1 (bench_persistent_glm5_slice_{slot_skip,warp_gather}
+.json; alone, 64 rows of 9 copies took 13.4 us from one thread and 2.4 us from 4 warps:
+experiments/results/probe_tma_issue_h200.json). The price is code: the warps' rows are unrolled, and lowering the
+step took 30 s instead of 17-22 s.
 
 Interpret mode (CPU): the same code with block_k = 8, a plain allocation per ref (jax 0.10's interpreter has no
 RefUnion), the wgmma products as jnp.dot (`qk_logits` / `online_softmax_pv`'s interpret paths) and the per-row

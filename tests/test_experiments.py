@@ -126,6 +126,18 @@ def test_bench_decode_protocol_smoke(tmp_path):
     assert rows[("xla", 1, 1)]["bytes_per_step"] > rows[("xla", 0, 1)]["bytes_per_step"]  # drafts + verify rows
 
 
+def test_probe_tma_issue_smoke(tmp_path):
+    """The gather probe in GPU interpret mode (one-thread issue; the warps' variant needs the GPU): the gathered
+    rows equal the table's, a positive time per gather, the record written; the warps' variant refuses the CPU."""
+    probe = _entry_point("probe_tma_issue")
+    rec = probe.main(["--interpret", "--modes", "thread", "--rows", "8", "--segments", "3", "--ctas", "2",
+                      "--reps", "2", "--trials", "1", "--seq", "64", "--out", str(tmp_path), "--name", "pt"])
+    (row,) = json.loads((tmp_path / "pt.json").read_text())["rows"]
+    assert row == rec["rows"][0] and row["correct"] and row["us_per_gather"] > 0, row
+    with pytest.raises(ValueError, match="warps"):
+        probe.gather_kernel("warps", 8, 3, 2, 2, interpret=True)
+
+
 def test_bench_persistent_smoke(tmp_path):
     """Each variant runs in its own subprocess (GPU interpret mode here). `dense`: the layer-0 cache rows (no
     attention upstream) equal the XLA step's. `full` (tiny is float32): logits, hidden state and cache rows equal

@@ -76,8 +76,9 @@ def breakdown(path: str, steps: int, top: int = 25) -> dict:
             continue
         start, dur = float(e["ts"]), float(e.get("dur", 0.0))
         per_track[key].append((start, start + dur))
-        kernels[e.get("name", "?")][0] += 1
-        kernels[e.get("name", "?")][1] += dur
+        stats = kernels[e.get("name", "?")]
+        stats[0] += 1
+        stats[1] += dur
     spans = [s for v in per_track.values() for s in v]
     busy = _union_us(spans) / steps
     span = (max(e for _, e in spans) - min(s for s, _ in spans)) / steps if spans else 0.0

@@ -118,7 +118,7 @@ def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_ring, pe_dst, full_bar, *, b, seg
     num_rows % 4 == 0) instead of one thread: 5.6x faster on the H200 (2.4 vs 13.4 us for 64 rows of 9 copies,
     experiments/results/probe_tma_issue_h200.json) -- a copy issued by one thread of the warpgroup pays a
     warpgroup barrier and 128 threads' expect-tx arrivals. Warp semantics read no SMEM scalars (jax 0.11.2), so the
-    indices (and overlay sources) are read first, unrolled, and each warp picks its rows' by its warp id.
+    indices (and overlay sources) are read first, unrolled, and each warp picks its rows by its warp id.
     """
     seg = kv_ring.shape[-1]
 

@@ -46,8 +46,8 @@ task instead of 22, until it merged once per head instead of once per column til
 copies now go out from the warpgroup's 4 warps (`gather_rows(warps=True)`, GPU only): 16 -> 11.5 us issuing and 40
 -> 34 us per task, critical path 2.14 -> 2.11 ms at T = 1 (bench_persistent_glm5_slice_{slot_skip,warp_gather}
 .json; alone, 64 rows of 9 copies took 13.5 us from one thread, 3.3 us from 4 warps, 6.3 us with the overlay of
-a new row: experiments/results/probe_tma_issue_h200.json). The price is code: the warps' rows are unrolled, and lowering the
-step took 30 s instead of 17-22 s.
+a new row: experiments/results/probe_tma_issue_h200.json). The price is code: the warps' rows are unrolled, and
+lowering the step took 30 s instead of 17-22 s.
 
 Interpret mode (CPU): the same code with block_k = 8, a plain allocation per ref (jax 0.10's interpreter has no
 RefUnion), the wgmma products as jnp.dot (`qk_logits` / `online_softmax_pv`'s interpret paths) and the per-row

@@ -117,8 +117,9 @@ def gather_rows(ckv_ref, kpe_ref, idx_smem, kv_ring, pe_dst, full_bar, *, b, seg
     warps: issue from the warpgroup's 4 warps at once (`plgpu.warp_map`, a quarter of the rows each; GPU only,
     num_rows % 4 == 0) instead of one thread: 4x faster on the H200 (3.3 vs 13.5 us for 64 rows of 9 copies; 6.3 us
     when the block holds an overlaid row, experiments/results/probe_tma_issue_h200.json) -- a copy issued by one
-    thread of the warpgroup pays a warpgroup barrier and 128 threads' expect-tx arrivals. Warp semantics read no SMEM scalars (jax 0.11.2), so the
-    indices (and overlay sources) are read first, unrolled, and each warp picks its rows by its warp id.
+    thread of the warpgroup pays a warpgroup barrier and 128 threads' expect-tx arrivals. Warp semantics read no
+    SMEM scalars (jax 0.11.2), so the indices (and overlay sources) are read first, unrolled, and each warp picks
+    its rows by its warp id.
     """
     seg = kv_ring.shape[-1]
 

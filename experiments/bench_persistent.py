@@ -463,6 +463,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
 
 
 def main(argv=None):
+    from pallas_kernels.persistent.schedule import ASSIGNMENTS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="glm5_slice")
     p.add_argument("--context", type=int, default=4096)
@@ -485,7 +487,7 @@ def main(argv=None):
     p.add_argument("--step-tiles", type=int, default=None,
                    help="weight tiles per ring step of GEMV / SWIGLU streams (TileConfig.step_tiles: 1, 2 or 4; "
                         "default its default)")
-    p.add_argument("--assign", default=None, choices=("list", "levels"),
+    p.add_argument("--assign", default=None, choices=ASSIGNMENTS,
                    help="the schedule's SM assignment (ScheduleOptions.assign; default its default)")
     p.add_argument("--index-chunks", type=int, default=None,
                    help="indexer score tasks per layer (ScheduleOptions.index_chunks; default its default)")

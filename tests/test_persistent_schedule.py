@@ -1,5 +1,6 @@
 """Persistent-kernel schedule (DESIGN.md sec. 4): structural invariants of the task lists, deadlock freedom under
 random SM interleavings, the simulated step == the XLA backend (`main_cached`), records and the disk cache."""
+import dataclasses
 import time
 import warnings
 
@@ -27,9 +28,11 @@ def tiny():
     return load_config("tiny").model
 
 
-@pytest.fixture(scope="module", params=[1, 3], ids=["T1", "T3"])
+@pytest.fixture(scope="module", params=[(1, "levels"), (3, "levels"), (3, "critical")],
+                ids=["T1", "T3", "T3-critical"])
 def tiny_schedule(request, tiny):
-    return compile_schedule(tiny, request.param, TINY_OPTIONS)
+    t, assign = request.param
+    return compile_schedule(tiny, t, dataclasses.replace(TINY_OPTIONS, assign=assign))
 
 
 def _producers(s):
@@ -57,28 +60,33 @@ def test_waits_match_counters_and_lists_are_topological(tiny_schedule):
 
 
 def test_inputs_are_produced_by_ancestors_and_graph_is_acyclic(tiny_schedule):
+    """A task's inputs are produced by counters known complete when it starts: its own waits and those of the
+    tasks before it on its SM (`_drop_known_waits` drops the repeats), transitively."""
     s = tiny_schedule
     tasks = s.tasks
-    deps = {}
-    for t in tasks:
-        deps.setdefault(t.signal, set()).update(c for c, _ in t.waits)
+    deps = {t.signal: set() for t in tasks}
+    for row in s.sm_lists():
+        known = set()
+        for i in row:
+            known |= {c for c, _ in tasks[i].waits}
+            deps[tasks[i].signal] |= known
     # Kahn's algorithm over the counter (op) graph visits every node iff it is acyclic.
     indeg = {o: len(d) for o, d in deps.items()}
     users = {}
     for o, d in deps.items():
         for p in d:
             users.setdefault(p, []).append(o)
-    frontier, seen = [o for o, n in indeg.items() if n == 0], 0
+    frontier, seen = [o for o, n in indeg.items() if n == 0], []
     while frontier:
         o = frontier.pop()
-        seen += 1
+        seen.append(o)
         for u in users.get(o, ()):
             indeg[u] -= 1
             if indeg[u] == 0:
                 frontier.append(u)
-    assert seen == len(deps)
+    assert len(seen) == len(deps)
     ancestors = {}
-    for o in sorted(deps):  # op ids are created in a topological order
+    for o in seen:  # a topological order
         ancestors[o] = set().union(*([deps[o]] + [ancestors[p] for p in deps[o]]))
     producers = _producers(s)
     for t in tasks:
@@ -139,14 +147,15 @@ def _step(cfg, seed, t):
     return model, caches, tokens[0], pos[0]
 
 
-@pytest.mark.parametrize("t,seed", [(1, 0), (1, 1), (3, 0), (3, 2)])
-def test_simulated_step_matches_xla_backend(tiny, t, seed):
+@pytest.mark.parametrize("t,seed,assign", [(1, 0, "levels"), (1, 1, "levels"), (3, 0, "levels"), (3, 2, "levels"),
+                                           (3, 1, "critical")])
+def test_simulated_step_matches_xla_backend(tiny, t, seed, assign):
     """Random SM interleaving (seeded) of the schedule's tile references == main_cached (float32): logits within
     1e-5 of max |logit|, every cache row within 1e-5."""
     model, caches, tokens, pos = _step(tiny, seed, t)
     expected, _, expected_caches = main_cached(model, caches, tokens[None], pos[None],
                                                jnp.ones((1, t), bool), XLA)
-    sched = compile_schedule(tiny, t, TINY_OPTIONS)
+    sched = compile_schedule(tiny, t, dataclasses.replace(TINY_OPTIONS, assign=assign))
     got = simulate_step(sched, model, caches, tokens, pos, seed=seed)
     assert np.isfinite(np.asarray(got.logits)).all()
     scale = float(jnp.abs(expected).max())
@@ -175,7 +184,7 @@ def test_dsa_really_selects_in_the_simulated_step(tiny):
     assert machine.bufs[valid].sum() == tiny.index_topk < CONTEXT + 1
 
 
-@pytest.mark.parametrize("t,assign", [(1, "levels"), (4, "levels"), (1, "list")])
+@pytest.mark.parametrize("t,assign", [(1, "levels"), (4, "levels"), (1, "list"), (1, "critical"), (4, "critical")])
 def test_glm5_slice_random_interleavings_never_deadlock(t, assign):
     s = compile_schedule(load_config("glm5_slice").model, t, ScheduleOptions(num_sms=132, assign=assign))
     lists = s.sm_lists()
@@ -187,15 +196,44 @@ def test_glm5_slice_random_interleavings_never_deadlock(t, assign):
     assert orders[0] != orders[1]
 
 
-def test_list_assignment_rotates_leftover_tasks_and_beats_levels_in_its_model():
-    """The list assignment keeps glm5's bytes per SM balanced (a level's leftover tasks go to the SM with the
-    fewest bytes among those free) and, judged by its own cost model, finishes no later than LPT per level."""
+def test_list_assignments_stay_balanced_and_beat_levels_in_their_model():
+    """The list assignments keep glm5's bytes per SM balanced (a level's leftover tasks go to the SM with the
+    fewest bytes among those free) and, judged by the cost model, finish before LPT per level: the critical
+    order most of all (it no longer queues each layer's indexer behind q_b tiles)."""
     cfg = load_config("glm5_slice").model
-    by = {a: compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=a)) for a in ("list", "levels")}
+    by = {a: compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=a)) for a in ("list", "levels", "critical")}
     assert schedule_stats(by["list"])["imbalance"] < 1.05
-    assert by["list"].meta["model_us"] <= by["levels"].meta["model_us"]
-    with pytest.raises(ValueError, match="'list' or 'levels'"):
+    assert schedule_stats(by["critical"])["imbalance"] < 1.05
+    assert by["critical"].meta["model_us"] < by["list"].meta["model_us"] <= by["levels"].meta["model_us"]
+    with pytest.raises(ValueError, match="one of 'levels', 'list', 'critical'"):
         ScheduleOptions(assign="greedy")
+    with pytest.raises(ValueError, match="op_us"):
+        ScheduleOptions(op_us=(("ATTN", -1.0),))
+    with pytest.raises(ValueError, match="op_us"):
+        ScheduleOptions(op_us=(("ATTENTION", 30.0),))
+
+
+def test_critical_order_runs_the_indexer_before_q_b_tiles():
+    """Why "critical" exists: in level order (LPT per level) the SMs that score a layer's index keys first run
+    their share of that layer's q_b tiles (one level earlier, and only ABSORB -> ATTN needs them); in bottom-level
+    order no SM runs a q_b tile of a layer before its INDEX_SCORE task of that layer."""
+    cfg = load_config("glm5_slice").model
+
+    def q_b_before_score(assign):
+        s = compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=assign))
+        names = [c.name.rsplit("/", 1)[-1] for c in s.counters]
+        found = scores = 0
+        for row in s.sm_tasks:
+            ops = [(names[s.records[t, F_SIGNAL]], s.records[t, F_LAYER]) for t in row[row >= 0]]
+            for i, (name, layer) in enumerate(ops):
+                if name == "index_score":
+                    scores += 1
+                    found += ("q_b", layer) in ops[:i]
+        assert scores == cfg.num_hidden_layers * ScheduleOptions().index_chunks
+        return found
+
+    assert q_b_before_score("levels") > 0
+    assert q_b_before_score("critical") == 0
 
 
 def test_a_task_before_its_producer_in_one_list_deadlocks(tiny_schedule):

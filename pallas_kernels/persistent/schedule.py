@@ -13,13 +13,19 @@ Dependencies: every buffer has a producer op group; an op group waits on the cou
 minus those already implied by another wait (transitive reduction). Every scratch buffer is written exactly
 once per step (per-layer buffers), so there are no write-after-read hazards.
 
-Assignment (deadlock freedom): tasks are ordered by dependency level (longest path from the step's inputs),
-which is a topological order, largest first within a level, and dealt in that order (`ScheduleOptions.assign`)
-either to the SM that a cost model (`sm_gb_s`, `task_us`) expects to be free first ("list": list scheduling) or to
-the SM with the fewest bytes of that level so far ("levels": LPT per level). Every SM's list is a
-subsequence of that one global order, so at any moment the earliest unfinished task in the global order is the
-head of its SM's list and all its producers (earlier in the order) are finished: some SM can always progress,
-whatever the interleaving. `simulate.py` checks it anyway.
+Assignment (deadlock freedom): tasks are put in one global topological order and dealt in that order
+(`ScheduleOptions.assign`):
+- "levels" (the default): by dependency level (longest path from the step's inputs), largest first within a level,
+  each task to the SM with the fewest bytes of that level so far (LPT per level);
+- "list": the same order, each task to the SM that a cost model (`sm_gb_s`, `task_us`, `op_us`) expects to be free
+  first (list scheduling);
+- "critical": by bottom level (the cost model's longest time from a task's start to the end of the step, which
+  falls along every dependency, so the order is topological) with the list assignment: the tasks of the longest
+  remaining chain go first on every SM, e.g. the indexer's score tasks before the q_b tiles that the levels order
+  put ahead of them on their SMs (those feed only the absorb, which waits for the top-k anyway).
+Every SM's list is a subsequence of the global order, so at any moment the earliest unfinished task in the global
+order is the head of its SM's list and all its producers (earlier in the order) are finished: some SM can always
+progress, whatever the interleaving. `simulate.py` checks it anyway.
 
     sched = load_or_compile(cfg.model, tokens=4, options=ScheduleOptions(num_sms=132), gpu="H200")
     sched.sm_records()      # int32 [num_sms, max_tasks, 32]: what the kernel TMA's in
@@ -49,6 +55,12 @@ from pallas_kernels.persistent.format import (
     MAX_OUTPUTS, MAX_WAITS, MAX_WEIGHTS, NUM_ARGS, RECORD_WIDTH, Buffer, Counter, Kind, Op, Task, Weight)
 
 FORMAT_VERSION = 2  # 2: INDEX_TOPK tasks per (token, part)
+ASSIGNMENTS = ("levels", "list", "critical")
+# The cost model's time per task (us) of the ops whose time is latency rather than weight bytes: the mean time
+# per task after its dependency wait, on the H200 at glm5_slice, 4K context, T = 1
+# (experiments/results/bench_persistent_glm5_slice_warp_gather.json, profile.ops).
+OP_US = (("INDEX_TOPK", 50.0), ("ATTN", 34.0), ("UV", 26.0), ("ROUTER_SELECT", 15.0), ("EMBED", 13.5),
+         ("INDEX_SCORE", 13.0), ("ABSORB", 12.0), ("KV_WRITE", 9.0), ("IK_WRITE", 3.0), ("MOE_COMBINE", 2.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +80,13 @@ class ScheduleOptions:
     T * index_topk_parts exceeds it): one task per token and part, so a verification step's tokens merge on
     different SMs at once; about one per SM, since a second round of tasks on an SM is on the critical path.
     context_hint: cached tokens assumed when weighing the indexer and attention tasks (balancing only).
-    num_sms: task lists (one persistent CTA per SM; 132 on H100/H200). assign: "levels" (`_assign_levels`) or
-    "list" (`_assign_list`; on the H200 at glm5_slice its critical path was 2.50 ms against 2.47 ms for "levels":
-    experiments/results/bench_persistent_glm5_slice_uv_{list,levels}.json); sm_gb_s, task_us: the list
-    assignment's cost model of a task, task_us + bytes / sm_gb_s (one SM's TMA weight stream ran at ~32 GB/s on
-    the H200, ~1 us between tasks on one SM: bench_persistent_glm5_slice_step2_norm.json).
+    num_sms: task lists (one persistent CTA per SM; 132 on H100/H200). assign: "levels" (`_assign_levels`),
+    "list" (`_assign_list` in level order; on the H200 at glm5_slice its critical path was 2.50 ms against 2.47 ms
+    for "levels": experiments/results/bench_persistent_glm5_slice_uv_{list,levels}.json; 2.17 against 2.14 ms:
+    ..._assign_list.json, bytes-only costs) or "critical" (`_assign_list` in bottom-level order). sm_gb_s, task_us,
+    op_us: the cost model of a task, task_us + the op's entry in op_us (ops whose time is latency, not weight
+    bytes), else task_us + bytes / sm_gb_s (one SM's TMA weight stream ran at ~32 GB/s on the H200, ~1 us between
+    tasks on one SM: bench_persistent_glm5_slice_step2_norm.json).
     """
     tile_n: int = 64
     attn_heads: int = 8
@@ -86,17 +100,22 @@ class ScheduleOptions:
     assign: str = "levels"
     sm_gb_s: float = 32.0
     task_us: float = 1.0
+    op_us: tuple[tuple[str, float], ...] = OP_US
 
     def __post_init__(self):
         for name in ("tile_n", "attn_heads", "index_chunks", "index_align", "index_topk_parts",
                      "index_topk_tasks", "context_hint", "num_sms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ScheduleOptions.{name}={getattr(self, name)}: must be a positive integer")
-        if self.assign not in ("list", "levels"):
-            raise ValueError(f"ScheduleOptions.assign={self.assign!r}: 'list' or 'levels'")
+        if self.assign not in ASSIGNMENTS:
+            raise ValueError(f"ScheduleOptions.assign={self.assign!r}: one of {', '.join(map(repr, ASSIGNMENTS))}")
         if not (self.sm_gb_s > 0 and self.task_us >= 0):
             raise ValueError(f"ScheduleOptions: the cost model needs sm_gb_s > 0 and task_us >= 0, got "
                              f"{self.sm_gb_s=} {self.task_us=}")
+        object.__setattr__(self, "op_us", tuple((str(n), float(us)) for n, us in self.op_us))  # from JSON: lists
+        for name, us in self.op_us:
+            if name not in Op.__members__ or not us >= 0:
+                raise ValueError(f"ScheduleOptions.op_us: ({name!r}, {us}) needs an Op name and a time >= 0 (us)")
 
 
 @dataclasses.dataclass
@@ -364,10 +383,7 @@ def _constants(m: ModelConfig) -> np.ndarray:
 
 
 def _records(b: _Builder) -> tuple[np.ndarray, np.ndarray]:
-    """All tasks' records in (level, -height, -bytes, op, tile) order, renumbered by that order; and op id per
-    task. Within a level (no task depends on another) the tasks of the op with the longer chain after it come
-    first, so each SM runs them first: the indexer's q tiles before q_b's (INDEX_SCORE -> INDEX_TOPK -> ATTN
-    waits on them, only ABSORB -> ATTN on q_b), the router's tile before the shared expert's."""
+    """All tasks' records, op group by op group (F_ID not yet set), and the op id per task."""
     rows, op_of = [], []
     for oid, g in enumerate(b.ops):
         n = len(g.args)
@@ -388,14 +404,37 @@ def _records(b: _Builder) -> tuple[np.ndarray, np.ndarray]:
         rec[:, F_ID + 1:] = 0
         rows.append(rec)
         op_of.append(np.full(n, oid))
-    rec, op_of = np.concatenate(rows), np.concatenate(op_of)
-    level, height = (np.array([getattr(g, a) for g in b.ops])[op_of] for a in ("level", "height"))
-    order = np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], -height, level))
-    rec, op_of = rec[order], op_of[order]
-    rec[:, F_ID] = np.arange(len(rec))
+    rec = np.concatenate(rows)
     if rec[:, F_BYTES].max() >= 2 ** 31:
         raise AssertionError("a task's byte count overflows int32")
-    return rec.astype(np.int32), op_of
+    return rec, np.concatenate(op_of)
+
+
+def _task_costs(rec: np.ndarray, opt: ScheduleOptions) -> np.ndarray:
+    """Each task's time (us) in the cost model: task_us + its op's `op_us` entry, else + bytes / sm_gb_s."""
+    fixed = dict(opt.op_us)
+    op_us = np.array([fixed.get(op.name, np.nan) for op in Op])[rec[:, F_OP]]
+    return opt.task_us + np.where(np.isnan(op_us), rec[:, F_BYTES] / (opt.sm_gb_s * 1e3), op_us)
+
+
+def _global_order(b: _Builder, rec: np.ndarray, op_of: np.ndarray, cost: np.ndarray, assign: str) -> np.ndarray:
+    """The permutation of the tasks into the global topological order that the SM lists follow.
+
+    levels / list: (level, -height, -bytes, op, tile): within a level (no task depends on another) the tasks of the
+    op with the longer chain after it come first, so each SM runs them first: the indexer's q tiles before q_b's,
+    the router's tile before the shared expert's. critical: (-bottom level, level, -bytes, op, tile), the bottom
+    level of an op group being its costliest task plus the largest bottom level among its consumers (strictly
+    more than every consumer's, so producers come first)."""
+    level, height = (np.array([getattr(g, a) for g in b.ops]) for a in ("level", "height"))
+    if assign != "critical":
+        return np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], -height[op_of], level[op_of]))
+    group_cost = np.zeros(len(b.ops))
+    np.maximum.at(group_cost, op_of, cost)
+    bottom = group_cost.copy()
+    for oid in reversed(range(len(b.ops))):  # ops are created in a topological order
+        for d in b.ops[oid].deps:
+            bottom[d] = max(bottom[d], group_cost[d] + bottom[oid])
+    return np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], level[op_of], -bottom[op_of]))
 
 
 def _assign_levels(nbytes: np.ndarray, levels: np.ndarray, num_sms: int) -> list[list[int]]:
@@ -419,19 +458,20 @@ def _assign_levels(nbytes: np.ndarray, levels: np.ndarray, num_sms: int) -> list
     return lists
 
 
-def _assign_list(nbytes: np.ndarray, op_of: np.ndarray, deps: list, opt: ScheduleOptions) -> list[list[int]]:
-    """List scheduling in the given (topological, level-sorted, largest-first) order: each task goes to an SM the
-    cost model expects free by the time its op's dependencies (`deps[op]`, op groups) are finished -- among those
-    the one with the fewest bytes so far, so that a level's leftover tasks rotate over the SMs -- else to the SM
-    free first; a task takes task_us + bytes / sm_gb_s. Unlike balancing each level's bytes on its own (every
-    level a barrier), a task lands behind less queued work: a router selection no longer waits behind a shared
-    expert's tiles on a busy SM. Returns each SM's task ids, increasing."""
-    lists: list[list[int]] = [[] for _ in range(opt.num_sms)]
+def _assign_list(cost: np.ndarray, op_of: np.ndarray, deps: list, num_sms: int,
+                 nbytes: np.ndarray) -> list[list[int]]:
+    """List scheduling in the given (topological) order: each task goes to an SM the cost model expects free by
+    the time its op's dependencies (`deps[op]`, op groups) are finished -- among those the one with the fewest
+    bytes so far, so that leftover tasks rotate over the SMs -- else to the SM free first; task i takes cost[i] us.
+    Unlike balancing each level's bytes on its own (every level a barrier), a task lands behind less queued work:
+    a router selection no longer waits behind a shared expert's tiles on a busy SM. Returns each SM's task ids,
+    increasing."""
+    lists: list[list[int]] = [[] for _ in range(num_sms)]
     finish = np.zeros(len(deps))  # expected end of each op group's last task
-    total = [0] * opt.num_sms
-    busy = [(0.0, s) for s in range(opt.num_sms)]  # (free at, SM)
+    total = [0] * num_sms
+    busy = [(0.0, s) for s in range(num_sms)]  # (free at, SM)
     idle: list = []  # (bytes so far, SM, free at): SMs free by an earlier task's ready time
-    for i, (w, op) in enumerate(zip(nbytes.tolist(), op_of.tolist())):
+    for i, (c, w, op) in enumerate(zip(cost.tolist(), nbytes.tolist(), op_of.tolist())):
         ready = max((finish[d] for d in deps[op]), default=0.0)
         while busy and busy[0][0] <= ready:
             t, s = heapq.heappop(busy)
@@ -440,7 +480,7 @@ def _assign_list(nbytes: np.ndarray, op_of: np.ndarray, deps: list, opt: Schedul
             _, s, t = heapq.heappop(idle)
         else:
             t, s = heapq.heappop(busy)
-        end = max(t, ready) + _task_us(w, opt)
+        end = max(t, ready) + c
         finish[op] = max(finish[op], end)
         lists[s].append(i)
         total[s] += w
@@ -448,22 +488,16 @@ def _assign_list(nbytes: np.ndarray, op_of: np.ndarray, deps: list, opt: Schedul
     return lists
 
 
-def _task_us(nbytes: int, opt: ScheduleOptions) -> float:
-    """A task's time in the list assignment's cost model."""
-    return opt.task_us + nbytes / (opt.sm_gb_s * 1e3)
-
-
-def _model_us(nbytes: np.ndarray, op_of: np.ndarray, deps: list, lists: list[list[int]],
-              opt: ScheduleOptions) -> float:
-    """The makespan (us) of per-SM task lists under the list assignment's cost model (each SM runs its list in
-    order; a task starts when its SM is free and its op's dependencies are finished)."""
-    sm_of = np.empty(len(nbytes), np.int64)
+def _model_us(cost: np.ndarray, op_of: np.ndarray, deps: list, lists: list[list[int]]) -> float:
+    """The makespan (us) of per-SM task lists under the cost model (each SM runs its list in order; a task
+    starts when its SM is free and its op's dependencies are finished)."""
+    sm_of = np.empty(len(cost), np.int64)
     for s, lst in enumerate(lists):
         sm_of[lst] = s
     free, finish = np.zeros(len(lists)), np.zeros(len(deps))
-    for i, (w, op, s) in enumerate(zip(nbytes.tolist(), op_of.tolist(), sm_of.tolist())):  # a topological order
+    for c, op, s in zip(cost.tolist(), op_of.tolist(), sm_of.tolist()):  # a topological order
         ready = max((finish[d] for d in deps[op]), default=0.0)
-        free[s] = max(free[s], ready) + _task_us(w, opt)
+        free[s] = max(free[s], ready) + c
         finish[op] = max(finish[op], free[s])
     return float(finish.max())
 
@@ -493,15 +527,20 @@ def compile_schedule(cfg: ModelConfig, tokens: int, options: ScheduleOptions = S
     b = _Lowering(cfg, tokens, options).lower()
     _finish(b)
     rec, op_of = _records(b)
+    cost = _task_costs(rec, options)
+    order = _global_order(b, rec, op_of, cost, options.assign)
+    rec, op_of, cost = rec[order], op_of[order], cost[order]
+    rec[:, F_ID] = np.arange(len(rec))
+    rec = rec.astype(np.int32)
     key = schedule_key(cfg, tokens, options, gpu)
     deps, levels = [g.deps for g in b.ops], [g.level for g in b.ops]
-    lists = (_assign_list(rec[:, F_BYTES], op_of, deps, options) if options.assign == "list"
-             else _assign_levels(rec[:, F_BYTES], np.array(levels)[op_of], options.num_sms))
+    lists = (_assign_levels(rec[:, F_BYTES], np.array(levels)[op_of], options.num_sms) if options.assign == "levels"
+             else _assign_list(cost, op_of, deps, options.num_sms, rec[:, F_BYTES]))
     sm_tasks = np.full((options.num_sms, max(map(len, lists))), -1, np.int32)
     for s, lst in enumerate(lists):
         sm_tasks[s, :len(lst)] = lst
     meta = {"key": key, "hash": key_hash(key), "tokens": tokens, "levels": levels,
-            "model_us": _model_us(rec[:, F_BYTES], op_of, deps, lists, options)}
+            "model_us": _model_us(cost, op_of, deps, lists)}
     _drop_known_waits(rec, sm_tasks, [g.ancestors | (1 << i) for i, g in enumerate(b.ops)])
     waits = rec[:, F_WAITS:F_WAITS + 2 * MAX_WAITS:2]
     waiters = np.bincount(waits[waits >= 0], minlength=len(b.ops))

@@ -91,6 +91,8 @@ from pallas_kernels.persistent.schedule import Schedule
 from pallas_kernels.persistent.simulate import _layernorm, _rope_front, _route
 
 GRID_AXIS = "sm"
+COUNTER_STRIDE = 32  # int32 semaphores per dependency counter: each counter on its own 128-byte line, so that the
+# polls of one counter's waiters and the atomics of its neighbours' signallers never share an L2 line
 # Mosaic GPU lowering semantics (`persistent_step(lowering=...)`): lane semantics, jax 0.10's default, on every
 # jax. jax 0.11 defaults to warpgroup semantics, whose Python layout inference made the kernel's lowering on the
 # H200 150-250 s at T = 1 and 390-470 s at T = 4 -- and that T = 4 kernel's launch did not return
@@ -251,7 +253,8 @@ class _Seam:
 
     def __init__(self, num_counters: int, ordered: bool):
         self.ordered = ordered
-        self.sems = None if ordered else pl.get_global(plgpu.SemaphoreType.REGULAR((num_counters,)))
+        self.sems = (None if ordered else
+                     pl.get_global(plgpu.SemaphoreType.REGULAR((num_counters * COUNTER_STRIDE,))))
 
     def wait(self, get):
         """Until each of the task's counters reaches its target (all its producer tasks signalled); then a proxy
@@ -262,7 +265,8 @@ class _Seam:
             for j in range(MAX_WAITS):
                 @pl.when(j < get(A_NWAITS))
                 def _():
-                    plgpu.semaphore_wait(self.sems.at[get(A_WAITS + 2 * j)], get(A_WAITS + 2 * j + 1),
+                    plgpu.semaphore_wait(self.sems.at[get(A_WAITS + 2 * j) * COUNTER_STRIDE],
+                                         get(A_WAITS + 2 * j + 1),
                                          decrement=False, memory_scope="gpu")
             _compat.fence_proxy_async_global()
 
@@ -272,7 +276,7 @@ class _Seam:
         if self.ordered:
             return
         _compat.fence_proxy_async_global()
-        plgpu.semaphore_signal(self.sems.at[get(A_SIGNAL)], 1, memory_scope="gpu")
+        plgpu.semaphore_signal(self.sems.at[get(A_SIGNAL) * COUNTER_STRIDE], 1, memory_scope="gpu")
 
 
 # ---- op bodies (jnp on values loaded from the refs) ----------------------------------------------------------
@@ -370,23 +374,27 @@ def _arg_align(aux: np.ndarray, n_branches: int, cap: int = 1 << 12) -> tuple:
 
 
 def _branch_fn(key, r: _Refs, align=(1,) * NUM_ARGS):
-    """The code path of one branch key: fn(get, wait) with get(j) -> aux[task, j] (a traced int32) and wait() the
-    task's dependency wait: called first, or by a `prefetching` tile body itself after its first weight tiles.
-    The whole task is a `jax.named_scope` of the op's name: a profiler range (`persistent_step(profile_dir=...)`)."""
+    """The code path of one branch key: fn(get, wait, signal) with get(j) -> aux[task, j] (a traced int32), wait()
+    the task's dependency wait (called first, or by a `prefetching` tile body itself after its first weight tiles)
+    and signal() its release. The whole task, signal included, is a `jax.named_scope` of the op's name: a profiler
+    range (`persistent_step(profile_dir=...)`), so that a critical path's gap between a producer's end and its
+    consumer's end of wait is the poll alone."""
     op = Op(key[0])
     tiled = _TILED.get(op)
     body = tiled(r, key, r.consts) if tiled is not None else None
     if body is None:
         jnp_body = _jnp_body(key, r)
 
-        def run(get, wait):
+        def run(get, wait, signal):
             with jax.named_scope(op.name):
                 wait()
                 jnp_body(get)
+                with jax.named_scope("signal"):
+                    signal()
         return run
     prefetch = getattr(body, "prefetching", False)
 
-    def run(get, wait):
+    def run(get, wait, signal):
         with jax.named_scope(op.name):
             if not prefetch:
                 wait()
@@ -395,7 +403,15 @@ def _branch_fn(key, r: _Refs, align=(1,) * NUM_ARGS):
                 return v if align[a] == 1 else pl.multiple_of(v, align[a])
             body(tl.TaskView(lambda j: get(A_W + j), lambda j: get(A_IN + j), lambda j: get(A_OUT + j), arg,
                              wait if prefetch else (lambda: None)))
+            with jax.named_scope("signal"):
+                signal()
     return run
+
+
+def _no_body(get, wait, signal):
+    """A branch compiled out (`persistent_step(ops=...)`): the task still waits and signals."""
+    wait()
+    signal()
 
 
 def _jnp_body(key, r: _Refs):
@@ -703,16 +719,15 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
         if ops is None or Op(key[0]) in ops:
             fns.append(_branch_fn(key, r, align))
         else:
-            fns.append(lambda get, wait: wait())
+            fns.append(_no_body)
     seam = _Seam(len(s.counters), ordered or not sync)
 
     def run_task(get):
-        wait = lambda: seam.wait(get)  # noqa: E731
+        wait, signal = lambda: seam.wait(get), lambda: seam.signal(get)  # noqa: E731
         if len(fns) == 1:
-            fns[0](get, wait)
+            fns[0](get, wait, signal)
         else:
-            lax.switch(get(A_BRANCH), [lambda f=f: f(get, wait) for f in fns])
-        seam.signal(get)
+            lax.switch(get(A_BRANCH), [lambda f=f: f(get, wait, signal) for f in fns])
 
     if ordered and s.num_sms > 1:  # dependency-ordered execution: the global topological order on one CTA
         @pl.loop(0, len(s.records))
@@ -807,7 +822,7 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     buffer's final value, {buffer id: array} (to locate a wrong op against `simulate.simulate_step`'s).
     profile_dir: turn on Mosaic GPU's on-device profiler (GPU only; 16 bytes of SMEM per range, ~11 KB at
     glm5_slice): every launch records, per CTA, a range per task named by its op with the dependency wait's range
-    ("wait") nested in it, and at T = 1 the bodies' phases (`tl.phase`; at T > 1 their per-token ranges would
+    ("wait") and its release ("signal") nested in it, and at T = 1 the bodies' phases (`tl.phase`; at T > 1 their per-token ranges would
     overflow the profiler's SMEM), in SM clock cycles, and a `jax.debug.callback` dumps them to
     `profile_dir/<name>-<time_ns>-trace.json` (Chrome trace format; jax 0.10.2 names the file once per lowering
     and does not overwrite it: a later launch's trace needs it removed first). `profile.trace_breakdown` reads it.
@@ -826,8 +841,9 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     s = plan.schedule
     compiler = {}
     phases = profile_dir is None or plan.tokens == 1  # the bodies' phase ranges (`tl.PHASES`): at T = 1 only
-    if profile_dir is not None:  # ranges per CTA: an op and a wait range per task; Mosaic's "Init"; the dump's header
-        space = 2 * int((s.sm_tasks >= 0).sum(1).max()) + 8 + (_PHASE_RANGES if phases else 0)
+    if profile_dir is not None:  # ranges per CTA: an op, a wait and a signal range per task; Mosaic's "Init"; the
+        # dump's header
+        space = 3 * int((s.sm_tasks >= 0).sum(1).max()) + 8 + (_PHASE_RANGES if phases else 0)
         compiler.update(profile_space=space, profile_dir=profile_dir)
     if lowering is not None:
         compiler["lowering_semantics"] = _LOWERING[lowering]

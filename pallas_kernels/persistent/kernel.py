@@ -91,8 +91,6 @@ from pallas_kernels.persistent.schedule import Schedule
 from pallas_kernels.persistent.simulate import _layernorm, _rope_front, _route
 
 GRID_AXIS = "sm"
-COUNTER_STRIDE = 32  # int32 semaphores per dependency counter: each counter on its own 128-byte line, so that the
-# polls of one counter's waiters and the atomics of its neighbours' signallers never share an L2 line
 # Mosaic GPU lowering semantics (`persistent_step(lowering=...)`): lane semantics, jax 0.10's default, on every
 # jax. jax 0.11 defaults to warpgroup semantics, whose Python layout inference made the kernel's lowering on the
 # H200 150-250 s at T = 1 and 390-470 s at T = 4 -- and that T = 4 kernel's launch did not return
@@ -253,8 +251,7 @@ class _Seam:
 
     def __init__(self, num_counters: int, ordered: bool):
         self.ordered = ordered
-        self.sems = (None if ordered else
-                     pl.get_global(plgpu.SemaphoreType.REGULAR((num_counters * COUNTER_STRIDE,))))
+        self.sems = None if ordered else pl.get_global(plgpu.SemaphoreType.REGULAR((num_counters,)))
 
     def wait(self, get):
         """Until each of the task's counters reaches its target (all its producer tasks signalled); then a proxy
@@ -265,8 +262,7 @@ class _Seam:
             for j in range(MAX_WAITS):
                 @pl.when(j < get(A_NWAITS))
                 def _():
-                    plgpu.semaphore_wait(self.sems.at[get(A_WAITS + 2 * j) * COUNTER_STRIDE],
-                                         get(A_WAITS + 2 * j + 1),
+                    plgpu.semaphore_wait(self.sems.at[get(A_WAITS + 2 * j)], get(A_WAITS + 2 * j + 1),
                                          decrement=False, memory_scope="gpu")
             _compat.fence_proxy_async_global()
 
@@ -276,7 +272,7 @@ class _Seam:
         if self.ordered:
             return
         _compat.fence_proxy_async_global()
-        plgpu.semaphore_signal(self.sems.at[get(A_SIGNAL) * COUNTER_STRIDE], 1, memory_scope="gpu")
+        plgpu.semaphore_signal(self.sems.at[get(A_SIGNAL)], 1, memory_scope="gpu")
 
 
 # ---- op bodies (jnp on values loaded from the refs) ----------------------------------------------------------

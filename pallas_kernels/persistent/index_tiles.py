@@ -172,7 +172,6 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
         t_ixi=plgpu.SMEM((tokens, sb), jnp.int32),
         t_ixn=plgpu.SMEM((tokens, cfg.tile_k), jnp.float32),
         t_ixc=plgpu.SMEM((_LANES,), jnp.int32),  # reduced counts -> scalars (`_smem_scalars`)
-        t_ixt=plgpu.SMEM((2, _LANES), jnp.int32),  # INDEX_TOPK: packed totals per ring slot (row 0), staging (row 1)
         t_ixk=plgpu.SMEM((TP, cfg.tile_n), jnp.int32),  # INDEX_TOPK: one ring slot's keys, read as scalars
         t_ixq=plgpu.SMEM((qrows, index_dim), dtype),  # q staging, up to 32 heads x H, as read
         t_ixqo=plgpu.SMEM((qrows, index_dim), dtype),  # ... and RoPE'd (then TMA'd to GMEM)
@@ -543,13 +542,12 @@ def index_topk_body(r, key, consts):
     if any(a is None for a in (val_ref, cid_ref, out_idx, out_valid)):
         return None
     s, c = tiles.s, tiles.c
-    ring, bar, cnt, keys, tot = s["t_ixr"], s["t_ixcb"], s["t_ixc"], s["t_ixk"], s["t_ixt"]
+    ring, bar, cnt, keys = s["t_ixr"], s["t_ixcb"], s["t_ixc"], s["t_ixk"]
     nc, _, kk = val_ref.shape[1:]  # (one token per task)
     width = ring.shape[2]  # candidates per row of a ring slot (TN)
     stages = ring.shape[0]
     if (ring.shape[1] != TP or kk % width or (nc * kk // width) % TP or keys.shape != (TP, width)
-            or width > 255 or TP % 2  # (a row's counts are byte fields of the compaction's packed sums)
-            or nc * kk // width // TP > _LANES):  # (one packed total per ring slot in a row of t_ixt)
+            or width > 255 or TP % 2):  # (a row's counts are byte fields of the compaction's packed sums)
         return None
     row_per_chunk = kk // width
     span = kk // parts  # output slots per part
@@ -659,18 +657,10 @@ def index_topk_body(r, key, consts):
 
         in_regs = n_slot <= n_regs
 
-        def packed(key, lo):  # per-thread (keys > lo) + (keys == lo) << 16: a slot's totals (each <= TP * TN)
-            return jnp.sum(jnp.where(key > lo, 1, 0) + jnp.where(key == lo, 1 << 16, 0))
-
-        def threshold():  # the select's K-th key (see below)
-            plgpu.commit_smem()
-            return jnp.maximum(cnt[c(_LANES - 2)], _KEY_NEG_INF)
-
         @pl.when(in_regs)
         def _():
             """Up to REG_SLOTS slots: loaded once, their keys kept in registers for every pass (slots past
-            n_slot read as INT32_MIN, which no threshold counts: thresholds are > INT32_MIN) and for the slots'
-            totals."""
+            n_slot read as INT32_MIN, which no threshold counts: thresholds are > INT32_MIN)."""
             @pl.loop(0, n_slot)
             def _(g):
                 issue(g)
@@ -678,32 +668,19 @@ def index_topk_body(r, key, consts):
             @pl.loop(0, n_slot)
             def _(g):
                 plgpu.barrier_wait(bar.at[g])
-            reg_keys = [jnp.minimum(slot_keys(c(g)), jnp.where(g < n_slot, _INT32_MAX, _INT32_MIN))
-                        for g in range(n_regs)]
+            keys = [jnp.minimum(slot_keys(c(g)), jnp.where(g < n_slot, _INT32_MAX, _INT32_MIN))
+                    for g in range(n_regs)]
 
             def count_regs(_, cands):
                 with phase("count"):
                     counts = None
-                    for key in reg_keys:
+                    for key in keys:
                         counts = tally(counts, key, cands[0])
                     totals(counts)
                 return [[cnt[c(j)] for j in range(len(cands[0]))]]
             select(count_regs)
-            lo = threshold()
-            with phase("totals"):
-                smem_row(tiles, [packed(key, lo) for key in reg_keys], tot.at[0])
 
-        @pl.when(~in_regs)
-        def _():
-            select(count_pass)
-            lo = threshold()
-
-            def slot_total(g, st, carry):
-                smem_row(tiles, [packed(slot_keys(st), lo)], tot.at[1])
-                tot[0, g] = tot[1, c(0)]
-                return carry
-            with phase("totals"):
-                stream(slot_total, c(0), False)
+        pl.when(~in_regs)(lambda: select(count_pass))
 
         plgpu.commit_smem()
         # an early exit below -inf's key (every finite key and some -inf ones are the top K) selects the finite
@@ -713,17 +690,11 @@ def index_topk_body(r, key, consts):
         r_lo = t.arg(0) * span  # this part's output slots [r_lo, r_lo + span)
         r_hi = r_lo + span
 
-        def advance(n, eq, gt, n_eq):
-            """(n, eq) past `gt` keys above lo and `n_eq` equal to it, and whether their output slots [n, n_next)
-            meet this part's. Keys equal to -inf's are -inf candidates: they count as ties, never as selected
-            rows. (eq <= need throughout, so a slot's totals advance as its rows one by one do.)"""
-            n_next = n + gt + jnp.where(lo != _KEY_NEG_INF, jnp.clip(need - eq, 0, n_eq), 0)
-            return n_next, jnp.minimum(eq + n_eq, need), (n < r_hi) & (n_next > r_lo)
-
-        def walk(g, st, n, eq):
-            """Slot g, entered at (n, eq), by rows: each row's selected count from packed vector counts (keys >
-            lo; keys == lo, of which the first `need` in flattened order are taken); a row is scanned by scalars
-            only when its output slots [n, n_next) meet this part's."""
+        def on_slot(g, st, carry):
+            """The slot's selected count per row from packed vector counts (keys > lo; keys == lo, of which
+            the first `need` in flattened order are taken): a row is scanned by scalars only when its output
+            slots [n, n_next) meet this part's."""
+            n, eq = carry
             x = ring[st] if tiles.interpret else plgpu.load(ring.at[st], (), layout=plgpu.Layout.WG_STRIDED(
                 (TP, width), vec_size=1))
             kx = _float_key(x)
@@ -774,6 +745,13 @@ def index_topk_body(r, key, consts):
                 # unrolled: the loads of 8 candidates do not wait for the previous ones' stores
                 lax.fori_loop(0, width, one, carry, unroll=math.gcd(width, 8))
 
+            def advance(n, eq, gt, n_eq):
+                """(n, eq) past `gt` keys above lo and `n_eq` equal to it, and whether their output slots
+                [n, n_next) meet this part's. Keys equal to -inf's are -inf candidates: they count as ties, never
+                as selected rows. (eq <= need throughout, so a slot's totals advance as its rows one by one do.)"""
+                n_next = n + gt + jnp.where(lo != _KEY_NEG_INF, jnp.clip(need - eq, 0, n_eq), 0)
+                return n_next, jnp.minimum(eq + n_eq, need), (n < r_hi) & (n_next > r_lo)
+
             def each_row(i, carry):
                 n, eq = carry
                 n_next, eq_next, meets = advance(n, eq, *row_counts(i))
@@ -781,16 +759,14 @@ def index_topk_body(r, key, consts):
                 return n_next, eq_next
 
             with phase("scan"):
-                lax.fori_loop(0, TP, each_row, (n, eq))
-
-        def on_slot(g, st, carry):
-            """A slot advances (n, eq) by its totals (t_ixt, from the select's keys); only a slot that meets the
-            part's range is walked (at 4K, 1-2 of the ~12 slots per part: the others cost scalars alone)."""
-            n, eq = carry
-            w = tot[0, g]
-            n_next, eq_next, meets = advance(n, eq, w & 0xFFFF, lax.shift_right_logical(w, 16))
-            pl.when(meets)(lambda: walk(g, st, n, eq))
-            return n_next, eq_next
+                # the slot's totals first: only a slot that meets the part's range walks its rows (at 4K, 1-2
+                # of the ~12 slots per part); the others advance by their totals alone
+                words = [cnt[c(w)] for w in range(TP // 2)]
+                gt = sum((w & 255) + (lax.shift_right_logical(w, 16) & 255) for w in words)
+                n_eq = sum((lax.shift_right_logical(w, 8) & 255) + lax.shift_right_logical(w, 24) for w in words)
+                n_next, eq_next, meets = advance(n, eq, gt, n_eq)
+                n_row, eq_row = lax.fori_loop(0, jnp.where(meets, TP, 0), each_row, (n, eq))
+                return jnp.where(meets, n_row, n_next), jnp.where(meets, eq_row, eq_next)
 
         with phase("compact"):
             n, _ = stream(on_slot, (c(0), c(0)), False)

@@ -346,7 +346,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
                 slots: int | None = None, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
                 n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None,
-                assign: str | None = None, index_chunks: int | None = None, lowering: str = "lane") -> dict:
+                assign: str | None = None, index_chunks: int | None = None, lowering: str = "lane",
+                trace_launches: int = 0) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight; None:
     the decoder's, `kernel.fit_tiles`);
@@ -357,7 +358,9 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     per radix pass (TileConfig.topk_bits); step_tiles: weight tiles per ring step of the bulk streams
     (TileConfig.step_tiles; None: its default); assign, index_chunks: the schedule's SM assignment and indexer
     score tasks per layer (ScheduleOptions.assign / .index_chunks; None: their defaults); lowering: Mosaic GPU's
-    lowering semantics ("lane", the kernel's default; "warpgroup"; "jax": jax's default)."""
+    lowering semantics ("lane", the kernel's default; "warpgroup"; "jax": jax's default); trace_launches: a
+    `jax.profiler` trace of that many more back-to-back launches, reduced to the device's kernels per launch
+    (`glm_fast.device_trace`): the kernel's own device time, without the host's dispatch in median_ms."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -428,6 +431,11 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
            "bytes_of_ops": int(sum(t.nbytes for t in plan.schedule.tasks if t.op in op_set)),
            "slots": tiles.slots, "topk_bits": tiles.topk_bits, "step_tiles": tiles.step_tiles,
            "assign": plan.schedule.meta["key"]["options"]["assign"], "lowering": lowering}
+    if trace_launches:
+        from glm_fast import device_trace
+        with tempfile.TemporaryDirectory(prefix="persistent_trace_") as tmp:
+            path = device_trace.capture(lambda: compiled(weights, arrays), trace_launches, tmp)
+            out["device_trace"] = device_trace.breakdown(path, trace_launches)
     if profile:
         out.update(_profile(compiled, (weights, arrays), profile_dir, plan.schedule))
         out["profile_note"] = ("median_ms_profiled includes the profiler's records and its per-launch trace dump "
@@ -491,6 +499,9 @@ def main(argv=None):
                    help="the schedule's SM assignment (ScheduleOptions.assign; default its default)")
     p.add_argument("--index-chunks", type=int, default=None,
                    help="indexer score tasks per layer (ScheduleOptions.index_chunks; default its default)")
+    p.add_argument("--trace-launches", type=int, default=0,
+                   help="per variant, a jax.profiler trace of this many more launches: the kernels' device time "
+                        "(glm_fast.device_trace), e.g. the per-launch cost of the bare table walk")
     p.add_argument("--lowering", default="lane", choices=("lane", "warpgroup", "jax"),
                    help="Mosaic GPU lowering semantics of the persistent variants (jax: jax's default)")
     p.add_argument("--checks", default="tasks,buffers,flips", help="the full variant's simulator checks to run")
@@ -508,7 +519,8 @@ def main(argv=None):
                                      attn_splits=args.attn_splits, attn_heads=args.attn_heads,
                                      n_tokens=args.tokens, topk_bits=args.topk_bits,
                                      step_tiles=args.step_tiles, assign=args.assign,
-                                     index_chunks=args.index_chunks, lowering=args.lowering)), flush=True)
+                                     index_chunks=args.index_chunks, lowering=args.lowering,
+                                     trace_launches=args.trace_launches)), flush=True)
         return
     from glm_fast import results
     rows = []
@@ -522,6 +534,7 @@ def main(argv=None):
                *(["--index-chunks", str(args.index_chunks)] if args.index_chunks else []),
                "--checks", args.checks, "--lowering", args.lowering, "--child", v,
                *(["--profile"] if args.profile else []),
+               *(["--trace-launches", str(args.trace_launches)] if args.trace_launches else []),
                *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else []),
                *(["--attn-heads", str(args.attn_heads)] if args.attn_heads else [])]
         t0 = time.perf_counter()
@@ -542,7 +555,8 @@ def main(argv=None):
                                                  "topk_bits": args.topk_bits, "step_tiles": args.step_tiles,
                                                  "assign": args.assign, "index_chunks": args.index_chunks,
                                                  "lowering": args.lowering,
-                                                 "profile": args.profile, "attn_splits": args.attn_splits,
+                                                 "profile": args.profile, "trace_launches": args.trace_launches,
+                                                 "attn_splits": args.attn_splits,
                                                  "attn_heads": args.attn_heads},
                              rows)
     path = results.write(record, args.out, args.name or f"bench_persistent_{args.config}")

@@ -142,16 +142,19 @@ def test_bench_persistent_smoke(tmp_path):
     """Each variant runs in its own subprocess (GPU interpret mode here). `dense`: the layer-0 cache rows (no
     attention upstream) equal the XLA step's. `full` (tiny is float32): logits, hidden state and cache rows equal
     the XLA step's, and every task of layers 0-1 and every scratch buffer equal the simulator's. A probe
-    (opcodes joined by +) checks its own tasks, skipping those downstream of no-op bodies."""
+    (opcodes joined by +) checks its own tasks, skipping those downstream of no-op bodies. --trace-launches: each
+    persistent variant's traced launch (no device track on the CPU)."""
     probe = "EMBED+GEMV+IK_WRITE+INDEX_SCORE"
     rec = _entry_point("bench_persistent").main(
         ["--config", "tiny", "--context", "40", "--reps", "1", "--variants", f"xla,skeleton,dense,full,{probe}",
-         "--out", str(tmp_path), "--name", "bp"])
+         "--trace-launches", "1", "--out", str(tmp_path), "--name", "bp"])
     rows = {r["variant"]: r for r in json.loads((tmp_path / "bp.json").read_text())["rows"]}
     assert rows == {r["variant"]: r for r in rec["rows"]}
     assert set(rows) == {"xla", "skeleton", "dense", "full", probe}
     assert all("error" not in r and r["median_ms"] > 0 for r in rows.values()), rows
     assert rows["skeleton"]["bytes_of_ops"] == 0 < rows["dense"]["bytes_of_ops"] < rows["full"]["bytes_of_ops"]
+    assert "device_trace" not in rows["xla"]
+    assert all(rows[v]["device_trace"]["steps"] == 1 for v in ("skeleton", "dense", "full", probe)), rows
     errs = rows["dense"]["layer0_rows_vs_xla"]
     assert set(errs) == {"c_kv", "k_pe", "index_k"}
     assert all(e["finite"] and e["rel_err"] < 1e-5 for e in errs.values()), errs

@@ -816,11 +816,11 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     bodies' tuning (tiles.py), None for the v1 jnp bodies everywhere. sync=False compiles the cross-CTA waits
     and signals out (a race: for timing the bare table walk only). buffers=True also returns every scratch
     buffer's final value, {buffer id: array} (to locate a wrong op against `simulate.simulate_step`'s).
-    profile_dir: turn on Mosaic GPU's on-device profiler (GPU only; 16 bytes of SMEM per range, ~11 KB at
+    profile_dir: turn on Mosaic GPU's on-device profiler (GPU only; 16 bytes of SMEM per range, ~12 KB at
     glm5_slice): every launch records, per CTA, a range per task named by its op with the dependency wait's range
-    ("wait") and its release ("signal") nested in it, and at T = 1 the bodies' phases (`tl.phase`; at T > 1 their per-token ranges would
-    overflow the profiler's SMEM), in SM clock cycles, and a `jax.debug.callback` dumps them to
-    `profile_dir/<name>-<time_ns>-trace.json` (Chrome trace format; jax 0.10.2 names the file once per lowering
+    ("wait") and its release ("signal") nested in it, and at T = 1 the bodies' phases (`tl.phase`; at T > 1 their
+    per-token ranges would overflow the profiler's SMEM), in SM clock cycles, and a `jax.debug.callback` dumps them
+    to `profile_dir/<name>-<time_ns>-trace.json` (Chrome trace format; jax 0.10.2 names the file once per lowering
     and does not overwrite it: a later launch's trace needs it removed first). `profile.trace_breakdown` reads it.
     lowering: Mosaic GPU's lowering semantics, "lane" (see `_LOWERING`'s note) / "warpgroup" / None (jax's
     default: warpgroup on jax 0.11, lane on 0.10).

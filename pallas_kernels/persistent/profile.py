@@ -1,13 +1,13 @@
 """Where the persistent kernel's time goes: the per-op breakdown of one launch's on-device profile.
 
-`persistent_step(..., profile_dir=DIR)` turns on Mosaic GPU's profiler: each CTA's warpgroup records, per task,
-a range named by the task's op with the dependency wait's range ("wait") and its release ("signal": the proxy
-fence and the counter's +1) nested in it, plus Mosaic's own "Init" range, and each launch's ranges are dumped to DIR as a Chrome trace (`ProfilerSpec.dump` in
-jax/experimental/mosaic/gpu/profiler.py): {"traceEvents": [{"name", "ph": "B" | "E", "ts", "pid": 1 + the SM
-it ran on, "tid": 1 + the traced warpgroup's index in the grid (here: 1 + the CTA)}]}. `ts` is (globaltimer at the
-CTA's start in ns + SM clock cycles since its first event) / 1e3, so within one (pid, tid) timeline, differences of
-ts times 1e3 are clock cycles (not microseconds), and
-timelines of different CTAs share no clock. The breakdown therefore sums cycles per timeline:
+`persistent_step(..., profile_dir=DIR)` turns on Mosaic GPU's profiler: each CTA's warpgroup records, per task, a
+range named by the task's op with the dependency wait's range ("wait") and its release ("signal": the proxy fence
+and the counter's +1) nested in it, plus Mosaic's own "Init" range, and each launch's ranges are dumped to DIR as a
+Chrome trace (`ProfilerSpec.dump` in jax/experimental/mosaic/gpu/profiler.py): {"traceEvents": [{"name", "ph": "B" |
+"E", "ts", "pid": 1 + the SM it ran on, "tid": 1 + the traced warpgroup's index in the grid (here: 1 + the CTA)}]}.
+`ts` is (globaltimer at the CTA's start in ns + SM clock cycles since its first event) / 1e3, so within one (pid,
+tid) timeline, differences of ts times 1e3 are clock cycles (not microseconds), and timelines of different CTAs
+share no clock. The breakdown therefore sums cycles per timeline:
 
     trace_breakdown(json.load(open(path)), cycles_per_ms=1980e3)
 
@@ -163,12 +163,12 @@ def critical_path(times: dict, schedule) -> dict:
     each task's work -- the previous task of its SM list (it started when that one ended) or the last-ending task
     of the counter it waited on longest (its dependencies were met then) -- whichever ended later.
 
-    Returns length_ns (first path task's start to the last end), tasks (on the path), ops_ns (the path tasks'
-    time from deps met to end, per op), sync_ns (from a binding dependency's end -- its "signal" range, the
-    release, is inside it -- to the wait's end: the counter's trip through L2 and the poll), walk_ns (from the SM's previous task's end to the next's end of wait: the
-    table walk, dispatch and prefetch issue), and per_layer_ns (ops_ns per layer, -1 for no layer): these sum to
-    length_ns. path: [task id, op, layer, start, deps_met, end] per path task, in order (ns since the path's
-    start)."""
+    Returns length_ns (first path task's start to the last end), tasks (on the path), ops_ns (the path tasks' time
+    from deps met to end, per op), sync_ns (from a binding dependency's end -- its "signal" range, the release, is
+    inside it -- to the wait's end: the counter's trip through L2 and the poll), walk_ns (from the SM's previous
+    task's end to the next's end of wait: the table walk, dispatch and prefetch issue), and per_layer_ns (ops_ns per
+    layer, -1 for no layer): these sum to length_ns. path: [task id, op, layer, start, deps_met, end] per path task,
+    in order (ns since the path's start)."""
     tasks = {i: schedule.task(i) for i in times}
     last_of = {}  # counter -> the id of its signalling task that ended last
     for i, t in tasks.items():

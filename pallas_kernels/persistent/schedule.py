@@ -80,13 +80,15 @@ class ScheduleOptions:
     T * index_topk_parts exceeds it): one task per token and part, so a verification step's tokens merge on
     different SMs at once; about one per SM, since a second round of tasks on an SM is on the critical path.
     context_hint: cached tokens assumed when weighing the indexer and attention tasks (balancing only).
-    num_sms: task lists (one persistent CTA per SM; 132 on H100/H200). assign: "levels" (`_assign_levels`),
-    "list" (`_assign_list` in level order; on the H200 at glm5_slice its critical path was 2.50 ms against 2.47 ms
-    for "levels": experiments/results/bench_persistent_glm5_slice_uv_{list,levels}.json; 2.17 against 2.14 ms:
-    ..._assign_list.json, bytes-only costs) or "critical" (`_assign_list` in bottom-level order). sm_gb_s, task_us,
-    op_us: the cost model of a task, task_us + the op's entry in op_us (ops whose time is latency, not weight
-    bytes), else task_us + bytes / sm_gb_s (one SM's TMA weight stream ran at ~32 GB/s on the H200, ~1 us between
-    tasks on one SM: bench_persistent_glm5_slice_step2_norm.json).
+    num_sms: task lists (one persistent CTA per SM; 132 on H100/H200). assign: "levels" (`_assign_levels`), "list"
+    (`_assign_list` in level order; on the H200 at glm5_slice its critical path was 2.50 ms against 2.47 ms for
+    "levels": experiments/results/bench_persistent_glm5_slice_uv_{list,levels}.json; 2.17 against 2.14 ms:
+    ..._assign_list.json, bytes-only costs) or "critical" (`_assign_list` in bottom-level order; three A/B pairs on
+    the H200 gave 2.114 / 2.105 / 2.116 ms against 2.108 / 2.114 / 2.118 for "levels": the indexer runs earlier, the
+    dense layer and the experts' tail lose it again, ..._{assign,signal,stride}_{critical,levels}.json). sm_gb_s,
+    task_us, op_us: the cost model of a task, task_us + the op's entry in op_us (ops whose time is latency, not
+    weight bytes), else task_us + bytes / sm_gb_s (one SM's TMA weight stream ran at ~32 GB/s on the H200, ~1 us
+    between tasks on one SM: bench_persistent_glm5_slice_step2_norm.json).
     """
     tile_n: int = 64
     attn_heads: int = 8

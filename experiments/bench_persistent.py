@@ -49,7 +49,9 @@ dump callback cost time, so a profiled row's timing is `median_ms_profiled`, not
 `median_ms`; each timeline's span in the breakdown is the kernel's own time on that SM. The row's
 `critical_path` (`profile.critical_path`) walks the same launch back from its last task through whichever bound
 each task -- its SM's previous task or the counter it waited on -- and splits the path's length into op time (per
-op and per layer), signal trips (`sync_ns`) and table walks (`walk_ns`): which links of the chain to shorten.
+op and per layer), signal trips (`sync_ns`, the longest links in `slowest_syncs`) and table walks (`walk_ns`):
+which links of the chain to shorten. --trace-launches N: the kernels' device time per launch (a jax.profiler trace,
+`glm_fast.device_trace`), e.g. to compare the kernel's duration with its profiled spans.
 --attn-splits N / --attn-heads H override the attention tasks' split-KV factor and heads per task (default:
 PersistentDecoder's choice, `kernel.gpu_candidates`: 64 heads x 32 splits where the SMEM fits; an unset one takes
 ScheduleOptions' default). --index-chunks N / --assign override the indexer score tasks per layer and the SM

@@ -138,6 +138,7 @@ def test_critical_path_takes_the_later_of_the_sm_and_the_dependency():
     assert out["ops_ns"] == pytest.approx({"GEMV": 100, "ATTN": 85, "UV": 70})
     assert (out["sync_ns"], out["walk_ns"]) == pytest.approx((30, 15))
     assert out["per_layer_ns"] == pytest.approx({0: 100, 1: 155})
+    assert out["slowest_syncs"] == [[pytest.approx(30), 2, "ATTN", 1, 3, "UV", 1]]  # ATTN 2's end -> UV 3's wait
 
 
 def test_task_times_refuses_a_trace_of_another_schedule():
@@ -172,6 +173,10 @@ def test_critical_path_of_a_simulated_launch(seed):
             or s.task(a).signal in {c for c, _ in tb.waits}
     gaps = out["sync_ns"] + out["walk_ns"]
     assert sum(out["ops_ns"].values()) + gaps == pytest.approx(out["length_ns"])
+    syncs = out["slowest_syncs"]
+    assert syncs and all(x[0] == pytest.approx(signal) for x in syncs)  # every sync link: the signal latency
+    assert all(s.task(x[4]).op.name == x[5] and s.task(x[1]).signal in {c for c, _ in s.task(x[4]).waits}
+               for x in syncs)
     assert sum(out["per_layer_ns"].values()) + gaps == pytest.approx(out["length_ns"])
     assert out["length_ns"] == pytest.approx(times[path[-1]][2] - times[path[0]][0])
     # each link's gap is the fixed cost of the constraint that bound it, or of the other when both were close

@@ -158,7 +158,7 @@ def task_times(trace: dict, sm_lists: list[list[int]], cycles_per_ns: float) -> 
     return times
 
 
-def critical_path(times: dict, schedule) -> dict:
+def critical_path(times: dict, schedule, top: int = 10) -> dict:
     """The launch's critical path from `task_times`: from the task that ends last, walk back to whichever bound
     each task's work -- the previous task of its SM list (it started when that one ended) or the last-ending task
     of the counter it waited on longest (its dependencies were met then) -- whichever ended later.
@@ -168,7 +168,10 @@ def critical_path(times: dict, schedule) -> dict:
     inside it -- to the wait's end: the counter's trip through L2 and the poll), walk_ns (from the SM's previous
     task's end to the next's end of wait: the table walk, dispatch and prefetch issue), and per_layer_ns (ops_ns per
     layer, -1 for no layer): these sum to length_ns. path: [task id, op, layer, start, deps_met, end] per path task,
-    in order (ns since the path's start)."""
+    in order (ns since the path's start). slowest_syncs: the `top` longest of the path's sync links, longest first,
+    as [ns, producer id, its op, its layer, waiter id, its op, its layer]: which counters reach their waiters late
+    (on the H200 a signal takes ~0.4 us and most links 1-7 us; the "critical" assignment's schedules showed links
+    of 15-29 us in every run, experiments/results/bench_persistent_glm5_slice_*_critical.json)."""
     tasks = {i: schedule.task(i) for i in times}
     last_of = {}  # counter -> the id of its signalling task that ended last
     for i, t in tasks.items():
@@ -178,7 +181,7 @@ def critical_path(times: dict, schedule) -> dict:
     for ids in schedule.sm_lists():
         prev.update(zip(ids[1:], ids[:-1]))
     cur, path = max(times, key=lambda i: times[i][2]), []
-    ops, per_layer, sync, walk = {}, {}, 0.0, 0.0
+    ops, per_layer, sync, walk, links = {}, {}, 0.0, 0.0, []
     while cur is not None:
         start, met, end = times[cur]
         t = tasks[cur]
@@ -190,6 +193,7 @@ def critical_path(times: dict, schedule) -> dict:
         before = prev.get(cur)
         if dep is not None and (before is None or times[dep][2] > times[before][2]):
             sync += met - times[dep][2]
+            links.append([met - times[dep][2], dep, tasks[dep].op.name, tasks[dep].layer, cur, t.op.name, t.layer])
             cur = dep
         elif before is not None:
             walk += met - times[before][2]
@@ -202,4 +206,5 @@ def critical_path(times: dict, schedule) -> dict:
     return {"length_ns": times[path[-1]][2] - t0, "tasks": len(path),
             "ops_ns": dict(sorted(ops.items(), key=lambda kv: -kv[1])), "sync_ns": sync, "walk_ns": walk,
             "per_layer_ns": dict(sorted(per_layer.items())),
+            "slowest_syncs": sorted(links, key=lambda x: -x[0])[:top],
             "path": [[i, tasks[i].op.name, tasks[i].layer, *(x - t0 for x in times[i])] for i in path]}

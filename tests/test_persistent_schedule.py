@@ -322,3 +322,19 @@ def test_tasks_with_the_longer_chain_after_them_run_first_on_each_sm():
                     assert max(a) < min(b), (first, then, layer, ops)
                     checked += 1
     assert checked
+
+
+def test_cli_prints_the_chosen_schedule(tmp_path, capsys):
+    """`python -m pallas_kernels.persistent.schedule CONFIG --attn HxS --assign A`: the schedule of those options
+    (its model makespan, the figure the README quotes for glm5_slice at 64x32)."""
+    from pallas_kernels.persistent.schedule import main
+    args = ["tiny", "--tokens", "1", "--tile-n", "24", "--num-sms", "7", "--attn", "3x3", "--cache-dir", str(tmp_path)]
+    model_us = {}
+    for assign in ("levels", "critical"):
+        main(args + ["--assign", assign])
+        line = next(ln for ln in capsys.readouterr().out.splitlines() if "model_us" in ln)
+        model_us[assign] = float(line.split(":")[1])
+    s = compile_schedule(load_config("tiny").model, 1,
+                         ScheduleOptions(tile_n=24, num_sms=7, attn_heads=3, attn_splits=3, assign="critical"))
+    assert model_us["critical"] == pytest.approx(s.meta["model_us"], abs=1e-3)
+    assert model_us["critical"] != model_us["levels"]

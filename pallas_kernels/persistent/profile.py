@@ -171,7 +171,8 @@ def critical_path(times: dict, schedule, top: int = 10) -> dict:
     in order (ns since the path's start). slowest_syncs: the `top` longest of the path's sync links, longest first,
     as [ns, producer id, its op, its layer, waiter id, its op, its layer]: which counters reach their waiters late
     (on the H200 a signal takes ~0.4 us and most links 1-7 us; the "critical" assignment's schedules showed links
-    of 15-29 us in every run, experiments/results/bench_persistent_glm5_slice_*_critical.json)."""
+    of 15-29 us in every run, experiments/results/bench_persistent_glm5_slice_{signal,stride}_critical.json and
+    assign_ab_session15/)."""
     tasks = {i: schedule.task(i) for i in times}
     last_of = {}  # counter -> the id of its signalling task that ended last
     for i, t in tasks.items():

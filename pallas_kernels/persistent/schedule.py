@@ -85,10 +85,11 @@ class ScheduleOptions:
     "levels": experiments/results/bench_persistent_glm5_slice_uv_{list,levels}.json; 2.17 against 2.14 ms:
     ..._assign_list.json, bytes-only costs) or "critical" (`_assign_list` in bottom-level order; three A/B pairs on
     the H200 gave 2.114 / 2.105 / 2.116 ms against 2.108 / 2.114 / 2.118 for "levels": the indexer runs earlier, the
-    dense layer and the experts' tail lose it again, ..._{assign,signal,stride}_{critical,levels}.json). sm_gb_s,
-    task_us, op_us: the cost model of a task, task_us + the op's entry in op_us (ops whose time is latency, not
-    weight bytes), else task_us + bytes / sm_gb_s (one SM's TMA weight stream ran at ~32 GB/s on the H200, ~1 us
-    between tasks on one SM: bench_persistent_glm5_slice_step2_norm.json).
+    dense layer and the experts' tail lose it again, assign_ab_session15/,
+    ..._{signal,stride}_{critical,levels}.json). sm_gb_s, task_us, op_us: the cost model of a task, task_us + the
+    op's entry in op_us (ops whose time is latency, not weight bytes), else task_us + bytes / sm_gb_s (one SM's TMA
+    weight stream ran at ~32 GB/s on the H200, ~1 us between tasks on one SM:
+    bench_persistent_glm5_slice_step2_norm.json).
     """
     tile_n: int = 64
     attn_heads: int = 8
@@ -135,7 +136,6 @@ class _OpGroup:
     waits: tuple[int, ...] = ()
     level: int = 0
     ancestors: int = 0  # bitmask of every op group this one transitively depends on
-    height: int = 0  # op groups on the longest dependency chain from this one to the end of the step
 
 
 class _Builder:
@@ -333,10 +333,17 @@ def _finish(b: _Builder) -> None:
             g.ancestors |= 1 << d
         g.waits = tuple(d for d in g.deps if not (implied >> d) & 1)
         g.level = 1 + max((b.ops[d].level for d in g.deps), default=-1)
-    for g in reversed(b.ops):
-        g.height += 1
-        for d in g.deps:
-            b.ops[d].height = max(b.ops[d].height, g.height)
+
+
+def _chain_to_end(b: _Builder, weight: np.ndarray) -> np.ndarray:
+    """Per op group, the heaviest dependency chain from it to the end of the step, itself included, where op group
+    i weighs weight[i]: with weight 1 the op groups on the longest chain (its height), with its costliest task's
+    time the cost model's bottom level (ops are created in a topological order)."""
+    out = np.asarray(weight, np.float64).copy()
+    for oid in reversed(range(len(b.ops))):
+        for d in b.ops[oid].deps:
+            out[d] = max(out[d], weight[d] + out[oid])
+    return out
 
 
 @dataclasses.dataclass
@@ -422,20 +429,19 @@ def _task_costs(rec: np.ndarray, opt: ScheduleOptions) -> np.ndarray:
 def _global_order(b: _Builder, rec: np.ndarray, op_of: np.ndarray, cost: np.ndarray, assign: str) -> np.ndarray:
     """The permutation of the tasks into the global topological order that the SM lists follow.
 
-    levels / list: (level, -height, -bytes, op, tile): within a level (no task depends on another) the tasks of the
-    op with the longer chain after it come first, so each SM runs them first: the indexer's q tiles before q_b's,
-    the router's tile before the shared expert's. critical: (-bottom level, level, -bytes, op, tile), the bottom
-    level of an op group being its costliest task plus the largest bottom level among its consumers (strictly
-    more than every consumer's, so producers come first)."""
-    level, height = (np.array([getattr(g, a) for g in b.ops]) for a in ("level", "height"))
+    levels / list: (level, -height, -bytes, op, tile), height = the op groups on the longest chain from it to the
+    end: within a level (no task depends on another) the tasks of the op with the longer chain after it come first,
+    so each SM runs them first: the indexer's q tiles before q_b's, the router's tile before the shared expert's.
+    critical: (-bottom level, level, -bytes, op, tile), the bottom level of an op group being the cost model's
+    heaviest chain from it to the end (its costliest task per op group): at least each consumer's, and where equal
+    (zero-cost ops) the producer's lower level puts it first."""
+    level = np.array([g.level for g in b.ops])
     if assign != "critical":
+        height = _chain_to_end(b, np.ones(len(b.ops)))
         return np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], -height[op_of], level[op_of]))
     group_cost = np.zeros(len(b.ops))
     np.maximum.at(group_cost, op_of, cost)
-    bottom = group_cost.copy()
-    for oid in reversed(range(len(b.ops))):  # ops are created in a topological order
-        for d in b.ops[oid].deps:
-            bottom[d] = max(bottom[d], group_cost[d] + bottom[oid])
+    bottom = _chain_to_end(b, group_cost)
     return np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], level[op_of], -bottom[op_of]))
 
 
@@ -695,11 +701,15 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="T = 1 + MTP drafts")
     parser.add_argument("--num-sms", type=int, default=132)
     parser.add_argument("--tile-n", type=int, default=64)
+    parser.add_argument("--attn", default="8x8", help="HEADSxSPLITS of the attention tasks (the GPU plan: 64x32)")
+    parser.add_argument("--assign", default="levels", choices=ASSIGNMENTS)
     parser.add_argument("--gpu", default="H200")
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
     cfg = load_config(args.config).model
-    opt = ScheduleOptions(tile_n=args.tile_n, num_sms=args.num_sms)
+    heads, splits = (int(v) for v in args.attn.lower().split("x"))
+    opt = ScheduleOptions(tile_n=args.tile_n, num_sms=args.num_sms, attn_heads=heads, attn_splits=splits,
+                          assign=args.assign)
     for t in args.tokens:
         start = time.perf_counter()
         s = compile_schedule(cfg, t, opt, args.gpu)

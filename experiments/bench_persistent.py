@@ -51,7 +51,11 @@ dump callback cost time, so a profiled row's timing is `median_ms_profiled`, not
 each task -- its SM's previous task or the counter it waited on -- and splits the path's length into op time (per
 op and per layer), signal trips (`sync_ns`, the longest links in `slowest_syncs`) and table walks (`walk_ns`):
 which links of the chain to shorten. --trace-launches N: the kernels' device time per launch (a jax.profiler trace,
-`glm_fast.device_trace`), e.g. to compare the kernel's duration with its profiled spans.
+`glm_fast.device_trace`), e.g. to compare the kernel's duration with its profiled spans. --stamps (GPU only):
+the persistent variants also return each CTA's globaltimer and SM clock at its body's start and its walk's end
+(`persistent_step(stamps=True)`), and the row's `launch_windows` give, for STAMP_LAUNCHES more launches, the
+CTAs' window on one clock, their start and end skews and the SM clock rate between the stamps
+(`profile.launch_window`): against the device trace's kernel time, the launch's cost outside the CTAs' bodies.
 --attn-splits N / --attn-heads H override the attention tasks' split-KV factor and heads per task (default:
 PersistentDecoder's choice, `kernel.gpu_candidates`: 64 heads x 32 splits where the SMEM fits; an unset one takes
 ScheduleOptions' default). --index-chunks N / --assign override the indexer score tasks per layer and the SM
@@ -79,6 +83,7 @@ DENSE = ("GEMV", "SWIGLU_UP", "SWIGLU_DOWN", "ABSORB", "UV", "MOE_COMBINE", "EMB
          "ROUTER_SELECT")
 LOWERED = DENSE + ("ATTN",)
 FULL = LOWERED + ("INDEX_SCORE", "INDEX_TOPK")
+STAMP_LAUNCHES = 5  # launches whose stamps --stamps reports
 SETS = {"walk": [], "skeleton": [], "dense": list(DENSE), "lowered": list(LOWERED), "full": list(FULL),
         "index": ["INDEX_SCORE", "INDEX_TOPK"]}
 
@@ -349,7 +354,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
                 n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None,
                 assign: str | None = None, index_chunks: int | None = None, lowering: str = "lane",
-                trace_launches: int = 0) -> dict:
+                trace_launches: int = 0, stamps: bool = False) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight; None:
     the decoder's, `kernel.fit_tiles`);
@@ -362,7 +367,9 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     score tasks per layer (ScheduleOptions.assign / .index_chunks; None: their defaults); lowering: Mosaic GPU's
     lowering semantics ("lane", the kernel's default; "warpgroup"; "jax": jax's default); trace_launches: a
     `jax.profiler` trace of that many more back-to-back launches, reduced to the device's kernels per launch
-    (`glm_fast.device_trace`): the kernel's own device time, without the host's dispatch in median_ms."""
+    (`glm_fast.device_trace`): the kernel's own device time, without the host's dispatch in median_ms; stamps:
+    the persistent step also returns its CTAs' globaltimer / clock stamps (`persistent_step(stamps=True)`, GPU
+    only), and STAMP_LAUNCHES more launches report their windows (`profile.launch_window`)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -392,6 +399,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     interpret = jax.default_backend() != "gpu"  # CPU: GPU interpret mode, a smoke test of this script
     if profile and interpret:
         raise SystemExit("--profile needs the GPU: Mosaic GPU's on-device profiler does not run in interpret mode")
+    if stamps and interpret:
+        raise SystemExit("--stamps needs the GPU: the globaltimer / clock stamps do not run in interpret mode")
     from pallas_kernels.persistent.schedule import ScheduleOptions
     given = {k: v for k, v in (("attn_splits", attn_splits), ("attn_heads", attn_heads)) if v is not None}
     extra = {k: v for k, v in (("assign", assign), ("index_chunks", index_chunks)) if v}
@@ -415,7 +424,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     profile_dir = tempfile.mkdtemp(prefix="persistent_profile_") if profile else None
     step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
                                                 ops=op_set, sync=sync, tiles=tiles, buffers=full or probe,
-                                                profile_dir=profile_dir,
+                                                profile_dir=profile_dir, stamps=stamps,
                                                 lowering=None if lowering == "jax" else lowering))
     t0 = time.perf_counter()
     sampler = _Sampler()
@@ -427,6 +436,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     t2 = time.perf_counter()
     print(f"compiled in {t2 - t1:.1f} s", file=sys.stderr, flush=True)
     logits, h, rows, *bufs = jax.block_until_ready(compiled(weights, arrays))
+    if stamps:
+        bufs = bufs[:-1]
     print(f"first launch returned in {time.perf_counter() - t2:.1f} s", file=sys.stderr, flush=True)
     out = {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_call_s": time.perf_counter() - t0,
            "median_ms_profiled" if profile else "median_ms": _median_ms(compiled, (weights, arrays), reps),
@@ -438,6 +449,10 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
         with tempfile.TemporaryDirectory(prefix="persistent_trace_") as tmp:
             path = device_trace.capture(lambda: compiled(weights, arrays), trace_launches, tmp)
             out["device_trace"] = device_trace.breakdown(path, trace_launches)
+    if stamps:
+        from pallas_kernels.persistent.profile import launch_window
+        out["launch_windows"] = [launch_window(jax.block_until_ready(compiled(weights, arrays))[-1])
+                                 for _ in range(STAMP_LAUNCHES)]
     if profile:
         out.update(_profile(compiled, (weights, arrays), profile_dir, plan.schedule))
         out["profile_note"] = ("median_ms_profiled includes the profiler's records and its per-launch trace dump "
@@ -509,6 +524,8 @@ def main(argv=None):
     p.add_argument("--checks", default="tasks,buffers,flips", help="the full variant's simulator checks to run")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
+    p.add_argument("--stamps", action="store_true",
+                   help="GPU only: each CTA's globaltimer / clock at its start and end, over 5 more launches")
     p.add_argument("--profile", action="store_true",
                    help="persistent variants with the on-device profiler: a per-op time breakdown (GPU only)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -522,7 +539,7 @@ def main(argv=None):
                                      n_tokens=args.tokens, topk_bits=args.topk_bits,
                                      step_tiles=args.step_tiles, assign=args.assign,
                                      index_chunks=args.index_chunks, lowering=args.lowering,
-                                     trace_launches=args.trace_launches)), flush=True)
+                                     trace_launches=args.trace_launches, stamps=args.stamps)), flush=True)
         return
     from glm_fast import results
     rows = []
@@ -537,6 +554,7 @@ def main(argv=None):
                "--checks", args.checks, "--lowering", args.lowering, "--child", v,
                *(["--profile"] if args.profile else []),
                *(["--trace-launches", str(args.trace_launches)] if args.trace_launches else []),
+               *(["--stamps"] if args.stamps else []),
                *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else []),
                *(["--attn-heads", str(args.attn_heads)] if args.attn_heads else [])]
         t0 = time.perf_counter()
@@ -558,6 +576,7 @@ def main(argv=None):
                                                  "assign": args.assign, "index_chunks": args.index_chunks,
                                                  "lowering": args.lowering,
                                                  "profile": args.profile, "trace_launches": args.trace_launches,
+                                                 "stamps": args.stamps,
                                                  "attn_splits": args.attn_splits,
                                                  "attn_heads": args.attn_heads},
                              rows)

@@ -14,6 +14,8 @@ Keep this tiny. Public names:
                           (e.g. SM count) trace on a CPU host, as in jax's tests/pallas/gpu_pallas_interpret_test.py.
   `fence_proxy_async_global()` PTX `fence.proxy.async.global` (Pallas exposes only the SMEM proxy fence,
                           `plgpu.commit_smem`), via `plgpu.inline_mgpu` as jax's own `helpers.inline_ptx` does.
+  `stamp(ref, column)`    one thread per CTA stores (globaltimer's low 32 bits in ns, the SM's clock) into
+                          `ref[CTA index, column:column + 2]` of an int32 GMEM ref (the kernel's launch window).
   `warpgroup_lowering()`  context manager: `plgpu.kernel` calls inside it lower with warpgroup semantics (jax
                           0.11's default, which runs Mosaic's layout inference; jax 0.10 takes it when asked), to
                           reproduce the device's lowering on a CPU host.
@@ -103,6 +105,26 @@ def fence_proxy_async_global() -> None:
         llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.proxy.async.global;", "", has_side_effects=True)
 
     fence()
+
+
+def stamp(ref, column: int) -> None:
+    """ref[CTA, column] = globaltimer's low 32 bits (ns, one clock for all SMs; wraps every 4.3 s),
+    ref[CTA, column + 1] = %clock (this SM's cycles), stored by thread 0 of the CTA: where a launch's CTAs start
+    and end on a shared clock, and the SM clock rate between two stamps. GPU only (no interpret mode)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, gpu, memref
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+    def store(_ctx, ref_m):
+        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+        first = arith.cmpi(arith.CmpIPredicate.eq, mgpu_utils.thread_idx(), mgpu_utils.c(0, i32))
+        cta = gpu.block_id(gpu.Dimension.x)
+        with mgpu_utils.when(first):
+            memref.store(mgpu_utils.globaltimer("low"), ref_m, [cta, mgpu_utils.c(column, index)])
+            memref.store(mgpu_utils.clock(), ref_m, [cta, mgpu_utils.c(column + 1, index)])
+
+    store(ref)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from glm_fast import Engine, Model, load_config
+from pallas_kernels import _compat
 from pallas_kernels.persistent import Op, ScheduleOptions, attn_tiles, compile_schedule
 from pallas_kernels.persistent import kernel as kernel_mod
 from pallas_kernels.persistent.kernel import KernelPlan, PersistentDecoder
@@ -162,22 +163,33 @@ def test_engine_persistent_rejects_a_batch(monkeypatch, tmp_path):
 # -- CUDA lowering at glm5_slice shapes (no GPU needed) -------------------------------------------------------------
 
 
-def _lower_glm5_slice(ops, tokens: int = 1):
-    """Lowers the kernel with the bodies `ops` for the H200 at glm5_slice, on the plan PersistentDecoder picks."""
+def _lower_glm5_slice(ops, tokens: int = 1, **kwargs):
+    """Lowers the kernel with the bodies `ops` for the H200 at glm5_slice, on the plan PersistentDecoder picks
+    (kwargs: more `persistent_step` options); returns the kernel's length (`kernel_chars`)."""
     from pallas_kernels.persistent.kernel import (abstract_step_args, fit_tiles, gpu_candidates, persistent_step,
                                                   pick_plan)
     from tests.kernel_testing import lower_for_h200
     plan = pick_plan(load_config("glm5_slice").model, tokens, gpu_candidates(num_sms=132), TileConfig(), False)
     tiles = fit_tiles(plan, TileConfig())
-    return lower_for_h200(lambda *a: persistent_step(plan, *a, interpret=False, ops=ops, tiles=tiles),
+    return lower_for_h200(lambda *a: persistent_step(plan, *a, interpret=False, ops=ops, tiles=tiles, **kwargs),
                           *abstract_step_args(plan, 4352))
 
 
 def test_kernel_skeleton_lowers_for_cuda_at_glm5_slice():
     """The persistent loop over 132 CTAs, each CTA's dispatch table TMA'd to SMEM, the grid-wide semaphore seam
     (waits with decrement, W signals per completion) and the lax.switch over every branch lower for the H200;
-    the op bodies are compiled out (`ops=()`)."""
-    _lower_glm5_slice(frozenset())
+    the op bodies are compiled out (`ops=()`). With stamps=True the kernel grows by the two globaltimer / clock
+    stores and returns them last, [CTAs, 4] int32."""
+    plain = _lower_glm5_slice(frozenset())
+    assert _lower_glm5_slice(frozenset(), stamps=True) > plain
+    from pallas_kernels.persistent.kernel import abstract_step_args, persistent_step
+    plan = KernelPlan.build(compile_schedule(load_config("tiny").model, 1, ScheduleOptions(num_sms=4)))
+    with _compat.interpret_mesh("NVIDIA H200", 132):
+        out = jax.eval_shape(lambda *a: persistent_step(plan, *a, interpret=False, tiles=None, stamps=True),
+                             *abstract_step_args(plan, 64))
+    assert (out[-1].shape, out[-1].dtype) == ((4, 4), jnp.int32)
+    with pytest.raises(ValueError, match="stamps: .* need the GPU"):
+        jax.eval_shape(lambda *a: persistent_step(plan, *a, interpret=True, stamps=True), *abstract_step_args(plan, 64))
 
 
 LOWERING = (Op.GEMV, Op.SWIGLU_UP, Op.SWIGLU_DOWN, Op.ABSORB, Op.UV, Op.MOE_COMBINE, Op.EMBED, Op.KV_WRITE,

@@ -183,3 +183,33 @@ def test_critical_path_of_a_simulated_launch(seed):
     links = len(path) - 1
     assert links * min(walk, signal) - 1e-6 <= gaps <= links * (walk + signal) + 1e-6, (gaps, links)
     assert out["sync_ns"] >= 0 and out["walk_ns"] >= 0 and out["sync_ns"] > 0  # tiny's layers chain by counters
+
+
+# -- the launch window (`persistent_step(stamps=True)` -> `launch_window`) ----------------------------------------
+
+
+def test_launch_window_across_the_globaltimer_wrap():
+    """Three CTAs on a 1.5 GHz clock, 1 ms before globaltimer's low word wraps: CTA 1 starts 100 ns before CTA 0,
+    CTA 2 400 ns after it; their bodies take 2.0, 2.05 and 1.99 ms, across the wrap; the clock counters start at
+    random values (some wrap too)."""
+    from pallas_kernels.persistent.profile import launch_window
+    rng = np.random.default_rng(0)
+    t0 = (1 << 32) - 1_000_000  # 1 ms before the low word wraps
+    starts = np.array([t0, t0 - 100, t0 + 400])
+    ends = starts + np.array([2_000_000, 2_050_000, 1_990_000])
+    c0 = rng.integers(0, 1 << 32, 3)
+    stamps = np.stack([starts, c0, ends, c0 + 1.5 * (ends - starts)], 1).astype(np.int64) % (1 << 32)
+    w = launch_window(stamps.astype(np.uint32).view(np.int32))  # what the kernel returns: int32
+    assert w["window_us"] == pytest.approx(2050.0)  # CTA 1's start to its end
+    assert w["start_skew_us"] == pytest.approx(0.5)
+    assert w["end_skew_us"] == pytest.approx((2_050_000 - 100 - 1_990_400) / 1e3)
+    assert w["body_us"] == {"min": 1990.0, "median": 2000.0, "max": 2050.0}
+    assert all(v == pytest.approx(1500, rel=1e-6) for v in w["clock_mhz"].values())
+
+
+@pytest.mark.parametrize("stamps, message", [(np.zeros((3, 3), np.int32), "shape"),
+                                             (np.array([[5, 0, 5, 10]], np.int32), "ends at or before")])
+def test_launch_window_refuses_bad_stamps(stamps, message):
+    from pallas_kernels.persistent.profile import launch_window
+    with pytest.raises(ValueError, match=message):
+        launch_window(stamps)

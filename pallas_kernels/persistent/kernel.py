@@ -697,10 +697,13 @@ def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None, interpret: boo
 
 
 def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.TileConfig | None, interpret: bool,
-          sync: bool, *refs, **scratch):
+          sync: bool, stamps: bool, *refs, **scratch):
     s = plan.schedule
     n_in, n_w, n_c = len(plan.inputs), len(plan.weight_stacks), len(plan.caches)
     aux_ref, sm_ref, *refs = refs
+    if stamps:  # the launch window's output [CTAs, 4] (`persistent_step(stamps=True)`)
+        refs, stamp_ref = refs[:-1], refs[-1]
+        _compat.stamp(stamp_ref, 0)
     inputs, refs = refs[:n_in], refs[n_in:]
     weights, refs = refs[:n_w], refs[n_w:]
     caches, refs = refs[:n_c], refs[n_c:]
@@ -756,6 +759,8 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
 
         pl.run_scoped(walk, plgpu.SMEM((2, TABLE_CHUNK, AUX_WIDTH), jnp.int32),
                       plgpu.Barrier(num_arrivals=1, num_barriers=2))
+    if stamps:
+        _compat.stamp(stamp_ref, 2)
 
 
 _PHASE_RANGES = 512  # profiler ranges per CTA for the bodies' phases at T = 1 (ATTN: 3 per block and pass per task)
@@ -805,7 +810,8 @@ def _step_inputs(plan: KernelPlan, tokens, pos, cos, sin):
 
 def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens, pos, cos, sin, *,
                     interpret=False, ops=None, tiles: tl.TileConfig | None = tl.TileConfig(), sync: bool = True,
-                    buffers: bool = False, profile_dir: str | None = None, lowering: str | None = "lane"):
+                    buffers: bool = False, profile_dir: str | None = None, lowering: str | None = "lane",
+                    stamps: bool = False):
     """One decode step in one kernel launch.
 
     caches: per CACHE buffer of `plan.caches`, its array [L, X] (batch squeezed); tokens, pos int [T];
@@ -824,6 +830,9 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     and does not overwrite it: a later launch's trace needs it removed first). `profile.trace_breakdown` reads it.
     lowering: Mosaic GPU's lowering semantics, "lane" (see `_LOWERING`'s note) / "warpgroup" / None (jax's
     default: warpgroup on jax 0.11, lane on 0.10).
+    stamps: also return, last, int32 [CTAs, 4]: per CTA (globaltimer's low 32 bits in ns, SM clock) as its body
+    starts, then as its task walk ends (`_compat.stamp`; GPU only): the launch's window on one clock for all SMs,
+    against the kernel's device time, and the SM clock rate (`profile.launch_window` reads them).
     """
     if lowering is not None and lowering not in _LOWERING:
         raise ValueError(f"persistent_step: lowering={lowering!r}; use one of {sorted(_LOWERING)} or None "
@@ -834,6 +843,8 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     ordered = params is not None
     if profile_dir is not None and ordered:
         raise ValueError("profile_dir: profiling needs the GPU (Mosaic GPU's on-device profiler), not interpret mode")
+    if stamps and ordered:
+        raise ValueError("stamps: the globaltimer / clock stamps need the GPU, not interpret mode")
     s = plan.schedule
     compiler = {}
     phases = profile_dir is None or plan.tokens == 1  # the bodies' phase ranges (`tl.PHASES`): at T = 1 only
@@ -851,10 +862,11 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     if gmem is not None:
         hidden = _JNP[s.buffers[plan.hidden_buffer].dtype]
         row_types.append(jax.ShapeDtypeStruct((1 if ordered else s.num_sms, *gmem), hidden))
+    stamp_types = [jax.ShapeDtypeStruct((s.num_sms, 4), jnp.int32)] if stamps else []
     kernel = plgpu.kernel(
         lambda *refs, **scratch: _body(plan, ordered, None if ops is None else frozenset(ops), tiles, ordered,
-                                       sync, *refs, **scratch),
-        out_type=(*stack_types, *row_types),
+                                       sync, stamps, *refs, **scratch),
+        out_type=(*stack_types, *row_types, *stamp_types),
         scratch_types=_scratch_types(plan, tiles, ordered),
         grid=(1 if ordered else s.num_sms,),
         grid_names=(GRID_AXIS,),
@@ -867,17 +879,17 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
                       *weights.stacks, *caches)
     finally:
         tl.PHASES.reset(marks)
-    stacks, rows = outs[:len(stack_types)], outs[len(stack_types):]
+    stacks, rows = outs[:len(stack_types)], outs[len(stack_types):len(stack_types) + len(row_types)]
     rows = [rows[g][m] for g, m in (plan.buffer_slot[b][1:] for b in plan.caches)]  # (drops the GMEM scratch)
 
     def buffer(b):
         _, si, j = plan.buffer_slot[b]
         return stacks[si][j]
 
+    result = (buffer(plan.logits_buffer), buffer(plan.hidden_buffer), rows)
     if buffers:
-        everything = {b: buffer(b) for b, slot in enumerate(plan.buffer_slot) if slot[0] == "stack"}
-        return buffer(plan.logits_buffer), buffer(plan.hidden_buffer), rows, everything
-    return buffer(plan.logits_buffer), buffer(plan.hidden_buffer), rows
+        result += ({b: buffer(b) for b, slot in enumerate(plan.buffer_slot) if slot[0] == "stack"},)
+    return result + ((outs[-1],) if stamps else ())
 
 
 GPU_CHOICES = ((64, 32), (8, 16), (8, 8))  # (attn_heads, attn_splits) on the GPU, best first (`gpu_candidates`)

@@ -209,3 +209,32 @@ def critical_path(times: dict, schedule, top: int = 10) -> dict:
             "per_layer_ns": dict(sorted(per_layer.items())),
             "slowest_syncs": sorted(links, key=lambda x: -x[0])[:top],
             "path": [[i, tasks[i].op.name, tasks[i].layer, *(x - t0 for x in times[i])] for i in path]}
+
+
+def launch_window(stamps) -> dict:
+    """A launch's window from `persistent_step(stamps=True)`'s int32 [CTAs, 4]: per CTA (globaltimer's low 32 bits
+    in ns, SM clock cycles) as its body starts, then as its task walk ends. The globaltimer is one clock for all
+    SMs, so this places every CTA on the launch's timeline without the profiler (whose own stores and dump add to
+    the kernel's time), to set against the kernel's device time (`glm_fast.device_trace`): what the two do not
+    share is the launch's start-up and tear-down outside the CTAs' bodies.
+
+    Returns window_us (first body start to last walk end), start_skew_us / end_skew_us (last minus first CTA's
+    start / end), body_us (per CTA, start to end: min, median, max) and clock_mhz (per CTA, clock cycles per
+    globaltimer ns between its two stamps, x 1e3: min, median, max; the rate to convert profiler cycles at).
+    Both counters wrap (at 2^32 ns = 4.3 s, 2^32 cycles): differences are taken modulo 2^32 from CTA 0's start.
+    Raises ValueError for another shape or a CTA whose end is not after its start."""
+    a = np.asarray(stamps).astype(np.int64) & 0xFFFFFFFF
+    if a.ndim != 2 or a.shape[1] != 4 or not len(a):
+        raise ValueError(f"launch_window: stamps of shape {a.shape}; want [CTAs, 4] from persistent_step(stamps=True)")
+    wrap = 1 << 32
+    start, end = [(a[:, k] - a[0, 0] + wrap // 2) % wrap - wrap // 2 for k in (0, 2)]  # ns since CTA 0's start
+    ns, cycles = (a[:, 2] - a[:, 0]) % wrap, (a[:, 3] - a[:, 1]) % wrap
+    bad = np.flatnonzero((ns == 0) | (end <= start))
+    if len(bad):
+        raise ValueError(f"launch_window: CTA {int(bad[0])} ends at or before its start (stamps {a[bad[0]].tolist()})")
+
+    def spread(x):
+        return {"min": float(x.min()), "median": float(np.median(x)), "max": float(x.max())}
+
+    return {"window_us": float(end.max() - start.min()) / 1e3, "start_skew_us": float(np.ptp(start)) / 1e3,
+            "end_skew_us": float(np.ptp(end)) / 1e3, "body_us": spread(ns / 1e3), "clock_mhz": spread(cycles / ns * 1e3)}

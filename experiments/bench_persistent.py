@@ -44,8 +44,9 @@ on the plan PersistentDecoder picks for that T); the checks compare all T rows.
 body's phases -- INDEX_TOPK select / compact, ATTN rows_issue / rows_wait / math -- nested in it). After the
 timing runs, one more launch's trace is read back and broken down (`profile.trace_breakdown`: cycles per op, its
 wait and phases, the table walk outside the tasks, the SMs' spans) into the row's `profile`, in ms at the SM clock
-that nvidia-smi reports right after that launch (`sm_clock_mhz`). The profiler's records and its per-launch trace
-dump callback cost time, so a profiled row's timing is `median_ms_profiled`, not comparable with an unprofiled
+that the launch's stamps measured (`sm_clock_mhz`; --profile implies --stamps; nvidia-smi's reading right
+after the launch, which said 1980 MHz where the stamps measured ~1835, is `smi_clock_mhz`). The profiler's
+records and its per-launch trace dump callback cost time, so a profiled row's timing is `median_ms_profiled`, not comparable with an unprofiled
 `median_ms`; each timeline's span in the breakdown is the kernel's own time on that SM. The row's
 `critical_path` (`profile.critical_path`) walks the same launch back from its last task through whichever bound
 each task -- its SM's previous task or the counter it waited on -- and splits the path's length into op time (per
@@ -326,26 +327,29 @@ def _sm_clock_mhz() -> float | None:
 
 
 def _profile(fn, args, profile_dir: str, schedule) -> dict:
-    """One more launch of the profiled `fn`, its trace broken down (`profile.trace_breakdown`), with the SM clock
-    right after it, and its critical path (`profile.critical_path`, given the clock). jax 0.10.2 names the trace
-    file once per lowering and never overwrites it (that file holds the first launch's trace), so the traces so
-    far are removed first and the newest one is read."""
+    """One more launch of the profiled `fn` (compiled with stamps), its trace broken down
+    (`profile.trace_breakdown`) at the SM clock that its stamps measured (`profile.launch_window`: sm_clock_mhz,
+    the CTAs' median; nvidia-smi's reading right after the launch is kept as smi_clock_mhz, it can be off), and
+    its critical path (`profile.critical_path`, each CTA's cycles at its own measured rate). jax 0.10.2 names the
+    trace file once per lowering and never overwrites it (that file holds the first launch's trace), so the
+    traces so far are removed first and the newest one is read."""
     import jax
 
-    from pallas_kernels.persistent.profile import critical_path, task_times, trace_breakdown
+    from pallas_kernels.persistent.profile import critical_path, launch_window, task_times, trace_breakdown
     for path in glob.glob(os.path.join(profile_dir, "*-trace.json")):
         os.remove(path)
-    jax.block_until_ready(fn(*args))
+    window = launch_window(jax.block_until_ready(fn(*args))[-1])
     jax.effects_barrier()  # the dump is a jax.debug.callback
-    mhz = _sm_clock_mhz()
     with open(max(glob.glob(os.path.join(profile_dir, "*-trace.json")), key=os.path.getmtime)) as f:
         trace = json.load(f)
-    out = {"sm_clock_mhz": mhz, "profile": trace_breakdown(trace, None if mhz is None else mhz * 1e3)}
-    if mhz is not None:
-        try:
-            out["critical_path"] = critical_path(task_times(trace, schedule.sm_lists(), mhz / 1e3), schedule)
-        except Exception as e:  # noqa: BLE001 -- e.g. a trace that does not map onto the task lists: reported,
-            out["critical_path"] = f"{type(e).__name__}: {e}"[:2000]  # the breakdown and timings are kept
+    mhz = window["clock_mhz"]["median"]
+    out = {"sm_clock_mhz": mhz, "smi_clock_mhz": _sm_clock_mhz(), "profile_window": window,
+           "profile": trace_breakdown(trace, mhz * 1e3)}
+    try:
+        rates = np.array(window["cta_clock_mhz"]) / 1e3
+        out["critical_path"] = critical_path(task_times(trace, schedule.sm_lists(), rates), schedule)
+    except Exception as e:  # noqa: BLE001 -- e.g. a trace that does not map onto the task lists: reported,
+        out["critical_path"] = f"{type(e).__name__}: {e}"[:2000]  # the breakdown and timings are kept
     return out
 
 
@@ -399,6 +403,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     interpret = jax.default_backend() != "gpu"  # CPU: GPU interpret mode, a smoke test of this script
     if profile and interpret:
         raise SystemExit("--profile needs the GPU: Mosaic GPU's on-device profiler does not run in interpret mode")
+    stamps = stamps or profile  # a profile's cycles convert at the clock rate its stamps measure
     if stamps and interpret:
         raise SystemExit("--stamps needs the GPU: the globaltimer / clock stamps do not run in interpret mode")
     from pallas_kernels.persistent.schedule import ScheduleOptions

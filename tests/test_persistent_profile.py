@@ -110,27 +110,31 @@ def _timeline(cta: int, sm: int, ranges: list, ghz: float = 2.0) -> list:
             for n, ph, t in ranges]
 
 
-def _task_events(times: dict, lists: list) -> dict:
+def _task_events(times: dict, lists: list, ghz=2.0) -> dict:
     """A trace of the tasks' (start, deps_met, end) ns: Init, then per task its op range with the wait inside;
-    CTA c ran on SM (c + 1) % n (the CTA -> SM mapping is the hardware's, not the identity)."""
+    CTA c ran on SM (c + 1) % n (the CTA -> SM mapping is the hardware's, not the identity) at clock ghz (one for
+    all CTAs, or per CTA)."""
+    rates = np.broadcast_to(np.asarray(ghz, dtype=float), (len(lists),))
     events = []
     for cta, ids in enumerate(lists):
         rs = [("Init", "B", times[ids[0]][0] - 5), ("Init", "E", times[ids[0]][0] - 1)]
         for i in ids:
             start, met, end = times[i]
             rs += [("GEMV", "B", start), ("wait", "B", start), ("wait", "E", met), ("GEMV", "E", end)]
-        events += _timeline(cta, (cta + 1) % len(lists), rs)
+        events += _timeline(cta, (cta + 1) % len(lists), rs, rates[cta])
     return {"traceEvents": events}
 
 
-def test_critical_path_takes_the_later_of_the_sm_and_the_dependency():
+@pytest.mark.parametrize("ghz", [2.0, [2.0, 1.5]])
+def test_critical_path_takes_the_later_of_the_sm_and_the_dependency(ghz):
     """SM 0 runs GEMV 0 then ATTN 2 (waits on GEMV 1, long done: bound by its SM); SM 1 runs GEMV 1 then UV 3
-    (waits on ATTN 2: bound by it). Path 0 -> 2 -> 3; every ns of its 300 is an op, a sync or a walk."""
+    (waits on ATTN 2: bound by it). Path 0 -> 2 -> 3; every ns of its 300 is an op, a sync or a walk. The CTAs'
+    clocks are one rate or a rate each (`launch_window`'s cta_clock_mhz): task_times converts each at its own."""
     stub = _Stub({0: ("GEMV", 0, 0, ()), 1: ("GEMV", 0, 1, ()), 2: ("ATTN", 1, 2, (1,)), 3: ("UV", 1, 3, (2,))},
                  [[0, 2], [1, 3]])
     want = {0: (1000.0, 1000.0, 1100.0), 1: (1000.0, 1000.0, 1050.0), 2: (1110.0, 1115.0, 1200.0),
             3: (1060.0, 1230.0, 1300.0)}
-    times = task_times(_task_events(want, stub.sm_lists()), stub.sm_lists(), cycles_per_ns=2.0)
+    times = task_times(_task_events(want, stub.sm_lists(), ghz), stub.sm_lists(), cycles_per_ns=ghz)
     assert set(times) == set(want) and all(times[i] == pytest.approx(want[i]) for i in want), times
     out = critical_path(times, stub)
     assert [p[0] for p in out["path"]] == [0, 2, 3] and out["tasks"] == 3

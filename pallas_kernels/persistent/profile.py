@@ -9,13 +9,18 @@ Chrome trace (`ProfilerSpec.dump` in jax/experimental/mosaic/gpu/profiler.py): {
 tid) timeline, differences of ts times 1e3 are clock cycles (not microseconds), and timelines of different CTAs
 share no clock. The breakdown therefore sums cycles per timeline:
 
-    trace_breakdown(json.load(open(path)), cycles_per_ms=1980e3)
+    trace_breakdown(json.load(open(path)), cycles_per_ms=1835e3)
+
+at the SM clock that the launch ran at: `persistent_step(..., stamps=True)` measures it (`launch_window`); on
+the H200 it was ~1835 MHz under this kernel while nvidia-smi reported 1980 MHz
+(experiments/results/bench_persistent_glm5_slice_stamps.json), and converting at nvidia-smi's figure had made
+the profiled spans look ~0.15 ms shorter than the kernel's device time.
 
 The critical path needs one clock across SMs: a timeline's first event is its CTA's globaltimer, which all CTAs
 share, and the cycles after it convert at the SM clock (`task_times`); `critical_path` then walks the launch back
 from its last task through whichever bound each task (its SM's previous task, or the counter it waited on):
 
-    critical_path(task_times(trace, schedule.sm_lists(), cycles_per_ns=1.98), schedule)
+    critical_path(task_times(trace, schedule.sm_lists(), np.array(window["cta_clock_mhz"]) / 1e3), schedule)
 """
 from __future__ import annotations
 
@@ -116,7 +121,7 @@ def trace_breakdown(trace: dict, cycles_per_ms: float | None = None) -> dict:
     return out
 
 
-def task_times(trace: dict, sm_lists: list[list[int]], cycles_per_ns: float) -> dict[int, tuple[float, float, float]]:
+def task_times(trace: dict, sm_lists: list[list[int]], cycles_per_ns) -> dict[int, tuple[float, float, float]]:
     """task id -> (start, deps_met, end) in ns on the launch's shared clock, from one launch's trace.
 
     Timeline tid = 1 + CTA index (Mosaic numbers a trace by block and warpgroup; the kernel traces one warpgroup
@@ -124,7 +129,10 @@ def task_times(trace: dict, sm_lists: list[list[int]], cycles_per_ns: float) -> 
     in order; deps_met is the end of the "wait" range nested in it (its start where the task took no wait). The
     pid is 1 + the physical SM the CTA ran on (%smid), which is not the CTA index. A timeline's first event is at
     its CTA's globaltimer (ns, shared by all CTAs); later ones add SM clock cycles, converted here at
-    `cycles_per_ns` (the SM clock in GHz). Raises ValueError where a timeline's ranges do not match its list."""
+    `cycles_per_ns` (the SM clock in GHz: one for all CTAs, or per CTA, e.g. `launch_window`'s measured rates;
+    nvidia-smi's figure can be off: it said 1980 MHz where the stamps measured 1835). Raises ValueError where a
+    timeline's ranges do not match its list."""
+    rates = np.broadcast_to(np.asarray(cycles_per_ns, dtype=float), (len(sm_lists),))
     timelines: dict = {}
     for e in trace["traceEvents"]:
         if e.get("ph") in ("B", "E"):
@@ -134,10 +142,10 @@ def task_times(trace: dict, sm_lists: list[list[int]], cycles_per_ns: float) -> 
         if len(by_pid) != 1:
             raise ValueError(f"timeline tid {tid}: recorded on {len(by_pid)} SMs; a CTA runs on one")
         events = next(iter(by_pid.values()))
-        t0 = events[0]["ts"]
+        t0, rate = events[0]["ts"], rates[tid - 1] if 0 < tid <= len(sm_lists) else rates[0]
         stack, ranges = [], []  # ranges: [start, deps_met, end] of each top-level range other than "Init"
         for e in events:
-            t = t0 * 1e3 + (e["ts"] - t0) * 1e3 / cycles_per_ns
+            t = t0 * 1e3 + (e["ts"] - t0) * 1e3 / rate
             if e["ph"] == "B":
                 if not stack and e["name"] != "Init":
                     ranges.append([t, None, None])
@@ -220,7 +228,8 @@ def launch_window(stamps) -> dict:
 
     Returns window_us (first body start to last walk end), start_skew_us / end_skew_us (last minus first CTA's
     start / end), body_us (per CTA, start to end: min, median, max) and clock_mhz (per CTA, clock cycles per
-    globaltimer ns between its two stamps, x 1e3: min, median, max; the rate to convert profiler cycles at).
+    globaltimer ns between its two stamps, x 1e3: min, median, max; the rate to convert profiler cycles at) and
+    cta_clock_mhz (that rate per CTA, for `task_times`).
     Both counters wrap (at 2^32 ns = 4.3 s, 2^32 cycles): differences are taken modulo 2^32 from CTA 0's start.
     Raises ValueError for another shape or a CTA whose end is not after its start."""
     a = np.asarray(stamps).astype(np.int64) & 0xFFFFFFFF
@@ -236,5 +245,7 @@ def launch_window(stamps) -> dict:
     def spread(x):
         return {"min": float(x.min()), "median": float(np.median(x)), "max": float(x.max())}
 
+    mhz = cycles / ns * 1e3
     return {"window_us": float(end.max() - start.min()) / 1e3, "start_skew_us": float(np.ptp(start)) / 1e3,
-            "end_skew_us": float(np.ptp(end)) / 1e3, "body_us": spread(ns / 1e3), "clock_mhz": spread(cycles / ns * 1e3)}
+            "end_skew_us": float(np.ptp(end)) / 1e3, "body_us": spread(ns / 1e3), "clock_mhz": spread(mhz),
+            "cta_clock_mhz": [round(float(x), 3) for x in mhz]}

@@ -19,8 +19,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run(experts: int, top_k: int, tokens: int, n_group: int, topk_group: int, seed: int, interpret: bool) -> dict:
-    """ROUTER_SELECT on random logits [T, E] and bias [E] (normalised weights, scale 2.5) vs `simulate._route`:
+def run(experts: int, top_k: int, tokens: int, n_group: int, topk_group: int, seed: int, interpret: bool,
+        parts: int = 1) -> dict:
+    """ROUTER_SELECT on random split-K logits [parts, T, E] and bias [E] (normalised weights, scale 2.5) vs
+    `simulate._route`:
     the U = min(E, T * top_k) slots, their coefficients, and the body's SMEM scratch after it ran."""
     import jax
     import jax.numpy as jnp
@@ -37,8 +39,8 @@ def run(experts: int, top_k: int, tokens: int, n_group: int, topk_group: int, se
     consts[C_ROUTED_SCALE] = scale
     cfg = tl.TileConfig()
     scratch = tl.scratch_types(jnp.bfloat16, 64, 0, 0, 0, ((u,), (u, tokens)), cfg, interpret,
-                               router=(experts, top_k, n_group, u))
-    rows = tl.rows_per_copy((tokens, experts), 4)
+                               router=(experts, top_k, n_group, u, parts))
+    rows = tl.rows_per_copy((parts, tokens, experts), 4)
     brow = tl.rows_per_copy((experts,), 4)
     key = (Op.ROUTER_SELECT, (top_k, n_group, topk_group, True), (0,), (("stack", 0),), (("stack", 1), ("stack", 2)))
     dumps = ("t_rv", "t_pres", "t_rid", "t_rw", "t_rsel")
@@ -62,7 +64,7 @@ def run(experts: int, top_k: int, tokens: int, n_group: int, topk_group: int, se
         plgpu.wait_smem_to_gmem(0)
 
     rng = np.random.default_rng(seed)
-    logits = rng.normal(0, 2, (rows, tokens, experts)).astype(np.float32)
+    logits = rng.normal(0, 2, (rows, parts, tokens, experts)).astype(np.float32)
     bias = rng.normal(0, 0.1, (brow, experts)).astype(np.float32)
     out_type = (jax.ShapeDtypeStruct((1, u), jnp.int32), jax.ShapeDtypeStruct((1, u, tokens), jnp.float32),
                 *(jax.ShapeDtypeStruct(scratch[k].shape, scratch[k].dtype) for k in dumps))
@@ -75,7 +77,7 @@ def run(experts: int, top_k: int, tokens: int, n_group: int, topk_group: int, se
     hit = (np.asarray(ids)[:, :, None] == uniq[None, None]).astype(np.float32)  # [T, k, U]
     want_coef = np.einsum("tk,tku->ut", np.asarray(w), hit)
     return {"experts": experts, "top_k": top_k, "tokens": tokens, "n_group": n_group, "topk_group": topk_group,
-            "seed": seed, "interpret": interpret,
+            "seed": seed, "interpret": interpret, "parts": parts,
             "slot_expert_equal": bool((sel == uniq).all()),
             "coef_err": float(np.abs(coef - want_coef).max()),
             "kernel_slot_expert": sel.tolist(), "want_slot_expert": uniq.tolist(),
@@ -147,10 +149,11 @@ def main(argv=None):
     p.add_argument("--n-group", type=int, default=1)
     p.add_argument("--topk-group", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parts", type=int, default=1, help="the logits' split-K partials (ScheduleOptions.router_splits)")
     p.add_argument("--interpret", action="store_true")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     a = p.parse_args(argv)
-    res = run(a.experts, a.top_k, a.tokens, a.n_group, a.topk_group, a.seed, a.interpret)
+    res = run(a.experts, a.top_k, a.tokens, a.n_group, a.topk_group, a.seed, a.interpret, a.parts)
     res["minimal_repro"] = minimal_repro(a.interpret)
     print(json.dumps({k: v for k, v in res.items() if k != "smem"}))
     from glm_fast import results

@@ -128,12 +128,13 @@ def test_bench_decode_protocol_smoke(tmp_path):
 
 def test_probe_tma_issue_smoke(tmp_path):
     """The gather probe in GPU interpret mode (one-thread issue; the warps' variant needs the GPU): the gathered
-    rows equal the table's, a positive time per gather, the record written; the warps' variant refuses the CPU."""
+    rows equal the table's, a finite time per gather (a difference of two interpreted launches' times: noise on
+    the CPU, negative under load), the record written; the warps' variant refuses the CPU."""
     probe = _entry_point("probe_tma_issue")
     rec = probe.main(["--interpret", "--modes", "thread", "--rows", "8", "--segments", "3", "--ctas", "2",
                       "--reps", "2", "--trials", "1", "--seq", "64", "--out", str(tmp_path), "--name", "pt"])
     (row,) = json.loads((tmp_path / "pt.json").read_text())["rows"]
-    assert row == rec["rows"][0] and row["correct"] and row["us_per_gather"] > 0, row
+    assert row == rec["rows"][0] and row["correct"] and np.isfinite(row["us_per_gather"]), row
     with pytest.raises(ValueError, match="warps"):
         probe.gather_kernel("warps", 8, 3, 2, 2, interpret=True)
 
@@ -191,12 +192,13 @@ def test_persistent_lowering_reports_each_opcode(tmp_path):
     assert not row["ok"] and "interpret mode" in row["error"], row
 
 
-@pytest.mark.parametrize("seed", [3, 11])
-def test_router_probe_matches_route(seed):
+@pytest.mark.parametrize("seed,parts", [(3, 1), (11, 3)])
+def test_router_probe_matches_route(seed, parts):
     """probe_router (the ROUTER_SELECT body alone, GPU interpret mode here) on fresh logits: the U slots and
-    their coefficients equal `simulate._route`'s, with group-limited routing and T > 1 (shared experts)."""
+    their coefficients equal `simulate._route`'s, with group-limited routing, T > 1 (shared experts) and the
+    logits as one or three split-K partials (summed in order by both)."""
     res = _entry_point("probe_router").run(experts=32, top_k=4, tokens=3, n_group=4, topk_group=2, seed=seed,
-                                           interpret=True)
+                                           interpret=True, parts=parts)
     assert res["slot_expert_equal"] and res["coef_err"] < 1e-6, res
     assert sum(e >= 0 for e in res["kernel_slot_expert"]) >= 4
     assert all(v["right"] for v in _entry_point("probe_router").minimal_repro(interpret=True).values())

@@ -79,8 +79,8 @@ SMEM_BUDGET = 200 * 1024  # the kernel's scratch with ATTN's (a second ring stag
 RINGS = ("t_w0", "t_w1")  # the weight rings, one union group (SWIGLU_UP and INDEX_SCORE use both at once) ...
 STAGED = ("t_op", "t_uvx")  # ... UV's split partials and merged o: a group placed past t_w0, which UV streams its
 # W_uv tiles through while it reads t_uvx ...
-OWN = ("t_part",)  # ... and MOE_COMBINE's partials, a group of its own (that body uses no ring); all share SMEM with
-# ATTN's on the GPU
+OWN = ("t_part", "t_rl")  # ... and MOE_COMBINE's partials and ROUTER_SELECT's split-K logits, a group of their
+# own (those bodies use no ring; t_rl is 8 KB at glm5_slice T = 4); all share SMEM with ATTN's on the GPU
 _LN2 = math.log(2.0)
 
 

@@ -12,17 +12,20 @@ Task record: int32 [RECORD_WIDTH = 32] (128 bytes, one TMA box row). Unused slot
     5..7        weights[3]   ids into `Schedule.weights` (the kernel's weight refs, in table order)
     8..13       inputs[6]    ids into `Schedule.buffers` (positional per op, see below)
     14..15      outputs[2]   ids into `Schedule.buffers`
-    16..19      args[4]      op-specific integers (below)
-    20 n_waits  number of (counter, target) pairs that follow
-    21..28      waits[4]     (counter id, target) pairs: run only when counter >= target (all producers done)
-    29 id       the task id (its position in the global topological order)
-    30..31      reserved (0)
+    16..20      args[5]      op-specific integers (below)
+    21 n_waits  number of (counter, target) pairs that follow
+    22..29      waits[4]     (counter id, target) pairs: run only when counter >= target (all producers done)
+    30 id       the task id (its position in the global topological order)
+    31          reserved (0)
 
 Per op: weights / inputs / outputs / args (buffers are row-major; T = query tokens, one sequence):
     EMBED          [embedding] / [tokens] / [h] / -             h[t] = embedding[tokens[t]]
-    GEMV           [W, norm_w] / [x, residual] / [y] / [col0, ncols, eps, transposed]
+    GEMV           [W, norm_w] / [x, residual] / [y] / [col0, ncols, eps, transposed, part]
                    y[:, c] = residual[:, c] + rmsnorm?(x) @ W[:, c] for c in [col0, col0 + ncols); f32
-                   accumulate, cast to y's dtype; eps = constant id (-1: no norm); transposed: W stored [N, K]
+                   accumulate, cast to y's dtype; eps = constant id (-1: no norm); transposed: W stored [N, K].
+                   Split-K when y is [P, T, N] (the router's logits): y[part][:, c] = rmsnorm?(x)[:, ks] @
+                   W[ks, c] over the K / P rows ks = [part K / P, (part + 1) K / P), the norm over all of x;
+                   the consumer sums the P partials in order (`simulate.sum_parts`). part = 0 otherwise
     KV_WRITE       [kv_norm_w] / [kva, pos, cos, sin] / [c_kv, k_pe] / [eps]
                    cache rows pos[t]: c_kv = rmsnorm(kva[:, :C]), k_pe = rope(kva[:, C:])
     IK_WRITE       [ln_w, ln_b] / [ik, pos, cos, sin] / [index_k] / [eps]
@@ -44,7 +47,7 @@ Per op: weights / inputs / outputs / args (buffers are row-major; T = query toke
     UV             [kv_b] / [o_part, lse_part] / [v] / [head]   merges the splits: o = sum_s exp(lse_s - lse)
                    o_s (lse = logsumexp_s lse_s), cast, v[:, head] = o . W_uv[head]
     ROUTER_SELECT  [bias] / [router_logits] / [slot_expert, slot_coef] / [top_k, n_group, topk_group, norm]
-                   sigmoid + bias choice, group-limited top-k, normalised weights x ROUTED_SCALE; distinct
+                   logits = the sum of router_logits' [P, T, E] split-K partials (in order), sigmoid + bias choice, group-limited top-k, normalised weights x ROUTED_SCALE; distinct
                    experts sorted into U slots (-1 = unused), coef[u, t] = token t's weight of slot u
     SWIGLU_UP      [w_gate, w_up, norm_w] / [x, slot_expert] / [act] / [col0, ncols, slot, eps]
                    act[(slot,) :, c] = silu(x_n @ Wg[:, c]) * (x_n @ Wu[:, c]); slot >= 0: W = stacked
@@ -65,9 +68,9 @@ import enum
 import numpy as np
 
 RECORD_WIDTH = 32
-MAX_WEIGHTS, MAX_INPUTS, MAX_OUTPUTS, NUM_ARGS, MAX_WAITS = 3, 6, 2, 4, 4
+MAX_WEIGHTS, MAX_INPUTS, MAX_OUTPUTS, NUM_ARGS, MAX_WAITS = 3, 6, 2, 5, 4
 F_OP, F_LAYER, F_TILE, F_SIGNAL, F_BYTES = 0, 1, 2, 3, 4
-F_WEIGHTS, F_INPUTS, F_OUTPUTS, F_ARGS, F_NWAITS, F_WAITS, F_ID = 5, 8, 14, 16, 20, 21, 29
+F_WEIGHTS, F_INPUTS, F_OUTPUTS, F_ARGS, F_NWAITS, F_WAITS, F_ID = 5, 8, 14, 16, 21, 22, 30
 
 
 class Op(enum.IntEnum):
@@ -196,6 +199,8 @@ def written_region(task: Task, buffers: list[Buffer]) -> list[tuple[int, tuple[s
     if op == Op.INDEX_TOPK:  # part a[0] of a[1]: its 1/a[1] of token a[2]'s K selected-row slots
         n = buffers[out[0]].shape[-1] // a[1]
         return [(b, (slice(a[2], a[2] + 1), slice(a[0] * n, (a[0] + 1) * n))) for b in out]
+    if op == Op.GEMV and len(buffers[out[0]].shape) == 3:  # a split-K part
+        return [(out[0], (a[4], full, slice(a[0], a[0] + a[1])))]
     if op in (Op.GEMV, Op.MOE_COMBINE):
         return [(out[0], (full, slice(a[0], a[0] + a[1])))]
     if op in (Op.KV_WRITE, Op.IK_WRITE):

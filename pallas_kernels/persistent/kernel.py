@@ -38,7 +38,7 @@ experiments/results/bench_persistent_glm5_slice*.json). In GPU interpret mode (n
 replaced by dependency-ordered execution: one CTA walks the global topological order (`schedule.records`, task id
 = position), and wait / signal are no-ops.
 
-Op bodies. GEMV (fused RMSNorm, residual, [N, K] weights, f32 router logits), SWIGLU_UP and SWIGLU_DOWN (dense,
+Op bodies. GEMV (fused RMSNorm, residual, [N, K] weights, f32 router logits as split-K partials), SWIGLU_UP and SWIGLU_DOWN (dense,
 shared, routed with the expert id read at run time) are TMA weight tiles through an SMEM ring + swap-AB wgmma
 (`tiles.py`, reusing `pallas_kernels.gemv`'s tile functions); ABSORB is the same over K-major W_uk tiles plus RoPE
 spread over the warpgroup's threads (`tiles.rope_rows`); UV merges the split-KV partials into each x tile in
@@ -101,13 +101,13 @@ _LOWERING = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSe
 _JNP = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int32": jnp.int32}
 
 # aux row: [branch, signal, n_waits, (counter, target) x MAX_WAITS, weight idx x 3, input idx x 6, output idx x 2,
-#           args x 4]
+#           args x 5]
 A_BRANCH, A_SIGNAL, A_NWAITS, A_WAITS = 0, 1, 2, 3
 A_W = A_WAITS + 2 * MAX_WAITS
 A_IN = A_W + MAX_WEIGHTS
 A_OUT = A_IN + MAX_INPUTS
 A_ARGS = A_OUT + MAX_OUTPUTS
-AUX_WIDTH = 32  # >= A_ARGS + NUM_ARGS (27); 128-byte rows for the TMA of a CTA's table
+AUX_WIDTH = 32  # >= A_ARGS + NUM_ARGS (28); 128-byte rows for the TMA of a CTA's table
 # Rows of a CTA's dispatch table per SMEM buffer (the walk double-buffers them): 8 KB of SMEM at any list length,
 # where the whole table took 18.5 KB at glm5_slice T = 4 (145 tasks per SM) and kept 64 x 32 attention out of it.
 TABLE_CHUNK = 32
@@ -441,6 +441,9 @@ def _jnp_body(key, r: _Refs):
     if op == Op.GEMV:
         n, eps, transposed = static
 
+        out_shape = r.stacks[oslots[0][1]].shape[1:]
+        parts = out_shape[0] if len(out_shape) == 3 else 0  # split-K: y[part] = K / parts of the product
+
         def fn(get):
             c0 = arg(get, 0)
             x = inp(get, 0)
@@ -452,11 +455,18 @@ def _jnp_body(key, r: _Refs):
                 wt = wref[get(A_W), pl.ds(c0, n), :].T
             else:
                 wt = wref[get(A_W), :, pl.ds(c0, n)]
+            if parts:
+                ks = x.shape[1] // parts
+                k0 = arg(get, 4) * ks
+                x, wt = lax.dynamic_slice_in_dim(x, k0, ks, axis=1), lax.dynamic_slice_in_dim(wt, k0, ks, axis=0)
             dt = out_dtype(0)
             y = ref.gemv(x.astype(dt), wt.astype(dt))
             if islots[1] is not None:
                 y = lax.dynamic_slice_in_dim(inp(get, 1), c0, n, axis=1) + y
-            r.write(oslots[0], get(A_OUT), y, pl.ds(_i32(0), y.shape[0]), pl.ds(c0, n))
+            at = (pl.ds(_i32(0), y.shape[0]), pl.ds(c0, n))
+            if parts:
+                y, at = y[None], (pl.ds(arg(get, 4), 1), *at)
+            r.write(oslots[0], get(A_OUT), y, *at)
         return fn
 
     if op == Op.KV_WRITE:
@@ -672,13 +682,13 @@ def _slot_shapes(plan: KernelPlan):
 
 
 def _router_shape(plan: KernelPlan):
-    """(E, top_k, n_group, U) of the ROUTER_SELECT tasks, None without."""
+    """(E, top_k, n_group, U, P: the logits' split-K parts) of the ROUTER_SELECT tasks, None without."""
     for key in plan.branches:
         if key[0] == Op.ROUTER_SELECT:
             top_k, n_group = key[1][0], key[1][1]
-            e = next(b.shape[-1] for b in plan.schedule.buffers if b.name.endswith("/router_logits"))
+            p, _, e = next(b.shape for b in plan.schedule.buffers if b.name.endswith("/router_logits"))
             u = next(b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/slot_expert"))
-            return e, top_k, n_group, u
+            return e, top_k, n_group, u, p
     return None
 
 

@@ -54,8 +54,9 @@ from pallas_kernels.persistent.format import (
     F_INPUTS, F_LAYER, F_NWAITS, F_OP, F_OUTPUTS, F_SIGNAL, F_TILE, F_WAITS, F_WEIGHTS, MAX_INPUTS,
     MAX_OUTPUTS, MAX_WAITS, MAX_WEIGHTS, NUM_ARGS, RECORD_WIDTH, Buffer, Counter, Kind, Op, Task, Weight)
 
-FORMAT_VERSION = 2  # 2: INDEX_TOPK tasks per (token, part)
+FORMAT_VERSION = 3  # 2: INDEX_TOPK tasks per (token, part); 3: 5 args per task (GEMV's split-K part)
 ASSIGNMENTS = ("levels", "list", "critical")
+ROUTER_K_ALIGN = 64  # a router split-K part's rows: a multiple of the GPU bodies' k tile (TileConfig.tile_k)
 # The cost model's time per task (us) of the ops whose time is latency rather than weight bytes: the mean time
 # per task after its dependency wait, on the H200 at glm5_slice, 4K context, T = 1
 # (experiments/results/bench_persistent_glm5_slice_warp_gather.json, profile.ops).
@@ -79,6 +80,10 @@ class ScheduleOptions:
     index_topk_tasks: at most this many merge tasks per layer over all T tokens (fewer parts per token where
     T * index_topk_parts exceeds it): one task per token and part, so a verification step's tokens merge on
     different SMs at once; about one per SM, since a second round of tasks on an SM is on the critical path.
+    router_splits: split-K parts of a MoE layer's router GEMV, at most (`_Lowering.router_parts`): its one column
+    tile (E = 64 <= tile_n) streamed 0.8 MB through one SM, 22 us on the critical path of every MoE layer
+    (bench_persistent_glm5_slice_stamps_profiled.json); P parts on P SMs prefetch their K / P rows whole into their
+    rings while the attention runs, and ROUTER_SELECT sums the partials.
     context_hint: cached tokens assumed when weighing the indexer and attention tasks (balancing only).
     num_sms: task lists (one persistent CTA per SM; 132 on H100/H200). assign: "levels" (`_assign_levels`), "list"
     (`_assign_list` in level order; on the H200 at glm5_slice its critical path was 2.50 ms against 2.47 ms for
@@ -98,6 +103,7 @@ class ScheduleOptions:
     index_align: int = 64
     index_topk_parts: int = 64
     index_topk_tasks: int = 128
+    router_splits: int = 8
     context_hint: int = 4096
     num_sms: int = 132
     assign: str = "levels"
@@ -107,7 +113,7 @@ class ScheduleOptions:
 
     def __post_init__(self):
         for name in ("tile_n", "attn_heads", "index_chunks", "index_align", "index_topk_parts",
-                     "index_topk_tasks", "context_hint", "num_sms"):
+                     "index_topk_tasks", "router_splits", "context_hint", "num_sms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ScheduleOptions.{name}={getattr(self, name)}: must be a positive integer")
         if self.assign not in ASSIGNMENTS:
@@ -123,7 +129,7 @@ class ScheduleOptions:
 
 @dataclasses.dataclass
 class _OpGroup:
-    """Tasks sharing op code, weights, buffers and one counter; per-tile args [n, 4] and bytes [n]."""
+    """Tasks sharing op code, weights, buffers and one counter; per-tile args [n, NUM_ARGS] and bytes [n]."""
     name: str
     op: Op
     layer: int
@@ -161,7 +167,10 @@ class _Builder:
     def op(self, name, op, layer, weights, inputs, outputs, args, nbytes) -> int:
         if (len(weights), len(inputs), len(outputs)) != ARITY[op]:
             raise AssertionError(f"{name}: {op.name} takes {ARITY[op]} (weights, inputs, outputs)")
-        args = np.asarray(args, np.int64).reshape(-1, NUM_ARGS)
+        args = [tuple(a) for a in args]
+        if any(len(a) > NUM_ARGS for a in args):
+            raise AssertionError(f"{name}: more than {NUM_ARGS} args per task")
+        args = np.array([a + (0,) * (NUM_ARGS - len(a)) for a in args], np.int64).reshape(-1, NUM_ARGS)
         nbytes = np.broadcast_to(np.asarray(nbytes, np.int64), (len(args),)).copy()
         deps = sorted({p for b in inputs if b >= 0 for p in self.producers.get(b, ())})
         oid = len(self.ops)
@@ -187,13 +196,23 @@ class _Lowering:
         self.elt = 2 if m.dtype == "bfloat16" else 4
 
     def gemv(self, name, layer, x, k, n, w_name, out, *, norm=None, eps=-1, residual=-1, transposed=False):
-        """y [T, n] = rmsnorm?(x [T, k]) @ W [k, n] (+ residual), one task per column tile."""
+        """y [T, n] = rmsnorm?(x [T, k]) @ W [k, n] (+ residual), one task per column tile; with y [P, T, n] split-K
+        as well: P tasks per column tile, part p summing W's rows [p k/P, (p+1) k/P) into y[p]."""
         b = self.b
         w = b.weight(w_name, (n, k) if transposed else (k, n), self.dt)
         nw = b.weight(norm, (k,), self.dt) if norm else -1
-        tiles = _col_tiles(n, self.opt.tile_n, eps if norm else -1, int(transposed))
-        nbytes = [(k * r[1] + self.t * k) * self.elt for r in tiles]
+        shape = b.buffers[out].shape
+        parts = shape[0] if len(shape) == 3 else 1
+        tiles = [r[:4] + (p,) for p in range(parts) for r in _col_tiles(n, self.opt.tile_n, eps if norm else -1,
+                                                                          int(transposed))]
+        nbytes = [(k // parts * r[1] + self.t * k) * self.elt for r in tiles]
         return b.op(name, Op.GEMV, layer, (w, nw), (x, residual), (out,), tiles, nbytes)
+
+    def router_parts(self) -> int:
+        """Split-K parts of the router's GEMV: the most, up to `router_splits`, whose K / P is a multiple of
+        ROUTER_K_ALIGN (the GPU bodies' k tile)."""
+        d = self.m.hidden_size
+        return max(p for p in range(1, self.opt.router_splits + 1) if d % (p * ROUTER_K_ALIGN) == 0 or p == 1)
 
     def lower(self):
         m, t, b, dt = self.m, self.t, self.b, self.dt
@@ -279,7 +298,7 @@ class _Lowering:
         # Levels 6-7: router tiles + selection, routed slots, shared expert, combine.
         e, k = m.n_routed_experts, m.num_experts_per_tok
         u = min(e, t * k)
-        logits = buf("router_logits", (t, e), "float32")
+        logits = buf("router_logits", (self.router_parts(), t, e), "float32")
         self.gemv(f"{p}/router", l, h_mid, d, e, f"{p}/mlp/gate/weight", logits, norm=ln2, eps=C_RMS_EPS)
         slots = buf("slot_expert", (u,), "int32"), buf("slot_coef", (u, t), "float32")
         b.op(f"{p}/router_select", Op.ROUTER_SELECT, l,

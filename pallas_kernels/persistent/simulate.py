@@ -125,9 +125,18 @@ def _rope_front(x, cos, sin):
     return jnp.concatenate([apply_rope(x[..., :r], cos, sin), x[..., r:]], axis=-1)
 
 
-def _route(logits, bias, top_k, n_group, topk_group, norm, scaling):
-    """`glm_fast.model.moe.Router` from its logits [T, E] -> ids int32 [T, k], weights float32 [T, k]."""
-    scores = jax.nn.sigmoid(logits)
+def sum_parts(parts):
+    """A split-K GEMV's partials [P, ...] summed in order (part 0 + part 1 + ...), as every ROUTER_SELECT body
+    sums them, so the bodies agree on the router's near-ties."""
+    out = parts[0]
+    for p in range(1, parts.shape[0]):
+        out = out + parts[p]
+    return out
+
+
+def _route(parts, bias, top_k, n_group, topk_group, norm, scaling):
+    """`glm_fast.model.moe.Router` from its split-K logits [P, T, E] -> ids int32 [T, k], weights float32 [T, k]."""
+    scores = jax.nn.sigmoid(sum_parts(parts))
     choice = scores + bias
     t, e = choice.shape
     group_scores = jax.lax.top_k(choice.reshape(t, n_group, e // n_group), 2)[0].sum(-1)
@@ -196,12 +205,16 @@ class _Machine:
         self.write(t, self.weights[t.weights[0]][self.read(t.inputs[0])])
 
     def _gemv(self, t):
-        (w, nw), (x, res), (c0, n, eps, transposed) = t.weights, t.inputs, t.args
+        (w, nw), (x, res), (c0, n, eps, transposed, part) = t.weights, t.inputs, t.args
         xv = self.read(x)
         xv = xv.reshape(xv.shape[0], -1)
         if eps >= 0:
             xv = ref.rmsnorm(xv, self.weights[nw], self.consts[eps])
         wt = self.weights[w][c0:c0 + n].T if transposed else self.weights[w][:, c0:c0 + n]
+        out = self.s.buffers[t.outputs[0]].shape
+        if len(out) == 3:  # split-K part `part` of out[0]: K / P of x's columns and W's rows
+            ks = xv.shape[1] // out[0]
+            xv, wt = xv[:, part * ks:(part + 1) * ks], wt[part * ks:(part + 1) * ks]
         dt = self.dtype(t.outputs[0])
         y = ref.gemv(xv.astype(dt), wt.astype(dt))
         self.write(t, y if res < 0 else self.read(res)[:, c0:c0 + n] + y)
@@ -223,7 +236,7 @@ class _Machine:
 
     def _index_score(self, t):
         iq, iw, keys, _, cos, sin = t.inputs
-        chunk, n_chunks, align, _ = t.args
+        chunk, n_chunks, align = t.args[:3]
         nt, heads = self.bufs[iw].shape
         k = self.bufs[t.outputs[0]].shape[2]
         q = _rope_front(self.read(iq).reshape(nt, heads, -1), self.read(cos), self.read(sin))
@@ -259,7 +272,7 @@ class _Machine:
 
     def _attn(self, t):
         q_lat, q_pe, c_kv, k_pe, idx, valid = (self.read(b) for b in t.inputs)
-        h0, nh, split, n_splits = t.args
+        h0, nh, split, n_splits = t.args[:4]
         size = math.ceil(idx.shape[1] / n_splits)
         heads, slots = slice(h0, h0 + nh), slice(split * size, (split + 1) * size)
         q_lat, q_pe, idx, valid = q_lat[:, heads], q_pe[:, heads], idx[:, slots], valid[:, slots].astype(bool)
@@ -281,7 +294,7 @@ class _Machine:
         self.write(t, ref.gemv(o.astype(self.dtype(v)), w_uv))
 
     def _router_select(self, t):
-        top_k, n_group, topk_group, norm = t.args
+        top_k, n_group, topk_group, norm = t.args[:4]
         ids, weights = _route(self.read(t.inputs[0]), self.weights[t.weights[0]], top_k, n_group, topk_group,
                               norm, self.consts[C_ROUTED_SCALE])
         u = self.bufs[t.outputs[0]].shape[0]
@@ -297,7 +310,7 @@ class _Machine:
         return None if e < 0 else self.weights[w][e]
 
     def _swiglu_up(self, t):
-        (wg, wu, nw), (x, slots), (c0, n, slot, eps) = t.weights, t.inputs, t.args
+        (wg, wu, nw), (x, slots), (c0, n, slot, eps) = t.weights, t.inputs, t.args[:4]
         g_w, u_w = self._expert(wg, slots, slot), self._expert(wu, slots, slot)
         nt = self.bufs[x].shape[0]
         if g_w is None:
@@ -307,7 +320,7 @@ class _Machine:
         self.write(t, (jax.nn.silu(g) * u).astype(self.dtype(t.outputs[0])))
 
     def _swiglu_down(self, t):
-        (wd,), (act, res, slot_expert, coef), (c0, n, slot, out_slot) = t.weights, t.inputs, t.args
+        (wd,), (act, res, slot_expert, coef), (c0, n, slot, out_slot) = t.weights, t.inputs, t.args[:4]
         w = self._expert(wd, slot_expert, slot)
         a = self.read(act)
         if w is None:

@@ -27,7 +27,8 @@ On glm5-sized configs every branch of these opcodes fits.
 
 Weight prefetch (DESIGN.md sec. 4): the dense bodies issue their first ring slots' weight tiles before the task's
 dependency wait (`prefetching`, `Tiles.stream`'s issue_w); every task still fills and drains its own ring (no
-stream across task boundaries).
+stream across task boundaries). A split-K GEMV (the router, `ScheduleOptions.router_splits`) streams only its part's
+rows, which at glm5_slice (768 of 6144) are 12 k-tiles: the ring prefetches most of them while the task waits.
 """
 from __future__ import annotations
 
@@ -148,11 +149,11 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
                    t_cos=plgpu.SMEM((TP, rope // 2), dtype), t_sin=plgpu.SMEM((TP, rope // 2), dtype))
     if index_dim:
         out["t_ik"] = plgpu.SMEM((TP, index_dim), dtype)
-    if router is not None:  # ROUTER_SELECT: (E, top_k, n_group, U)
-        e, k, g, u = router
+    if router is not None:  # ROUTER_SELECT: (E, top_k, n_group, U, P: the logits' split-K parts)
+        e, k, g, u, parts = router
         tokens = slot_shapes[1][1]
         lanes = 128 * math.ceil(max(e, k, g) / 128)  # t_rv: padded score rows; t_rx / t_rf: reductions -> scalars
-        out.update(t_rl=plgpu.SMEM((rows_per_copy((tokens, e), 4), tokens, e), jnp.float32),
+        out.update(t_rl=plgpu.SMEM((rows_per_copy((parts, tokens, e), 4), parts, tokens, e), jnp.float32),
                    t_rb=plgpu.SMEM((rows_per_copy((e,), 4), e), jnp.float32),
                    t_rv=plgpu.SMEM((2, lanes), jnp.float32), t_rx=plgpu.SMEM((lanes,), jnp.int32),
                    t_rf=plgpu.SMEM((lanes,), jnp.float32), t_rid=plgpu.SMEM((TP, k), jnp.int32),
@@ -569,7 +570,9 @@ def _stack(r, slot):
 
 
 def gemv_body(r, key, consts):
-    """GEMV (fused RMSNorm, residual, [K, N] or [N, K] weight) or None when the shapes do not fit the tiles."""
+    """GEMV (fused RMSNorm, residual, [K, N] or [N, K] weight) or None when the shapes do not fit the tiles. With
+    an output [P, T, N] it is split-K: the task streams its part's K / P rows of W and x (the norm's RMS still
+    over all of x) and stores its partial at out[part]."""
     _, (n, eps, transposed), wstk, islots, oslots = key
     tiles, x_ref, out_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0])
     if tiles is None or x_ref is None or out_ref is None or n > tiles.tn:
@@ -580,8 +583,10 @@ def gemv_body(r, key, consts):
     if not x_tiles_fit(tiles, xs) or wref.dtype != tiles.dtype or x_ref.dtype != tiles.dtype or (norm and len(xs) != 2):
         return None
     tokens, k = xs[0], math.prod(xs[1:])
+    parts = out_ref.shape[1] if out_ref.ndim == 4 else 0  # split-K: [stack, P, T, N]
+    ks = k // max(parts, 1)  # the rows this task streams
     res_ref = _stack(r, islots[1])
-    if islots[1] is not None and res_ref is None:
+    if (islots[1] is not None and res_ref is None) or ks % tiles.tk or (parts and res_ref is not None):
         return None
     s = tiles.s
     ring = tiles.wt_ring if transposed else s["t_w0"]
@@ -589,8 +594,10 @@ def gemv_body(r, key, consts):
     @prefetching
     def fn(t: TaskView):
         c0, wi, xi = t.arg(0), t.w(0), t.inp(0)
+        kb = pl.multiple_of(t.arg(4) * ks, ks & -ks) if parts else 0  # the part's first row (TMA-aligned)
 
         def issue_w(k0, slot, bar):
+            k0 = kb + k0
             src = (wref.at[wi, pl.ds(c0, tiles.tn), pl.ds(k0, tiles.tk)] if transposed
                    else wref.at[wi, pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)])
             plgpu.copy_gmem_to_smem(src, ring.at[slot], bar)
@@ -598,7 +605,7 @@ def gemv_body(r, key, consts):
                 plgpu.copy_gmem_to_smem(r.weights[wstk[1]].at[t.w(1), pl.ds(k0, tiles.tk)], s["t_wn"].at[slot], bar)
 
         def issue(k0, slot, bar):
-            plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[slot], bar)
+            plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, kb + k0, xs), s["t_x"].at[slot], bar)
 
         def compute(slot, accs, _kt):
             tiles.mma(accs[0], ring.at[slot], s["t_x"].at[slot], transposed)
@@ -607,10 +614,12 @@ def gemv_body(r, key, consts):
         if norm:
             def prologue():
                 tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
-        (acc,) = tiles.stream(k // tiles.tk, 1, 2 + norm, issue, compute, prologue, issue_w, t.wait,
-                              group=tiles.step_group(k // tiles.tk), prepare=tiles.norm_x if norm else None)
+        (acc,) = tiles.stream(ks // tiles.tk, 1, 2 + norm, issue, compute, prologue, issue_w, t.wait,
+                              group=tiles.step_group(ks // tiles.tk), prepare=tiles.norm_x if norm else None)
         res = None if res_ref is None else res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, tiles.tn)]
-        tiles.store(acc, out_ref.at[t.out(0), pl.ds(tiles.c(0), tokens), pl.ds(c0, n)], tokens, n, residual=res)
+        rows = (pl.ds(tiles.c(0), tokens), pl.ds(c0, n))
+        dst = out_ref.at[(t.out(0), t.arg(4), *rows) if parts else (t.out(0), *rows)]
+        tiles.store(acc, dst, tokens, n, residual=res)
     return fn
 
 
@@ -1019,7 +1028,8 @@ def router_body(r, key, consts):
     top_k picks is two warpgroup reductions (max, then the lowest lane holding it), the group scores (top-2 sums)
     three per group; only the picks' ids go back to scalars (`smem_row`). (As scalar loops over SMEM, top_k x E
     dependent steps, it took 25 us per layer on the H200: bench_persistent_glm5_slice_uv_levels.json.)
-    The logits and the bias come in by TMA (t_rl / t_rb) and are copied into t_rv's padded rows as SMEM scalars.
+    The logits' split-K partials and the bias come in by TMA (t_rl / t_rb); the partials are summed in order
+    (`simulate.sum_parts`) into t_rv's padded rows as SMEM scalars.
     A `commit_smem` separates the slot placement loop's conditional scalar stores into t_rsel from the reads after
     it: without it the H200 (jax 0.11.2) read back t_rsel's initial -1s, every slot empty
     (experiments/probe_router.py reproduces it in a dozen lines; experiments/results/
@@ -1030,12 +1040,13 @@ def router_body(r, key, consts):
     if tiles is None or any(a is None for a in (lg_ref, sel_ref, coef_ref)) or "t_rv" not in tiles.s:
         return None
     bias = r.weights[wstk[0]]
-    tokens, e = lg_ref.shape[1:]
+    parts, tokens, e = lg_ref.shape[1:]
     u = sel_ref.shape[1]
     s, c = tiles.s, tiles.c
     lanes = s["t_rv"].shape[1]
     if (lanes < e or s["t_rid"].shape[1] != top_k or s["t_rf"].shape[0] < n_group or bias.dtype != jnp.float32
-            or lg_ref.dtype != jnp.float32 or s["t_rl"].shape[1:] != (tokens, e) or s["t_rx"].shape[0] < top_k):
+            or lg_ref.dtype != jnp.float32 or s["t_rl"].shape[1:] != (parts, tokens, e)
+            or s["t_rx"].shape[0] < top_k):
         return None
     gsize = e // n_group
     scale = float(consts[C_ROUTED_SCALE])
@@ -1069,7 +1080,10 @@ def router_body(r, key, consts):
 
             @pl.loop(0, e)
             def _(i):
-                rv[c(0), i] = lg[c(0), ti, i]
+                v = lg[c(0), c(0), ti, i]
+                for p in range(1, parts):
+                    v = v + lg[c(0), c(p), ti, i]
+                rv[c(0), i] = v
             plgpu.commit_smem()  # the scalar stores -> the vector loads
             sg = 1.0 / (1.0 + jnp.exp(-load_vec(tiles, rv.at[c(0)])))
             choice = in_range(sg + load_vec(tiles, rv.at[c(1)]), 0, e)

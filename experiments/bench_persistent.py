@@ -358,7 +358,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
                 n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None,
                 assign: str | None = None, index_chunks: int | None = None, lowering: str = "lane",
-                trace_launches: int = 0, stamps: bool = False, l2_tiles: int | None = None) -> dict:
+                trace_launches: int = 0, stamps: bool = False) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight; None:
     the decoder's, `kernel.fit_tiles`);
@@ -373,9 +373,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     `jax.profiler` trace of that many more back-to-back launches, reduced to the device's kernels per launch
     (`glm_fast.device_trace`): the kernel's own device time, without the host's dispatch in median_ms; stamps:
     the persistent step also returns its CTAs' globaltimer / clock stamps (`persistent_step(stamps=True)`, GPU
-    only), and STAMP_LAUNCHES more launches report their windows (`profile.launch_window`); l2_tiles: weight
-    k-tiles the dense GEMV / SWIGLU_UP tasks prefetch into L2 before their wait (TileConfig.l2_tiles; None: its
-    default)."""
+    only), and STAMP_LAUNCHES more launches report their windows (`profile.launch_window`)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -426,8 +424,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     op_set = frozenset(Op[o] for o in ops)
     tiles = dataclasses.replace(dec.tiles_for(n_tokens), topk_bits=topk_bits,
                                 **({"slots": slots} if slots else {}),  # slots None: the decoder's ring
-                                **({"step_tiles": step_tiles} if step_tiles else {}),
-                                **({"l2_tiles": l2_tiles} if l2_tiles is not None else {}))
+                                **({"step_tiles": step_tiles} if step_tiles else {}))
     full = set(ops) == set(FULL)
     profile_dir = tempfile.mkdtemp(prefix="persistent_profile_") if profile else None
     step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
@@ -451,7 +448,6 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
            "median_ms_profiled" if profile else "median_ms": _median_ms(compiled, (weights, arrays), reps),
            "bytes_of_ops": int(sum(t.nbytes for t in plan.schedule.tasks if t.op in op_set)),
            "slots": tiles.slots, "topk_bits": tiles.topk_bits, "step_tiles": tiles.step_tiles,
-           "l2_tiles": tiles.l2_tiles,
            "assign": plan.schedule.meta["key"]["options"]["assign"], "lowering": lowering}
     if trace_launches:
         from glm_fast import device_trace
@@ -521,9 +517,6 @@ def main(argv=None):
     p.add_argument("--step-tiles", type=int, default=None,
                    help="weight tiles per ring step of GEMV / SWIGLU streams (TileConfig.step_tiles: 1, 2 or 4; "
                         "default its default)")
-    p.add_argument("--l2-tiles", type=int, default=None,
-                   help="weight k-tiles a dense GEMV / SWIGLU_UP task prefetches into L2 before its wait "
-                        "(TileConfig.l2_tiles; default: its default)")
     p.add_argument("--assign", default=None, choices=ASSIGNMENTS,
                    help="the schedule's SM assignment (ScheduleOptions.assign; default its default)")
     p.add_argument("--index-chunks", type=int, default=None,
@@ -551,8 +544,7 @@ def main(argv=None):
                                      n_tokens=args.tokens, topk_bits=args.topk_bits,
                                      step_tiles=args.step_tiles, assign=args.assign,
                                      index_chunks=args.index_chunks, lowering=args.lowering,
-                                     trace_launches=args.trace_launches, stamps=args.stamps,
-                                     l2_tiles=args.l2_tiles)), flush=True)
+                                     trace_launches=args.trace_launches, stamps=args.stamps)), flush=True)
         return
     from glm_fast import results
     rows = []
@@ -562,7 +554,6 @@ def main(argv=None):
                "--reps", str(args.reps), *(["--slots", str(args.slots)] if args.slots else []),
                "--topk-bits", str(args.topk_bits),
                *(["--step-tiles", str(args.step_tiles)] if args.step_tiles else []),
-               *(["--l2-tiles", str(args.l2_tiles)] if args.l2_tiles is not None else []),
                *(["--assign", args.assign] if args.assign else []),
                *(["--index-chunks", str(args.index_chunks)] if args.index_chunks else []),
                "--checks", args.checks, "--lowering", args.lowering, "--child", v,
@@ -587,7 +578,6 @@ def main(argv=None):
     record = results.result("bench_persistent", {"config": args.config, "context": args.context, "tokens": args.tokens,
                                                  "reps": args.reps, "slots": args.slots,
                                                  "topk_bits": args.topk_bits, "step_tiles": args.step_tiles,
-                                                 "l2_tiles": args.l2_tiles,
                                                  "assign": args.assign, "index_chunks": args.index_chunks,
                                                  "lowering": args.lowering,
                                                  "profile": args.profile, "trace_launches": args.trace_launches,

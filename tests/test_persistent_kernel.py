@@ -163,15 +163,14 @@ def test_engine_persistent_rejects_a_batch(monkeypatch, tmp_path):
 # -- CUDA lowering at glm5_slice shapes (no GPU needed) -------------------------------------------------------------
 
 
-def _lower_glm5_slice(ops, tokens: int = 1, tile_kw=None, **kwargs):
+def _lower_glm5_slice(ops, tokens: int = 1, **kwargs):
     """Lowers the kernel with the bodies `ops` for the H200 at glm5_slice, on the plan PersistentDecoder picks
-    (tile_kw: TileConfig fields; kwargs: more `persistent_step` options); returns the kernel's length
-    (`kernel_chars`)."""
+    (kwargs: more `persistent_step` options); returns the kernel's length (`kernel_chars`)."""
     from pallas_kernels.persistent.kernel import (abstract_step_args, fit_tiles, gpu_candidates, persistent_step,
                                                   pick_plan)
     from tests.kernel_testing import lower_for_h200
     plan = pick_plan(load_config("glm5_slice").model, tokens, gpu_candidates(num_sms=132), TileConfig(), False)
-    tiles = fit_tiles(plan, TileConfig(**(tile_kw or {})))
+    tiles = fit_tiles(plan, TileConfig())
     return lower_for_h200(lambda *a: persistent_step(plan, *a, interpret=False, ops=ops, tiles=tiles, **kwargs),
                           *abstract_step_args(plan, 4352))
 
@@ -207,13 +206,6 @@ def test_tile_bodies_lower_for_cuda(op):
     lower for the H200 at glm5_slice (lowering only, jax 0.10.2; jax 0.11.2's stricter layout inference is
     checked on the GPU host by experiments/persistent_lowering.py)."""
     _lower_glm5_slice(frozenset([op]))
-
-
-def test_l2_weight_prefetch_lowers_for_cuda():
-    """`TileConfig.l2_tiles`: the dense GEMV and SWIGLU_UP bodies issue TMA L2 prefetches of the weight k-tiles
-    past their ring's before the dependency wait; the kernel lowers for the H200 with them and grows by them."""
-    ops = frozenset([Op.GEMV, Op.SWIGLU_UP])
-    assert _lower_glm5_slice(ops, tile_kw={"l2_tiles": 16}) > _lower_glm5_slice(ops)
 
 
 def test_tile_bodies_lower_together_for_cuda():

@@ -82,24 +82,18 @@ class TileConfig:
     wait, scalar issue code) is paid once per step_tiles x 8 KB; the ring then holds slots // step_tiles steps.
     topk_bits: key bits INDEX_TOPK's radix select decides per pass (32 / b sequential passes of 2^b - 1 counts
     each): 2 is the fastest on the H200 at glm5_slice, 4K context (select 55 us vs 78 us at 4 bits
-    and 80 us at 1; experiments/results/bench_persistent_glm5_slice_topk_bits{1,2,4}.json).
-    l2_tiles: weight k-tiles past the ring's that a dense GEMV / SWIGLU_UP task prefetches into L2 (TMA
-    `cp.async.bulk.prefetch`, GPU only) before its dependency wait: while the attention's latency-bound chain runs
-    HBM is idle, and o_proj's SMs wait through it."""
+    and 80 us at 1; experiments/results/bench_persistent_glm5_slice_topk_bits{1,2,4}.json)."""
     tile_n: int = 64
     tile_k: int = 64
     slots: int = 8
     topk_bits: int = 2
     step_tiles: int = 2
-    l2_tiles: int = 0
 
     def __post_init__(self):
         if not 2 <= self.slots <= 16:
             raise ValueError(f"slots must be in [2, 16], got {self.slots=}")
         if self.step_tiles not in (1, 2, 4):
             raise ValueError(f"step_tiles must be 1, 2 or 4 (weight tiles per ring step), got {self.step_tiles=}")
-        if self.l2_tiles < 0:
-            raise ValueError(f"l2_tiles must be >= 0 (weight k-tiles prefetched into L2), got {self.l2_tiles=}")
         if self.topk_bits not in (1, 2, 4):
             raise ValueError(f"topk_bits must be 1, 2 or 4 (bits per radix pass), got {self.topk_bits=}")
         if self.tile_n < 8 or self.tile_k < 8 or self.tile_n % 8 or self.tile_k % 8:
@@ -202,7 +196,7 @@ class Tiles:
     # -- streaming ------------------------------------------------------------------------------------------
 
     def stream(self, ktiles: int, n_acc: int, arrivals: int, issue, compute, prologue=None, issue_w=None,
-               wait=None, group: int = 1, prepare=None, prefetch_w=None):
+               wait=None, group: int = 1, prepare=None):
         """Streams a task's `ktiles` weight k-tiles through the ring and returns the f32 accumulators [TN, TP].
 
         issue(k0, slot, barrier): start k-tile k0's TMA copies into ring slot `slot` (`arrivals` of them in all,
@@ -212,8 +206,7 @@ class Tiles:
         *before* the wait, so the weight stream runs while the producers of this task's activations finish; `issue`
         then copies only the activations. group: k-tiles per ring step (`step_group`): a step's tiles fill
         consecutive slots and share one barrier (of group x arrivals); prepare(*slots): work on all of a landed
-        step's slots before their computes (the fused RMSNorm's `norm_x`). prefetch_w(k0): an L2 prefetch of
-        k-tile k0's weights, issued before the wait for the `TileConfig.l2_tiles` k-tiles after the ring's (GPU).
+        step's slots before their computes (the fused RMSNorm's `norm_x`).
         """
         slots = self.cfg.slots
         if ktiles % group or slots < group:
@@ -229,11 +222,6 @@ class Tiles:
         if issue_w is not None:
             for j in first:
                 fill(self.c(j), self.c(j), issue_w)
-        ahead = min(ktiles, len(first) * group + self.cfg.l2_tiles)
-        if prefetch_w is not None and not self.interpret and ahead > len(first) * group:
-            @pl.loop(len(first) * group, ahead)
-            def _(kt):
-                prefetch_w(kt * self.tk)
         if wait is not None:
             wait()
         for j in first:
@@ -619,11 +607,6 @@ def gemv_body(r, key, consts):
         def issue(k0, slot, bar):
             plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, kb + k0, xs), s["t_x"].at[slot], bar)
 
-        def prefetch_w(k0):
-            k0 = kb + k0
-            plgpu.async_prefetch(wref.at[wi, pl.ds(c0, tiles.tn), pl.ds(k0, tiles.tk)] if transposed
-                                 else wref.at[wi, pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)])
-
         def compute(slot, accs, _kt):
             tiles.mma(accs[0], ring.at[slot], s["t_x"].at[slot], transposed)
 
@@ -632,8 +615,7 @@ def gemv_body(r, key, consts):
             def prologue():
                 tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
         (acc,) = tiles.stream(ks // tiles.tk, 1, 2 + norm, issue, compute, prologue, issue_w, t.wait,
-                              group=tiles.step_group(ks // tiles.tk), prepare=tiles.norm_x if norm else None,
-                              prefetch_w=prefetch_w)
+                              group=tiles.step_group(ks // tiles.tk), prepare=tiles.norm_x if norm else None)
         res = None if res_ref is None else res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, tiles.tn)]
         rows = (pl.ds(tiles.c(0), tokens), pl.ds(c0, n))
         dst = out_ref.at[(t.out(0), t.arg(4), *rows) if parts else (t.out(0), *rows)]
@@ -694,10 +676,6 @@ def swiglu_up_body(r, key, consts):
         def issue(k0, sl, bar):
             plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, xs), s["t_x"].at[sl], bar)
 
-        def prefetch_w(k0):
-            plgpu.async_prefetch(wsrc(wg, 0, k0))
-            plgpu.async_prefetch(wsrc(wu, 1, k0))
-
         def compute(sl, accs, _kt):
             tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
             tiles.mma(accs[1], s["t_w1"].at[sl], s["t_x"].at[sl], False)
@@ -713,7 +691,7 @@ def swiglu_up_body(r, key, consts):
         def run():
             g, u = tiles.stream(k // tiles.tk, 2, 4, issue, compute, prologue, issue_w,
                                 None if routed else t.wait, group=tiles.step_group(k // tiles.tk),
-                                prepare=tiles.norm_x, prefetch_w=None if routed else prefetch_w)
+                                prepare=tiles.norm_x)
             y = _silu(g) * u
             tiles.store(y * present if routed else y, dst(), tokens, n)
         _unless_unchosen(routed, tokens, present if routed else None, run,

@@ -55,7 +55,8 @@ Per op: weights / inputs / outputs / args (buffers are row-major; T = query toke
     SWIGLU_DOWN    [w_down] / [act, residual, slot_expert, slot_coef] / [y] / [col0, ncols, slot, out_slot]
                    slot -1: act [T, I] (dense / shared), else act[slot] of expert slot_expert[slot] times
                    coef[slot]; out_slot -1: y[:, c] = residual + cast(.), else y[out_slot][:, c] (f32 partial)
-    MOE_COMBINE    - / [part, h_mid] / [h] / [col0, ncols]     h[:, c] = h_mid + cast(sum over slots of part)
+    MOE_COMBINE    - / [part, h_mid] / [h] / [col0, ncols]     h[:, c] = h_mid + cast(sum over slots of part);
+                   h_mid -1: h[:, c] = cast(sum over slots of part) (a split-K GEMV's parts, `_Lowering.gemv`)
 
 Counters: one per op group; target = its task count; `waiters` = how many tasks wait on it (after the
 schedule compiler dropped the waits an earlier task of the same SM list already made; statistics).

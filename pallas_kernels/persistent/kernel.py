@@ -88,7 +88,7 @@ from pallas_kernels.persistent.format import (
     C_ATTN_SCALE, C_INDEX_SCALE, C_INDEX_WSCALE, C_ROUTED_SCALE, MAX_INPUTS,
     MAX_OUTPUTS, MAX_WAITS, MAX_WEIGHTS, NUM_ARGS, Kind, Op)
 from pallas_kernels.persistent.schedule import Schedule
-from pallas_kernels.persistent.simulate import _layernorm, _rope_front, _route
+from pallas_kernels.persistent.simulate import _layernorm, _rope_front, _route, sum_parts
 
 GRID_AXIS = "sm"
 # Mosaic GPU lowering semantics (`persistent_step(lowering=...)`): lane semantics, jax 0.10's default, on every
@@ -661,9 +661,10 @@ def _jnp_body(key, r: _Refs):
 
         def fn(get):
             c0 = arg(get, 0)
-            h = inp(get, 1)
             part = lax.dynamic_slice_in_dim(inp(get, 0), c0, n, axis=2)
-            y = lax.dynamic_slice_in_dim(h, c0, n, axis=1) + part.sum(0).astype(h.dtype)
+            y = sum_parts(part).astype(out_dtype(0))
+            if islots[1] is not None:  # + h_mid (none after a split-K GEMV)
+                y = lax.dynamic_slice_in_dim(inp(get, 1), c0, n, axis=1) + y
             r.write(oslots[0], get(A_OUT), y, r.full(oslots[0])[0], pl.ds(c0, n))
         return fn
 
@@ -696,7 +697,7 @@ def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None, interpret: boo
     if tiles is None:
         return {}
     hidden = plan.schedule.buffers[plan.hidden_buffer]
-    parts = [b.shape[0] for b in plan.schedule.buffers if b.name.endswith("/moe_part")]
+    parts = [b.shape[0] for b in plan.schedule.buffers if b.name.endswith(("/moe_part", "_parts"))]
     rope = 2 * next(b.shape[-1] for b in plan.schedule.buffers if b.name == "rope_cos")
     o_parts = [b.shape for b in plan.schedule.buffers if b.name.endswith("/o_part")]  # [splits, T, N, C]
     index_dim = max((b.shape[-1] for b in plan.schedule.buffers if b.name.endswith("/index_k")), default=0)

@@ -56,7 +56,7 @@ from pallas_kernels.persistent.format import (
 
 FORMAT_VERSION = 3  # 2: INDEX_TOPK tasks per (token, part); 3: 5 args per task (GEMV's split-K part)
 ASSIGNMENTS = ("levels", "list", "critical")
-ROUTER_K_ALIGN = 64  # a router split-K part's rows: a multiple of the GPU bodies' k tile (TileConfig.tile_k)
+K_ALIGN = 64  # a split-K part's rows: a multiple of the GPU bodies' k tile (TileConfig.tile_k)
 # The cost model's time per task (us) of the ops whose time is latency rather than weight bytes: the mean time
 # per task after its dependency wait, on the H200 at glm5_slice, 4K context, T = 1
 # (experiments/results/bench_persistent_glm5_slice_warp_gather.json, profile.ops).
@@ -80,7 +80,11 @@ class ScheduleOptions:
     index_topk_tasks: at most this many merge tasks per layer over all T tokens (fewer parts per token where
     T * index_topk_parts exceeds it): one task per token and part, so a verification step's tokens merge on
     different SMs at once; about one per SM, since a second round of tasks on an SM is on the critical path.
-    router_splits: split-K parts of a MoE layer's router GEMV, at most (`_Lowering.router_parts`): its one column
+    proj_splits: split-K parts of a layer's first GEMVs, over its normed input (q_a, kv_a, the indexer's wk and
+    weights_proj), at most (`_Lowering.k_parts`): at glm5_slice their 44 column tiles of 0.8 MB each streamed
+    through 44 SMs (24 us on the critical path of every layer, bench_persistent_glm5_slice_router_split.json);
+    P parts run on P x 44 SMs, then a MOE_COMBINE per column tile (no residual) sums them into the bf16 output.
+    router_splits: split-K parts of a MoE layer's router GEMV, at most (`_Lowering.k_parts`): its one column
     tile (E = 64 <= tile_n) streamed 0.8 MB through one SM, 22 us on the critical path of every MoE layer
     (bench_persistent_glm5_slice_stamps_profiled.json); P parts on P SMs prefetch their K / P rows whole into their
     rings while the attention runs, and ROUTER_SELECT sums the partials.
@@ -103,6 +107,7 @@ class ScheduleOptions:
     index_align: int = 64
     index_topk_parts: int = 64
     index_topk_tasks: int = 128
+    proj_splits: int = 3
     router_splits: int = 8
     context_hint: int = 4096
     num_sms: int = 132
@@ -113,7 +118,7 @@ class ScheduleOptions:
 
     def __post_init__(self):
         for name in ("tile_n", "attn_heads", "index_chunks", "index_align", "index_topk_parts",
-                     "index_topk_tasks", "router_splits", "context_hint", "num_sms"):
+                     "index_topk_tasks", "proj_splits", "router_splits", "context_hint", "num_sms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ScheduleOptions.{name}={getattr(self, name)}: must be a positive integer")
         if self.assign not in ASSIGNMENTS:
@@ -195,10 +200,19 @@ class _Lowering:
         self.dt = m.dtype
         self.elt = 2 if m.dtype == "bfloat16" else 4
 
-    def gemv(self, name, layer, x, k, n, w_name, out, *, norm=None, eps=-1, residual=-1, transposed=False):
+    def gemv(self, name, layer, x, k, n, w_name, out, *, norm=None, eps=-1, residual=-1, transposed=False,
+             splits=1):
         """y [T, n] = rmsnorm?(x [T, k]) @ W [k, n] (+ residual), one task per column tile; with y [P, T, n] split-K
-        as well: P tasks per column tile, part p summing W's rows [p k/P, (p+1) k/P) into y[p]."""
+        as well: P tasks per column tile, part p summing W's rows [p k/P, (p+1) k/P) into y[p]. splits > 1 (y
+        [T, n], no residual): split-K into a [splits, T, n] f32 buffer `{name}_parts`, then a MOE_COMBINE per
+        column tile (no residual) sums the parts into y."""
         b = self.b
+        if splits > 1:
+            parts = b.buffer(f"{name}_parts", (splits, self.t, n), "float32")
+            self.gemv(name, layer, x, k, n, w_name, parts, norm=norm, eps=eps, transposed=transposed)
+            cols = _col_tiles(n, self.opt.tile_n)
+            return b.op(f"{name}_sum", Op.MOE_COMBINE, layer, (), (parts, -1), (out,), cols,
+                        [(splits * 4 + self.elt) * self.t * r_[1] for r_ in cols])
         w = b.weight(w_name, (n, k) if transposed else (k, n), self.dt)
         nw = b.weight(norm, (k,), self.dt) if norm else -1
         shape = b.buffers[out].shape
@@ -208,11 +222,11 @@ class _Lowering:
         nbytes = [(k // parts * r[1] + self.t * k) * self.elt for r in tiles]
         return b.op(name, Op.GEMV, layer, (w, nw), (x, residual), (out,), tiles, nbytes)
 
-    def router_parts(self) -> int:
-        """Split-K parts of the router's GEMV: the most, up to `router_splits`, whose K / P is a multiple of
-        ROUTER_K_ALIGN (the GPU bodies' k tile)."""
+    def k_parts(self, most: int) -> int:
+        """Split-K parts of a GEMV over the hidden state: the most, up to `most`, whose K / P is a multiple of
+        K_ALIGN (the GPU bodies' k tile)."""
         d = self.m.hidden_size
-        return max(p for p in range(1, self.opt.router_splits + 1) if d % (p * ROUTER_K_ALIGN) == 0 or p == 1)
+        return max(p for p in range(1, most + 1) if d % (p * K_ALIGN) == 0 or p == 1)
 
     def lower(self):
         m, t, b, dt = self.m, self.t, self.b, self.dt
@@ -241,13 +255,16 @@ class _Lowering:
         ln1 = f"{p}/input_layernorm/weight"
         # Level 1: RMSNorm(h) fused into the four projections of h.
         qa, kva = buf("q_a", (t, q)), buf("kv_a", (t, c + r))
-        self.gemv(f"{p}/q_a", l, h, d, q, f"{a}/q_a_proj/kernel", qa, norm=ln1, eps=C_RMS_EPS)
-        self.gemv(f"{p}/kv_a", l, h, d, c + r, f"{a}/kv_a_proj_with_mqa/kernel", kva, norm=ln1, eps=C_RMS_EPS)
+        sp = self.k_parts(opt.proj_splits)
+        self.gemv(f"{p}/q_a", l, h, d, q, f"{a}/q_a_proj/kernel", qa, norm=ln1, eps=C_RMS_EPS, splits=sp)
+        self.gemv(f"{p}/kv_a", l, h, d, c + r, f"{a}/kv_a_proj_with_mqa/kernel", kva, norm=ln1, eps=C_RMS_EPS,
+                  splits=sp)
         if full:
             ik, iw = buf("index_k_raw", (t, hi)), buf("index_w", (t, ni))
-            self.gemv(f"{p}/index_wk", l, h, d, hi, f"{p}/indexer/wk/kernel", ik, norm=ln1, eps=C_RMS_EPS)
+            self.gemv(f"{p}/index_wk", l, h, d, hi, f"{p}/indexer/wk/kernel", ik, norm=ln1, eps=C_RMS_EPS,
+                      splits=sp)
             self.gemv(f"{p}/index_wproj", l, h, d, ni, f"{p}/indexer/weights_proj/kernel", iw, norm=ln1,
-                      eps=C_RMS_EPS)
+                      eps=C_RMS_EPS, splits=sp)
         # Level 2: q_b / indexer q (q_a RMSNorm fused), cache writes (norms and RoPE fused).
         qb = buf("q_b", (t, n * (hn + r)))
         qnorm = f"{a}/q_a_layernorm/weight"
@@ -298,7 +315,7 @@ class _Lowering:
         # Levels 6-7: router tiles + selection, routed slots, shared expert, combine.
         e, k = m.n_routed_experts, m.num_experts_per_tok
         u = min(e, t * k)
-        logits = buf("router_logits", (self.router_parts(), t, e), "float32")
+        logits = buf("router_logits", (self.k_parts(opt.router_splits), t, e), "float32")
         self.gemv(f"{p}/router", l, h_mid, d, e, f"{p}/mlp/gate/weight", logits, norm=ln2, eps=C_RMS_EPS)
         slots = buf("slot_expert", (u,), "int32"), buf("slot_coef", (u, t), "float32")
         b.op(f"{p}/router_select", Op.ROUTER_SELECT, l,

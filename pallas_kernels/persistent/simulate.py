@@ -336,8 +336,8 @@ class _Machine:
 
     def _moe_combine(self, t):
         (part, h_mid), (c0, n) = t.inputs, t.args[:2]
-        h = self.read(h_mid)
-        self.write(t, h[:, c0:c0 + n] + self.read(part)[:, :, c0:c0 + n].sum(0).astype(h.dtype))
+        total = sum_parts(self.read(part)[:, :, c0:c0 + n]).astype(self.dtype(t.outputs[0]))
+        self.write(t, total if h_mid < 0 else self.read(h_mid)[:, c0:c0 + n] + total)
 
 
 def simulate_step(schedule: Schedule, model, caches: list, tokens, pos, seed: int = 0) -> SimResult:

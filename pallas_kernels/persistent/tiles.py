@@ -341,10 +341,10 @@ class Tiles:
 
     # -- epilogue -------------------------------------------------------------------------------------------
 
-    def load_small(self, src, dst_name: str):
-        """TMA a small GMEM view into the named SMEM scratch and wait for it."""
+    def load_small(self, src, dst):
+        """TMA a small GMEM view into an SMEM scratch (by name, or a view of one) and wait for it."""
         bar = self.s["t_ebar"]
-        plgpu.copy_gmem_to_smem(src, self.s[dst_name], bar)
+        plgpu.copy_gmem_to_smem(src, self.s[dst] if isinstance(dst, str) else dst, bar)
         plgpu.barrier_wait(bar)
 
     def load_row(self, stack_ref, idx, dst_name: str):
@@ -762,26 +762,31 @@ def swiglu_down_body(r, key, consts):
 
 
 def combine_body(r, key, consts):
-    """MOE_COMBINE: h[:, c] = h_mid[:, c] + cast(sum over slots of part[:, :, c]) on [TP, TN] tiles, or None."""
+    """MOE_COMBINE: h[:, c] = h_mid[:, c] + cast(sum over slots of part[:, :, c]) on [TP, TN] tiles (without h_mid:
+    the cast sum, a split-K GEMV's parts), or None."""
     _, (n,), _, islots, oslots = key
     tiles, part_ref, h_ref, out_ref = r.tiles, _stack(r, islots[0]), _stack(r, islots[1]), _stack(r, oslots[0])
-    if tiles is None or part_ref is None or h_ref is None or out_ref is None or n > tiles.tn or "t_part" not in tiles.s:
+    if (tiles is None or part_ref is None or (islots[1] is not None and h_ref is None) or out_ref is None
+            or n > tiles.tn or "t_part" not in tiles.s):
         return None
     slots, tokens = part_ref.shape[1:3]
-    if h_ref.dtype != tiles.dtype or out_ref.dtype != tiles.dtype or slots != tiles.s["t_part"].shape[0]:
+    if ((h_ref is not None and h_ref.dtype != tiles.dtype) or out_ref.dtype != tiles.dtype
+            or slots > tiles.s["t_part"].shape[0]):
         return None
     s, c = tiles.s, tiles.c
 
     def fn(t: TaskView):
         c0 = t.arg(0)
-        tiles.load_small(part_ref.at[t.inp(0), pl.ds(c(0), slots), pl.ds(c(0), TP), pl.ds(c0, tiles.tn)], "t_part")
-        tiles.load_small(h_ref.at[t.inp(1), pl.ds(c(0), TP), pl.ds(c0, tiles.tn)], "t_res")
-        part, o = s["t_part"], s["t_o"]
+        part, o = s["t_part"].at[pl.ds(c(0), slots)], s["t_o"]
+        tiles.load_small(part_ref.at[t.inp(0), pl.ds(c(0), slots), pl.ds(c(0), TP), pl.ds(c0, tiles.tn)], part)
         total = tiles.load_s(part.at[c(0)])
         for j in range(1, slots):
             total = total + tiles.load_s(part.at[c(j)])
-        y = tiles.load_s(s["t_res"]).astype(jnp.float32) + total.astype(o.dtype).astype(jnp.float32)
-        tiles.store_s(o, y.astype(o.dtype))
+        y = total.astype(o.dtype)
+        if h_ref is not None:
+            tiles.load_small(h_ref.at[t.inp(1), pl.ds(c(0), TP), pl.ds(c0, tiles.tn)], "t_res")
+            y = (tiles.load_s(s["t_res"]).astype(jnp.float32) + y.astype(jnp.float32)).astype(o.dtype)
+        tiles.store_s(o, y)
         tiles.flush(o, out_ref.at[t.out(0), pl.ds(c(0), tokens), pl.ds(c0, n)], tokens, n)
     return fn
 

@@ -26,7 +26,8 @@ on and signals its dependency counters, so the full cross-CTA schedule runs in e
 * index: INDEX_SCORE + INDEX_TOPK alone (the lightning indexer's share of the step);
 * A+B+...: those opcodes' bodies, with `tasks_vs_simulator` over them (each task's inputs are whatever the
   kernel's buffers hold, the no-op tasks' included): a probe of a few bodies that lowers in a fraction of the
-  full kernel's time (e.g. EMBED+GEMV+IK_WRITE+INDEX_SCORE+ROUTER_SELECT);
+  full kernel's time (e.g. EMBED+GEMV+MOE_COMBINE+IK_WRITE+INDEX_SCORE+ROUTER_SELECT: MOE_COMBINE also sums the
+  split-K first projections, `ScheduleOptions.proj_splits`);
 * each of those alone (the bytes it streams over its time).
 (In experiments/results/bench_persistent_glm5_slice_lowered10.json, written before `dense` existed, `lowered`
 was the ten-body set that is now `dense`; each file's source_hash identifies the code.)

@@ -145,7 +145,7 @@ def test_bench_persistent_smoke(tmp_path):
     the XLA step's, and every task of layers 0-1 and every scratch buffer equal the simulator's. A probe
     (opcodes joined by +) checks its own tasks, skipping those downstream of no-op bodies. --trace-launches: each
     persistent variant's traced launch (no device track on the CPU)."""
-    probe = "EMBED+GEMV+IK_WRITE+INDEX_SCORE"
+    probe = "EMBED+GEMV+MOE_COMBINE+IK_WRITE+INDEX_SCORE"  # MOE_COMBINE: the split-K projections' sums
     rec = _entry_point("bench_persistent").main(
         ["--config", "tiny", "--context", "40", "--reps", "1", "--variants", f"xla,skeleton,dense,full,{probe}",
          "--trace-launches", "1", "--out", str(tmp_path), "--name", "bp"])
@@ -168,7 +168,8 @@ def test_bench_persistent_smoke(tmp_path):
     assert all(v["err"] < 1e-4 for v in tasks.values()), tasks
     assert tasks["INDEX_SCORE:index_cand_val@0"]["rows_only_one_side"] == 0, tasks  # scores compared per key row
     probed = dict(rows[probe]["tasks_vs_simulator"])
-    assert probed.pop("skipped") > 0 and {k.split(":")[0] for k in probed} == {"GEMV", "INDEX_SCORE"}, probed
+    assert probed.pop("skipped") > 0, probed
+    assert {k.split(":")[0] for k in probed} == {"GEMV", "MOE_COMBINE", "INDEX_SCORE"}, probed
     assert all(v["err"] < 1e-4 for v in probed.values()), probed
     bufs = rows["full"]["buffers_vs_simulator"]
     assert len(bufs) > 20 and all(b.get("rel_err", 0) < 1e-4 and b.get("differ_fraction", 0) == 0

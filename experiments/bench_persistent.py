@@ -47,11 +47,11 @@ timing runs, one more launch's trace is read back and broken down (`profile.trac
 wait and phases, the table walk outside the tasks, the SMs' spans) into the row's `profile`, in ms at the SM clock
 that the launch's stamps measured (`sm_clock_mhz`; --profile implies --stamps; nvidia-smi's reading right
 after the launch, which said 1980 MHz where the stamps measured ~1835, is `smi_clock_mhz`). The profiler's
-records and its per-launch trace dump callback cost time, so a profiled row's timing is `median_ms_profiled`, not comparable with an unprofiled
-`median_ms`; each timeline's span in the breakdown is the kernel's own time on that SM. The row's
-`critical_path` (`profile.critical_path`) walks the same launch back from its last task through whichever bound
-each task -- its SM's previous task or the counter it waited on -- and splits the path's length into op time (per
-op and per layer), signal trips (`sync_ns`, the longest links in `slowest_syncs`) and table walks (`walk_ns`):
+records and its per-launch trace dump callback cost time, so a profiled row's timing is `median_ms_profiled`, not
+comparable with an unprofiled `median_ms`; each timeline's span in the breakdown is the kernel's own time on that SM.
+The row's `critical_path` (`profile.critical_path`) walks the same launch back from its last task through whichever
+bound each task -- its SM's previous task or the counter it waited on -- and splits the path's length into op time
+(per op and per layer), signal trips (`sync_ns`, the longest links in `slowest_syncs`) and table walks (`walk_ns`):
 which links of the chain to shorten. --trace-launches N: the kernels' device time per launch (a jax.profiler trace,
 `glm_fast.device_trace`), e.g. to compare the kernel's duration with its profiled spans. --stamps (GPU only):
 the persistent variants also return each CTA's globaltimer and SM clock at its body's start and its walk's end

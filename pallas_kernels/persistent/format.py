@@ -47,8 +47,9 @@ Per op: weights / inputs / outputs / args (buffers are row-major; T = query toke
     UV             [kv_b] / [o_part, lse_part] / [v] / [head]   merges the splits: o = sum_s exp(lse_s - lse)
                    o_s (lse = logsumexp_s lse_s), cast, v[:, head] = o . W_uv[head]
     ROUTER_SELECT  [bias] / [router_logits] / [slot_expert, slot_coef] / [top_k, n_group, topk_group, norm]
-                   logits = the sum of router_logits' [P, T, E] split-K partials (in order), sigmoid + bias choice, group-limited top-k, normalised weights x ROUTED_SCALE; distinct
-                   experts sorted into U slots (-1 = unused), coef[u, t] = token t's weight of slot u
+                   logits = the sum of router_logits' [P, T, E] split-K partials (in order), sigmoid + bias choice,
+                   group-limited top-k, normalised weights x ROUTED_SCALE; distinct experts sorted into U slots (-1 =
+                   unused), coef[u, t] = token t's weight of slot u
     SWIGLU_UP      [w_gate, w_up, norm_w] / [x, slot_expert] / [act] / [col0, ncols, slot, eps]
                    act[(slot,) :, c] = silu(x_n @ Wg[:, c]) * (x_n @ Wu[:, c]); slot >= 0: W = stacked
                    [E, D, I] weights at expert slot_expert[slot] (zeros when the slot is unused)

@@ -38,9 +38,9 @@ experiments/results/bench_persistent_glm5_slice*.json). In GPU interpret mode (n
 replaced by dependency-ordered execution: one CTA walks the global topological order (`schedule.records`, task id
 = position), and wait / signal are no-ops.
 
-Op bodies. GEMV (fused RMSNorm, residual, [N, K] weights, f32 router logits as split-K partials), SWIGLU_UP and SWIGLU_DOWN (dense,
-shared, routed with the expert id read at run time) are TMA weight tiles through an SMEM ring + swap-AB wgmma
-(`tiles.py`, reusing `pallas_kernels.gemv`'s tile functions); ABSORB is the same over K-major W_uk tiles plus RoPE
+Op bodies. GEMV (fused RMSNorm, residual, [N, K] weights, f32 router logits as split-K partials), SWIGLU_UP and
+SWIGLU_DOWN (dense, shared, routed with the expert id read at run time) are TMA weight tiles through an SMEM ring +
+swap-AB wgmma (`tiles.py`, reusing `pallas_kernels.gemv`'s tile functions); ABSORB is the same over K-major W_uk tiles plus RoPE
 spread over the warpgroup's threads (`tiles.rope_rows`); UV merges the split-KV partials into each x tile in
 registers, then W_uv tiles; KV_WRITE normalises x tiles (+ RoPE), IK_WRITE is a row LayerNorm + RoPE; MOE_COMBINE
 adds [8, 64] SMEM tiles; EMBED moves one row per token by TMA; ROUTER_SELECT is vector reductions over one row of

@@ -84,10 +84,10 @@ class ScheduleOptions:
     weights_proj), at most (`_Lowering.k_parts`): at glm5_slice their 44 column tiles of 0.8 MB each streamed
     through 44 SMs (24 us on the critical path of every layer, bench_persistent_glm5_slice_router_split.json);
     P parts run on P x 44 SMs, then a MOE_COMBINE per column tile (no residual) sums them into the bf16 output.
-    router_splits: split-K parts of a MoE layer's router GEMV, at most (`_Lowering.k_parts`): its one column
-    tile (E = 64 <= tile_n) streamed 0.8 MB through one SM, 22 us on the critical path of every MoE layer
-    (bench_persistent_glm5_slice_stamps_profiled.json); P parts on P SMs prefetch their K / P rows whole into their
-    rings while the attention runs, and ROUTER_SELECT sums the partials.
+    router_splits: split-K parts of a MoE layer's router GEMV, at most (`_Lowering.k_parts`): its one column tile (E =
+    64 <= tile_n) streamed 0.8 MB through one SM, on the critical path of every MoE layer (21.7 us as profiled at
+    nvidia-smi's 1980 MHz, bench_persistent_glm5_slice_stamps_profiled.json); P parts on P SMs prefetch their K / P
+    rows whole into their rings while the attention runs, and ROUTER_SELECT sums the partials.
     context_hint: cached tokens assumed when weighing the indexer and attention tasks (balancing only).
     num_sms: task lists (one persistent CTA per SM; 132 on H100/H200). assign: "levels" (`_assign_levels`), "list"
     (`_assign_list` in level order; on the H200 at glm5_slice its critical path was 2.50 ms against 2.47 ms for

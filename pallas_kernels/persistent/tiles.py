@@ -16,8 +16,8 @@ swizzled SMEM. The tile functions are gemv.py's (`mma_bf16_tile`,
 
 Shapes (`TileConfig`). On the GPU TK = TN = 64 (one 128-byte swizzle row of bf16 per tile row), so a weight
 stored [K, N] (tile [TK, TN], MN-major A operand) and one stored [N, K] (the tied / transposed case and W_uk in
-ABSORB: tile [TN, TK], K-major) share one ring. A task's columns [c0, c0 + n) with n <= TN are the first n rows of the accumulator;
-the tile past the weight's last column is zero-filled by TMA on the GPU (out-of-bounds reads in interpret
+ABSORB: tile [TN, TK], K-major) share one ring. A task's columns [c0, c0 + n) with n <= TN are the first n rows of the
+accumulator; the tile past the weight's last column is zero-filled by TMA on the GPU (out-of-bounds reads in interpret
 mode, which only reach accumulator rows that are never stored). x rows T..TP-1 likewise.
 
 Which branches use this path: those whose contraction splits into whole TK tiles (`x_tiles_fit`); the CPU test
@@ -27,8 +27,9 @@ On glm5-sized configs every branch of these opcodes fits.
 
 Weight prefetch (DESIGN.md sec. 4): the dense bodies issue their first ring slots' weight tiles before the task's
 dependency wait (`prefetching`, `Tiles.stream`'s issue_w); every task still fills and drains its own ring (no
-stream across task boundaries). A split-K GEMV (the router, `ScheduleOptions.router_splits`) streams only its part's
-rows, which at glm5_slice (768 of 6144) are 12 k-tiles: the ring prefetches most of them while the task waits.
+stream across task boundaries). A split-K GEMV (the router, `ScheduleOptions.router_splits`, and each layer's first
+projections, `.proj_splits`) streams only its part's rows: the router's 768 of 6144 at glm5_slice are 12 k-tiles,
+most of which the ring prefetches while the task waits.
 """
 from __future__ import annotations
 

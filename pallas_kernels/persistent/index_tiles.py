@@ -55,8 +55,11 @@ INDEX_TOPK -- `index_topk_body`: for the task's one token (the schedule splits a
   decide first whether the slot meets the part's range at all: at 4K only 1-2 of a part's ~12 slots do, and only
   those walk their TN-rows (a scalar loop over TP rows was ~1.1 us per slot; with the totals first the compaction's
   row walk went from 13.5 to 9.2 us per task and the task from 58 to 54 us on the H200,
-  bench_persistent_glm5_slice_{chunked,slot_skip}.json). Only a row that meets the part's range is
-  scanned by a scalar loop (TN candidates), which writes the part's rows (GMEM scalar stores). When every chunk took
+  bench_persistent_glm5_slice_{chunked,slot_skip}.json). With the keys in registers (up to REG_SLOTS slots) the
+  slots' totals come first, one packed sum per slot (keys > lo in the low 16 bits, keys == lo in the high) in one
+  SMEM round trip (`t_ixt`), so a slot that does not meet the part's range is neither loaded nor counted per row;
+  the select's per-pass counts are packed likewise, two thresholds per sum. Only a row that meets the part's range
+  is scanned by a scalar loop (TN candidates), which writes the part's rows (GMEM scalar stores). When every chunk took
   INDEX_SCORE's fast path (chunk size <= K) a candidate's row is computed (chunk * size + slot); only after a slow
   path is it loaded from
   cand_idx (a dependent GMEM load per selected row: 0.67 ms per layer before the arithmetic rows,
@@ -173,6 +176,7 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
         t_ixn=plgpu.SMEM((tokens, cfg.tile_k), jnp.float32),
         t_ixc=plgpu.SMEM((_LANES,), jnp.int32),  # reduced counts -> scalars (`_smem_scalars`)
         t_ixk=plgpu.SMEM((TP, cfg.tile_n), jnp.int32),  # INDEX_TOPK: one ring slot's keys, read as scalars
+        t_ixt=plgpu.SMEM((_LANES,), jnp.int32),  # INDEX_TOPK: packed per-slot totals of the register keys
         t_ixq=plgpu.SMEM((qrows, index_dim), dtype),  # q staging, up to 32 heads x H, as read
         t_ixqo=plgpu.SMEM((qrows, index_dim), dtype),  # ... and RoPE'd (then TMA'd to GMEM)
         # the head weights iw [T, N], read as scalars (whole 128-byte TMAs: `rows_per_copy` stack rows)
@@ -542,12 +546,13 @@ def index_topk_body(r, key, consts):
     if any(a is None for a in (val_ref, cid_ref, out_idx, out_valid)):
         return None
     s, c = tiles.s, tiles.c
-    ring, bar, cnt, keys = s["t_ixr"], s["t_ixcb"], s["t_ixc"], s["t_ixk"]
+    ring, bar, cnt, keys, tots = s["t_ixr"], s["t_ixcb"], s["t_ixc"], s["t_ixk"], s["t_ixt"]
     nc, _, kk = val_ref.shape[1:]  # (one token per task)
     width = ring.shape[2]  # candidates per row of a ring slot (TN)
     stages = ring.shape[0]
     if (ring.shape[1] != TP or kk % width or (nc * kk // width) % TP or keys.shape != (TP, width)
-            or width > 255 or TP % 2):  # (a row's counts are byte fields of the compaction's packed sums)
+            or width > 255 or TP % 2  # (a row's counts are byte fields of the compaction's packed sums)
+            or REG_SLOTS * TP * width >= 2**16):  # (the register counts are 16-bit fields)
         return None
     row_per_chunk = kk // width
     span = kk // parts  # output slots per part
@@ -618,9 +623,17 @@ def index_topk_body(r, key, consts):
             new = [jnp.where(key >= cand, live, 0) for cand in cands]
             return new if counts is None else [a + b for a, b in zip(counts, new)]
 
-        def totals(counts):  # per-thread partial counts -> `cnt` -> int32 scalars
+        def totals(counts, packed=False):
+            """Per-thread partial counts -> `cnt` -> int32 scalars: one reduction per count, or with `packed`
+            (every total < 2^16) one per pair, the second count in the high half (`unpack`)."""
+            if packed:
+                counts = [a if b is None else a + lax.shift_left(b, 16)
+                          for a, b in zip(counts[::2], [*counts[1::2], None])]
             with phase("reduce"):
                 smem_row(tiles, [jnp.sum(x) for x in counts], cnt)
+
+        def unpack(n):  # the n totals of `totals(..., packed=True)` as scalars
+            return [lax.shift_right_logical(cnt[c(j // 2)], 16 * (j % 2)) & 0xFFFF for j in range(n)]
 
         def count_pass(p, cands):
             """The first pass loads the candidates (`stream`, counting each slot as it lands), as does every
@@ -668,17 +681,22 @@ def index_topk_body(r, key, consts):
             @pl.loop(0, n_slot)
             def _(g):
                 plgpu.barrier_wait(bar.at[g])
-            keys = [jnp.minimum(slot_keys(c(g)), jnp.where(g < n_slot, _INT32_MAX, _INT32_MIN))
+            regs = [jnp.minimum(slot_keys(c(g)), jnp.where(g < n_slot, _INT32_MAX, _INT32_MIN))
                     for g in range(n_regs)]
 
             def count_regs(_, cands):
                 with phase("count"):
                     counts = None
-                    for key in keys:
+                    for key in regs:
                         counts = tally(counts, key, cands[0])
-                    totals(counts)
-                return [[cnt[c(j)] for j in range(len(cands[0]))]]
+                    totals(counts, packed=True)  # <= REG_SLOTS * TP * TN < 2^16 keys
+                return [unpack(len(cands[0]))]
             select(count_regs)
+            plgpu.commit_smem()
+            lo = jnp.maximum(cnt[c(_LANES - 2)], _KEY_NEG_INF)
+            with phase("slot_totals"):  # each slot's (keys > lo) + (keys == lo) << 16, for the compaction
+                smem_row(tiles, [jnp.sum(jnp.where(k > lo, 1, 0) + jnp.where(k == lo, 1 << 16, 0)) for k in regs],
+                         tots)
 
         pl.when(~in_regs)(lambda: select(count_pass))
 
@@ -693,22 +711,28 @@ def index_topk_body(r, key, consts):
         def on_slot(g, st, carry):
             """The slot's selected count per row from packed vector counts (keys > lo; keys == lo, of which
             the first `need` in flattened order are taken): a row is scanned by scalars only when its output
-            slots [n, n_next) meet this part's."""
+            slots [n, n_next) meet this part's. With the keys in registers (`in_regs`) the slot's totals are
+            `tots`'s, and only a slot that meets the part's range is loaded and counted per row."""
             n, eq = carry
-            x = ring[st] if tiles.interpret else plgpu.load(ring.at[st], (), layout=plgpu.Layout.WG_STRIDED(
-                (TP, width), vec_size=1))
-            kx = _float_key(x)
-            plgpu.commit_smem()  # the previous slot's scalar reads of `keys` are done
-            keys[...] = kx  # read back as scalars below (see INDEX_SCORE's slow path)
-            with phase("row_counts"):
-                # row i's two counts (each <= TN < 256) in byte fields 2 (i % 2) and 2 (i % 2) + 1 of word i // 2
-                row = (lax.broadcasted_iota(jnp.int32, (TP, width), 0) if tiles.interpret else
-                       plgpu.broadcasted_iota(jnp.int32, (TP, width), 0, layout=plgpu.Layout.WG_STRIDED(
-                           (TP, width), vec_size=1)))
-                field = lax.shift_left(jnp.where(kx > lo, 1, 0) + jnp.where(kx == lo, 256, 0),
-                                       lax.shift_left(row & 1, 4))
-                word = lax.shift_right_logical(row, 1)
-                smem_row(tiles, [jnp.sum(jnp.where(word == w, field, 0)) for w in range(TP // 2)], cnt)
+
+            def load_rows():
+                x = ring[st] if tiles.interpret else plgpu.load(ring.at[st], (), layout=plgpu.Layout.WG_STRIDED(
+                    (TP, width), vec_size=1))
+                kx = _float_key(x)
+                plgpu.commit_smem()  # the previous slot's scalar reads of `keys` are done
+                keys[...] = kx  # read back as scalars below (see INDEX_SCORE's slow path)
+                with phase("row_counts"):
+                    # row i's two counts (each <= TN < 256) in byte fields 2 (i % 2) and 2 (i % 2) + 1 of word
+                    # i // 2
+                    row = (lax.broadcasted_iota(jnp.int32, (TP, width), 0) if tiles.interpret else
+                           plgpu.broadcasted_iota(jnp.int32, (TP, width), 0, layout=plgpu.Layout.WG_STRIDED(
+                               (TP, width), vec_size=1)))
+                    field = lax.shift_left(jnp.where(kx > lo, 1, 0) + jnp.where(kx == lo, 256, 0),
+                                           lax.shift_left(row & 1, 4))
+                    word = lax.shift_right_logical(row, 1)
+                    smem_row(tiles, [jnp.sum(jnp.where(word == w, field, 0)) for w in range(TP // 2)], cnt)
+
+            pl.when(~in_regs)(load_rows)
 
             def row_counts(i):  # (keys > lo, keys == lo) in row i of the slot, from `cnt`
                 word = lax.shift_right_logical(cnt[lax.div(i, 2)], lax.rem(i, 2) * 16)
@@ -761,10 +785,14 @@ def index_topk_body(r, key, consts):
             with phase("scan"):
                 # the slot's totals first: only a slot that meets the part's range walks its rows (at 4K, 1-2
                 # of the ~12 slots per part); the others advance by their totals alone
-                words = [cnt[c(w)] for w in range(TP // 2)]
-                gt = sum((w & 255) + (lax.shift_right_logical(w, 16) & 255) for w in words)
-                n_eq = sum((lax.shift_right_logical(w, 8) & 255) + lax.shift_right_logical(w, 24) for w in words)
+                words = [cnt[c(w)] for w in range(TP // 2)]  # (stale with in_regs: unused then)
+                tot = tots[g]
+                gt = jnp.where(in_regs, tot & 0xFFFF, sum((w & 255) + (lax.shift_right_logical(w, 16) & 255)
+                                                          for w in words))
+                n_eq = jnp.where(in_regs, lax.shift_right_logical(tot, 16), sum(
+                    (lax.shift_right_logical(w, 8) & 255) + lax.shift_right_logical(w, 24) for w in words))
                 n_next, eq_next, meets = advance(n, eq, gt, n_eq)
+                pl.when(in_regs & meets)(load_rows)
                 n_row, eq_row = lax.fori_loop(0, jnp.where(meets, TP, 0), each_row, (n, eq))
                 return jnp.where(meets, n_row, n_next), jnp.where(meets, eq_row, eq_next)
 

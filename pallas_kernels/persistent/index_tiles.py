@@ -55,11 +55,8 @@ INDEX_TOPK -- `index_topk_body`: for the task's one token (the schedule splits a
   decide first whether the slot meets the part's range at all: at 4K only 1-2 of a part's ~12 slots do, and only
   those walk their TN-rows (a scalar loop over TP rows was ~1.1 us per slot; with the totals first the compaction's
   row walk went from 13.5 to 9.2 us per task and the task from 58 to 54 us on the H200,
-  bench_persistent_glm5_slice_{chunked,slot_skip}.json). With the keys in registers (up to REG_SLOTS slots) the
-  slots' totals come first, one packed sum per slot (keys > lo in the low 16 bits, keys == lo in the high) in one
-  SMEM round trip (`t_ixt`), so a slot that does not meet the part's range is neither loaded nor counted per row;
-  the select's per-pass counts are packed likewise, two thresholds per sum. Only a row that meets the part's range
-  is scanned by a scalar loop (TN candidates), which writes the part's rows (GMEM scalar stores). When every chunk took
+  bench_persistent_glm5_slice_{chunked,slot_skip}.json). Only a row that meets the part's range is
+  scanned by a scalar loop (TN candidates), which writes the part's rows (GMEM scalar stores). When every chunk took
   INDEX_SCORE's fast path (chunk size <= K) a candidate's row is computed (chunk * size + slot); only after a slow
   path is it loaded from
   cand_idx (a dependent GMEM load per selected row: 0.67 ms per layer before the arithmetic rows,
@@ -98,7 +95,10 @@ compaction, 114 us per layer on the critical path (select ~65 us, compaction ~47
 select's time was its count loop over the ring slots (~2 us per pass plus ~0.5 us per threshold counted: the
 indexer-only probes ..._topk_bits{1,2,4}.json); with the keys in registers and the early stop it went from 60 to
 22 us per task (..._regs_router.json), which leaves the compaction (~29 us, 18 of them the scalar scan of the rows
-that meet the part's range) the larger half.
+that meet the part's range) the larger half. Over a resident ring every total is < 2^16, so a pass's counts are
+reduced two thresholds per sum (`totals(packed=True)`, the second in the high half): the select's reductions
+13.5 -> 6.0 us and the task 63.2 -> 60.8 us as profiled (..._proj_split.json vs ..._topk_packed.json, which also
+had the session-15 slot totals again: compaction -3.5 us, totals +4.3 us, so they were dropped once more).
 """
 from __future__ import annotations
 
@@ -176,7 +176,6 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
         t_ixn=plgpu.SMEM((tokens, cfg.tile_k), jnp.float32),
         t_ixc=plgpu.SMEM((_LANES,), jnp.int32),  # reduced counts -> scalars (`_smem_scalars`)
         t_ixk=plgpu.SMEM((TP, cfg.tile_n), jnp.int32),  # INDEX_TOPK: one ring slot's keys, read as scalars
-        t_ixt=plgpu.SMEM((_LANES,), jnp.int32),  # INDEX_TOPK: packed per-slot totals of the register keys
         t_ixq=plgpu.SMEM((qrows, index_dim), dtype),  # q staging, up to 32 heads x H, as read
         t_ixqo=plgpu.SMEM((qrows, index_dim), dtype),  # ... and RoPE'd (then TMA'd to GMEM)
         # the head weights iw [T, N], read as scalars (whole 128-byte TMAs: `rows_per_copy` stack rows)
@@ -546,13 +545,13 @@ def index_topk_body(r, key, consts):
     if any(a is None for a in (val_ref, cid_ref, out_idx, out_valid)):
         return None
     s, c = tiles.s, tiles.c
-    ring, bar, cnt, keys, tots = s["t_ixr"], s["t_ixcb"], s["t_ixc"], s["t_ixk"], s["t_ixt"]
+    ring, bar, cnt, keys = s["t_ixr"], s["t_ixcb"], s["t_ixc"], s["t_ixk"]
     nc, _, kk = val_ref.shape[1:]  # (one token per task)
     width = ring.shape[2]  # candidates per row of a ring slot (TN)
     stages = ring.shape[0]
     if (ring.shape[1] != TP or kk % width or (nc * kk // width) % TP or keys.shape != (TP, width)
             or width > 255 or TP % 2  # (a row's counts are byte fields of the compaction's packed sums)
-            or REG_SLOTS * TP * width >= 2**16):  # (the register counts are 16-bit fields)
+            or max(REG_SLOTS, CAND_SLOTS) * TP * width >= 2**16):  # (resident counts are 16-bit fields)
         return None
     row_per_chunk = kk // width
     span = kk // parts  # output slots per part
@@ -652,14 +651,15 @@ def index_topk_body(r, key, consts):
             grouped = (p > 0) & (n_slot <= stages)
             with phase("count"):
                 @pl.when(grouped)
-                def _():
-                    totals(lax.fori_loop(1, _cdiv(n_slot, per_step), lambda gi, cs: tuple(group(gi, list(cs))),
-                                         tuple(group(c(0), None))))
+                def _():  # <= CAND_SLOTS * TP * TN < 2^16 keys: packed
+                    totals(list(lax.fori_loop(1, _cdiv(n_slot, per_step), lambda gi, cs: tuple(group(gi, list(cs))),
+                                              tuple(group(c(0), None)))), packed=True)
 
                 @pl.when(~grouped)
                 def _():
                     totals(stream(on_slot, None, p == 0, peel=True))
-            return [[cnt[c(j)] for j in range(len(cands[0]))]]
+            n = len(cands[0])
+            return [[jnp.where(grouped, a, cnt[c(j)]) for j, a in enumerate(unpack(n))]]
 
         def select(count):  # the radix select -> the last two lanes of `cnt`, read after either select
             with phase("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
@@ -692,11 +692,6 @@ def index_topk_body(r, key, consts):
                     totals(counts, packed=True)  # <= REG_SLOTS * TP * TN < 2^16 keys
                 return [unpack(len(cands[0]))]
             select(count_regs)
-            plgpu.commit_smem()
-            lo = jnp.maximum(cnt[c(_LANES - 2)], _KEY_NEG_INF)
-            with phase("slot_totals"):  # each slot's (keys > lo) + (keys == lo) << 16, for the compaction
-                smem_row(tiles, [jnp.sum(jnp.where(k > lo, 1, 0) + jnp.where(k == lo, 1 << 16, 0)) for k in regs],
-                         tots)
 
         pl.when(~in_regs)(lambda: select(count_pass))
 
@@ -711,28 +706,22 @@ def index_topk_body(r, key, consts):
         def on_slot(g, st, carry):
             """The slot's selected count per row from packed vector counts (keys > lo; keys == lo, of which
             the first `need` in flattened order are taken): a row is scanned by scalars only when its output
-            slots [n, n_next) meet this part's. With the keys in registers (`in_regs`) the slot's totals are
-            `tots`'s, and only a slot that meets the part's range is loaded and counted per row."""
+            slots [n, n_next) meet this part's."""
             n, eq = carry
-
-            def load_rows():
-                x = ring[st] if tiles.interpret else plgpu.load(ring.at[st], (), layout=plgpu.Layout.WG_STRIDED(
-                    (TP, width), vec_size=1))
-                kx = _float_key(x)
-                plgpu.commit_smem()  # the previous slot's scalar reads of `keys` are done
-                keys[...] = kx  # read back as scalars below (see INDEX_SCORE's slow path)
-                with phase("row_counts"):
-                    # row i's two counts (each <= TN < 256) in byte fields 2 (i % 2) and 2 (i % 2) + 1 of word
-                    # i // 2
-                    row = (lax.broadcasted_iota(jnp.int32, (TP, width), 0) if tiles.interpret else
-                           plgpu.broadcasted_iota(jnp.int32, (TP, width), 0, layout=plgpu.Layout.WG_STRIDED(
-                               (TP, width), vec_size=1)))
-                    field = lax.shift_left(jnp.where(kx > lo, 1, 0) + jnp.where(kx == lo, 256, 0),
-                                           lax.shift_left(row & 1, 4))
-                    word = lax.shift_right_logical(row, 1)
-                    smem_row(tiles, [jnp.sum(jnp.where(word == w, field, 0)) for w in range(TP // 2)], cnt)
-
-            pl.when(~in_regs)(load_rows)
+            x = ring[st] if tiles.interpret else plgpu.load(ring.at[st], (), layout=plgpu.Layout.WG_STRIDED(
+                (TP, width), vec_size=1))
+            kx = _float_key(x)
+            plgpu.commit_smem()  # the previous slot's scalar reads of `keys` are done
+            keys[...] = kx  # read back as scalars below (see INDEX_SCORE's slow path)
+            with phase("row_counts"):
+                # row i's two counts (each <= TN < 256) in byte fields 2 (i % 2) and 2 (i % 2) + 1 of word i // 2
+                row = (lax.broadcasted_iota(jnp.int32, (TP, width), 0) if tiles.interpret else
+                       plgpu.broadcasted_iota(jnp.int32, (TP, width), 0, layout=plgpu.Layout.WG_STRIDED(
+                           (TP, width), vec_size=1)))
+                field = lax.shift_left(jnp.where(kx > lo, 1, 0) + jnp.where(kx == lo, 256, 0),
+                                       lax.shift_left(row & 1, 4))
+                word = lax.shift_right_logical(row, 1)
+                smem_row(tiles, [jnp.sum(jnp.where(word == w, field, 0)) for w in range(TP // 2)], cnt)
 
             def row_counts(i):  # (keys > lo, keys == lo) in row i of the slot, from `cnt`
                 word = lax.shift_right_logical(cnt[lax.div(i, 2)], lax.rem(i, 2) * 16)
@@ -785,14 +774,10 @@ def index_topk_body(r, key, consts):
             with phase("scan"):
                 # the slot's totals first: only a slot that meets the part's range walks its rows (at 4K, 1-2
                 # of the ~12 slots per part); the others advance by their totals alone
-                words = [cnt[c(w)] for w in range(TP // 2)]  # (stale with in_regs: unused then)
-                tot = tots[g]
-                gt = jnp.where(in_regs, tot & 0xFFFF, sum((w & 255) + (lax.shift_right_logical(w, 16) & 255)
-                                                          for w in words))
-                n_eq = jnp.where(in_regs, lax.shift_right_logical(tot, 16), sum(
-                    (lax.shift_right_logical(w, 8) & 255) + lax.shift_right_logical(w, 24) for w in words))
+                words = [cnt[c(w)] for w in range(TP // 2)]
+                gt = sum((w & 255) + (lax.shift_right_logical(w, 16) & 255) for w in words)
+                n_eq = sum((lax.shift_right_logical(w, 8) & 255) + lax.shift_right_logical(w, 24) for w in words)
                 n_next, eq_next, meets = advance(n, eq, gt, n_eq)
-                pl.when(in_regs & meets)(load_rows)
                 n_row, eq_row = lax.fori_loop(0, jnp.where(meets, TP, 0), each_row, (n, eq))
                 return jnp.where(meets, n_row, n_next), jnp.where(meets, eq_row, eq_next)
 

@@ -55,7 +55,7 @@ from pallas_kernels.persistent.format import (
     MAX_OUTPUTS, MAX_WAITS, MAX_WEIGHTS, NUM_ARGS, RECORD_WIDTH, Buffer, Counter, Kind, Op, Task, Weight)
 
 FORMAT_VERSION = 3  # 2: INDEX_TOPK tasks per (token, part); 3: 5 args per task (GEMV's split-K part)
-ASSIGNMENTS = ("levels", "list", "critical")
+ASSIGNMENTS = ("levels", "phases", "list", "critical")
 K_ALIGN = 64  # a split-K part's rows: a multiple of the GPU bodies' k tile (TileConfig.tile_k)
 # The cost model's time per task (us) of the ops whose time is latency rather than weight bytes: the mean time
 # per task after its dependency wait, on the H200 at glm5_slice, 4K context, T = 1
@@ -147,6 +147,7 @@ class _OpGroup:
     waits: tuple[int, ...] = ()
     level: int = 0
     ancestors: int = 0  # bitmask of every op group this one transitively depends on
+    window: int = -1  # "phases": the op group whose level this one is balanced with (-1: its own)
 
 
 class _Builder:
@@ -312,7 +313,8 @@ class _Lowering:
         if mlp == "dense":
             self.swiglu(f"{p}/mlp", l, h_mid, ln2, d, m.intermediate_size, f"{p}/mlp", h_out, residual=h_mid)
             return h_out, topk
-        # Levels 6-7: router tiles + selection, routed slots, shared expert, combine.
+        # Levels 6-7: router tiles + selection, routed slots, shared expert (one balancing window), combine.
+        first = len(b.ops)
         e, k = m.n_routed_experts, m.num_experts_per_tok
         u = min(e, t * k)
         logits = buf("router_logits", (self.k_parts(opt.router_splits), t, e), "float32")
@@ -328,6 +330,8 @@ class _Lowering:
         if shared:
             self.swiglu(f"{p}/shared", l, h_mid, ln2, d, i * m.n_shared_experts, f"{p}/mlp/shared_experts",
                         part, out_slot=u)
+        for g in b.ops[first:]:
+            g.window = first
         b.op(f"{p}/combine", Op.MOE_COMBINE, l, (), (part, h_mid), (h_out,), _col_tiles(d, opt.tile_n),
              [(u + shared + 1) * t * r_[1] * 4 for r_ in _col_tiles(d, opt.tile_n)])
         return h_out, topk
@@ -481,25 +485,36 @@ def _global_order(b: _Builder, rec: np.ndarray, op_of: np.ndarray, cost: np.ndar
     return np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], level[op_of], -bottom[op_of]))
 
 
-def _assign_levels(nbytes: np.ndarray, levels: np.ndarray, num_sms: int) -> list[list[int]]:
-    """Greedy LPT per dependency level, in the given (topological, level-sorted, largest-first) order: each
-    task goes to the SM with the fewest bytes in its level so far, ties to the fewest bytes overall, then the
-    lowest id. Levels behave like barriers (a level's consumers wait for all its producers), so each level is
-    balanced on its own. Returns each SM's task ids, increasing."""
+def _assign_levels(nbytes: np.ndarray, windows: np.ndarray, num_sms: int) -> list[list[int]]:
+    """Greedy LPT per balancing window, in the given (topological, level-sorted, largest-first) order: each task
+    goes to the SM with the fewest bytes in its window so far, ties to the fewest bytes overall, then the lowest
+    id. "levels": a window per dependency level -- levels behave like barriers (a level's consumers wait for all
+    its producers), so each level is balanced on its own. "phases": a MoE layer's router, shared expert and
+    routed experts (4 levels) are one window (`_balance_windows`). Returns each SM's task ids, increasing."""
     lists: list[list[int]] = [[] for _ in range(num_sms)]
     total = [0] * num_sms
-    heap: list = []
-    current = None
-    for i, (w, level) in enumerate(zip(nbytes.tolist(), levels.tolist())):
-        if level != current:
-            current = level
-            heap = [(0, total[s], s) for s in range(num_sms)]
-            heapq.heapify(heap)
+    heaps: dict = {}
+    for i, (w, window) in enumerate(zip(nbytes.tolist(), windows.tolist())):
+        if window not in heaps:
+            heaps[window] = [(0, total[s], s) for s in range(num_sms)]
+            heapq.heapify(heaps[window])
+        heap = heaps[window]
         load, _, s = heap[0]
         lists[s].append(i)
         total[s] += w
         heapq.heapreplace(heap, (load + w, total[s], s))
     return lists
+
+
+def _balance_windows(b: _Builder, assign: str) -> np.ndarray:
+    """Per op group, the level whose window `_assign_levels` balances it in: its own, or with "phases" its
+    `window` op group's. Under "levels" the shared expert's 32 up tiles (1.5 MB each at glm5_slice) land on 32 SMs
+    whose later levels still take full shares of the routed up and down tiles: ~0.8 MB more than the mean on the
+    critical SM of every MoE layer (bench_persistent_glm5_slice_proj_split.json's path)."""
+    level = np.array([g.level for g in b.ops])
+    if assign != "phases":
+        return level
+    return np.array([level[g.window] if g.window >= 0 else g.level for g in b.ops])
 
 
 def _assign_list(cost: np.ndarray, op_of: np.ndarray, deps: list, num_sms: int,
@@ -578,7 +593,8 @@ def compile_schedule(cfg: ModelConfig, tokens: int, options: ScheduleOptions = S
     rec = rec.astype(np.int32)
     key = schedule_key(cfg, tokens, options, gpu)
     deps, levels = [g.deps for g in b.ops], [g.level for g in b.ops]
-    lists = (_assign_levels(rec[:, F_BYTES], np.array(levels)[op_of], options.num_sms) if options.assign == "levels"
+    lists = (_assign_levels(rec[:, F_BYTES], _balance_windows(b, options.assign)[op_of], options.num_sms)
+             if options.assign in ("levels", "phases")
              else _assign_list(cost, op_of, deps, options.num_sms, rec[:, F_BYTES]))
     sm_tasks = np.full((options.num_sms, max(map(len, lists))), -1, np.int32)
     for s, lst in enumerate(lists):

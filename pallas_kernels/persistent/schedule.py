@@ -472,10 +472,24 @@ def _global_order(b: _Builder, rec: np.ndarray, op_of: np.ndarray, cost: np.ndar
     levels / list: (level, -height, -bytes, op, tile), height = the op groups on the longest chain from it to the
     end: within a level (no task depends on another) the tasks of the op with the longer chain after it come first,
     so each SM runs them first: the indexer's q tiles before q_b's, the router's tile before the shared expert's.
+    phases: (window, -height, level, -bytes, op, tile), window = `_balance_windows`' level: a MoE layer's router,
+    its selection, the shared and routed up tiles, then the down tiles -- the shared expert's down tiles (which
+    wait for all its up tiles) no longer come before the routed up tiles on an SM. Topological: the height drops
+    along every dependency, and no window depends on an op group of a later level outside it (checked).
     critical: (-bottom level, level, -bytes, op, tile), the bottom level of an op group being the cost model's
     heaviest chain from it to the end (its costliest task per op group): at least each consumer's, and where equal
     (zero-cost ops) the producer's lower level puts it first."""
     level = np.array([g.level for g in b.ops])
+    if assign == "phases":
+        height = _chain_to_end(b, np.ones(len(b.ops)))
+        window = _balance_windows(b, assign)
+        order = np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], level[op_of], -height[op_of], window[op_of]))
+        first, last = np.full(len(b.ops), len(order)), np.full(len(b.ops), -1)
+        np.minimum.at(first, op_of[order], np.arange(len(order)))
+        np.maximum.at(last, op_of[order], np.arange(len(order)))
+        if any(last[d] > first[o] for o, g in enumerate(b.ops) for d in g.deps):
+            raise AssertionError("phases: a balancing window breaks the topological order")
+        return order
     if assign != "critical":
         height = _chain_to_end(b, np.ones(len(b.ops)))
         return np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], -height[op_of], level[op_of]))

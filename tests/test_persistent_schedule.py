@@ -148,7 +148,7 @@ def _step(cfg, seed, t):
 
 
 @pytest.mark.parametrize("t,seed,assign", [(1, 0, "levels"), (1, 1, "levels"), (3, 0, "levels"), (3, 2, "levels"),
-                                           (3, 1, "critical"), (1, 3, "phases")])
+                                           (3, 1, "critical")])
 def test_simulated_step_matches_xla_backend(tiny, t, seed, assign):
     """Random SM interleaving (seeded) of the schedule's tile references == main_cached (float32): logits within
     1e-5 of max |logit|, every cache row within 1e-5."""
@@ -184,8 +184,7 @@ def test_dsa_really_selects_in_the_simulated_step(tiny):
     assert machine.bufs[valid].sum() == tiny.index_topk < CONTEXT + 1
 
 
-@pytest.mark.parametrize("t,assign", [(1, "levels"), (4, "levels"), (1, "list"), (1, "critical"), (4, "critical"),
-                                      (4, "phases")])
+@pytest.mark.parametrize("t,assign", [(1, "levels"), (4, "levels"), (1, "list"), (1, "critical"), (4, "critical")])
 def test_glm5_slice_random_interleavings_never_deadlock(t, assign):
     s = compile_schedule(load_config("glm5_slice").model, t, ScheduleOptions(num_sms=132, assign=assign))
     lists = s.sm_lists()
@@ -197,33 +196,6 @@ def test_glm5_slice_random_interleavings_never_deadlock(t, assign):
     assert orders[0] != orders[1]
 
 
-def test_phases_balance_each_moe_layer_as_one_window():
-    """"phases" balances a MoE layer's router, shared expert and routed experts (4 dependency levels) together:
-    at glm5_slice the busiest SM of a MoE layer streams within 3% of the mean bytes (one 0.27 MB down tile), where
-    LPT per level leaves it ~27% above (the shared expert's up tiles on SMs that also take full shares of the
-    routed ones); every other level is dealt as under "levels"."""
-    from pallas_kernels.persistent.format import F_BYTES, F_LAYER, F_OP, F_SIGNAL, Op
-    cfg = load_config("glm5_slice").model
-    worst = {}
-    for assign in ("levels", "phases"):
-        s = compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=assign))
-        rec = s.records
-        names = [c.name for c in s.counters]
-        window = np.array([names[c].rsplit("/", 1)[-1].startswith(("router", "experts_", "shared_"))
-                           for c in rec[:, F_SIGNAL]])
-        assert {Op(o) for o in rec[window, F_OP]} == {Op.GEMV, Op.ROUTER_SELECT, Op.SWIGLU_UP, Op.SWIGLU_DOWN}
-        sm_of = np.empty(len(rec), np.int64)
-        for sm, lst in enumerate(s.sm_lists()):
-            sm_of[lst] = sm
-        ratios = []
-        for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
-            m = window & (rec[:, F_LAYER] == layer)
-            per_sm = np.bincount(sm_of[m], weights=rec[m, F_BYTES], minlength=132)
-            ratios.append(per_sm.max() / per_sm.mean())
-        worst[assign] = max(ratios)
-    assert worst["phases"] < 1.03 < 1.2 < worst["levels"], worst
-
-
 def test_list_assignments_stay_balanced_and_beat_levels_in_their_model():
     """The list assignments keep glm5's bytes per SM balanced (a level's leftover tasks go to the SM with the
     fewest bytes among those free) and, judged by the cost model, finish before LPT per level: the critical
@@ -233,7 +205,7 @@ def test_list_assignments_stay_balanced_and_beat_levels_in_their_model():
     assert schedule_stats(by["list"])["imbalance"] < 1.05
     assert schedule_stats(by["critical"])["imbalance"] < 1.05
     assert by["critical"].meta["model_us"] < by["list"].meta["model_us"] <= by["levels"].meta["model_us"]
-    with pytest.raises(ValueError, match="one of 'levels', 'phases', 'list', 'critical'"):
+    with pytest.raises(ValueError, match="one of 'levels', 'list', 'critical'"):
         ScheduleOptions(assign="greedy")
     with pytest.raises(ValueError, match="op_us"):
         ScheduleOptions(op_us=(("ATTN", -1.0),))

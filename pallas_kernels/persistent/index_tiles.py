@@ -95,10 +95,7 @@ compaction, 114 us per layer on the critical path (select ~65 us, compaction ~47
 select's time was its count loop over the ring slots (~2 us per pass plus ~0.5 us per threshold counted: the
 indexer-only probes ..._topk_bits{1,2,4}.json); with the keys in registers and the early stop it went from 60 to
 22 us per task (..._regs_router.json), which leaves the compaction (~29 us, 18 of them the scalar scan of the rows
-that meet the part's range) the larger half. Over a resident ring every total is < 2^16, so a pass's counts are
-reduced two thresholds per sum (`totals(packed=True)`, the second in the high half): the select's reductions
-13.5 -> 6.0 us and the task 63.2 -> 60.8 us as profiled (..._proj_split.json vs ..._topk_packed.json, which also
-had the session-15 slot totals again: compaction -3.5 us, totals +4.3 us, so they were dropped once more).
+that meet the part's range) the larger half.
 """
 from __future__ import annotations
 
@@ -550,8 +547,7 @@ def index_topk_body(r, key, consts):
     width = ring.shape[2]  # candidates per row of a ring slot (TN)
     stages = ring.shape[0]
     if (ring.shape[1] != TP or kk % width or (nc * kk // width) % TP or keys.shape != (TP, width)
-            or width > 255 or TP % 2  # (a row's counts are byte fields of the compaction's packed sums)
-            or max(REG_SLOTS, CAND_SLOTS) * TP * width >= 2**16):  # (resident counts are 16-bit fields)
+            or width > 255 or TP % 2):  # (a row's counts are byte fields of the compaction's packed sums)
         return None
     row_per_chunk = kk // width
     span = kk // parts  # output slots per part
@@ -622,17 +618,9 @@ def index_topk_body(r, key, consts):
             new = [jnp.where(key >= cand, live, 0) for cand in cands]
             return new if counts is None else [a + b for a, b in zip(counts, new)]
 
-        def totals(counts, packed=False):
-            """Per-thread partial counts -> `cnt` -> int32 scalars: one reduction per count, or with `packed`
-            (every total < 2^16) one per pair, the second count in the high half (`unpack`)."""
-            if packed:
-                counts = [a if b is None else a + lax.shift_left(b, 16)
-                          for a, b in zip(counts[::2], [*counts[1::2], None])]
+        def totals(counts):  # per-thread partial counts -> `cnt` -> int32 scalars
             with phase("reduce"):
                 smem_row(tiles, [jnp.sum(x) for x in counts], cnt)
-
-        def unpack(n):  # the n totals of `totals(..., packed=True)` as scalars
-            return [lax.shift_right_logical(cnt[c(j // 2)], 16 * (j % 2)) & 0xFFFF for j in range(n)]
 
         def count_pass(p, cands):
             """The first pass loads the candidates (`stream`, counting each slot as it lands), as does every
@@ -651,15 +639,14 @@ def index_topk_body(r, key, consts):
             grouped = (p > 0) & (n_slot <= stages)
             with phase("count"):
                 @pl.when(grouped)
-                def _():  # <= CAND_SLOTS * TP * TN < 2^16 keys: packed
-                    totals(list(lax.fori_loop(1, _cdiv(n_slot, per_step), lambda gi, cs: tuple(group(gi, list(cs))),
-                                              tuple(group(c(0), None)))), packed=True)
+                def _():
+                    totals(lax.fori_loop(1, _cdiv(n_slot, per_step), lambda gi, cs: tuple(group(gi, list(cs))),
+                                         tuple(group(c(0), None))))
 
                 @pl.when(~grouped)
                 def _():
                     totals(stream(on_slot, None, p == 0, peel=True))
-            n = len(cands[0])
-            return [[jnp.where(grouped, a, cnt[c(j)]) for j, a in enumerate(unpack(n))]]
+            return [[cnt[c(j)] for j in range(len(cands[0]))]]
 
         def select(count):  # the radix select -> the last two lanes of `cnt`, read after either select
             with phase("select"):  # profiler phases (`persistent_step(profile_dir=...)`)
@@ -681,16 +668,16 @@ def index_topk_body(r, key, consts):
             @pl.loop(0, n_slot)
             def _(g):
                 plgpu.barrier_wait(bar.at[g])
-            regs = [jnp.minimum(slot_keys(c(g)), jnp.where(g < n_slot, _INT32_MAX, _INT32_MIN))
+            keys = [jnp.minimum(slot_keys(c(g)), jnp.where(g < n_slot, _INT32_MAX, _INT32_MIN))
                     for g in range(n_regs)]
 
             def count_regs(_, cands):
                 with phase("count"):
                     counts = None
-                    for key in regs:
+                    for key in keys:
                         counts = tally(counts, key, cands[0])
-                    totals(counts, packed=True)  # <= REG_SLOTS * TP * TN < 2^16 keys
-                return [unpack(len(cands[0]))]
+                    totals(counts)
+                return [[cnt[c(j)] for j in range(len(cands[0]))]]
             select(count_regs)
 
         pl.when(~in_regs)(lambda: select(count_pass))

@@ -55,7 +55,7 @@ from pallas_kernels.persistent.format import (
     MAX_OUTPUTS, MAX_WAITS, MAX_WEIGHTS, NUM_ARGS, RECORD_WIDTH, Buffer, Counter, Kind, Op, Task, Weight)
 
 FORMAT_VERSION = 3  # 2: INDEX_TOPK tasks per (token, part); 3: 5 args per task (GEMV's split-K part)
-ASSIGNMENTS = ("levels", "phases", "list", "critical")
+ASSIGNMENTS = ("levels", "list", "critical")
 K_ALIGN = 64  # a split-K part's rows: a multiple of the GPU bodies' k tile (TileConfig.tile_k)
 # The cost model's time per task (us) of the ops whose time is latency rather than weight bytes: the mean time
 # per task after its dependency wait, on the H200 at glm5_slice, 4K context, T = 1
@@ -147,7 +147,6 @@ class _OpGroup:
     waits: tuple[int, ...] = ()
     level: int = 0
     ancestors: int = 0  # bitmask of every op group this one transitively depends on
-    window: int = -1  # "phases": the op group whose level this one is balanced with (-1: its own)
 
 
 class _Builder:
@@ -313,8 +312,7 @@ class _Lowering:
         if mlp == "dense":
             self.swiglu(f"{p}/mlp", l, h_mid, ln2, d, m.intermediate_size, f"{p}/mlp", h_out, residual=h_mid)
             return h_out, topk
-        # Levels 6-7: router tiles + selection, routed slots, shared expert (one balancing window), combine.
-        first = len(b.ops)
+        # Levels 6-7: router tiles + selection, routed slots, shared expert, combine.
         e, k = m.n_routed_experts, m.num_experts_per_tok
         u = min(e, t * k)
         logits = buf("router_logits", (self.k_parts(opt.router_splits), t, e), "float32")
@@ -330,8 +328,6 @@ class _Lowering:
         if shared:
             self.swiglu(f"{p}/shared", l, h_mid, ln2, d, i * m.n_shared_experts, f"{p}/mlp/shared_experts",
                         part, out_slot=u)
-        for g in b.ops[first:]:
-            g.window = first
         b.op(f"{p}/combine", Op.MOE_COMBINE, l, (), (part, h_mid), (h_out,), _col_tiles(d, opt.tile_n),
              [(u + shared + 1) * t * r_[1] * 4 for r_ in _col_tiles(d, opt.tile_n)])
         return h_out, topk
@@ -472,24 +468,10 @@ def _global_order(b: _Builder, rec: np.ndarray, op_of: np.ndarray, cost: np.ndar
     levels / list: (level, -height, -bytes, op, tile), height = the op groups on the longest chain from it to the
     end: within a level (no task depends on another) the tasks of the op with the longer chain after it come first,
     so each SM runs them first: the indexer's q tiles before q_b's, the router's tile before the shared expert's.
-    phases: (window, -height, level, -bytes, op, tile), window = `_balance_windows`' level: a MoE layer's router,
-    its selection, the shared and routed up tiles, then the down tiles -- the shared expert's down tiles (which
-    wait for all its up tiles) no longer come before the routed up tiles on an SM. Topological: the height drops
-    along every dependency, and no window depends on an op group of a later level outside it (checked).
     critical: (-bottom level, level, -bytes, op, tile), the bottom level of an op group being the cost model's
     heaviest chain from it to the end (its costliest task per op group): at least each consumer's, and where equal
     (zero-cost ops) the producer's lower level puts it first."""
     level = np.array([g.level for g in b.ops])
-    if assign == "phases":
-        height = _chain_to_end(b, np.ones(len(b.ops)))
-        window = _balance_windows(b, assign)
-        order = np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], level[op_of], -height[op_of], window[op_of]))
-        first, last = np.full(len(b.ops), len(order)), np.full(len(b.ops), -1)
-        np.minimum.at(first, op_of[order], np.arange(len(order)))
-        np.maximum.at(last, op_of[order], np.arange(len(order)))
-        if any(last[d] > first[o] for o, g in enumerate(b.ops) for d in g.deps):
-            raise AssertionError("phases: a balancing window breaks the topological order")
-        return order
     if assign != "critical":
         height = _chain_to_end(b, np.ones(len(b.ops)))
         return np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], -height[op_of], level[op_of]))
@@ -499,36 +481,25 @@ def _global_order(b: _Builder, rec: np.ndarray, op_of: np.ndarray, cost: np.ndar
     return np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], level[op_of], -bottom[op_of]))
 
 
-def _assign_levels(nbytes: np.ndarray, windows: np.ndarray, num_sms: int) -> list[list[int]]:
-    """Greedy LPT per balancing window, in the given (topological, level-sorted, largest-first) order: each task
-    goes to the SM with the fewest bytes in its window so far, ties to the fewest bytes overall, then the lowest
-    id. "levels": a window per dependency level -- levels behave like barriers (a level's consumers wait for all
-    its producers), so each level is balanced on its own. "phases": a MoE layer's router, shared expert and
-    routed experts (4 levels) are one window (`_balance_windows`). Returns each SM's task ids, increasing."""
+def _assign_levels(nbytes: np.ndarray, levels: np.ndarray, num_sms: int) -> list[list[int]]:
+    """Greedy LPT per dependency level, in the given (topological, level-sorted, largest-first) order: each
+    task goes to the SM with the fewest bytes in its level so far, ties to the fewest bytes overall, then the
+    lowest id. Levels behave like barriers (a level's consumers wait for all its producers), so each level is
+    balanced on its own. Returns each SM's task ids, increasing."""
     lists: list[list[int]] = [[] for _ in range(num_sms)]
     total = [0] * num_sms
-    heaps: dict = {}
-    for i, (w, window) in enumerate(zip(nbytes.tolist(), windows.tolist())):
-        if window not in heaps:
-            heaps[window] = [(0, total[s], s) for s in range(num_sms)]
-            heapq.heapify(heaps[window])
-        heap = heaps[window]
+    heap: list = []
+    current = None
+    for i, (w, level) in enumerate(zip(nbytes.tolist(), levels.tolist())):
+        if level != current:
+            current = level
+            heap = [(0, total[s], s) for s in range(num_sms)]
+            heapq.heapify(heap)
         load, _, s = heap[0]
         lists[s].append(i)
         total[s] += w
         heapq.heapreplace(heap, (load + w, total[s], s))
     return lists
-
-
-def _balance_windows(b: _Builder, assign: str) -> np.ndarray:
-    """Per op group, the level whose window `_assign_levels` balances it in: its own, or with "phases" its
-    `window` op group's. Under "levels" the shared expert's 32 up tiles (1.5 MB each at glm5_slice) land on 32 SMs
-    whose later levels still take full shares of the routed up and down tiles: ~0.8 MB more than the mean on the
-    critical SM of every MoE layer (bench_persistent_glm5_slice_proj_split.json's path)."""
-    level = np.array([g.level for g in b.ops])
-    if assign != "phases":
-        return level
-    return np.array([level[g.window] if g.window >= 0 else g.level for g in b.ops])
 
 
 def _assign_list(cost: np.ndarray, op_of: np.ndarray, deps: list, num_sms: int,
@@ -607,8 +578,7 @@ def compile_schedule(cfg: ModelConfig, tokens: int, options: ScheduleOptions = S
     rec = rec.astype(np.int32)
     key = schedule_key(cfg, tokens, options, gpu)
     deps, levels = [g.deps for g in b.ops], [g.level for g in b.ops]
-    lists = (_assign_levels(rec[:, F_BYTES], _balance_windows(b, options.assign)[op_of], options.num_sms)
-             if options.assign in ("levels", "phases")
+    lists = (_assign_levels(rec[:, F_BYTES], np.array(levels)[op_of], options.num_sms) if options.assign == "levels"
              else _assign_list(cost, op_of, deps, options.num_sms, rec[:, F_BYTES]))
     sm_tasks = np.full((options.num_sms, max(map(len, lists))), -1, np.int32)
     for s, lst in enumerate(lists):

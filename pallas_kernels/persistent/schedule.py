@@ -88,6 +88,10 @@ class ScheduleOptions:
     64 <= tile_n) streamed 0.8 MB through one SM, on the critical path of every MoE layer (21.7 us as profiled at
     nvidia-smi's 1980 MHz, bench_persistent_glm5_slice_stamps_profiled.json); P parts on P SMs prefetch their K / P
     rows whole into their rings while the attention runs, and ROUTER_SELECT sums the partials.
+    head_splits: split-K parts, at most, of the lm_head's column tiles beyond whole rounds of num_sms (44 of 2420
+    at glm5_slice): in the last round they streamed 0.8 MB each through 44 SMs while the other 88 idled, the CTAs'
+    end skew of 27-34 us (bench_persistent_glm5_slice_stamps.json); P parts on P x 44 SMs, then a MOE_COMBINE per
+    tile sums them into the logits. (A split covering every tile, fewer tiles than SMs, is not taken.)
     context_hint: cached tokens assumed when weighing the indexer and attention tasks (balancing only).
     num_sms: task lists (one persistent CTA per SM; 132 on H100/H200). assign: "levels" (`_assign_levels`), "list"
     (`_assign_list` in level order; on the H200 at glm5_slice its critical path was 2.50 ms against 2.47 ms for
@@ -109,6 +113,7 @@ class ScheduleOptions:
     index_topk_tasks: int = 128
     proj_splits: int = 3
     router_splits: int = 8
+    head_splits: int = 3
     context_hint: int = 4096
     num_sms: int = 132
     assign: str = "levels"
@@ -118,7 +123,8 @@ class ScheduleOptions:
 
     def __post_init__(self):
         for name in ("tile_n", "attn_heads", "index_chunks", "index_align", "index_topk_parts",
-                     "index_topk_tasks", "proj_splits", "router_splits", "context_hint", "num_sms"):
+                     "index_topk_tasks", "proj_splits", "router_splits", "head_splits", "context_hint",
+                     "num_sms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ScheduleOptions.{name}={getattr(self, name)}: must be a positive integer")
         if self.assign not in ASSIGNMENTS:
@@ -201,16 +207,17 @@ class _Lowering:
         self.elt = 2 if m.dtype == "bfloat16" else 4
 
     def gemv(self, name, layer, x, k, n, w_name, out, *, norm=None, eps=-1, residual=-1, transposed=False,
-             splits=1):
-        """y [T, n] = rmsnorm?(x [T, k]) @ W [k, n] (+ residual), one task per column tile; with y [P, T, n] split-K
-        as well: P tasks per column tile, part p summing W's rows [p k/P, (p+1) k/P) into y[p]. splits > 1 (y
-        [T, n], no residual): split-K into a [splits, T, n] f32 buffer `{name}_parts`, then a MOE_COMBINE per
-        column tile (no residual) sums the parts into y."""
+             splits=1, first=0, stop=None):
+        """y [T, n] = rmsnorm?(x [T, k]) @ W [k, n] (+ residual), one task per column tile of [first, stop);
+        with y [P, T, n] split-K as well: P tasks per column tile, part p summing W's rows [p k/P, (p+1) k/P) into
+        y[p]. splits > 1 (y [T, n], no residual, first = 0): split-K into a [splits, T, stop] f32 buffer
+        `{name}_parts`, then a MOE_COMBINE per column tile (no residual) sums the parts into y."""
         b = self.b
         if splits > 1:
-            parts = b.buffer(f"{name}_parts", (splits, self.t, n), "float32")
-            self.gemv(name, layer, x, k, n, w_name, parts, norm=norm, eps=eps, transposed=transposed)
-            cols = _col_tiles(n, self.opt.tile_n)
+            assert first == 0, "split-K parts start at column 0 (a task's column indexes W, parts and y alike)"
+            parts = b.buffer(f"{name}_parts", (splits, self.t, stop or n), "float32")
+            self.gemv(name, layer, x, k, n, w_name, parts, norm=norm, eps=eps, transposed=transposed, stop=stop)
+            cols = [r_ for r_ in _col_tiles(n, self.opt.tile_n) if r_[0] < (stop or n)]
             return b.op(f"{name}_sum", Op.MOE_COMBINE, layer, (), (parts, -1), (out,), cols,
                         [(splits * 4 + self.elt) * self.t * r_[1] for r_ in cols])
         w = b.weight(w_name, (n, k) if transposed else (k, n), self.dt)
@@ -218,7 +225,8 @@ class _Lowering:
         shape = b.buffers[out].shape
         parts = shape[0] if len(shape) == 3 else 1
         tiles = [r[:4] + (p,) for p in range(parts) for r in _col_tiles(n, self.opt.tile_n, eps if norm else -1,
-                                                                          int(transposed))]
+                                                                          int(transposed))
+                 if first <= r[0] < (stop or n)]
         nbytes = [(k // parts * r[1] + self.t * k) * self.elt for r in tiles]
         return b.op(name, Op.GEMV, layer, (w, nw), (x, residual), (out,), tiles, nbytes)
 
@@ -242,8 +250,16 @@ class _Lowering:
             h, topk = self.layer(layer, mlp, idx == "full", h, topk, pos, rope)
         logits = b.buffer("logits", (t, m.vocab_size), dt, Kind.OUTPUT)
         head = "embed_tokens/embedding" if m.tie_word_embeddings else "lm_head/kernel"
-        self.gemv("lm_head", -1, h, m.hidden_size, m.vocab_size, head, logits, norm="norm/weight", eps=C_RMS_EPS,
-                  transposed=m.tie_word_embeddings)
+        # the column tiles beyond whole rounds of num_sms -- taken from the front, where split-K parts need no
+        # column offset -- split-K (`ScheduleOptions.head_splits`)
+        n_tiles = -(-m.vocab_size // self.opt.tile_n)
+        extra = n_tiles % self.opt.num_sms
+        sp = self.k_parts(min(self.opt.head_splits, self.opt.num_sms // extra)) if extra else 1
+        split = extra * self.opt.tile_n if sp > 1 and extra < n_tiles else 0
+        kw = dict(norm="norm/weight", eps=C_RMS_EPS, transposed=m.tie_word_embeddings)
+        if split:
+            self.gemv("lm_head_extra", -1, h, m.hidden_size, m.vocab_size, head, logits, splits=sp, stop=split, **kw)
+        self.gemv("lm_head", -1, h, m.hidden_size, m.vocab_size, head, logits, first=split, **kw)
         return b
 
     def layer(self, l, mlp, full, h, topk, pos, rope):

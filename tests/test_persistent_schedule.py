@@ -309,6 +309,34 @@ def test_glm5_schedule_compiles_fast_and_is_balanced():
     assert st["tasks_by_op"]["ATTN"] == cfg.num_hidden_layers * cfg.num_attention_heads // 8 * 8
 
 
+def test_lm_head_tiles_beyond_whole_rounds_are_split_k():
+    """glm5_slice: the lm_head's 2420 column tiles on 132 SMs leave 44 beyond 18 whole rounds; those run as
+    head_splits = 3 split-K parts (132 tasks) and 44 sums into the logits, so every SM streams the same lm_head
+    bytes, where head_splits = 1 leaves 44 SMs a 19th tile. tiny (22 ragged tiles of 24 columns on 7 SMs) splits
+    its one extra tile in 2 parts (hidden 128: K / P a multiple of 64); the simulator and the interpret-mode
+    kernel tests run that schedule."""
+    from pallas_kernels.persistent.format import F_BYTES, F_LAYER
+    cfg = load_config("glm5_slice").model
+
+    def head(options):
+        s = compile_schedule(cfg, 1, options)
+        names = [c.name for c in s.counters]
+        per_sm = np.zeros(s.num_sms)
+        for sm, lst in enumerate(s.sm_lists()):
+            per_sm[sm] = sum(s.records[t, F_BYTES] for t in lst if s.records[t, F_LAYER] == -1)
+        count = {n: int((np.array(names)[s.records[:, F_SIGNAL]] == n).sum()) for n in set(names)}
+        return per_sm, count
+    per_sm, count = head(ScheduleOptions(num_sms=132))
+    assert (count["lm_head"], count["lm_head_extra"], count["lm_head_extra_sum"]) == (2376, 132, 44)
+    assert per_sm.max() / per_sm.min() < 1.001
+    per_sm, count = head(ScheduleOptions(num_sms=132, head_splits=1))
+    assert count["lm_head"] == 2420 and "lm_head_extra" not in count
+    assert per_sm.max() / per_sm.min() > 1.05  # 19 tiles against 18
+    tiny = compile_schedule(load_config("tiny").model, 1, TINY_OPTIONS)
+    extra = [b for b in tiny.buffers if b.name == "lm_head_extra_parts"]
+    assert [b.shape for b in extra] == [(2, 1, 24)]
+
+
 def test_tasks_with_the_longer_chain_after_them_run_first_on_each_sm():
     """Within a level the op with the longer dependency chain after it goes first in every SM's list: at
     glm5_slice each SM runs its indexer q tiles (-> INDEX_SCORE -> INDEX_TOPK -> ATTN) before its q_b tiles

@@ -7,7 +7,9 @@ of tile-level tasks (`format.Op`): one GEMV task per output column tile, per-hea
 per head group, indexer score chunks + a top-k merge per token in `index_topk_parts` parts, the router's logit
 tiles + selection, expert tasks per (routed slot, tile) with the expert id read at run time from the selection's
 slot table, and a combine per column tile. RMSNorms are fused into the consuming GEMVs, RoPE into the cache writes /
-absorb / score tasks, residual adds into o_proj and the dense down projection.
+absorb / score tasks, residual adds into o_proj and the dense down projection. Split-K (a MOE_COMBINE per column tile
+sums the parts): the router, each layer's first projections, and the LM head's column tiles beyond whole rounds of
+`num_sms` (`ScheduleOptions.router_splits` / `proj_splits` / `head_splits`).
 
 Dependencies: every buffer has a producer op group; an op group waits on the counters of its inputs' producers,
 minus those already implied by another wait (transitive reduction). Every scratch buffer is written exactly

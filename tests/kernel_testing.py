@@ -17,16 +17,22 @@ def case_key(*parts):
     return jax.random.key(zlib.crc32(repr(parts).encode()))
 
 
-def lower_for_h200(fn, *args) -> int:
+def lowered_for_h200(fn, *args):
     """Lowers `fn` for CUDA on any host (abstract H200 mesh), checks a Mosaic GPU kernel is in it and returns the
-    length of its custom call in the StableHLO text (the serialized kernel module: a measure of its code)."""
+    jax Lowered."""
     with _compat.interpret_mesh("NVIDIA H200", 132):
         traced = jax.jit(fn).trace(*args)
         if "lowering_platforms" not in inspect.signature(traced.lower).parameters:  # the hook moved: not an error
             pytest.skip("cannot lower for CUDA on this jax: Traced.lower has no lowering_platforms")
         lowered = traced.lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
-    return kernel_chars(lowered)
+    return lowered
+
+
+def lower_for_h200(fn, *args) -> int:
+    """`lowered_for_h200`, then the length of its Mosaic GPU custom call (the serialized kernel module: a measure
+    of its code)."""
+    return kernel_chars(lowered_for_h200(fn, *args))
 
 
 class KernelRunner:

@@ -20,7 +20,7 @@ from pallas_kernels.persistent import Op, ScheduleOptions, attn_tiles, compile_s
 from pallas_kernels.persistent import kernel as kernel_mod
 from pallas_kernels.persistent.kernel import KernelPlan, PersistentDecoder
 from pallas_kernels.persistent.tiles import TileConfig
-from tests.kernel_testing import assert_step_matches_xla, prefilled
+from tests.kernel_testing import assert_step_matches_xla, lowered_for_h200, prefilled
 
 # Odd tiles (ragged last GEMV / attention tiles), 3 index chunks, 7 SM lists (the GPU path's; interpret mode walks
 # the global order).
@@ -184,12 +184,9 @@ def test_kernel_skeleton_lowers_for_cuda_at_glm5_slice():
     assert _lower_glm5_slice(frozenset()) > 0
     from pallas_kernels.persistent.kernel import abstract_step_args, persistent_step
     plan = KernelPlan.build(compile_schedule(load_config("tiny").model, 1, ScheduleOptions(num_sms=4)))
-    texts = {}
-    for stamps in (False, True):
-        with _compat.interpret_mesh("NVIDIA H200", 132):
-            fn = jax.jit(lambda *a: persistent_step(plan, *a, interpret=False, tiles=None, ops=frozenset(),
-                                                    stamps=stamps))
-            texts[stamps] = fn.trace(*abstract_step_args(plan, 64)).lower(lowering_platforms=("cuda",)).as_text()
+    texts = {stamps: lowered_for_h200(lambda *a, stamps=stamps: persistent_step(
+        plan, *a, interpret=False, tiles=None, ops=frozenset(), stamps=stamps), *abstract_step_args(plan, 64)).as_text()
+        for stamps in (False, True)}
     assert "globaltimer" in texts[True] and "globaltimer" not in texts[False]
     with _compat.interpret_mesh("NVIDIA H200", 132):
         out = jax.eval_shape(lambda *a: persistent_step(plan, *a, interpret=False, tiles=None, stamps=True),

@@ -1,5 +1,6 @@
 """Persistent-kernel schedule (DESIGN.md sec. 4): structural invariants of the task lists, deadlock freedom under
 random SM interleavings, the simulated step == the XLA backend (`main_cached`), records and the disk cache."""
+import collections
 import dataclasses
 import time
 import warnings
@@ -315,17 +316,13 @@ def test_lm_head_tiles_beyond_whole_rounds_are_split_k():
     bytes, where head_splits = 1 leaves 44 SMs a 19th tile. tiny (22 ragged tiles of 24 columns on 7 SMs) splits
     its one extra tile in 2 parts (hidden 128: K / P a multiple of 64); the simulator and the interpret-mode
     kernel tests run that schedule."""
-    from pallas_kernels.persistent.format import F_BYTES, F_LAYER
+    from pallas_kernels.persistent.format import F_BYTES
     cfg = load_config("glm5_slice").model
 
     def head(options):
         s = compile_schedule(cfg, 1, options)
-        names = [c.name for c in s.counters]
-        per_sm = np.zeros(s.num_sms)
-        for sm, lst in enumerate(s.sm_lists()):
-            per_sm[sm] = sum(s.records[t, F_BYTES] for t in lst if s.records[t, F_LAYER] == -1)
-        count = {n: int((np.array(names)[s.records[:, F_SIGNAL]] == n).sum()) for n in set(names)}
-        return per_sm, count
+        per_sm = [sum(s.records[t, F_BYTES] for t in lst if s.records[t, F_LAYER] == -1) for lst in s.sm_lists()]
+        return np.array(per_sm), collections.Counter(s.counters[c].name for c in s.records[:, F_SIGNAL])
     per_sm, count = head(ScheduleOptions(num_sms=132))
     assert (count["lm_head"], count["lm_head_extra"], count["lm_head_extra_sum"]) == (2376, 132, 44)
     assert per_sm.max() / per_sm.min() < 1.001

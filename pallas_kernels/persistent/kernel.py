@@ -40,12 +40,12 @@ replaced by dependency-ordered execution: one CTA walks the global topological o
 
 Op bodies. GEMV (fused RMSNorm, residual, [N, K] weights, f32 router logits as split-K partials), SWIGLU_UP and
 SWIGLU_DOWN (dense, shared, routed with the expert id read at run time) are TMA weight tiles through an SMEM ring +
-swap-AB wgmma (`tiles.py`, reusing `pallas_kernels.gemv`'s tile functions); ABSORB is the same over K-major W_uk tiles plus RoPE
-spread over the warpgroup's threads (`tiles.rope_rows`); UV merges the split-KV partials into each x tile in
-registers, then W_uv tiles; KV_WRITE normalises x tiles (+ RoPE), IK_WRITE is a row LayerNorm + RoPE; MOE_COMBINE
-adds [8, 64] SMEM tiles; EMBED moves one row per token by TMA; ROUTER_SELECT is vector reductions over one row of
-scores per token; ATTN (`attn_tiles.py`) is absorbed sparse MLA over per-row TMA gathers of the selected latent
-rows; INDEX_SCORE / INDEX_TOPK (`index_tiles.py`) are the lightning indexer's wgmma scores and an exact radix
+swap-AB wgmma (`tiles.py`, reusing `pallas_kernels.gemv`'s tile functions); ABSORB is the same over K-major W_uk
+tiles plus RoPE spread over the warpgroup's threads (`tiles.rope_rows`); UV merges the split-KV partials into each x
+tile in registers, then W_uv tiles; KV_WRITE normalises x tiles (+ RoPE), IK_WRITE is a row LayerNorm + RoPE;
+MOE_COMBINE adds [8, 64] SMEM tiles; EMBED moves one row per token by TMA; ROUTER_SELECT is vector reductions over
+one row of scores per token; ATTN (`attn_tiles.py`) is absorbed sparse MLA over per-row TMA gathers of the selected
+latent rows; INDEX_SCORE / INDEX_TOPK (`index_tiles.py`) are the lightning indexer's wgmma scores and an exact radix
 select. All lower for CUDA at glm5_slice with jax 0.10.2 and compile together on the H200 with jax 0.11.2 (README:
 status and figures) and run in GPU interpret mode on the CPU tests' configs (with 64 x 64 tiles as on the GPU, and
 with smaller tiles that fit tiny's 16-wide heads). Where a branch's shapes do not split into the tiles, the v1 body

@@ -215,11 +215,12 @@ class _Lowering:
         y[p]. splits > 1 (y [T, n], no residual, first = 0): split-K into a [splits, T, stop] f32 buffer
         `{name}_parts`, then a MOE_COMBINE per column tile (no residual) sums the parts into y."""
         b = self.b
+        stop = n if stop is None else stop
         if splits > 1:
             assert first == 0, "split-K parts start at column 0 (a task's column indexes W, parts and y alike)"
-            parts = b.buffer(f"{name}_parts", (splits, self.t, stop or n), "float32")
+            parts = b.buffer(f"{name}_parts", (splits, self.t, stop), "float32")
             self.gemv(name, layer, x, k, n, w_name, parts, norm=norm, eps=eps, transposed=transposed, stop=stop)
-            cols = [r_ for r_ in _col_tiles(n, self.opt.tile_n) if r_[0] < (stop or n)]
+            cols = [r_ for r_ in _col_tiles(n, self.opt.tile_n) if r_[0] < stop]
             return b.op(f"{name}_sum", Op.MOE_COMBINE, layer, (), (parts, -1), (out,), cols,
                         [(splits * 4 + self.elt) * self.t * r_[1] for r_ in cols])
         w = b.weight(w_name, (n, k) if transposed else (k, n), self.dt)
@@ -228,7 +229,7 @@ class _Lowering:
         parts = shape[0] if len(shape) == 3 else 1
         tiles = [r[:4] + (p,) for p in range(parts) for r in _col_tiles(n, self.opt.tile_n, eps if norm else -1,
                                                                           int(transposed))
-                 if first <= r[0] < (stop or n)]
+                 if first <= r[0] < stop]
         nbytes = [(k // parts * r[1] + self.t * k) * self.elt for r in tiles]
         return b.op(name, Op.GEMV, layer, (w, nw), (x, residual), (out,), tiles, nbytes)
 

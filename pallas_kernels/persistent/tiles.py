@@ -29,8 +29,8 @@ Weight prefetch (DESIGN.md sec. 4): the dense bodies issue their first ring slot
 dependency wait (`prefetching`, `Tiles.stream`'s issue_w); every task still fills and drains its own ring (no
 stream across task boundaries). A split-K GEMV (the router, `ScheduleOptions.router_splits`, each layer's first
 projections, `.proj_splits`, and the lm_head's tiles beyond whole rounds of SMs, `.head_splits`) streams only its
-part's rows: the router's 768 of 6144 at glm5_slice are 12 k-tiles,
-most of which the ring prefetches while the task waits.
+part's rows: the router's 768 of 6144 at glm5_slice are 12 k-tiles, most of which the ring prefetches while the
+task waits.
 """
 from __future__ import annotations
 

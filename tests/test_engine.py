@@ -156,3 +156,23 @@ def test_errors_are_clear():
         engine.generate([], 4)
     with pytest.raises(BackendError, match="unknown backend 'cuda'"):
         Engine(model, backend="cuda")
+
+
+def test_forced_logits_line_up_with_the_engines_greedy_steps():
+    """`glm_fast.engine.forced`: fed the engine's own greedy tokens (past index_topk), row i of the teacher-forced
+    logits is the step that chose token i -- its argmax is token i at every row (a row shifted by one would pick
+    the next token instead) -- and a different token fed at step 3 changes rows 4.. only."""
+    from glm_fast.engine.forced import forced_logits, stepper
+    model = _model(4)
+    prompt = np.random.RandomState(4).randint(0, model.cfg.vocab_size, 2 * model.cfg.index_topk).tolist()
+    tokens = Engine(model, max_len=64, compilation_cache=False).generate(prompt, 10).tokens
+    step = stepper(model, "xla", 1)
+    logits = forced_logits(model, step, prompt, tokens, 64)
+    assert logits.shape == (10, model.cfg.vocab_size) and np.isfinite(logits).all()
+    assert logits.argmax(-1).tolist() == tokens
+    other = tokens[:3] + [(tokens[3] + 1) % model.cfg.vocab_size] + tokens[4:]
+    moved = forced_logits(model, step, prompt, other, 64)
+    np.testing.assert_array_equal(moved[:4], logits[:4])
+    assert np.abs(moved[4:] - logits[4:]).max() > 1e-3
+    with pytest.raises(ValueError, match="exceed max_len"):
+        forced_logits(model, step, prompt, tokens, len(prompt) + 5)

@@ -249,3 +249,26 @@ def test_bench_persistent_set_metrics():
     bad[1, 2] += 1.0
     err, extra = bp._scores_by_row(bad, val, idx, idx)
     assert err > 0.1 and extra["worst_rows"][0][:2] == [1, int(idx[1, 2])]
+
+
+def test_persistent_trained_helpers_and_input_errors(tmp_path):
+    """experiments/persistent_trained.py's pieces on the CPU (the whole run, a trained model through the kernel,
+    is the H200's: experiments/results/persistent_trained_*.json): where two token lists part, the teacher-forced
+    statistics, and the errors that name the fix."""
+    pt = _entry_point("persistent_trained")
+    assert pt.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert pt.first_difference([1, 2, 3], [1, 5, 3]) == 1 and pt.first_difference([1, 2], [1, 2, 3]) == 2
+    rng = np.random.default_rng(0)
+    want32 = rng.normal(size=(6, 10)).astype(np.float32)
+    forced = want32 + 0.01 * rng.normal(size=want32.shape).astype(np.float32)
+    forced[2] = -want32[2]  # one step whose argmax moves
+    stats = pt.forced_stats(forced, want32, want32.argmax(-1).tolist())
+    assert stats["forced_agrees_with_xla"] == stats["forced_agrees_with_float32"] == 5 / 6
+    want_err = np.mean(np.abs(forced - want32).max(-1) / np.abs(want32).max(-1))
+    assert np.isclose(stats["forced_rel_err_vs_float32"], want_err)
+    with pytest.raises(ValueError, match="give 'persistent'"):
+        pt.main(["--random-init", "--backends", "pallas", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="longer than index_topk"):
+        pt.main(["--random-init", *sum((["--set", s] for s in SMALL), []), "--set", "model.index_topk=1024",
+                 "--set", "train.val_fraction=0.5", "--corpus-root", "json", "--num-prompts", "1", "--num-lines",
+                 "1", "--out", str(tmp_path)])

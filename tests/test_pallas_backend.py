@@ -9,8 +9,7 @@ import pytest
 from flax import nnx
 
 from glm_fast import Engine, Model, load_config
-from glm_fast.engine.cache import new_state
-from glm_fast.engine.forward import main_cached
+from glm_fast.engine.forced import PERSISTENT, prefill, stepper
 from glm_fast.engine.ops import PALLAS, XLA, checked
 from pallas_kernels import gemv, indexer, mla_attention, moe
 from tests.kernel_testing import float32_model
@@ -33,42 +32,11 @@ def _counting(monkeypatch):
     return calls
 
 
-def _forward(graphdef, ops):
-    """Jitted cached forward of the model `graphdef` through `ops`: (params, caches, tokens [B, T], pos [B, T])
-    -> (logits [B, T, V], caches)."""
-    return jax.jit(lambda p, caches, tok, pos: main_cached(nnx.merge(graphdef, p), caches, tok, pos,
-                                                            jnp.ones_like(pos, bool), ops)[::2])
-
-
-PERSISTENT = "persistent"  # in place of an engine Ops: the persistent kernel (pallas_kernels.persistent)
-
-
-def _stepper(model, ops, rows: int):
-    """(step, weights): the jitted cached step(weights, caches, tokens [B, rows], pos [B, rows]) -> (logits
-    [B, rows, V], caches) through `ops`, or for PERSISTENT through the one-launch kernel (batch 1; GPU interpret
-    mode off the GPU). Weights go in as arguments, never as captured constants (glm5_slice's are 19 GB)."""
-    if ops == PERSISTENT:
-        from pallas_kernels.persistent.kernel import PersistentDecoder
-        dec = PersistentDecoder(model, interpret=jax.default_backend() != "gpu", cache_dir=False)
-        step = jax.jit(lambda w, caches, tok, pos: dec(model, w, caches, tok, pos, jnp.ones_like(pos, bool))[::2])
-        return step, dec.weights(rows)
-    graphdef, params = nnx.split(model)
-    return _forward(graphdef, ops), params
-
-
-def _prefill(model, tokens, max_len: int):
-    """XLA prefill of tokens [B, P] into fresh caches of `max_len` rows: (logits [B, P, V], caches)."""
-    graphdef, params = nnx.split(model)
-    b, n = tokens.shape
-    state = new_state(model.cfg, b, max_len, 0, model.dtype)
-    return _forward(graphdef, XLA)(params, state.layers, tokens, jnp.broadcast_to(jnp.arange(n), (b, n)))
-
-
 def _step_logits(model, ops, tokens, ctx: int, rows: int):
     """Prefill `ctx` prompt tokens with XLA, then `rows` new tokens through `ops`: logits [B, rows, V] f32."""
     b = tokens.shape[0]
-    _, caches = _prefill(model, tokens[:, :ctx], ctx + rows + 8)
-    step, weights = _stepper(model, ops, rows)
+    _, caches = prefill(model, tokens[:, :ctx], ctx + rows + 8)
+    step, weights = stepper(model, ops, rows)
     logits, _ = step(weights, caches, tokens[:, ctx:ctx + rows], jnp.broadcast_to(ctx + jnp.arange(rows), (b, rows)))
     return np.asarray(logits, np.float32)
 
@@ -133,8 +101,8 @@ def _decode(model, ops, prompt, steps: int, forced=None) -> np.ndarray:
     """Prefill `prompt` [1, P] with XLA, then `steps` decode steps (T=1) through `ops`, each feeding the previous
     argmax, or forced[i] (teacher forcing) when given: the prefill's argmax, then each step's [1 + steps]."""
     n = prompt.shape[1]
-    logits, caches = _prefill(model, prompt, n + steps + 8)
-    (step, weights), out = _stepper(model, ops, 1), [int(logits[0, -1].argmax())]
+    logits, caches = prefill(model, prompt, n + steps + 8)
+    (step, weights), out = stepper(model, ops, 1), [int(logits[0, -1].argmax())]
     for i in range(steps):
         tok = out[-1] if forced is None else int(forced[i])
         logits, caches = step(weights, caches, jnp.full((1, 1), tok), jnp.full((1, 1), n + i))

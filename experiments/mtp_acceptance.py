@@ -21,18 +21,13 @@ _ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(_ROOT))
 
-from glm_fast import load_config, results  # noqa: E402
-from glm_fast.sweep import acceptance_rows, held_out_ids  # noqa: E402
+from glm_fast import results  # noqa: E402
+from glm_fast.sweep import acceptance_rows, add_model_source_args, held_out_ids, load_model_source  # noqa: E402
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a training run dir (or its checkpoints/ dir)")
-    src.add_argument("--random-init", action="store_true", help="random weights from --config (smoke runs)")
-    p.add_argument("--config", default="tiny", help="preset for --random-init")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="dotted override of the --random-init config, repeatable")
+    add_model_source_args(p)
     p.add_argument("--depths", default="1,2,3", help="comma list of speculative depths (capped at mtp_depth)")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--num-lines", type=int, default=4, help="lines of each held-out file in its prompt")
@@ -40,39 +35,16 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.8, help="for the sampled rows (greedy rows: 0)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--backend", default="xla")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--corpus-root", default=None,
-                   help="prompts from this directory's .py files (relative: under the stdlib) instead of the stdlib")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None, help="result file name (default mtp_acceptance_<date>)")
     return p.parse_args(argv)
-
-
-def load(args):
-    """(model, cfg, tokenizer): from the checkpoint, or random-init with the bytes tokenizer."""
-    if args.checkpoint:
-        from glm_fast.train import load_model
-
-        return load_model(args.checkpoint, step=args.step)
-    from flax import nnx
-
-    from glm_fast import Model
-    from glm_fast.data import bytes_tokenizer
-
-    cfg = load_config(args.config, overrides=args.set)
-    tokenizer = bytes_tokenizer()
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise SystemExit(f"error: config {cfg.name} has vocab_size={cfg.model.vocab_size} < the bytes tokenizer's "
-                         f"{tokenizer.vocab_size}: raise model.vocab_size")
-    return Model(cfg.model, rngs=nnx.Rngs(args.seed)), cfg, tokenizer
 
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     depths = sorted({int(d) for d in args.depths.split(",") if d.strip()})
-    model, cfg, tokenizer = load(args)
+    model, cfg, tokenizer = load_model_source(args)
     if cfg.model.mtp_depth == 0:
         print(f"note: {cfg.name} has no MTP heads (model.mtp_depth=0): only the D=0 baseline runs", flush=True)
     capped = sorted({min(d, cfg.model.mtp_depth) for d in depths} - {0})

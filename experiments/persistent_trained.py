@@ -35,43 +35,22 @@ if str(_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 import numpy as np  # noqa: E402
 
-from glm_fast import load_config, results  # noqa: E402
+from glm_fast import results  # noqa: E402
 from glm_fast.engine.forced import forced_logits, stepper  # noqa: E402
-from glm_fast.sweep import held_out_ids  # noqa: E402
+from glm_fast.sweep import add_model_source_args, held_out_ids, load_model_source  # noqa: E402
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a training run dir (or its checkpoints/ dir)")
-    src.add_argument("--random-init", action="store_true", help="random weights from --config (smoke runs)")
-    p.add_argument("--config", default="tiny", help="preset for --random-init")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="dotted override of the --random-init config, repeatable")
-    p.add_argument("--corpus-root", default=None,
-                   help="prompts from this directory's .py files (relative: under the stdlib) instead of the stdlib")
+    add_model_source_args(p)
     p.add_argument("--num-prompts", type=int, default=8, help="validation files tried as prompts")
     p.add_argument("--num-lines", type=int, default=40, help="lines of each held-out file in its prompt")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--depth", type=int, default=3, help="MTP draft depth through the kernel (0: none)")
     p.add_argument("--backends", default="persistent,pallas", help="comma list compared with xla's greedy tokens")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None, help="result file name (default persistent_trained_<date>)")
     return p.parse_args(argv)
-
-
-def load(args):
-    """(model in bf16 -- the kernel's dtype --, config, tokenizer)."""
-    if args.checkpoint:
-        from glm_fast.train import load_model
-        return load_model(args.checkpoint, dtype="bfloat16")
-    from flax import nnx
-
-    from glm_fast import Model
-    from glm_fast.data import bytes_tokenizer
-    cfg = load_config(args.config, overrides=[*args.set, "model.dtype=bfloat16"])
-    return Model(cfg.model, rngs=nnx.Rngs(args.seed)), cfg, bytes_tokenizer()
 
 
 def float32_logits(model32, prompt: list[int], tokens: list[int]) -> np.ndarray:
@@ -159,7 +138,7 @@ def main(argv=None) -> dict:
     backends = ["xla", *dict.fromkeys(b.strip() for b in args.backends.split(",") if b.strip() != "xla")]
     if "persistent" not in backends or not set(backends) <= set(BACKENDS):
         raise ValueError(f"--backends {args.backends!r}: give 'persistent' and any of {sorted(BACKENDS)}")
-    model, cfg, tokenizer = load(args)
+    model, cfg, tokenizer = load_model_source(args, "bfloat16")  # the kernel's dtype
     depth = min(args.depth, cfg.model.mtp_depth)
     prompts = [p for p in held_out_ids(cfg, tokenizer, args.num_prompts, args.num_lines, args.corpus_root)
                if len(p) > cfg.model.index_topk]
@@ -182,7 +161,8 @@ def main(argv=None) -> dict:
               + ", ".join(f"{n} {r[n]['first_difference']}" for n in r if isinstance(r[n], dict) and n != "xla")
               + (f" (MTP accepted/step {r['persistent_mtp']['accepted_per_step']:.2f})" if depth else ""), flush=True)
     total = summary(rows, depth)
-    source = ({"checkpoint": str(args.checkpoint)} if args.checkpoint else {"random_init": True, "seed": args.seed})
+    source = ({"checkpoint": str(args.checkpoint), "step": args.step} if args.checkpoint
+              else {"random_init": True, "seed": args.seed})
     record = results.result("persistent_trained", {"name": cfg.name, "overrides": args.set, "resolved": cfg.to_dict()},
                             rows + [{"summary": total}], weights="checkpoint" if args.checkpoint else "random",
                             new_tokens=args.new_tokens, mtp_depth=depth, num_lines=args.num_lines, **source)

@@ -185,6 +185,42 @@ def held_out_ids(cfg, tokenizer, num_prompts: int, num_lines: int, corpus_root: 
     return encode_prompts(tokenizer, cfg, texts)
 
 
+def add_model_source_args(p) -> None:
+    """The model-source flags of the scripts that decode held-out prompts (experiments/mtp_acceptance.py,
+    persistent_trained.py): a checkpoint, or random weights from a preset; the prompts' corpus."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a training run dir (or its checkpoints/ dir)")
+    src.add_argument("--random-init", action="store_true", help="random weights from --config (smoke runs)")
+    p.add_argument("--config", default="tiny", help="preset for --random-init")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="dotted override of the --random-init config, repeatable")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus-root", default=None,
+                   help="prompts from this directory's .py files (relative: under the stdlib) instead of the stdlib")
+
+
+def load_model_source(args, dtype: str | None = None):
+    """(model, cfg, tokenizer) from `add_model_source_args`' flags: the checkpoint (parameters cast to `dtype`,
+    default its stored model.dtype), or random weights (seed --seed) from --config + --set (+ model.dtype) with
+    the bytes tokenizer."""
+    if args.checkpoint:
+        from glm_fast.train import load_model
+
+        return load_model(args.checkpoint, step=args.step, dtype=dtype)
+    from flax import nnx
+
+    from glm_fast.data import bytes_tokenizer
+    from glm_fast.model import Model
+
+    cfg = config_lib.load_config(args.config, overrides=[*args.set, *([f"model.dtype={dtype}"] if dtype else [])])
+    tokenizer = bytes_tokenizer()
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"config {cfg.name} has vocab_size={cfg.model.vocab_size} < the bytes tokenizer's "
+                         f"{tokenizer.vocab_size}: raise model.vocab_size")
+    return Model(cfg.model, rngs=nnx.Rngs(args.seed)), cfg, tokenizer
+
+
 def run_train(cfg, run: TrainRun, seed: int, run_dir: pathlib.Path) -> dict:
     from glm_fast.train import load_model, train
 

@@ -11,17 +11,18 @@ and there identical greedy tokens over hundreds of steps is what the issue asks 
 dims and 12 heads; on the CPU any config runs in interpret mode, slowly).
 
 Prompts: the first --num-lines lines of --num-prompts validation files (`held_out_ids`), kept only if longer than
-the model's index_topk (so DSA selects rows from the first step). Per prompt, greedy decoding of --new-tokens tokens
-by one Engine per backend (compiled once, reused): "xla", "persistent", and "persistent" with MTP drafts of depth
---depth (lossless: its tokens must equal plain persistent's), and the other --backends ("pallas": a second bf16
-implementation with its own summation orders, the floor of what "identical to XLA" can mean in bf16). Where a
-backend's tokens leave XLA's, the row records the step and how near a tie it was: a float32 copy of the model run
-over prompt + XLA's tokens gives the logit gap between XLA's token and the backend's at that step (positive: the
-float32 model prefers XLA's), beside the median top-1 / top-2 gap over all generated steps. Then every backend
-(XLA's own step too) is fed XLA's tokens (teacher forcing, `glm_fast.engine.forced`): how often its argmax is XLA's
-token and the float32 model's, and its logits' mean distance from the float32 model's (max |difference| / max
-|float32 logit| per step), the bf16 floor being XLA's own.
-Writes one JSON (experiment "persistent_trained": a row per prompt and a summary row) and prints a table.
+the model's index_topk (so DSA selects rows from the first step). Per prompt, --new-tokens greedy tokens from one
+Engine per backend (compiled once, reused), and per backend:
+  * free-running: the first step where its tokens leave XLA's, and how near a tie that was -- a float32 copy of
+    the model over prompt + XLA's tokens gives the logit gap between XLA's token and the backend's there
+    (positive: float32 prefers XLA's), beside the run's median top-1 / top-2 gap. "pallas" (a second bf16
+    implementation with its own summation orders) is the floor of what "identical to XLA" can mean in bf16;
+  * "persistent" with MTP drafts of depth --depth: lossless if its tokens equal plain persistent's;
+  * teacher-forced on XLA's tokens (`glm_fast.engine.forced`; XLA's own step too): how often its argmax is XLA's
+    token and the float32 model's, and its logits' mean distance from float32's (max |difference| / max
+    |float32 logit| per step), the bf16 floor being XLA's own.
+Writes one JSON (experiment "persistent_trained": a row per prompt and a summary row), prints a line per prompt and
+the summary.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Experiment entry points on the CPU: the tiny sweep end to end (results.jsonl, table.md, PNGs), resuming it,
 a bad sweep file's error, every shipped sweep file validating, an mtp_acceptance smoke run, and the GPU
-diagnostics (diagnose_backend, bench_persistent) on `tiny` with the kernels in GPU interpret mode.
+diagnostics (diagnose_backend, bench_persistent) on `tiny` with the kernels in GPU interpret mode; on the GPU
+only, the persistent kernel on a freshly trained small_glm5.
 
 All runs use a 2-layer `tiny` with 1 MTP depth so they share small compiled programs (< 90 s on 2 cores).
 """
@@ -11,6 +12,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from glm_fast import load_config
 from glm_fast.sweep import SWEEP_DIR, SweepError, load_sweep, read_results, run_sweep, sweep_from_dict
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -272,3 +274,35 @@ def test_persistent_trained_helpers_and_input_errors(tmp_path):
         pt.main(["--random-init", *sum((["--set", s] for s in SMALL), []), "--set", "model.index_topk=1024",
                  "--set", "train.val_fraction=0.5", "--corpus-root", "json", "--num-prompts", "1", "--num-lines",
                  "1", "--out", str(tmp_path)])
+
+
+def _trained_model_check(config: str, overrides: dict, run_dir, prompts: int, new_tokens: int, lines: int = 40):
+    """Trains `config` (+ overrides) into run_dir, then runs experiments/persistent_trained.py on it (persistent
+    only, MTP D = 3 capped at the model's depth, prompts of `lines` lines): its summary row."""
+    from glm_fast.train import train
+    train(load_config(config, overrides), run_dir / "run", progress=False, async_checkpoint=False)
+    rec = _entry_point("persistent_trained").main(
+        ["--checkpoint", str(run_dir / "run"), "--num-prompts", str(prompts), "--num-lines", str(lines),
+         "--new-tokens", str(new_tokens), "--backends", "persistent", "--out", str(run_dir), "--name", "trained"])
+    return rec["rows"][-1]["summary"]
+
+
+@pytest.mark.gpu
+def test_persistent_kernel_on_a_trained_model(tmp_path, monkeypatch):
+    """On the H200: small_glm5 trained 300 steps (~1 min), 4 held-out prompts x 64 greedy tokens through the kernel.
+    MTP D = 3 through it is lossless on every prompt; teacher-forced on XLA's tokens, its argmax agrees with the
+    float32 model's as often as bf16 XLA's does (to two standard errors of the difference of two rates) and its
+    logits are no further from float32's than XLA's are (x1.25 + 5e-3). Greedy identity with XLA is not asserted:
+    two bf16 implementations part at near-ties (experiments/results/persistent_trained_small_glm5_forced.json:
+    2 of 8 prompts identical over 256 tokens for the kernel, 3 of 8 for pallas, the float32 model preferring the
+    kernel's token at 4 of its 6 partings). Needs grain on the GPU host (carry its wheel, README's device notes)."""
+    pytest.importorskip("grain", reason="training reads the corpus through grain: carry its wheel to the GPU host")
+    monkeypatch.setenv("GLM_FAST_SCHEDULE_DIR", str(tmp_path / "schedules"))
+    s = _trained_model_check("small_glm5", {"train.steps": 300, "train.eval_every": 300, "train.save_every": 300},
+                             tmp_path, prompts=4, new_tokens=64)
+    print(s)
+    assert s["mtp_equals_plain_persistent"] == s["prompts"] > 0, s
+    p = s["xla_forced_agrees_with_float32"]
+    margin = 2 * np.sqrt(2 * p * (1 - p) / (s["prompts"] * 63))
+    assert s["persistent_forced_agrees_with_float32"] >= p - margin, s
+    assert s["persistent_forced_rel_err_vs_float32"] <= 1.25 * s["xla_forced_rel_err_vs_float32"] + 5e-3, s

@@ -98,8 +98,8 @@ def prompt_row(model, model32, engines: dict, steppers: dict, prompt: list[int],
     for name in runs:
         if name == "xla":
             continue
-        i = first_difference(want, runs[name].tokens)
         got = runs[name].tokens
+        i = first_difference(want, got)
         out[name]["first_difference"] = i
         if i is not None and i < len(want) and i < len(got):
             out[name]["gap_at_difference"] = float(logits[i, want[i]] - logits[i, got[i]])

@@ -60,8 +60,8 @@ CTAs' window on one clock, their start and end skews and the SM clock rate betwe
 (`profile.launch_window`): against the device trace's kernel time, the launch's cost outside the CTAs' bodies.
 --attn-splits N / --attn-heads H override the attention tasks' split-KV factor and heads per task (default:
 PersistentDecoder's choice, `kernel.gpu_candidates`: 64 heads x 32 splits where the SMEM fits; an unset one takes
-ScheduleOptions' default). --index-chunks N / --assign override the indexer score tasks per layer and the SM
-assignment on top of the decoder's attention layout.
+ScheduleOptions' default). --index-chunks N / --assign / --hoist override the indexer score tasks per layer, the
+SM assignment and the ops it hoists on top of the decoder's attention layout.
 """
 from __future__ import annotations
 
@@ -354,12 +354,17 @@ def _profile(fn, args, profile_dir: str, schedule) -> dict:
     return out
 
 
+def _hoist(arg: str | None) -> tuple[str, ...] | None:
+    """--hoist's op names (None: ScheduleOptions' default)."""
+    return None if arg is None else tuple(n for n in arg.split(",") if n and n != "none")
+
+
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
                 slots: int | None = None, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
                 n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None,
                 assign: str | None = None, index_chunks: int | None = None, lowering: str = "lane",
-                trace_launches: int = 0, stamps: bool = False) -> dict:
+                trace_launches: int = 0, stamps: bool = False, hoist: tuple[str, ...] | None = None) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight; None:
     the decoder's, `kernel.fit_tiles`);
@@ -369,7 +374,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     at positions context .. context + T - 1 (1 + D: an MTP verification step); topk_bits: INDEX_TOPK's key bits
     per radix pass (TileConfig.topk_bits); step_tiles: weight tiles per ring step of the bulk streams
     (TileConfig.step_tiles; None: its default); assign, index_chunks: the schedule's SM assignment and indexer
-    score tasks per layer (ScheduleOptions.assign / .index_chunks; None: their defaults); lowering: Mosaic GPU's
+    score tasks per layer (ScheduleOptions.assign / .index_chunks; None: their defaults); hoist: the ops that
+    the assignment orders with their producers (ScheduleOptions.hoist; None: its default); lowering: Mosaic GPU's
     lowering semantics ("lane", the kernel's default; "warpgroup"; "jax": jax's default); trace_launches: a
     `jax.profiler` trace of that many more back-to-back launches, reduced to the device's kernels per launch
     (`glm_fast.device_trace`): the kernel's own device time, without the host's dispatch in median_ms; stamps:
@@ -410,6 +416,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     from pallas_kernels.persistent.schedule import ScheduleOptions
     given = {k: v for k, v in (("attn_splits", attn_splits), ("attn_heads", attn_heads)) if v is not None}
     extra = {k: v for k, v in (("assign", assign), ("index_chunks", index_chunks)) if v}
+    if hoist is not None:
+        extra["hoist"] = hoist
     options = ScheduleOptions(**given, **extra) if given or (extra and interpret) else None  # None: the decoder's
     if extra and options is None:  # the decoder's choice of attention layout, with these options
         from pallas_kernels.persistent.kernel import gpu_candidates, pick_plan
@@ -520,6 +528,9 @@ def main(argv=None):
                         "default its default)")
     p.add_argument("--assign", default=None, choices=ASSIGNMENTS,
                    help="the schedule's SM assignment (ScheduleOptions.assign; default its default)")
+    p.add_argument("--hoist", default=None,
+                   help="comma-separated op names the levels assignment orders with their producers "
+                        "(ScheduleOptions.hoist; 'none' for no op; default its default)")
     p.add_argument("--index-chunks", type=int, default=None,
                    help="indexer score tasks per layer (ScheduleOptions.index_chunks; default its default)")
     p.add_argument("--trace-launches", type=int, default=0,
@@ -545,7 +556,8 @@ def main(argv=None):
                                      n_tokens=args.tokens, topk_bits=args.topk_bits,
                                      step_tiles=args.step_tiles, assign=args.assign,
                                      index_chunks=args.index_chunks, lowering=args.lowering,
-                                     trace_launches=args.trace_launches, stamps=args.stamps)), flush=True)
+                                     trace_launches=args.trace_launches, stamps=args.stamps,
+                                     hoist=_hoist(args.hoist))), flush=True)
         return
     from glm_fast import results
     rows = []
@@ -556,6 +568,7 @@ def main(argv=None):
                "--topk-bits", str(args.topk_bits),
                *(["--step-tiles", str(args.step_tiles)] if args.step_tiles else []),
                *(["--assign", args.assign] if args.assign else []),
+               *(["--hoist", args.hoist] if args.hoist is not None else []),
                *(["--index-chunks", str(args.index_chunks)] if args.index_chunks else []),
                "--checks", args.checks, "--lowering", args.lowering, "--child", v,
                *(["--profile"] if args.profile else []),
@@ -580,6 +593,7 @@ def main(argv=None):
                                                  "reps": args.reps, "slots": args.slots,
                                                  "topk_bits": args.topk_bits, "step_tiles": args.step_tiles,
                                                  "assign": args.assign, "index_chunks": args.index_chunks,
+                                                 "hoist": args.hoist,
                                                  "lowering": args.lowering,
                                                  "profile": args.profile, "trace_launches": args.trace_launches,
                                                  "stamps": args.stamps,

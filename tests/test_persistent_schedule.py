@@ -16,6 +16,7 @@ from pallas_kernels.persistent import (DeadlockError, Kind, Op, ScheduleOptions,
                                        load_or_compile, read_schedule, run_counters, schedule_stats, simulate_step,
                                        written_region)
 from pallas_kernels.persistent.format import F_LAYER, F_NWAITS, F_OP, F_SIGNAL, F_WAITS, MAX_WAITS, RECORD_WIDTH
+from pallas_kernels.persistent.schedule import ASSIGNMENTS
 from tests.kernel_testing import prefilled
 
 # Odd tiles so that every op has a ragged last tile (heads 3 + 1, top-K slots 6 + 6 + 4); 3 index chunks
@@ -29,8 +30,8 @@ def tiny():
     return load_config("tiny").model
 
 
-@pytest.fixture(scope="module", params=[(1, "levels"), (3, "levels"), (3, "critical")],
-                ids=["T1", "T3", "T3-critical"])
+@pytest.fixture(scope="module", params=[(1, "mixed"), (3, "levels"), (3, "critical"), (3, "mixed")],
+                ids=["T1", "T3-levels", "T3-critical", "T3"])
 def tiny_schedule(request, tiny):
     t, assign = request.param
     return compile_schedule(tiny, t, dataclasses.replace(TINY_OPTIONS, assign=assign))
@@ -148,7 +149,7 @@ def _step(cfg, seed, t):
     return model, caches, tokens[0], pos[0]
 
 
-@pytest.mark.parametrize("t,seed,assign", [(1, 0, "levels"), (1, 1, "levels"), (3, 0, "levels"), (3, 2, "levels"),
+@pytest.mark.parametrize("t,seed,assign", [(1, 0, "mixed"), (1, 1, "levels"), (3, 0, "mixed"), (3, 2, "levels"),
                                            (3, 1, "critical")])
 def test_simulated_step_matches_xla_backend(tiny, t, seed, assign):
     """Random SM interleaving (seeded) of the schedule's tile references == main_cached (float32): logits within
@@ -185,7 +186,8 @@ def test_dsa_really_selects_in_the_simulated_step(tiny):
     assert machine.bufs[valid].sum() == tiny.index_topk < CONTEXT + 1
 
 
-@pytest.mark.parametrize("t,assign", [(1, "levels"), (4, "levels"), (1, "list"), (1, "critical"), (4, "critical")])
+@pytest.mark.parametrize("t,assign", [(1, "levels"), (1, "mixed"), (4, "mixed"), (1, "list"), (1, "critical"),
+                                      (4, "critical")])
 def test_glm5_slice_random_interleavings_never_deadlock(t, assign):
     s = compile_schedule(load_config("glm5_slice").model, t, ScheduleOptions(num_sms=132, assign=assign))
     lists = s.sm_lists()
@@ -200,12 +202,14 @@ def test_glm5_slice_random_interleavings_never_deadlock(t, assign):
 def test_list_assignments_stay_balanced_and_beat_levels_in_their_model():
     """The list assignments keep glm5's bytes per SM balanced (a level's leftover tasks go to the SM with the
     fewest bytes among those free) and, judged by the cost model, finish before LPT per level: the critical
-    order most of all (it no longer queues each layer's indexer behind q_b tiles)."""
+    order most of all (it no longer queues each layer's indexer behind q_b tiles); "mixed" (LPT for the weight
+    tiles, list scheduling for the latency-bound tasks) also before plain "levels"."""
     cfg = load_config("glm5_slice").model
-    by = {a: compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=a)) for a in ("list", "levels", "critical")}
-    assert schedule_stats(by["list"])["imbalance"] < 1.05
-    assert schedule_stats(by["critical"])["imbalance"] < 1.05
+    by = {a: compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=a)) for a in ASSIGNMENTS}
+    for a in ASSIGNMENTS:
+        assert schedule_stats(by[a])["imbalance"] < 1.05, a
     assert by["critical"].meta["model_us"] < by["list"].meta["model_us"] <= by["levels"].meta["model_us"]
+    assert by["mixed"].meta["model_us"] < by["levels"].meta["model_us"]
     with pytest.raises(ValueError, match="one of 'levels', 'list', 'critical'"):
         ScheduleOptions(assign="greedy")
     with pytest.raises(ValueError, match="op_us"):
@@ -214,14 +218,15 @@ def test_list_assignments_stay_balanced_and_beat_levels_in_their_model():
         ScheduleOptions(op_us=(("ATTENTION", 30.0),))
 
 
-def test_critical_order_runs_the_indexer_before_q_b_tiles():
-    """Why "critical" exists: in level order (LPT per level) the SMs that score a layer's index keys first run
-    their share of that layer's q_b tiles (one level earlier, and only ABSORB -> ATTN needs them); in bottom-level
-    order no SM runs a q_b tile of a layer before its INDEX_SCORE task of that layer."""
+def test_hoisted_and_critical_orders_run_the_indexer_before_q_b_tiles():
+    """Why "critical" and `ScheduleOptions.hoist` exist: in plain level order (LPT per level) the SMs that score a
+    layer's index keys first run their share of that layer's q_b tiles (one level earlier, and only ABSORB -> ATTN
+    needs them); with INDEX_SCORE hoisted into its producers' level (the default) or in bottom-level order no SM
+    runs a q_b tile of a layer before its INDEX_SCORE task of that layer."""
     cfg = load_config("glm5_slice").model
 
-    def q_b_before_score(assign):
-        s = compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=assign))
+    def q_b_before_score(assign, **options):
+        s = compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=assign, **options))
         names = [c.name.rsplit("/", 1)[-1] for c in s.counters]
         found = scores = 0
         for row in s.sm_tasks:
@@ -233,8 +238,11 @@ def test_critical_order_runs_the_indexer_before_q_b_tiles():
         assert scores == cfg.num_hidden_layers * ScheduleOptions().index_chunks
         return found
 
-    assert q_b_before_score("levels") > 0
+    assert q_b_before_score("levels", hoist=()) > 0
+    assert q_b_before_score("levels") == 0
     assert q_b_before_score("critical") == 0
+    with pytest.raises(ValueError, match="hoist: 'INDEX' is not an Op name"):
+        ScheduleOptions(hoist=("INDEX",))
 
 
 def test_a_task_before_its_producer_in_one_list_deadlocks(tiny_schedule):

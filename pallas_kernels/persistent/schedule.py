@@ -17,8 +17,11 @@ once per step (per-layer buffers), so there are no write-after-read hazards.
 
 Assignment (deadlock freedom): tasks are put in one global topological order and dealt in that order
 (`ScheduleOptions.assign`):
-- "levels" (the default): by dependency level (longest path from the step's inputs), largest first within a level,
-  each task to the SM with the fewest bytes of that level so far (LPT per level);
+- "levels": by dependency level (longest path from the step's inputs), largest first within a level, each task to
+  the SM with the fewest bytes of that level so far (LPT per level);
+- "mixed" (the default): the same order and LPT for the weight-streaming tasks; a latency-bound task (an op with an
+  `op_us` entry: indexer, top-k, attention, W_uv, router selection, ...) to the SM that the cost model expects to
+  start it first, rather than one still streaming an earlier level's tiles;
 - "list": the same order, each task to the SM that a cost model (`sm_gb_s`, `task_us`, `op_us`) expects to be free
   first (list scheduling);
 - "critical": by bottom level (the cost model's longest time from a task's start to the end of the step, which
@@ -57,7 +60,7 @@ from pallas_kernels.persistent.format import (
     MAX_OUTPUTS, MAX_WAITS, MAX_WEIGHTS, NUM_ARGS, RECORD_WIDTH, Buffer, Counter, Kind, Op, Task, Weight)
 
 FORMAT_VERSION = 3  # 2: INDEX_TOPK tasks per (token, part); 3: 5 args per task (GEMV's split-K part)
-ASSIGNMENTS = ("levels", "list", "critical")
+ASSIGNMENTS = ("levels", "list", "critical", "mixed")
 K_ALIGN = 64  # a split-K part's rows: a multiple of the GPU bodies' k tile (TileConfig.tile_k)
 # The cost model's time per task (us) of the ops whose time is latency rather than weight bytes: the mean time
 # per task after its dependency wait, on the H200 at glm5_slice, 4K context, T = 1
@@ -95,7 +98,9 @@ class ScheduleOptions:
     end skew of 27-34 us (bench_persistent_glm5_slice_stamps.json); P parts on P x 44 SMs, then a MOE_COMBINE per
     tile sums them into the logits. (A split covering every tile, fewer tiles than SMs, is not taken.)
     context_hint: cached tokens assumed when weighing the indexer and attention tasks (balancing only).
-    num_sms: task lists (one persistent CTA per SM; 132 on H100/H200). assign: "levels" (`_assign_levels`), "list"
+    num_sms: task lists (one persistent CTA per SM; 132 on H100/H200). assign: "mixed" (`_assign_mixed`: on the H200
+    at glm5_slice the kernel took 2.151 ms against 2.202 / 2.204 ms for "levels" without / with `hoist`, one lease,
+    experiments/results/bench_persistent_glm5_slice_ab19_*_stamps.json), "levels" (`_assign_levels`), "list"
     (`_assign_list` in level order; on the H200 at glm5_slice its critical path was 2.50 ms against 2.47 ms for
     "levels": experiments/results/bench_persistent_glm5_slice_uv_{list,levels}.json; 2.17 against 2.14 ms:
     ..._assign_list.json, bytes-only costs) or "critical" (`_assign_list` in bottom-level order; three A/B pairs on
@@ -105,6 +110,11 @@ class ScheduleOptions:
     op's entry in op_us (ops whose time is latency, not weight bytes), else task_us + bytes / sm_gb_s (one SM's TMA
     weight stream ran at ~32 GB/s on the H200, ~1 us between tasks on one SM:
     bench_persistent_glm5_slice_step2_norm.json).
+    hoist: op names whose tasks the "levels" / "mixed" assignments order and balance one dependency level early,
+    with their producers' level (first among its tasks of equal height; weighed by the cost model's time as bytes at
+    sm_gb_s): an INDEX_SCORE task then heads its SM's list in the level of the indexer's q and q_b tiles and waits
+    there for its inputs, where the per-level balancing had queued it behind two or three q_b tiles (~20 us per
+    layer on the critical path; q_b only feeds the absorb, which the attention's wait for the top-K outlasts).
     """
     tile_n: int = 64
     attn_heads: int = 8
@@ -118,10 +128,11 @@ class ScheduleOptions:
     head_splits: int = 3
     context_hint: int = 4096
     num_sms: int = 132
-    assign: str = "levels"
+    assign: str = "mixed"
     sm_gb_s: float = 32.0
     task_us: float = 1.0
     op_us: tuple[tuple[str, float], ...] = OP_US
+    hoist: tuple[str, ...] = ("INDEX_SCORE",)
 
     def __post_init__(self):
         for name in ("tile_n", "attn_heads", "index_chunks", "index_align", "index_topk_parts",
@@ -138,6 +149,10 @@ class ScheduleOptions:
         for name, us in self.op_us:
             if name not in Op.__members__ or not us >= 0:
                 raise ValueError(f"ScheduleOptions.op_us: ({name!r}, {us}) needs an Op name and a time >= 0 (us)")
+        object.__setattr__(self, "hoist", tuple(str(n) for n in self.hoist))
+        for name in self.hoist:
+            if name not in Op.__members__:
+                raise ValueError(f"ScheduleOptions.hoist: {name!r} is not an Op name ({', '.join(Op.__members__)})")
 
 
 @dataclasses.dataclass
@@ -481,19 +496,30 @@ def _task_costs(rec: np.ndarray, opt: ScheduleOptions) -> np.ndarray:
     return opt.task_us + np.where(np.isnan(op_us), rec[:, F_BYTES] / (opt.sm_gb_s * 1e3), op_us)
 
 
-def _global_order(b: _Builder, rec: np.ndarray, op_of: np.ndarray, cost: np.ndarray, assign: str) -> np.ndarray:
+def _sort_levels(b: _Builder, hoist: tuple[str, ...]) -> np.ndarray:
+    """Per op group, the dependency level that the "levels" / "mixed" order and balancing use: its own, or its
+    producers' (one less) for a `ScheduleOptions.hoist` op."""
+    return np.array([g.level - (g.op.name in hoist and g.level > 0) for g in b.ops])
+
+
+def _global_order(b: _Builder, rec: np.ndarray, op_of: np.ndarray, cost: np.ndarray, assign: str,
+                  hoist: tuple[str, ...] = ()) -> np.ndarray:
     """The permutation of the tasks into the global topological order that the SM lists follow.
 
-    levels / list: (level, -height, -bytes, op, tile), height = the op groups on the longest chain from it to the
-    end: within a level (no task depends on another) the tasks of the op with the longer chain after it come first,
-    so each SM runs them first: the indexer's q tiles before q_b's, the router's tile before the shared expert's.
+    levels / list: (level, -height, -hoisted, -bytes, op, tile), height = the op groups on the longest chain from it
+    to the end: within a level the tasks of the op with the longer chain after it come first, so each SM runs them
+    first: the indexer's q tiles before q_b's, the router's tile before the shared expert's. level is
+    `_sort_levels`' (a hoisted op joins its producers' level, after them: their height is greater), and a hoisted
+    op goes before the other ops of its height.
     critical: (-bottom level, level, -bytes, op, tile), the bottom level of an op group being the cost model's
     heaviest chain from it to the end (its costliest task per op group): at least each consumer's, and where equal
     (zero-cost ops) the producer's lower level puts it first."""
     level = np.array([g.level for g in b.ops])
     if assign != "critical":
         height = _chain_to_end(b, np.ones(len(b.ops)))
-        return np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], -height[op_of], level[op_of]))
+        hoisted = np.array([g.op.name in hoist for g in b.ops], np.int64)
+        return np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], -hoisted[op_of], -height[op_of],
+                           _sort_levels(b, hoist)[op_of]))
     group_cost = np.zeros(len(b.ops))
     np.maximum.at(group_cost, op_of, cost)
     bottom = _chain_to_end(b, group_cost)
@@ -518,6 +544,32 @@ def _assign_levels(nbytes: np.ndarray, levels: np.ndarray, num_sms: int) -> list
         lists[s].append(i)
         total[s] += w
         heapq.heapreplace(heap, (load + w, total[s], s))
+    return lists
+
+
+def _assign_mixed(nbytes: np.ndarray, levels: np.ndarray, cost: np.ndarray, op_of: np.ndarray, deps: list,
+                  num_sms: int, latency: np.ndarray) -> list[list[int]]:
+    """`_assign_levels` for the weight-streaming tasks, list scheduling for the latency-bound ones (latency[i]: an op
+    with an `op_us` entry): such a task goes to the SM that the cost model expects to start it first (ties to the
+    fewest bytes in its level, then overall, then the lowest id), instead of the SM with the fewest bytes in its
+    level, which may still be streaming an earlier level's tiles when the task's inputs are ready. Returns each
+    SM's task ids, increasing."""
+    lists: list[list[int]] = [[] for _ in range(num_sms)]
+    ids = np.arange(num_sms)
+    total, load, free = np.zeros(num_sms), np.zeros(num_sms), np.zeros(num_sms)
+    finish = np.zeros(len(deps))
+    current = None
+    for i, (w, level, c, op, lat) in enumerate(zip(nbytes.tolist(), levels.tolist(), cost.tolist(),
+                                                   op_of.tolist(), latency.tolist())):
+        if level != current:
+            current, load = level, np.zeros(num_sms)
+        ready = max((finish[d] for d in deps[op]), default=0.0)
+        first = np.lexsort((ids, total, load, np.maximum(free, ready) if lat else load))[0]
+        lists[first].append(i)
+        total[first] += w
+        load[first] += w
+        free[first] = max(free[first], ready) + c
+        finish[op] = max(finish[op], free[first])
     return lists
 
 
@@ -591,14 +643,23 @@ def compile_schedule(cfg: ModelConfig, tokens: int, options: ScheduleOptions = S
     _finish(b)
     rec, op_of = _records(b)
     cost = _task_costs(rec, options)
-    order = _global_order(b, rec, op_of, cost, options.assign)
+    order = _global_order(b, rec, op_of, cost, options.assign, options.hoist)
     rec, op_of, cost = rec[order], op_of[order], cost[order]
     rec[:, F_ID] = np.arange(len(rec))
     rec = rec.astype(np.int32)
     key = schedule_key(cfg, tokens, options, gpu)
     deps, levels = [g.deps for g in b.ops], [g.level for g in b.ops]
-    lists = (_assign_levels(rec[:, F_BYTES], np.array(levels)[op_of], options.num_sms) if options.assign == "levels"
-             else _assign_list(cost, op_of, deps, options.num_sms, rec[:, F_BYTES]))
+    if options.assign in ("levels", "mixed"):
+        hoisted = np.array([g.op.name in options.hoist for g in b.ops])[op_of]
+        weight = np.where(hoisted, cost * options.sm_gb_s * 1e3, rec[:, F_BYTES])  # the cost model's time as bytes
+        sort_levels = _sort_levels(b, options.hoist)[op_of]
+        if options.assign == "levels":
+            lists = _assign_levels(weight, sort_levels, options.num_sms)
+        else:
+            latency = np.isin(rec[:, F_OP], [Op[name].value for name, _ in options.op_us])
+            lists = _assign_mixed(weight, sort_levels, cost, op_of, deps, options.num_sms, latency)
+    else:
+        lists = _assign_list(cost, op_of, deps, options.num_sms, rec[:, F_BYTES])
     sm_tasks = np.full((options.num_sms, max(map(len, lists))), -1, np.int32)
     for s, lst in enumerate(lists):
         sm_tasks[s, :len(lst)] = lst
@@ -757,7 +818,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-sms", type=int, default=132)
     parser.add_argument("--tile-n", type=int, default=64)
     parser.add_argument("--attn", default="8x8", help="HEADSxSPLITS of the attention tasks (the GPU plan: 64x32)")
-    parser.add_argument("--assign", default="levels", choices=ASSIGNMENTS)
+    parser.add_argument("--assign", default=ScheduleOptions.assign, choices=ASSIGNMENTS)
     parser.add_argument("--gpu", default="H200")
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)

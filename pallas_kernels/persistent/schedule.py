@@ -643,16 +643,17 @@ def compile_schedule(cfg: ModelConfig, tokens: int, options: ScheduleOptions = S
     _finish(b)
     rec, op_of = _records(b)
     cost = _task_costs(rec, options)
-    order = _global_order(b, rec, op_of, cost, options.assign, options.hoist)
+    hoist = options.hoist if options.assign in ("levels", "mixed") else ()
+    order = _global_order(b, rec, op_of, cost, options.assign, hoist)
     rec, op_of, cost = rec[order], op_of[order], cost[order]
     rec[:, F_ID] = np.arange(len(rec))
     rec = rec.astype(np.int32)
     key = schedule_key(cfg, tokens, options, gpu)
     deps, levels = [g.deps for g in b.ops], [g.level for g in b.ops]
     if options.assign in ("levels", "mixed"):
-        hoisted = np.array([g.op.name in options.hoist for g in b.ops])[op_of]
+        hoisted = np.array([g.op.name in hoist for g in b.ops])[op_of]
         weight = np.where(hoisted, cost * options.sm_gb_s * 1e3, rec[:, F_BYTES])  # the cost model's time as bytes
-        sort_levels = _sort_levels(b, options.hoist)[op_of]
+        sort_levels = _sort_levels(b, hoist)[op_of]
         if options.assign == "levels":
             lists = _assign_levels(weight, sort_levels, options.num_sms)
         else:

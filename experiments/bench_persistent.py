@@ -354,11 +354,6 @@ def _profile(fn, args, profile_dir: str, schedule) -> dict:
     return out
 
 
-def _hoist(arg: str | None) -> tuple[str, ...] | None:
-    """--hoist's op names (None: ScheduleOptions' default)."""
-    return None if arg is None else tuple(n for n in arg.split(",") if n and n != "none")
-
-
 def run_variant(config: str, context: int, ops: list[str] | None, reps: int, sync: bool = True,
                 slots: int | None = None, checks: tuple = ("tasks", "buffers", "flips"), probe: bool = False,
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
@@ -502,7 +497,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
 
 
 def main(argv=None):
-    from pallas_kernels.persistent.schedule import ASSIGNMENTS
+    from pallas_kernels.persistent.schedule import ASSIGNMENTS, parse_hoist
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="glm5_slice")
@@ -529,7 +524,7 @@ def main(argv=None):
     p.add_argument("--assign", default=None, choices=ASSIGNMENTS,
                    help="the schedule's SM assignment (ScheduleOptions.assign; default its default)")
     p.add_argument("--hoist", default=None,
-                   help="comma-separated op names the levels assignment orders with their producers "
+                   help="comma-separated op names the levels / mixed assignments order with their producers "
                         "(ScheduleOptions.hoist; 'none' for no op; default its default)")
     p.add_argument("--index-chunks", type=int, default=None,
                    help="indexer score tasks per layer (ScheduleOptions.index_chunks; default its default)")
@@ -557,7 +552,7 @@ def main(argv=None):
                                      step_tiles=args.step_tiles, assign=args.assign,
                                      index_chunks=args.index_chunks, lowering=args.lowering,
                                      trace_launches=args.trace_launches, stamps=args.stamps,
-                                     hoist=_hoist(args.hoist))), flush=True)
+                                     hoist=None if args.hoist is None else parse_hoist(args.hoist))), flush=True)
         return
     from glm_fast import results
     rows = []

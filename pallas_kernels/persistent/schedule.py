@@ -98,9 +98,10 @@ class ScheduleOptions:
     end skew of 27-34 us (bench_persistent_glm5_slice_stamps.json); P parts on P x 44 SMs, then a MOE_COMBINE per
     tile sums them into the logits. (A split covering every tile, fewer tiles than SMs, is not taken.)
     context_hint: cached tokens assumed when weighing the indexer and attention tasks (balancing only).
-    num_sms: task lists (one persistent CTA per SM; 132 on H100/H200). assign: "mixed" (`_assign_mixed`: on the H200
-    at glm5_slice the kernel took 2.151 ms against 2.202 / 2.204 ms for "levels" without / with `hoist`, one lease,
-    experiments/results/bench_persistent_glm5_slice_ab19_*_stamps.json), "levels" (`_assign_levels`), "list"
+    num_sms: task lists (one persistent CTA per SM; 132 on H100/H200). assign: "mixed" (`_assign_levels` with the
+    latency-bound tasks list-scheduled: on the H200 at glm5_slice the kernel took 2.151 ms against 2.202 / 2.204 ms
+    for "levels" without / with `hoist`, one lease, experiments/results/bench_persistent_glm5_slice_ab19_*_stamps
+    .json), "levels" (`_assign_levels`), "list"
     (`_assign_list` in level order; on the H200 at glm5_slice its critical path was 2.50 ms against 2.47 ms for
     "levels": experiments/results/bench_persistent_glm5_slice_uv_{list,levels}.json; 2.17 against 2.14 ms:
     ..._assign_list.json, bytes-only costs) or "critical" (`_assign_list` in bottom-level order; three A/B pairs on
@@ -526,34 +527,15 @@ def _global_order(b: _Builder, rec: np.ndarray, op_of: np.ndarray, cost: np.ndar
     return np.lexsort((rec[:, F_TILE], op_of, -rec[:, F_BYTES], level[op_of], -bottom[op_of]))
 
 
-def _assign_levels(nbytes: np.ndarray, levels: np.ndarray, num_sms: int) -> list[list[int]]:
-    """Greedy LPT per dependency level, in the given (topological, level-sorted, largest-first) order: each
-    task goes to the SM with the fewest bytes in its level so far, ties to the fewest bytes overall, then the
-    lowest id. Levels behave like barriers (a level's consumers wait for all its producers), so each level is
-    balanced on its own. Returns each SM's task ids, increasing."""
-    lists: list[list[int]] = [[] for _ in range(num_sms)]
-    total = [0] * num_sms
-    heap: list = []
-    current = None
-    for i, (w, level) in enumerate(zip(nbytes.tolist(), levels.tolist())):
-        if level != current:
-            current = level
-            heap = [(0, total[s], s) for s in range(num_sms)]
-            heapq.heapify(heap)
-        load, _, s = heap[0]
-        lists[s].append(i)
-        total[s] += w
-        heapq.heapreplace(heap, (load + w, total[s], s))
-    return lists
-
-
-def _assign_mixed(nbytes: np.ndarray, levels: np.ndarray, cost: np.ndarray, op_of: np.ndarray, deps: list,
-                  num_sms: int, latency: np.ndarray) -> list[list[int]]:
-    """`_assign_levels` for the weight-streaming tasks, list scheduling for the latency-bound ones (latency[i]: an op
-    with an `op_us` entry): such a task goes to the SM that the cost model expects to start it first (ties to the
-    fewest bytes in its level, then overall, then the lowest id), instead of the SM with the fewest bytes in its
-    level, which may still be streaming an earlier level's tiles when the task's inputs are ready. Returns each
-    SM's task ids, increasing."""
+def _assign_levels(nbytes: np.ndarray, levels: np.ndarray, cost: np.ndarray, op_of: np.ndarray, deps: list,
+                   num_sms: int, latency: np.ndarray) -> list[list[int]]:
+    """Greedy LPT per dependency level, in the given (topological, level-sorted, largest-first) order: each task
+    goes to the SM with the fewest bytes in its level so far, ties to the fewest bytes overall, then the lowest id.
+    Levels behave like barriers (a level's consumers wait for all its producers), so each level is balanced on its
+    own. Except a latency-bound task (latency[i]; "mixed": an op with an `op_us` entry, "levels": none): it goes
+    to the SM that the cost model (cost, op_of, deps) expects to start it first, with the same ties, instead of
+    one that may still be streaming an earlier level's tiles when its inputs are ready. Returns each SM's task
+    ids, increasing."""
     lists: list[list[int]] = [[] for _ in range(num_sms)]
     ids = np.arange(num_sms)
     total, load, free = np.zeros(num_sms), np.zeros(num_sms), np.zeros(num_sms)
@@ -653,12 +635,9 @@ def compile_schedule(cfg: ModelConfig, tokens: int, options: ScheduleOptions = S
     if options.assign in ("levels", "mixed"):
         hoisted = np.array([g.op.name in hoist for g in b.ops])[op_of]
         weight = np.where(hoisted, cost * options.sm_gb_s * 1e3, rec[:, F_BYTES])  # the cost model's time as bytes
-        sort_levels = _sort_levels(b, hoist)[op_of]
-        if options.assign == "levels":
-            lists = _assign_levels(weight, sort_levels, options.num_sms)
-        else:
-            latency = np.isin(rec[:, F_OP], [Op[name].value for name, _ in options.op_us])
-            lists = _assign_mixed(weight, sort_levels, cost, op_of, deps, options.num_sms, latency)
+        latency = np.isin(rec[:, F_OP], [Op[name].value for name, _ in options.op_us] if options.assign == "mixed"
+                          else [])
+        lists = _assign_levels(weight, _sort_levels(b, hoist)[op_of], cost, op_of, deps, options.num_sms, latency)
     else:
         lists = _assign_list(cost, op_of, deps, options.num_sms, rec[:, F_BYTES])
     sm_tasks = np.full((options.num_sms, max(map(len, lists))), -1, np.int32)
@@ -812,6 +791,11 @@ def load_or_compile(cfg: ModelConfig, tokens: int, options: ScheduleOptions = Sc
     return s, {"path": str(path), "source": "compiled", "seconds": time.perf_counter() - start}
 
 
+def parse_hoist(arg: str) -> tuple[str, ...]:
+    """A --hoist flag's comma-separated op names ('none': no op) as `ScheduleOptions.hoist`."""
+    return tuple(n for n in arg.split(",") if n and n != "none")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Compile (or load) decode-step schedules and print statistics.")
     parser.add_argument("config", help="preset name or YAML path, e.g. glm5_slice")
@@ -820,13 +804,15 @@ def main(argv=None) -> None:
     parser.add_argument("--tile-n", type=int, default=64)
     parser.add_argument("--attn", default="8x8", help="HEADSxSPLITS of the attention tasks (the GPU plan: 64x32)")
     parser.add_argument("--assign", default=ScheduleOptions.assign, choices=ASSIGNMENTS)
+    parser.add_argument("--hoist", default=",".join(ScheduleOptions.hoist),
+                        help="comma-separated op names (ScheduleOptions.hoist); 'none' for no op")
     parser.add_argument("--gpu", default="H200")
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
     cfg = load_config(args.config).model
     heads, splits = (int(v) for v in args.attn.lower().split("x"))
     opt = ScheduleOptions(tile_n=args.tile_n, num_sms=args.num_sms, attn_heads=heads, attn_splits=splits,
-                          assign=args.assign)
+                          assign=args.assign, hoist=parse_hoist(args.hoist))
     for t in args.tokens:
         start = time.perf_counter()
         s = compile_schedule(cfg, t, opt, args.gpu)

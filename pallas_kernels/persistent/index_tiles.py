@@ -55,7 +55,11 @@ INDEX_TOPK -- `index_topk_body`: for the task's one token (the schedule splits a
   decide first whether the slot meets the part's range at all: at 4K only 1-2 of a part's ~12 slots do, and only
   those walk their TN-rows (a scalar loop over TP rows was ~1.1 us per slot; with the totals first the compaction's
   row walk went from 13.5 to 9.2 us per task and the task from 58 to 54 us on the H200,
-  bench_persistent_glm5_slice_{chunked,slot_skip}.json). Only a row that meets the part's range is
+  bench_persistent_glm5_slice_{chunked,slot_skip}.json). When the select counted from registers, every slot's
+  totals come from those keys in one round after it (`slot_tab`: keys > lo and keys == lo packed in the half-words
+  of one sum per slot), so a slot that misses the part's range costs a few scalar ops instead of its row counts
+  (~0.9 us each; kernel 2.137 -> 2.102 ms in one H200 lease, experiments/results/session20/). Only a row that
+  meets the part's range is
   scanned by a scalar loop (TN candidates), which writes the part's rows (GMEM scalar stores). When every chunk took
   INDEX_SCORE's fast path (chunk size <= K) a candidate's row is computed (chunk * size + slot); only after a slow
   path is it loaded from
@@ -121,6 +125,7 @@ _INT32_MAX = 2**31 - 1
 _BIG = 2**30  # "no causal limit"
 _KEY_NEG_INF = -2139095041  # indexer._float_key(-inf): the least key of any score
 _LANES = 128  # t_ixc: at most this many reduced counts per round trip
+_EQ_UNIT = 1 << 16  # INDEX_TOPK's slot totals: keys == lo counted in the high half-word (a slot holds TP * TN < 2^15)
 GROUP = 8  # ring slots INDEX_TOPK's resident radix passes count per loop step (at most; divides CAND_SLOTS)
 Q_GROUPS = 4  # INDEX_SCORE stages (and RoPEs) up to this many groups of TP q heads per round: one round at glm5_slice's
 # T = 1. (With a scalar RoPE run by every thread the q staging took ~24 us per task either way, one round or 4 of 8
@@ -558,6 +563,10 @@ def index_topk_body(r, key, consts):
     rpc_step = TP // math.gcd(nc, TP)  # nc * rpc a whole number of ring slots
     per_step = min(GROUP, nc * row_per_chunk // TP)  # no more than the step can ever have (tiny's CPU tests: 1-2)
     n_regs = min(REG_SLOTS, stages, nc * row_per_chunk // TP)  # slots whose keys the select can keep in registers
+    # the register-resident slots' packed totals (keys > lo) + (keys == lo) * _EQ_UNIT, in a row of INDEX_SCORE's
+    # t_ixi (idle while INDEX_TOPK runs); 0: none (a row too short), every slot walked
+    slot_tab = s["t_ixi"].at[0]
+    n_tab = n_regs if n_regs <= slot_tab.shape[0] else 0
 
     def geometry_now():
         """(TN-rows of each chunk that can hold candidates at this step, rows per chunk when every chunk took
@@ -679,6 +688,12 @@ def index_topk_body(r, key, consts):
                     totals(counts)
                 return [[cnt[c(j)] for j in range(len(cands[0]))]]
             select(count_regs)
+            if n_tab:
+                with phase("slot_totals"):  # every slot's (keys > lo, keys == lo) at once, for the compaction
+                    plgpu.commit_smem()
+                    lo = jnp.maximum(cnt[c(_LANES - 2)], _KEY_NEG_INF)
+                    smem_row(tiles, [jnp.sum(jnp.where(key > lo, 1, 0) + jnp.where(key == lo, _EQ_UNIT, 0))
+                                     for key in keys], slot_tab)
 
         pl.when(~in_regs)(lambda: select(count_pass))
 
@@ -690,7 +705,14 @@ def index_topk_body(r, key, consts):
         r_lo = t.arg(0) * span  # this part's output slots [r_lo, r_lo + span)
         r_hi = r_lo + span
 
-        def on_slot(g, st, carry):
+        def advance(n, eq, gt, n_eq):
+            """(n, eq) past `gt` keys above lo and `n_eq` equal to it, and whether their output slots
+            [n, n_next) meet this part's. Keys equal to -inf's are -inf candidates: they count as ties, never
+            as selected rows. (eq <= need throughout, so a slot's totals advance as its rows one by one do.)"""
+            n_next = n + gt + jnp.where(lo != _KEY_NEG_INF, jnp.clip(need - eq, 0, n_eq), 0)
+            return n_next, jnp.minimum(eq + n_eq, need), (n < r_hi) & (n_next > r_lo)
+
+        def walk_slot(g, st, carry):
             """The slot's selected count per row from packed vector counts (keys > lo; keys == lo, of which
             the first `need` in flattened order are taken): a row is scanned by scalars only when its output
             slots [n, n_next) meet this part's."""
@@ -719,38 +741,28 @@ def index_topk_body(r, key, consts):
                 row (a dynamic division), not per candidate."""
                 ch, off = where(g, i)
 
-                def one(col, st2):
-                    n, eq = st2
-                    v = ring[st, i, col]
-                    kv = keys[i, col]
-                    is_eq = kv == lo
-                    take = (kv > lo) | (is_eq & (eq < need))
-                    sel = take & (v > NEG_INF)
-                    mine = sel & (n >= r_lo) & (n < r_hi)
+                def scan(key_row):
+                    def one(col, st2):
+                        n, eq = st2
+                        v = ring[st, i, col]
+                        kv = keys[i, col]
+                        is_eq = kv == lo
+                        take = (kv > lo) | (is_eq & (eq < need))
+                        sel = take & (v > NEG_INF)
+                        mine = sel & (n >= r_lo) & (n < r_hi)
 
-                    @pl.when(mine)
-                    def _():
-                        out_valid[ov, q, n] = c(1)
-
-                        # the key row: by arithmetic after the fast path (no dependent GMEM load per
-                        # selection), else cand_idx's
-                        @pl.when(dense >= 0)
+                        @pl.when(mine)
                         def _():
-                            out_idx[oi, q, n] = ch * dense + off + col
+                            out_valid[ov, q, n] = c(1)
+                            out_idx[oi, q, n] = key_row(col)
+                        return n + sel.astype(jnp.int32), eq + (take & is_eq).astype(jnp.int32)
+                    # unrolled: the loads of 8 candidates do not wait for the previous ones' stores
+                    lax.fori_loop(0, width, one, carry, unroll=math.gcd(width, 8))
 
-                        @pl.when(dense < 0)
-                        def _():
-                            out_idx[oi, q, n] = cid_ref[ii, ch, q, off + col]
-                    return n + sel.astype(jnp.int32), eq + (take & is_eq).astype(jnp.int32)
-                # unrolled: the loads of 8 candidates do not wait for the previous ones' stores
-                lax.fori_loop(0, width, one, carry, unroll=math.gcd(width, 8))
-
-            def advance(n, eq, gt, n_eq):
-                """(n, eq) past `gt` keys above lo and `n_eq` equal to it, and whether their output slots
-                [n, n_next) meet this part's. Keys equal to -inf's are -inf candidates: they count as ties, never
-                as selected rows. (eq <= need throughout, so a slot's totals advance as its rows one by one do.)"""
-                n_next = n + gt + jnp.where(lo != _KEY_NEG_INF, jnp.clip(need - eq, 0, n_eq), 0)
-                return n_next, jnp.minimum(eq + n_eq, need), (n < r_hi) & (n_next > r_lo)
+                # the key row: by arithmetic after the fast path (no dependent GMEM load per selection), else
+                # cand_idx's; one loop per case, not a branch per candidate
+                pl.when(dense >= 0)(lambda: scan(lambda col: ch * dense + off + col))
+                pl.when(dense < 0)(lambda: scan(lambda col: cid_ref[ii, ch, q, off + col]))
 
             def each_row(i, carry):
                 n, eq = carry
@@ -767,6 +779,17 @@ def index_topk_body(r, key, consts):
                 n_next, eq_next, meets = advance(n, eq, gt, n_eq)
                 n_row, eq_row = lax.fori_loop(0, jnp.where(meets, TP, 0), each_row, (n, eq))
                 return jnp.where(meets, n_row, n_next), jnp.where(meets, eq_row, eq_next)
+
+        def on_slot(g, st, carry):
+            """walk_slot, or, with the slots' totals at hand (`slot_tab`), only where the slot meets this part's
+            output slots (at 4K, 1-2 of the ~12 slots per part): the others advance by their totals alone."""
+            if not n_tab:
+                return walk_slot(g, st, carry)
+            word = slot_tab[jnp.minimum(g, n_tab - 1)]
+            n_next, eq_next, meets = advance(*carry, word & (_EQ_UNIT - 1), lax.shift_right_logical(word, 16))
+            skip = in_regs & ~meets
+            n_w, eq_w = lax.fori_loop(0, jnp.where(skip, 0, 1), lambda _, cr: walk_slot(g, st, cr), carry)
+            return jnp.where(skip, n_next, n_w), jnp.where(skip, eq_next, eq_w)
 
         with phase("compact"):
             n, _ = stream(on_slot, (c(0), c(0)), False)

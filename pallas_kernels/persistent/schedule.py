@@ -62,11 +62,13 @@ from pallas_kernels.persistent.format import (
 FORMAT_VERSION = 3  # 2: INDEX_TOPK tasks per (token, part); 3: 5 args per task (GEMV's split-K part)
 ASSIGNMENTS = ("levels", "list", "critical", "mixed")
 K_ALIGN = 64  # a split-K part's rows: a multiple of the GPU bodies' k tile (TileConfig.tile_k)
-# The cost model's time per task (us) of the ops whose time is latency rather than weight bytes: the mean time
-# per task after its dependency wait, on the H200 at glm5_slice, 4K context, T = 1
-# (experiments/results/bench_persistent_glm5_slice_warp_gather.json, profile.ops).
-OP_US = (("INDEX_TOPK", 50.0), ("ATTN", 34.0), ("UV", 26.0), ("ROUTER_SELECT", 15.0), ("EMBED", 13.5),
-         ("INDEX_SCORE", 13.0), ("ABSORB", 12.0), ("KV_WRITE", 9.0), ("IK_WRITE", 3.0), ("MOE_COMBINE", 2.0))
+# The cost model's time per task (us) of the ops whose time is latency rather than weight bytes, on the H200 at
+# glm5_slice, 4K context, T = 1: INDEX_SCORE, ABSORB, ATTN, UV as their tasks' bodies took on the profiled critical
+# path of experiments/results/bench_persistent_glm5_slice_ab19_hoist_profile.json (18-20, 13-15, 37-39, 30-31 us),
+# INDEX_TOPK that profile's 40-48 us less session 20's ~8 us (its slot totals, experiments/results/session20/); the
+# others the mean time per task after its dependency wait in ..._warp_gather.json (profile.ops).
+OP_US = (("INDEX_TOPK", 40.0), ("ATTN", 38.0), ("UV", 30.0), ("ROUTER_SELECT", 15.0), ("EMBED", 13.5),
+         ("INDEX_SCORE", 19.0), ("ABSORB", 13.0), ("KV_WRITE", 9.0), ("IK_WRITE", 3.0), ("MOE_COMBINE", 2.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +118,7 @@ class ScheduleOptions:
     sm_gb_s): an INDEX_SCORE task then heads its SM's list in the level of the indexer's q and q_b tiles and waits
     there for its inputs, where the per-level balancing had queued it behind two or three q_b tiles (~20 us per
     layer on the critical path; q_b only feeds the absorb, which the attention's wait for the top-K outlasts).
+    Under "mixed" a hoisted task's SM takes no weight tiles of that level (`_assign_levels`' clear).
     """
     tile_n: int = 64
     attn_heads: int = 8
@@ -528,25 +531,31 @@ def _global_order(b: _Builder, rec: np.ndarray, op_of: np.ndarray, cost: np.ndar
 
 
 def _assign_levels(nbytes: np.ndarray, levels: np.ndarray, cost: np.ndarray, op_of: np.ndarray, deps: list,
-                   num_sms: int, latency: np.ndarray) -> list[list[int]]:
+                   num_sms: int, latency: np.ndarray, clear: np.ndarray | None = None) -> list[list[int]]:
     """Greedy LPT per dependency level, in the given (topological, level-sorted, largest-first) order: each task
     goes to the SM with the fewest bytes in its level so far, ties to the fewest bytes overall, then the lowest id.
     Levels behave like barriers (a level's consumers wait for all its producers), so each level is balanced on its
     own. Except a latency-bound task (latency[i]; "mixed": an op with an `op_us` entry, "levels": none): it goes
     to the SM that the cost model (cost, op_of, deps) expects to start it first, with the same ties, instead of
-    one that may still be streaming an earlier level's tiles when its inputs are ready. Returns each SM's task
-    ids, increasing."""
+    one that may still be streaming an earlier level's tiles when its inputs are ready. An SM that takes a `clear`
+    task (a hoisted latency task) takes no weight tiles of that level, so that its successor can follow it at once:
+    the INDEX_TOPK tasks, which had waited behind q_b tiles for ~25 us per layer on the H200 after the scores were
+    ready (experiments/results/bench_persistent_glm5_slice_ab19_hoist_profile.json), start as the scores end
+    (session20/ab20b_clear_profile.json) -- yet the kernel's time stayed the same, 2.098 vs 2.100 ms in one lease
+    (session20/ab20b_{clear,base}.json). Returns each SM's task ids, increasing."""
     lists: list[list[int]] = [[] for _ in range(num_sms)]
     ids = np.arange(num_sms)
     total, load, free = np.zeros(num_sms), np.zeros(num_sms), np.zeros(num_sms)
     finish = np.zeros(len(deps))
+    clear = np.zeros(len(nbytes), bool) if clear is None else clear
     current = None
     for i, (w, level, c, op, lat) in enumerate(zip(nbytes.tolist(), levels.tolist(), cost.tolist(),
                                                    op_of.tolist(), latency.tolist())):
         if level != current:
-            current, load = level, np.zeros(num_sms)
+            current, load, held = level, np.zeros(num_sms), np.zeros(num_sms, bool)
         ready = max((finish[d] for d in deps[op]), default=0.0)
-        first = np.lexsort((ids, total, load, np.maximum(free, ready) if lat else load))[0]
+        first = np.lexsort((ids, total, load, np.maximum(free, ready) if lat else held))[0]
+        held[first] |= clear[i]
         lists[first].append(i)
         total[first] += w
         load[first] += w
@@ -637,7 +646,8 @@ def compile_schedule(cfg: ModelConfig, tokens: int, options: ScheduleOptions = S
         weight = np.where(hoisted, cost * options.sm_gb_s * 1e3, rec[:, F_BYTES])  # the cost model's time as bytes
         latency = np.isin(rec[:, F_OP], [Op[name].value for name, _ in options.op_us] if options.assign == "mixed"
                           else [])
-        lists = _assign_levels(weight, _sort_levels(b, hoist)[op_of], cost, op_of, deps, options.num_sms, latency)
+        lists = _assign_levels(weight, _sort_levels(b, hoist)[op_of], cost, op_of, deps, options.num_sms, latency,
+                               hoisted & latency)
     else:
         lists = _assign_list(cost, op_of, deps, options.num_sms, rec[:, F_BYTES])
     sm_tasks = np.full((options.num_sms, max(map(len, lists))), -1, np.int32)

@@ -245,6 +245,26 @@ def test_hoisted_and_critical_orders_run_the_indexer_before_q_b_tiles():
         ScheduleOptions(hoist=("INDEX",))
 
 
+def test_mixed_keeps_a_hoisted_tasks_sm_clear_of_its_level_weight_tiles():
+    """Under "mixed" an SM that scores a layer's index keys (hoisted into the level of the indexer's q and q_b
+    tiles) takes no weight tiles of that level, so that the layer's top-K merge can follow the scores on it at once;
+    under "levels" those SMs do take q_b tiles after their INDEX_SCORE task."""
+    cfg = load_config("glm5_slice").model
+
+    def q_b_after_score(assign):
+        s = compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=assign))
+        names = [c.name.rsplit("/", 1)[-1] for c in s.counters]
+        found = 0
+        for row in s.sm_tasks:
+            ops = [(names[s.records[t, F_SIGNAL]], s.records[t, F_LAYER]) for t in row[row >= 0]]
+            for i, (name, layer) in enumerate(ops):
+                found += name == "index_score" and ("q_b", layer) in ops[i + 1:]
+        return found
+
+    assert q_b_after_score("levels") > 0
+    assert q_b_after_score("mixed") == 0
+
+
 def test_a_task_before_its_producer_in_one_list_deadlocks(tiny_schedule):
     """The detector fires and names the blocked task: move the last task that still waits itself (an LM-head
     tile or the sum of a split-K one, which depends on everything; its list-mates' waits were dropped as known) to

@@ -541,8 +541,8 @@ def _assign_levels(nbytes: np.ndarray, levels: np.ndarray, cost: np.ndarray, op_
     task (a hoisted latency task) takes no weight tiles of that level, so that its successor can follow it at once:
     the INDEX_TOPK tasks, which had waited behind q_b tiles for ~25 us per layer on the H200 after the scores were
     ready (experiments/results/bench_persistent_glm5_slice_ab19_hoist_profile.json), start as the scores end
-    (session20/ab20b_clear_profile.json) -- yet the kernel's time stayed the same, 2.098 vs 2.100 ms in one lease
-    (session20/ab20b_{clear,base}.json). Returns each SM's task ids, increasing."""
+    (experiments/results/session20/ab20b_clear_profile.json) -- yet the kernel's time stayed the same, 2.098 vs
+    2.100 ms in one lease (..._{clear,base}.json). Returns each SM's task ids, increasing."""
     lists: list[list[int]] = [[] for _ in range(num_sms)]
     ids = np.arange(num_sms)
     total, load, free = np.zeros(num_sms), np.zeros(num_sms), np.zeros(num_sms)

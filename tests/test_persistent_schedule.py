@@ -218,6 +218,12 @@ def test_list_assignments_stay_balanced_and_beat_levels_in_their_model():
         ScheduleOptions(op_us=(("ATTENTION", 30.0),))
 
 
+def _sm_ops(s) -> list[list[tuple[str, int]]]:
+    """Each SM's list as (op group name without its layer prefix, layer) pairs, in run order."""
+    names = [c.name.rsplit("/", 1)[-1] for c in s.counters]
+    return [[(names[s.records[t, F_SIGNAL]], s.records[t, F_LAYER]) for t in row[row >= 0]] for row in s.sm_tasks]
+
+
 def test_hoisted_and_critical_orders_run_the_indexer_before_q_b_tiles():
     """Why "critical" and `ScheduleOptions.hoist` exist: in plain level order (LPT per level) the SMs that score a
     layer's index keys first run their share of that layer's q_b tiles (one level earlier, and only ABSORB -> ATTN
@@ -226,11 +232,8 @@ def test_hoisted_and_critical_orders_run_the_indexer_before_q_b_tiles():
     cfg = load_config("glm5_slice").model
 
     def q_b_before_score(assign, **options):
-        s = compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=assign, **options))
-        names = [c.name.rsplit("/", 1)[-1] for c in s.counters]
         found = scores = 0
-        for row in s.sm_tasks:
-            ops = [(names[s.records[t, F_SIGNAL]], s.records[t, F_LAYER]) for t in row[row >= 0]]
+        for ops in _sm_ops(compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=assign, **options))):
             for i, (name, layer) in enumerate(ops):
                 if name == "index_score":
                     scores += 1
@@ -252,11 +255,8 @@ def test_mixed_keeps_a_hoisted_tasks_sm_clear_of_its_level_weight_tiles():
     cfg = load_config("glm5_slice").model
 
     def q_b_after_score(assign):
-        s = compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=assign))
-        names = [c.name.rsplit("/", 1)[-1] for c in s.counters]
         found = 0
-        for row in s.sm_tasks:
-            ops = [(names[s.records[t, F_SIGNAL]], s.records[t, F_LAYER]) for t in row[row >= 0]]
+        for ops in _sm_ops(compile_schedule(cfg, 1, ScheduleOptions(num_sms=132, assign=assign))):
             for i, (name, layer) in enumerate(ops):
                 found += name == "index_score" and ("q_b", layer) in ops[i + 1:]
         return found

@@ -30,12 +30,12 @@ q 64 KB + q_pe 8 KB, one ring stage of 64 rows (C + R) bf16 = 72 KB, index + val
 output staging [2, 64, 32] f32 = 16 KB: ~161 KB. On the GPU these share one
 `plgpu.RefUnion` ("t_alias", see `add_scratch`) with the tile bodies' big rings t_w0, t_w1 (weights, 8 slots of 8 KB
 each), t_op, t_uvx and t_lse (UV's split partials, merged o and split LSEs; these start past t_w0, which UV
-streams through while it reads t_uvx), t_part (MOE_COMBINE's partials), and with INDEX_TOPK's candidate ring, so ATTN adds no SMEM beyond
-its barriers. That aliasing is safe because every body drains its SMEM (TMA loads waited, wgmmas retired, TMA
-stores waited) before it returns and tasks of one CTA run one after the
-other; a future cross-task prefetch that fills t_w0 / t_w1 while an ATTN task runs must exclude them from the
-union. A second ring stage (overlapping the next block's row gathers with this block's wgmmas) is taken when it
-fits `SMEM_BUDGET` -- not at glm5_slice, where the body issues a block's 576 row TMAs, waits, then computes.
+streams through while it reads t_uvx), t_part (MOE_COMBINE's partials), and with INDEX_TOPK's candidate ring, so
+ATTN adds no SMEM beyond its barriers. That aliasing is safe because every body drains its SMEM (TMA loads
+waited, wgmmas retired, TMA stores waited) before it returns and tasks of one CTA run one after the other; a
+future cross-task prefetch that fills t_w0 / t_w1 while an ATTN task runs must exclude them from the union. A
+second ring stage (overlapping the next block's row gathers with this block's wgmmas) is taken when it fits
+`SMEM_BUDGET` -- not at glm5_slice, where the body issues a block's 576 row TMAs, waits, then computes.
 Measured (H200, glm5_slice at 4K; the phases are profiler ranges: `persistent_step(profile_dir=...)`): with 8 heads
 x 16 splits (bench_persistent_glm5_slice_phases.json) 128 us per task, 98 us of it issuing row TMAs (one thread,
 ~84 cycles each: 2 blocks x 2 passes x 576), 18 us of math -- every 8-head group gathered the same rows again, and
@@ -77,8 +77,8 @@ ACC_COLS = 256  # accumulator columns per pass: [64, 256] f32 = 128 registers pe
 OUT_TILE = 32  # f32 staging tile width (128 bytes)
 SMEM_BUDGET = 200 * 1024  # the kernel's scratch with ATTN's (a second ring stage only if it fits)
 RINGS = ("t_w0", "t_w1")  # the weight rings, one union group (SWIGLU_UP and INDEX_SCORE use both at once) ...
-STAGED = ("t_op", "t_uvx", "t_lse")  # ... UV's split partials and merged o: a group placed past t_w0, which UV streams its
-# W_uv tiles through while it reads t_uvx ...
+STAGED = ("t_op", "t_uvx", "t_lse")  # ... UV's split partials, merged o and split LSEs: a group placed past t_w0,
+# which UV streams its W_uv tiles through while it reads t_uvx ...
 OWN = ("t_part", "t_rl")  # ... and MOE_COMBINE's partials and ROUTER_SELECT's split-K logits, a group of their
 # own (those bodies use no ring; t_rl is 8 KB at glm5_slice T = 4); all share SMEM with ATTN's on the GPU
 _LN2 = math.log(2.0)

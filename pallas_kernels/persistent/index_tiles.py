@@ -664,6 +664,12 @@ def index_topk_body(r, key, consts):
             cnt[c(_LANES - 2)] = lo
             cnt[c(_LANES - 1)] = need
 
+        def threshold():
+            """(lo, need) back from `cnt` after a select and a commit. An early exit below -inf's key (every finite
+            key and some -inf ones are the top K) selects the finite keys, as lo = -inf's key does: the counts
+            below never count -inf candidates."""
+            return jnp.maximum(cnt[c(_LANES - 2)], _KEY_NEG_INF), cnt[c(_LANES - 1)]
+
         in_regs = n_slot <= n_regs
 
         @pl.when(in_regs)
@@ -691,16 +697,14 @@ def index_topk_body(r, key, consts):
             if n_tab:
                 with phase("slot_totals"):  # every slot's (keys > lo, keys == lo) at once, for the compaction
                     plgpu.commit_smem()
-                    lo = jnp.maximum(cnt[c(_LANES - 2)], _KEY_NEG_INF)
+                    lo, _ = threshold()
                     smem_row(tiles, [jnp.sum(jnp.where(key > lo, 1, 0) + jnp.where(key == lo, _EQ_UNIT, 0))
                                      for key in keys], slot_tab)
 
         pl.when(~in_regs)(lambda: select(count_pass))
 
         plgpu.commit_smem()
-        # an early exit below -inf's key (every finite key and some -inf ones are the top K) selects the finite
-        # keys, as lo = -inf's key does: the row counts below never count -inf candidates
-        lo, need = jnp.maximum(cnt[c(_LANES - 2)], _KEY_NEG_INF), cnt[c(_LANES - 1)]
+        lo, need = threshold()
 
         r_lo = t.arg(0) * span  # this part's output slots [r_lo, r_lo + span)
         r_hi = r_lo + span

@@ -65,8 +65,9 @@ K_ALIGN = 64  # a split-K part's rows: a multiple of the GPU bodies' k tile (Til
 # The cost model's time per task (us) of the ops whose time is latency rather than weight bytes, on the H200 at
 # glm5_slice, 4K context, T = 1: INDEX_SCORE, ABSORB, ATTN, UV as their tasks' bodies took on the profiled critical
 # path of experiments/results/bench_persistent_glm5_slice_ab19_hoist_profile.json (18-20, 13-15, 37-39, 30-31 us),
-# INDEX_TOPK that profile's 40-48 us less session 20's ~8 us (its slot totals, experiments/results/session20/); the
-# others the mean time per task after its dependency wait in ..._warp_gather.json (profile.ops).
+# INDEX_TOPK an estimate: that profile's 40-48 us less session 20's A/B saving of 35 us per step over 4 layers
+# (experiments/results/session20/ab20_{base,topkslots}.json; on session 20's profiled path it took 45-56 us);
+# the others the mean time per task after its dependency wait in ..._warp_gather.json (profile.ops).
 OP_US = (("INDEX_TOPK", 40.0), ("ATTN", 38.0), ("UV", 30.0), ("ROUTER_SELECT", 15.0), ("EMBED", 13.5),
          ("INDEX_SCORE", 19.0), ("ABSORB", 13.0), ("KV_WRITE", 9.0), ("IK_WRITE", 3.0), ("MOE_COMBINE", 2.0))
 
@@ -531,7 +532,7 @@ def _global_order(b: _Builder, rec: np.ndarray, op_of: np.ndarray, cost: np.ndar
 
 
 def _assign_levels(nbytes: np.ndarray, levels: np.ndarray, cost: np.ndarray, op_of: np.ndarray, deps: list,
-                   num_sms: int, latency: np.ndarray, clear: np.ndarray | None = None) -> list[list[int]]:
+                   num_sms: int, latency: np.ndarray, clear: np.ndarray) -> list[list[int]]:
     """Greedy LPT per dependency level, in the given (topological, level-sorted, largest-first) order: each task
     goes to the SM with the fewest bytes in its level so far, ties to the fewest bytes overall, then the lowest id.
     Levels behave like barriers (a level's consumers wait for all its producers), so each level is balanced on its
@@ -547,7 +548,6 @@ def _assign_levels(nbytes: np.ndarray, levels: np.ndarray, cost: np.ndarray, op_
     ids = np.arange(num_sms)
     total, load, free = np.zeros(num_sms), np.zeros(num_sms), np.zeros(num_sms)
     finish = np.zeros(len(deps))
-    clear = np.zeros(len(nbytes), bool) if clear is None else clear
     current = None
     for i, (w, level, c, op, lat) in enumerate(zip(nbytes.tolist(), levels.tolist(), cost.tolist(),
                                                    op_of.tolist(), latency.tolist())):

@@ -58,6 +58,12 @@ the persistent variants also return each CTA's globaltimer and SM clock at its b
 (`persistent_step(stamps=True)`), and the row's `launch_windows` give, for STAMP_LAUNCHES more launches, the
 CTAs' window on one clock, their start and end skews and the SM clock rate between the stamps
 (`profile.launch_window`): against the device trace's kernel time, the launch's cost outside the CTAs' bodies.
+--task-stamps (GPU only, not with --profile): every task's start, deps met and end on the globaltimer
+(`persistent_step(task_stamps=True)`: three stores per task, where the profiler's records and dump moved the
+launch from 2.10 to 2.15 ms at glm5_slice, experiments/results/session21/), and the row's `stamped_critical_paths`
+give the critical path of STAMP_LAUNCHES more launches (`profile.critical_path` over
+`profile.stamped_task_times`; the first with its path): the same analysis as --profile's, on a launch the
+profiler does not slow, without the bodies' phases.
 --attn-splits N / --attn-heads H override the attention tasks' split-KV factor and heads per task (default:
 PersistentDecoder's choice, `kernel.gpu_candidates`: 64 heads x 32 splits where the SMEM fits; an unset one takes
 ScheduleOptions' default). --index-chunks N / --assign / --hoist override the indexer score tasks per layer, the
@@ -359,7 +365,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
                 n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None,
                 assign: str | None = None, index_chunks: int | None = None, lowering: str = "lane",
-                trace_launches: int = 0, stamps: bool = False, hoist: tuple[str, ...] | None = None) -> dict:
+                trace_launches: int = 0, stamps: bool = False, hoist: tuple[str, ...] | None = None,
+                task_stamps: bool = False) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight; None:
     the decoder's, `kernel.fit_tiles`);
@@ -375,7 +382,10 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     `jax.profiler` trace of that many more back-to-back launches, reduced to the device's kernels per launch
     (`glm_fast.device_trace`): the kernel's own device time, without the host's dispatch in median_ms; stamps:
     the persistent step also returns its CTAs' globaltimer / clock stamps (`persistent_step(stamps=True)`, GPU
-    only), and STAMP_LAUNCHES more launches report their windows (`profile.launch_window`)."""
+    only), and STAMP_LAUNCHES more launches report their windows (`profile.launch_window`); task_stamps: the
+    step also returns each task's start / deps met / end on the globaltimer (`persistent_step(task_stamps=True)`,
+    GPU only, not with the profiler), and STAMP_LAUNCHES more launches report their critical paths
+    (`profile.stamped_task_times` + `profile.critical_path`: `stamped_critical_paths`, the first with its path)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -406,8 +416,10 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     if profile and interpret:
         raise SystemExit("--profile needs the GPU: Mosaic GPU's on-device profiler does not run in interpret mode")
     stamps = stamps or profile  # a profile's cycles convert at the clock rate its stamps measure
-    if stamps and interpret:
+    if (stamps or task_stamps) and interpret:
         raise SystemExit("--stamps needs the GPU: the globaltimer / clock stamps do not run in interpret mode")
+    if task_stamps and profile:
+        raise SystemExit("--task-stamps replaces the profiler's task ranges: run it without --profile")
     from pallas_kernels.persistent.schedule import ScheduleOptions
     given = {k: v for k, v in (("attn_splits", attn_splits), ("attn_heads", attn_heads)) if v is not None}
     extra = {k: v for k, v in (("assign", assign), ("index_chunks", index_chunks)) if v}
@@ -433,7 +445,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     profile_dir = tempfile.mkdtemp(prefix="persistent_profile_") if profile else None
     step = jax.jit(lambda w, c: persistent_step(plan, w, c, tokens[0], pos[0], cos[0], sin[0], interpret=interpret,
                                                 ops=op_set, sync=sync, tiles=tiles, buffers=full or probe,
-                                                profile_dir=profile_dir, stamps=stamps,
+                                                profile_dir=profile_dir, stamps=stamps, task_stamps=task_stamps,
                                                 lowering=None if lowering == "jax" else lowering))
     t0 = time.perf_counter()
     sampler = _Sampler()
@@ -445,8 +457,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     t2 = time.perf_counter()
     print(f"compiled in {t2 - t1:.1f} s", file=sys.stderr, flush=True)
     logits, h, rows, *bufs = jax.block_until_ready(compiled(weights, arrays))
-    if stamps:
-        bufs = bufs[:-1]
+    bufs = bufs[:len(bufs) - stamps - task_stamps]
     print(f"first launch returned in {time.perf_counter() - t2:.1f} s", file=sys.stderr, flush=True)
     out = {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_call_s": time.perf_counter() - t0,
            "median_ms_profiled" if profile else "median_ms": _median_ms(compiled, (weights, arrays), reps),
@@ -460,8 +471,15 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
             out["device_trace"] = device_trace.breakdown(path, trace_launches)
     if stamps:
         from pallas_kernels.persistent.profile import launch_window
-        out["launch_windows"] = [launch_window(jax.block_until_ready(compiled(weights, arrays))[-1])
+        out["launch_windows"] = [launch_window(jax.block_until_ready(compiled(weights, arrays))[-1 - task_stamps])
                                  for _ in range(STAMP_LAUNCHES)]
+    if task_stamps:
+        from pallas_kernels.persistent.profile import critical_path, stamped_task_times
+        paths = [critical_path(stamped_task_times(jax.block_until_ready(compiled(weights, arrays))[-1],
+                                                  plan.schedule.sm_lists()), plan.schedule)
+                 for _ in range(STAMP_LAUNCHES)]
+        out["stamped_critical_paths"] = [p if i == 0 else {k: v for k, v in p.items() if k != "path"}
+                                         for i, p in enumerate(paths)]
     if profile:
         out.update(_profile(compiled, (weights, arrays), profile_dir, plan.schedule))
         out["profile_note"] = ("median_ms_profiled includes the profiler's records and its per-launch trace dump "
@@ -538,6 +556,9 @@ def main(argv=None):
     p.add_argument("--name", default=None)
     p.add_argument("--stamps", action="store_true",
                    help="GPU only: each CTA's globaltimer / clock at its start and end, over 5 more launches")
+    p.add_argument("--task-stamps", action="store_true",
+                   help="GPU only: every task's start / deps met / end on the globaltimer, without the profiler: "
+                        "the critical paths of 5 more launches")
     p.add_argument("--profile", action="store_true",
                    help="persistent variants with the on-device profiler: a per-op time breakdown (GPU only)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -552,7 +573,8 @@ def main(argv=None):
                                      step_tiles=args.step_tiles, assign=args.assign,
                                      index_chunks=args.index_chunks, lowering=args.lowering,
                                      trace_launches=args.trace_launches, stamps=args.stamps,
-                                     hoist=None if args.hoist is None else parse_hoist(args.hoist))), flush=True)
+                                     hoist=None if args.hoist is None else parse_hoist(args.hoist),
+                                     task_stamps=args.task_stamps)), flush=True)
         return
     from glm_fast import results
     rows = []
@@ -569,6 +591,7 @@ def main(argv=None):
                *(["--profile"] if args.profile else []),
                *(["--trace-launches", str(args.trace_launches)] if args.trace_launches else []),
                *(["--stamps"] if args.stamps else []),
+               *(["--task-stamps"] if args.task_stamps else []),
                *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else []),
                *(["--attn-heads", str(args.attn_heads)] if args.attn_heads else [])]
         t0 = time.perf_counter()
@@ -591,7 +614,7 @@ def main(argv=None):
                                                  "hoist": args.hoist,
                                                  "lowering": args.lowering,
                                                  "profile": args.profile, "trace_launches": args.trace_launches,
-                                                 "stamps": args.stamps,
+                                                 "stamps": args.stamps, "task_stamps": args.task_stamps,
                                                  "attn_splits": args.attn_splits,
                                                  "attn_heads": args.attn_heads},
                              rows)

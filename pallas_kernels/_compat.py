@@ -15,7 +15,8 @@ Keep this tiny. Public names:
   `fence_proxy_async_global()` PTX `fence.proxy.async.global` (Pallas exposes only the SMEM proxy fence,
                           `plgpu.commit_smem`), via `plgpu.inline_mgpu` as jax's own `helpers.inline_ptx` does.
   `stamp(ref, column)`    one thread per CTA stores (globaltimer's low 32 bits in ns, the SM's clock) into
-                          `ref[CTA index, column:column + 2]` of an int32 GMEM ref (the kernel's launch window).
+                          `ref[CTA index, column:column + 2]` of an int32 GMEM ref (the kernel's launch window;
+                          column may be traced: the task stamps).
   `warpgroup_lowering()`  context manager: `plgpu.kernel` calls inside it lower with warpgroup semantics (jax
                           0.11's default, which runs Mosaic's layout inference; jax 0.10 takes it when asked), to
                           reproduce the device's lowering on a CPU host.
@@ -107,24 +108,27 @@ def fence_proxy_async_global() -> None:
     fence()
 
 
-def stamp(ref, column: int) -> None:
+def stamp(ref, column) -> None:
     """ref[CTA, column] = globaltimer's low 32 bits (ns, one clock for all SMs; wraps every 4.3 s),
     ref[CTA, column + 1] = %clock (this SM's cycles), stored by thread 0 of the CTA: where a launch's CTAs start
-    and end on a shared clock, and the SM clock rate between two stamps. GPU only (no interpret mode)."""
+    and end on a shared clock, and the SM clock rate between two stamps. column: an int or an int32 scalar (a
+    task's list position, `persistent_step(task_stamps=True)`). GPU only (no interpret mode)."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, gpu, memref
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
-    def store(_ctx, ref_m):
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_SPLAT(())))
+    def store(_ctx, ref_m, column_fa):
         i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
         first = arith.cmpi(arith.CmpIPredicate.eq, mgpu_utils.thread_idx(), mgpu_utils.c(0, i32))
         cta = gpu.block_id(gpu.Dimension.x)
+        col = column_fa.registers.item()
         with mgpu_utils.when(first):
-            memref.store(mgpu_utils.globaltimer("low"), ref_m, [cta, mgpu_utils.c(column, index)])
-            memref.store(mgpu_utils.clock(), ref_m, [cta, mgpu_utils.c(column + 1, index)])
+            memref.store(mgpu_utils.globaltimer("low"), ref_m, [cta, arith.index_cast(index, col)])
+            memref.store(mgpu_utils.clock(), ref_m,
+                         [cta, arith.index_cast(index, arith.addi(col, mgpu_utils.c(1, i32)))])
 
-    store(ref)
+    store(ref, column)
 
 
 @contextlib.contextmanager

@@ -141,6 +141,14 @@ def test_probe_tma_issue_smoke(tmp_path):
         probe.gather_kernel("warps", 8, 3, 2, 2, interpret=True)
 
 
+@pytest.mark.parametrize("flags, message", [({"stamps": True}, "needs the GPU"),
+                                            ({"task_stamps": True}, "needs the GPU")])
+def test_bench_persistent_stamps_say_they_need_the_gpu(flags, message):
+    """The globaltimer stamps (launch window, per task) have no interpret mode: a clear exit, not a failed launch."""
+    with pytest.raises(SystemExit, match=message):
+        _entry_point("bench_persistent").run_variant("tiny", 40, ["EMBED"], 1, **flags)
+
+
 def test_bench_persistent_smoke(tmp_path):
     """Each variant runs in its own subprocess (GPU interpret mode here). `dense`: the layer-0 cache rows (no
     attention upstream) equal the XLA step's. `full` (tiny is float32): logits, hidden state and cache rows equal

@@ -180,20 +180,26 @@ def test_kernel_skeleton_lowers_for_cuda_at_glm5_slice():
     (waits with decrement, W signals per completion) and the lax.switch over every branch lower for the H200;
     the op bodies are compiled out (`ops=()`). With stamps=True the kernel holds the globaltimer / clock stores
     (tiny's skeleton, lowered both ways; the serialized kernel's length is no measure of that: it came out 427
-    characters shorter with the stores at glm5_slice) and returns them last, [CTAs, 4] int32."""
+    characters shorter with the stores at glm5_slice) and returns them last, [CTAs, 4] int32; with task_stamps=True
+    too, each task's three stamps after them, [CTAs, TASK_STAMPS * table rows] int32."""
     assert _lower_glm5_slice(frozenset()) > 0
-    from pallas_kernels.persistent.kernel import abstract_step_args, persistent_step
+    from pallas_kernels.persistent.kernel import TABLE_CHUNK, TASK_STAMPS, abstract_step_args, persistent_step
     plan = KernelPlan.build(compile_schedule(load_config("tiny").model, 1, ScheduleOptions(num_sms=4)))
-    texts = {stamps: lowered_for_h200(lambda *a, stamps=stamps: persistent_step(
-        plan, *a, interpret=False, tiles=None, ops=frozenset(), stamps=stamps), *abstract_step_args(plan, 64)).as_text()
-        for stamps in (False, True)}
-    assert "globaltimer" in texts[True] and "globaltimer" not in texts[False]
+    texts = {flags: lowered_for_h200(lambda *a, flags=flags: persistent_step(
+        plan, *a, interpret=False, tiles=None, ops=frozenset(), stamps=flags[0], task_stamps=flags[1]),
+        *abstract_step_args(plan, 64)).as_text() for flags in ((False, False), (True, False), (False, True))}
+    assert "globaltimer" in texts[True, False] and "globaltimer" not in texts[False, False]
+    assert "globaltimer" in texts[False, True]
+    rows = -(-plan.schedule.sm_tasks.shape[1] // TABLE_CHUNK) * TABLE_CHUNK
     with _compat.interpret_mesh("NVIDIA H200", 132):
-        out = jax.eval_shape(lambda *a: persistent_step(plan, *a, interpret=False, tiles=None, stamps=True),
-                             *abstract_step_args(plan, 64))
-    assert (out[-1].shape, out[-1].dtype) == ((4, 4), jnp.int32)
-    with pytest.raises(ValueError, match="stamps: .* need the GPU"):
-        jax.eval_shape(lambda *a: persistent_step(plan, *a, interpret=True, stamps=True), *abstract_step_args(plan, 64))
+        for task_stamps in (False, True):
+            out = jax.eval_shape(lambda *a, ts=task_stamps: persistent_step(
+                plan, *a, interpret=False, tiles=None, stamps=True, task_stamps=ts), *abstract_step_args(plan, 64))
+            got = [(o.shape, o.dtype) for o in out[3:]]
+            assert got == [((4, 4), jnp.int32)] + ([((4, TASK_STAMPS * rows), jnp.int32)] if task_stamps else [])
+    for flags in ({"stamps": True}, {"task_stamps": True}):
+        with pytest.raises(ValueError, match="stamps: .* need the GPU"):
+            jax.eval_shape(lambda *a: persistent_step(plan, *a, interpret=True, **flags), *abstract_step_args(plan, 64))
 
 
 LOWERING = (Op.GEMV, Op.SWIGLU_UP, Op.SWIGLU_DOWN, Op.ABSORB, Op.UV, Op.MOE_COMBINE, Op.EMBED, Op.KV_WRITE,

@@ -9,7 +9,7 @@ import pytest
 from glm_fast import load_config
 from pallas_kernels.persistent import ScheduleOptions, compile_schedule
 from pallas_kernels.persistent.format import Op
-from pallas_kernels.persistent.profile import critical_path, task_times, trace_breakdown
+from pallas_kernels.persistent.profile import critical_path, stamped_task_times, task_times, trace_breakdown
 
 
 def _events(pid: int, start_ns: int, ranges: list) -> list:
@@ -187,6 +187,51 @@ def test_critical_path_of_a_simulated_launch(seed):
     links = len(path) - 1
     assert links * min(walk, signal) - 1e-6 <= gaps <= links * (walk + signal) + 1e-6, (gaps, links)
     assert out["sync_ns"] >= 0 and out["walk_ns"] >= 0 and out["sync_ns"] > 0  # tiny's layers chain by counters
+
+
+def _task_stamps(times: dict, lists: list, rows: int, t0: int, rng) -> np.ndarray:
+    """What `persistent_step(task_stamps=True)` returns for these (start, deps_met, end) ns: int32 [CTAs, 6 * rows],
+    per list position (globaltimer's low word at t0 + t, a clock count) for the three events; unwritten columns
+    past each list hold garbage."""
+    out = rng.integers(-(1 << 31), 1 << 31, (len(lists), 6 * rows), dtype=np.int64)
+    for cta, ids in enumerate(lists):
+        for pos, i in enumerate(ids):
+            for k, t in enumerate(times[i]):
+                out[cta, 6 * pos + 2 * k] = (t0 + int(t)) % (1 << 32)
+    return (out % (1 << 32)).astype(np.uint32).view(np.int32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stamped_task_times_read_the_globaltimer_across_its_wrap(seed):
+    """The task stamps of the two-SM launch above, its first start a few us before globaltimer's low word wraps:
+    the same times (from the first start), the same critical path as the profiler's trace gives."""
+    stub = _Stub({0: ("GEMV", 0, 0, ()), 1: ("GEMV", 0, 1, ()), 2: ("ATTN", 1, 2, (1,)), 3: ("UV", 1, 3, (2,))},
+                 [[0, 2], [1, 3]])
+    want = {0: (1000.0, 1000.0, 1100.0), 1: (1000.0, 1000.0, 1050.0), 2: (1110.0, 1115.0, 1200.0),
+            3: (1060.0, 1230.0, 1300.0)}
+    rng = np.random.default_rng(seed)
+    stamps = _task_stamps(want, stub.sm_lists(), 8, (1 << 32) - 1100 - int(rng.integers(0, 200)), rng)
+    got = stamped_task_times(stamps, stub.sm_lists())
+    assert set(got) == set(want) and all(got[i] == pytest.approx(tuple(x - 1000 for x in want[i])) for i in want)
+    a = critical_path(got, stub)
+    b = critical_path(task_times(_task_events(want, stub.sm_lists()), stub.sm_lists(), cycles_per_ns=2.0), stub)
+    for key in ("length_ns", "sync_ns", "walk_ns", "ops_ns", "per_layer_ns"):
+        assert a[key] == pytest.approx(b[key]), key
+    assert [p[0] for p in a["path"]] == [0, 2, 3]
+    assert a["slowest_syncs"] == [[pytest.approx(30), 2, "ATTN", 1, 3, "UV", 1]]
+
+
+@pytest.mark.parametrize("shape, lists, message", [((2, 11), [[0], [1]], "shape"), ((2, 6), [[0, 1], [2]], "shape"),
+                                                   ((3, 12), [[0], [1]], "shape")])
+def test_stamped_task_times_refuse_another_shape(shape, lists, message):
+    with pytest.raises(ValueError, match=message):
+        stamped_task_times(np.zeros(shape, np.int32), lists)
+
+
+def test_stamped_task_times_refuse_events_out_of_order():
+    stamps = _task_stamps({0: (10.0, 30.0, 20.0)}, [[0]], 1, 5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="task 0 .* out of order"):
+        stamped_task_times(stamps, [[0]])
 
 
 # -- the launch window (`persistent_step(stamps=True)` -> `launch_window`) ----------------------------------------

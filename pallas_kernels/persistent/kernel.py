@@ -97,6 +97,7 @@ GRID_AXIS = "sm"
 # (bench_persistent_glm5_slice_t4_time.json). With lane semantics (jax 0.11.2, glm5_slice, 4K context) T = 1
 # lowers in 21-23 s with a 2.16 ms critical path (..._rope_lane.json; warpgroup's last was 2.25 ms, ..._tidy.json),
 # T = 4 in 22-25 s, and every task of layers 0-1 matches the simulator (..._lane.json, ..._rope_t4.json).
+TASK_STAMPS = 6  # int32 columns per task of `persistent_step(task_stamps=True)`: (globaltimer, clock) x 3 events
 _LOWERING = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSemantics.Warpgroup}
 _JNP = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int32": jnp.int32}
 
@@ -708,10 +709,12 @@ def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None, interpret: boo
 
 
 def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.TileConfig | None, interpret: bool,
-          sync: bool, stamps: bool, *refs, **scratch):
+          sync: bool, stamps: bool, task_stamps: bool, *refs, **scratch):
     s = plan.schedule
     n_in, n_w, n_c = len(plan.inputs), len(plan.weight_stacks), len(plan.caches)
     aux_ref, sm_ref, *refs = refs
+    if task_stamps:  # [CTAs, TASK_STAMPS * table rows] (`persistent_step(task_stamps=True)`)
+        refs, task_ref = refs[:-1], refs[-1]
     if stamps:  # the launch window's output [CTAs, 4] (`persistent_step(stamps=True)`)
         refs, stamp_ref = refs[:-1], refs[-1]
         _compat.stamp(stamp_ref, 0)
@@ -732,12 +735,24 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
             fns.append(_no_body)
     seam = _Seam(len(s.counters), ordered or not sync)
 
-    def run_task(get):
-        wait, signal = lambda: seam.wait(get), lambda: seam.signal(get)  # noqa: E731
+    def run_task(get, pos=None):
+        """The task whose table row `get` reads; pos: its position in this CTA's list (the task stamps' row)."""
+        def mark(k):  # event k (start, deps met, end) of the task
+            if task_stamps:
+                _compat.stamp(task_ref, pos * TASK_STAMPS + 2 * k)
+
+        def wait():
+            seam.wait(get)
+            mark(1)
+        signal = lambda: seam.signal(get)  # noqa: E731
+
+        mark(0)
+        mark(1)  # a task that takes no wait: its deps are met as it starts
         if len(fns) == 1:
             fns[0](get, wait, signal)
         else:
             lax.switch(get(A_BRANCH), [lambda f=f: f(get, wait, signal) for f in fns])
+        mark(2)
 
     if ordered and s.num_sms > 1:  # dependency-ordered execution: the global topological order on one CTA
         @pl.loop(0, len(s.records))
@@ -766,7 +781,7 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
                 def _(i):
                     @pl.when(table[c % 2, i, A_BRANCH] >= 0)
                     def _():
-                        run_task(lambda j: table[c % 2, i, j])
+                        run_task(lambda j: table[c % 2, i, j], c * TABLE_CHUNK + i)
 
         pl.run_scoped(walk, plgpu.SMEM((2, TABLE_CHUNK, AUX_WIDTH), jnp.int32),
                       plgpu.Barrier(num_arrivals=1, num_barriers=2))
@@ -822,7 +837,7 @@ def _step_inputs(plan: KernelPlan, tokens, pos, cos, sin):
 def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens, pos, cos, sin, *,
                     interpret=False, ops=None, tiles: tl.TileConfig | None = tl.TileConfig(), sync: bool = True,
                     buffers: bool = False, profile_dir: str | None = None, lowering: str | None = "lane",
-                    stamps: bool = False):
+                    stamps: bool = False, task_stamps: bool = False):
     """One decode step in one kernel launch.
 
     caches: per CACHE buffer of `plan.caches`, its array [L, X] (batch squeezed); tokens, pos int [T];
@@ -844,6 +859,12 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     stamps: also return, last, int32 [CTAs, 4]: per CTA (globaltimer's low 32 bits in ns, SM clock) as its body
     starts, then as its task walk ends (`_compat.stamp`; GPU only): the launch's window on one clock for all SMs,
     against the kernel's device time, and the SM clock rate (`profile.launch_window` reads them).
+    task_stamps: also return, last, int32 [CTAs, TASK_STAMPS * table rows]: for the task at position p of a CTA's
+    list, columns TASK_STAMPS * p + 2 k, + 1 hold (globaltimer, clock) as it starts (k = 0), as its dependency wait
+    ends (k = 1; = its start where it takes no wait) and as its body and signal end (k = 2); columns past the
+    list are not written. Every task's times without the profiler, whose records and dump slow the launch
+    (2.10 -> 2.15 ms at glm5_slice, experiments/results/session21/): `profile.stamped_task_times` reads them for
+    `profile.critical_path`. GPU only.
     """
     if lowering is not None and lowering not in _LOWERING:
         raise ValueError(f"persistent_step: lowering={lowering!r}; use one of {sorted(_LOWERING)} or None "
@@ -854,7 +875,7 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     ordered = params is not None
     if profile_dir is not None and ordered:
         raise ValueError("profile_dir: profiling needs the GPU (Mosaic GPU's on-device profiler), not interpret mode")
-    if stamps and ordered:
+    if (stamps or task_stamps) and ordered:
         raise ValueError("stamps: the globaltimer / clock stamps need the GPU, not interpret mode")
     s = plan.schedule
     compiler = {}
@@ -874,9 +895,11 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
         hidden = _JNP[s.buffers[plan.hidden_buffer].dtype]
         row_types.append(jax.ShapeDtypeStruct((1 if ordered else s.num_sms, *gmem), hidden))
     stamp_types = [jax.ShapeDtypeStruct((s.num_sms, 4), jnp.int32)] if stamps else []
+    if task_stamps:
+        stamp_types.append(jax.ShapeDtypeStruct((s.num_sms, TASK_STAMPS * plan.sm_aux().shape[1]), jnp.int32))
     kernel = plgpu.kernel(
         lambda *refs, **scratch: _body(plan, ordered, None if ops is None else frozenset(ops), tiles, ordered,
-                                       sync, stamps, *refs, **scratch),
+                                       sync, stamps, task_stamps, *refs, **scratch),
         out_type=(*stack_types, *row_types, *stamp_types),
         scratch_types=_scratch_types(plan, tiles, ordered),
         grid=(1 if ordered else s.num_sms,),
@@ -900,7 +923,7 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     result = (buffer(plan.logits_buffer), buffer(plan.hidden_buffer), rows)
     if buffers:
         result += ({b: buffer(b) for b, slot in enumerate(plan.buffer_slot) if slot[0] == "stack"},)
-    return result + ((outs[-1],) if stamps else ())
+    return result + tuple(outs[len(outs) - stamps - task_stamps:])
 
 
 GPU_CHOICES = ((64, 32), (8, 16), (8, 8))  # (attn_heads, attn_splits) on the GPU, best first (`gpu_candidates`)

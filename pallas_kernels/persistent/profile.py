@@ -21,6 +21,11 @@ share, and the cycles after it convert at the SM clock (`task_times`); `critical
 from its last task through whichever bound each task (its SM's previous task, or the counter it waited on):
 
     critical_path(task_times(trace, schedule.sm_lists(), np.array(window["cta_clock_mhz"]) / 1e3), schedule)
+
+The profiler's records and dump slow the launch itself (2.10 -> 2.15 ms at glm5_slice in session 21, where a
+faster INDEX_TOPK made the unprofiled launch 2.15 ms too and the profiled one no slower: experiments/results/
+session21/). `persistent_step(..., task_stamps=True)` records only three globaltimer stores per task, read by
+`stamped_task_times` into the same {task: (start, deps_met, end)} for `critical_path` (no per-op phases).
 """
 from __future__ import annotations
 
@@ -164,6 +169,32 @@ def task_times(trace: dict, sm_lists: list[list[int]], cycles_per_ns) -> dict[in
                              f"{None if ids is None else len(ids)} tasks: a trace of another schedule?")
         times.update(zip(ids, map(tuple, ranges)))
     return times
+
+
+def stamped_task_times(stamps, sm_lists: list[list[int]]) -> dict[int, tuple[float, float, float]]:
+    """task id -> (start, deps_met, end) in ns since the launch's first task start, from
+    `persistent_step(task_stamps=True)`'s int32 [CTAs, 6 * rows]: the globaltimer (shared by all SMs) of each
+    task's three events, by list position (`kernel.TASK_STAMPS`); the clock columns are not used. Without the
+    profiler's records and dump, whose cost moves the launch (`task_times` reads a profiled launch). The
+    globaltimer wraps at 2^32 ns: times are taken modulo 2^32 around the first CTA's first start. Raises
+    ValueError for another shape or a task whose events are out of order."""
+    a = np.asarray(stamps).astype(np.int64) & 0xFFFFFFFF
+    longest = max(map(len, sm_lists), default=0)
+    if a.ndim != 2 or a.shape[0] != len(sm_lists) or a.shape[1] % 6 or a.shape[1] < 6 * longest:
+        raise ValueError(f"stamped_task_times: stamps of shape {a.shape}; want [{len(sm_lists)}, 6 * rows >= "
+                         f"{6 * longest}] from persistent_step(task_stamps=True)")
+    wrap = 1 << 32
+    ref = next((a[cta, 0] for cta, ids in enumerate(sm_lists) if ids), 0)  # a first task's start
+    times = {}
+    for cta, ids in enumerate(sm_lists):
+        for pos, tid in enumerate(ids):
+            t = (a[cta, 6 * pos:6 * pos + 6:2] - ref + wrap // 2) % wrap - wrap // 2
+            if not t[0] <= t[1] <= t[2]:
+                raise ValueError(f"stamped_task_times: task {tid} (CTA {cta}, position {pos}) has events "
+                                 f"{t.tolist()} out of order")
+            times[tid] = tuple(float(x) for x in t)
+    t0 = min((x[0] for x in times.values()), default=0.0)
+    return {tid: tuple(x - t0 for x in v) for tid, v in times.items()}
 
 
 def critical_path(times: dict, schedule, top: int = 10) -> dict:

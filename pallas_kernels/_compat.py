@@ -117,18 +117,20 @@ def stamp(ref, column) -> None:
     from jax._src.lib.mlir.dialects import arith, gpu, memref
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_SPLAT(())))
-    def store(_ctx, ref_m, column_fa):
+    static = isinstance(column, int)  # (the launch window's stamps: a constant column, no scalar operand)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) if static else (plgpu.RefType(), plgpu.Layout.WG_SPLAT(())))
+    def store(_ctx, ref_m, *column_fa):
         i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
         first = arith.cmpi(arith.CmpIPredicate.eq, mgpu_utils.thread_idx(), mgpu_utils.c(0, i32))
         cta = gpu.block_id(gpu.Dimension.x)
-        col = column_fa.registers.item()
+        col = mgpu_utils.c(column, i32) if static else column_fa[0].registers.item()
         with mgpu_utils.when(first):
             memref.store(mgpu_utils.globaltimer("low"), ref_m, [cta, arith.index_cast(index, col)])
             memref.store(mgpu_utils.clock(), ref_m,
                          [cta, arith.index_cast(index, arith.addi(col, mgpu_utils.c(1, i32)))])
 
-    store(ref, column)
+    store(*((ref,) if static else (ref, column)))
 
 
 @contextlib.contextmanager

@@ -59,7 +59,7 @@ the persistent variants also return each CTA's globaltimer and SM clock at its b
 CTAs' window on one clock, their start and end skews and the SM clock rate between the stamps
 (`profile.launch_window`): against the device trace's kernel time, the launch's cost outside the CTAs' bodies.
 --task-stamps (GPU only, not with --profile): every task's start, deps met and end on the globaltimer
-(`persistent_step(task_stamps=True)`: three stores per task, where the profiler's records and dump moved the
+(`persistent_step(task_stamps=True)`: three stamps per task, where the profiler's records and dump moved the
 launch from 2.10 to 2.15 ms at glm5_slice, experiments/results/session21/), and the row's `stamped_critical_paths`
 give the critical path of STAMP_LAUNCHES more launches (`profile.critical_path` over
 `profile.stamped_task_times`; the first with its path): the same analysis as --profile's, on a launch the

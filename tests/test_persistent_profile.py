@@ -221,10 +221,9 @@ def test_stamped_task_times_read_the_globaltimer_across_its_wrap(seed):
     assert a["slowest_syncs"] == [[pytest.approx(30), 2, "ATTN", 1, 3, "UV", 1]]
 
 
-@pytest.mark.parametrize("shape, lists, message", [((2, 11), [[0], [1]], "shape"), ((2, 6), [[0, 1], [2]], "shape"),
-                                                   ((3, 12), [[0], [1]], "shape")])
-def test_stamped_task_times_refuse_another_shape(shape, lists, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize("shape, lists", [((2, 11), [[0], [1]]), ((2, 6), [[0, 1], [2]]), ((3, 12), [[0], [1]])])
+def test_stamped_task_times_refuse_another_shape(shape, lists):
+    with pytest.raises(ValueError, match="shape"):
         stamped_task_times(np.zeros(shape, np.int32), lists)
 
 

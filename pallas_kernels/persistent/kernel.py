@@ -741,13 +741,12 @@ def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.Tile
             if task_stamps:
                 _compat.stamp(task_ref, pos * TASK_STAMPS + 2 * k)
 
-        def wait():
+        def wait():  # every body calls it once (a body marked `prefetching` after its first weight tiles)
             seam.wait(get)
             mark(1)
         signal = lambda: seam.signal(get)  # noqa: E731
 
         mark(0)
-        mark(1)  # a task that takes no wait: its deps are met as it starts
         if len(fns) == 1:
             fns[0](get, wait, signal)
         else:
@@ -861,10 +860,9 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     against the kernel's device time, and the SM clock rate (`profile.launch_window` reads them).
     task_stamps: also return, last, int32 [CTAs, TASK_STAMPS * table rows]: for the task at position p of a CTA's
     list, columns TASK_STAMPS * p + 2 k, + 1 hold (globaltimer, clock) as it starts (k = 0), as its dependency wait
-    ends (k = 1; = its start where it takes no wait) and as its body and signal end (k = 2); columns past the
-    list are not written. Every task's times without the profiler, whose records and dump slow the launch
-    (2.10 -> 2.15 ms at glm5_slice, experiments/results/session21/): `profile.stamped_task_times` reads them for
-    `profile.critical_path`. GPU only.
+    ends (k = 1) and as its body and signal end (k = 2); columns past the list are not written. Every task's
+    times without the profiler, whose records and dump slow the launch (2.10 -> 2.15 ms at glm5_slice,
+    experiments/results/session21/): `profile.stamped_task_times` reads them for `profile.critical_path`. GPU only.
     """
     if lowering is not None and lowering not in _LOWERING:
         raise ValueError(f"persistent_step: lowering={lowering!r}; use one of {sorted(_LOWERING)} or None "

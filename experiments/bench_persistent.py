@@ -59,11 +59,12 @@ the persistent variants also return each CTA's globaltimer and SM clock at its b
 CTAs' window on one clock, their start and end skews and the SM clock rate between the stamps
 (`profile.launch_window`): against the device trace's kernel time, the launch's cost outside the CTAs' bodies.
 --task-stamps (GPU only, not with --profile): every task's start, deps met and end on the globaltimer
-(`persistent_step(task_stamps=True)`: three stamps per task, where the profiler's records and dump moved the
-launch from 2.10 to 2.15 ms at glm5_slice, experiments/results/session21/), and the row's `stamped_critical_paths`
+(`persistent_step(task_stamps=True)`: three stamps per task by one thread, no profiler; the profiler's records
+and dump moved the launch 2.10 -> 2.15 ms at glm5_slice, session21/), and the row's `stamped_critical_paths`
 give the critical path of STAMP_LAUNCHES more launches (`profile.critical_path` over
-`profile.stamped_task_times`; the first with its path): the same analysis as --profile's, on a launch the
-profiler does not slow, without the bodies' phases.
+`profile.stamped_task_times`; the first with its path): the same analysis as --profile's without the bodies'
+phases. The stamps slow the launch more than the profiler (2.10 -> 2.49 ms at glm5_slice, every body ~20%
+slower: experiments/results/session22/): compare stamped paths with stamped paths.
 --attn-splits N / --attn-heads H override the attention tasks' split-KV factor and heads per task (default:
 PersistentDecoder's choice, `kernel.gpu_candidates`: 64 heads x 32 splits where the SMEM fits; an unset one takes
 ScheduleOptions' default). --index-chunks N / --assign / --hoist override the indexer score tasks per layer, the

@@ -861,8 +861,9 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     task_stamps: also return, last, int32 [CTAs, TASK_STAMPS * table rows]: for the task at position p of a CTA's
     list, columns TASK_STAMPS * p + 2 k, + 1 hold (globaltimer, clock) as it starts (k = 0), as its dependency wait
     ends (k = 1) and as its body and signal end (k = 2); columns past the list are not written. Every task's
-    times without the profiler, whose records and dump slow the launch (2.10 -> 2.15 ms at glm5_slice,
-    experiments/results/session21/): `profile.stamped_task_times` reads them for `profile.critical_path`. GPU only.
+    times without the profiler (`profile.stamped_task_times` reads them for `profile.critical_path`). GPU only.
+    Not free: they slow glm5_slice's launch 2.10 -> 2.49 ms, inside the bodies, more than the profiler does
+    (2.15 ms); storing only the clock, or keeping the stamps in SMEM, cost the same (experiments/results/session22/).
     """
     if lowering is not None and lowering not in _LOWERING:
         raise ValueError(f"persistent_step: lowering={lowering!r}; use one of {sorted(_LOWERING)} or None "

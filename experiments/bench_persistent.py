@@ -65,6 +65,9 @@ give the critical path of STAMP_LAUNCHES more launches (`profile.critical_path` 
 `profile.stamped_task_times`; the first with its path): the same analysis as --profile's without the bodies'
 phases. The stamps slow the launch more than the profiler (2.10 -> 2.49 ms at glm5_slice, every body ~20%
 slower: experiments/results/session22/): compare stamped paths with stamped paths.
+--ptxas (GPU only): the row's `ptxas` holds the compiler's report on each variant's kernel (`ptxas_report`:
+registers, stack frame, spill bytes, ptxas' warnings and performance notes such as serialized wgmma), from
+Mosaic's MOSAIC_GPU_DUMP_PTXAS log: whether a variant changed how the one-function kernel compiles.
 --attn-splits N / --attn-heads H override the attention tasks' split-KV factor and heads per task (default:
 PersistentDecoder's choice, `kernel.gpu_candidates`: 64 heads x 32 splits where the SMEM fits; an unset one takes
 ScheduleOptions' default). --index-chunks N / --assign / --hoist override the indexer score tasks per layer, the
@@ -334,6 +337,45 @@ def _sm_clock_mhz() -> float | None:
         return None
 
 
+def ptxas_report(text: str) -> dict:
+    """`ptxas -v` output (Mosaic's MOSAIC_GPU_DUMP_PTXAS log) -> {"functions": per entry function its function,
+    registers, stack_frame_bytes, spill_stores_bytes, spill_loads_bytes; "notes": ptxas' warnings and "Potential
+    Performance Loss" lines (e.g. wgmma.mma_async serialized; they name their function), each once, in order}.
+    The compiler's view of a variant: a change that slows every body at once (session 22's task stamps) should
+    show here."""
+    import re
+    functions, notes, cur = [], [], None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            cur = dict.fromkeys(("registers", "stack_frame_bytes", "spill_stores_bytes", "spill_loads_bytes"))
+            functions.append({"function": m.group(1), **cur})
+            cur = functions[-1]
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur is not None:
+            cur.update(zip(("stack_frame_bytes", "spill_stores_bytes", "spill_loads_bytes"), map(int, m.groups())))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and cur is not None:
+            cur["registers"] = int(m.group(1))
+        if re.search(r"warning|performance loss", line, re.IGNORECASE):
+            note = re.sub(r"^ptxas\s+\w+\s*:\s*", "", line.strip())
+            if note not in notes:
+                notes.append(note)
+    return {"functions": functions, "notes": notes}
+
+
+def _dumped_ptxas(dump_dir: str, stdout: str) -> dict:
+    """`ptxas_report` over a child's stdout and every text file Mosaic dumped into dump_dir."""
+    texts = [stdout]
+    for path in sorted(glob.glob(os.path.join(dump_dir, "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            with open(path, errors="ignore") as f:
+                texts.append(f.read())
+    report = ptxas_report("\n".join(texts))
+    return report if report["functions"] else {
+        "error": "no ptxas log in Mosaic's dump: the kernel compiles for the GPU only (a CPU run interprets it)"}
+
+
 def _profile(fn, args, profile_dir: str, schedule) -> dict:
     """One more launch of the profiled `fn` (compiled with stamps), its trace broken down
     (`profile.trace_breakdown`) at the SM clock that its stamps measured (`profile.launch_window`: sm_clock_mhz,
@@ -560,6 +602,10 @@ def main(argv=None):
     p.add_argument("--task-stamps", action="store_true",
                    help="GPU only: every task's start / deps met / end on the globaltimer, without the profiler: "
                         "the critical paths of 5 more launches")
+    p.add_argument("--ptxas", action="store_true",
+                   help="GPU only: each variant's ptxas report (Mosaic's MOSAIC_GPU_DUMP_PTXAS log into a temporary "
+                        "MOSAIC_GPU_DUMP_TO): registers, stack frame, spills and ptxas' warnings, in the row's "
+                        "`ptxas`")
     p.add_argument("--profile", action="store_true",
                    help="persistent variants with the on-device profiler: a per-op time breakdown (GPU only)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -596,15 +642,22 @@ def main(argv=None):
                *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else []),
                *(["--attn-heads", str(args.attn_heads)] if args.attn_heads else [])]
         t0 = time.perf_counter()
+        dump = tempfile.mkdtemp(prefix="persistent_ptxas_") if args.ptxas else None
+        env = {**os.environ, "MOSAIC_GPU_DUMP_PTXAS": "1", "MOSAIC_GPU_DUMP_TO": dump} if dump else None
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT, env=env)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             row = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
                 "error": f"exit {proc.returncode}: " + proc.stderr.strip()[-1500:]}
+            if dump:
+                row["ptxas"] = _dumped_ptxas(dump, proc.stdout)
         except subprocess.TimeoutExpired as e:  # the child's progress lines say which stage it was in
             err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
             stages = [ln for ln in err.splitlines() if ln.startswith(("lowered", "compiled", "first launch"))]
             row = {"error": f"no result in {args.timeout} s (compile hang or deadlocked launch)", "stages": stages}
+        finally:
+            if dump:
+                shutil.rmtree(dump, ignore_errors=True)
         row = {"variant": v, **row, "wall_s": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         print(json.dumps(row)[:2000], flush=True)
@@ -616,6 +669,7 @@ def main(argv=None):
                                                  "lowering": args.lowering,
                                                  "profile": args.profile, "trace_launches": args.trace_launches,
                                                  "stamps": args.stamps, "task_stamps": args.task_stamps,
+                                                 "ptxas": args.ptxas,
                                                  "attn_splits": args.attn_splits,
                                                  "attn_heads": args.attn_heads},
                              rows)

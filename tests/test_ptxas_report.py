@@ -1,0 +1,93 @@
+"""`bench_persistent.py --ptxas`: the compiler's report on a kernel (registers, stack frame, spills, warnings) read
+from ptxas' own output -- a real ptxas run where this machine has one, and Mosaic's dump folder layout."""
+import importlib.util
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_persistent", REPO / "experiments" / "bench_persistent.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ptx(frame_bytes: int, min_ctas: int) -> str:
+    """Two sm_90a entry functions: `plain` (no stack), `framed` (a local array of frame_bytes, dynamically indexed
+    so it stays in local memory, and a .minnctapersm that ptxas ignores with a warning at 1024 threads)."""
+    return f"""
+.version 8.0
+.target sm_90a
+.address_size 64
+.visible .entry plain(.param .u64 p)
+{{
+  .reg .b64 %rd<3>; .reg .b32 %r<3>;
+  ld.param.u64 %rd1, [p];
+  cvta.to.global.u64 %rd2, %rd1;
+  ld.global.u32 %r1, [%rd2];
+  add.s32 %r2, %r1, 1;
+  st.global.u32 [%rd2], %r2;
+  ret;
+}}
+.visible .entry framed(.param .u64 p) .maxntid 1024, 1, 1 .minnctapersm {min_ctas}
+{{
+  .local .align 4 .b8 buf[{frame_bytes}];
+  .reg .b64 %rd<6>; .reg .b32 %r<4>;
+  ld.param.u64 %rd1, [p];
+  cvta.to.global.u64 %rd2, %rd1;
+  ld.global.u32 %r1, [%rd2];
+  and.b32 %r3, %r1, {frame_bytes // 4 - 1};
+  mul.wide.u32 %rd3, %r3, 4;
+  mov.u64 %rd4, buf;
+  add.u64 %rd5, %rd4, %rd3;
+  st.local.u32 [%rd5], %r1;
+  ld.local.u32 %r2, [buf];
+  st.global.u32 [%rd2], %r2;
+  ret;
+}}
+"""
+
+
+@pytest.mark.skipif(shutil.which("ptxas") is None, reason="needs ptxas (CUDA toolkit) on the PATH")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ptxas_report_reads_a_real_ptxas_run(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    frame = 4 * int(2 ** rng.integers(3, 7))  # 32..256 bytes, a power of two (the index mask)
+    src = tmp_path / "k.ptx"
+    src.write_text(_ptx(frame, int(rng.integers(3, 8))))  # > 2048 threads per SM: ignored
+    out = subprocess.run(["ptxas", "-v", "-arch=sm_90a", str(src), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True, check=True)
+    report = _bench().ptxas_report(out.stdout + out.stderr)
+    got = {f["function"]: f for f in report["functions"]}
+    assert set(got) == {"plain", "framed"}
+    assert got["framed"]["stack_frame_bytes"] == frame and got["plain"]["stack_frame_bytes"] == 0
+    assert all(f["registers"] > 0 and f["spill_stores_bytes"] == 0 == f["spill_loads_bytes"] for f in got.values())
+    assert len(report["notes"]) == 1 and "minnctapersm" in report["notes"][0] and "framed" in report["notes"][0]
+
+
+def test_dumped_ptxas_reads_every_text_file_of_the_dump(tmp_path):
+    """Mosaic's dump folder: the log in one of several files (next to binaries); a serialized-wgmma note kept once;
+    an empty dump says the kernel only compiles on the GPU."""
+    bench = _bench()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "kernel.cubin").write_bytes(bytes(range(256)))
+    log = ("ptxas info    : Compiling entry function 'mosaic_kernel' for 'sm_90a'\n"
+           "ptxas info    : Function properties for mosaic_kernel\n"
+           "    48 bytes stack frame, 16 bytes spill stores, 24 bytes spill loads\n"
+           "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+           "the presence of Extern calls in the function 'mosaic_kernel'.\n"
+           "ptxas info    : Used 168 registers, used 1 barriers, 220832 bytes smem\n")
+    (tmp_path / "sub" / "mosaic_kernel.ptxas").write_text(log + log.splitlines()[3] + "\n")
+    report = bench._dumped_ptxas(str(tmp_path), "lowered in 20.1 s\n")
+    assert report["functions"] == [{"function": "mosaic_kernel", "registers": 168, "stack_frame_bytes": 48,
+                                    "spill_stores_bytes": 16, "spill_loads_bytes": 24}]
+    assert len(report["notes"]) == 1 and "serialized" in report["notes"][0]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "GPU only" in bench._dumped_ptxas(str(empty), "")["error"]

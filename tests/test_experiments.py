@@ -11,12 +11,26 @@ import pathlib
 
 import numpy as np
 import pytest
+import yaml
 
 from glm_fast import load_config
+from glm_fast.config import parse_override
 from glm_fast.sweep import SWEEP_DIR, SweepError, load_sweep, read_results, run_sweep, sweep_from_dict
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SMALL = ["model.num_hidden_layers=2", "model.indexer_types=[full,shared]", "model.mtp_depth=1"]
+
+
+def _small_tiny(tmp_path) -> str:
+    """configs/tiny.yaml with SMALL's overrides, as a config file (for bench_persistent, whose --config takes a
+    preset or a path and which has no --set)."""
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    for key, value in (parse_override(o) for o in SMALL):
+        section, field = key.split(".")
+        raw[section][field] = value
+    path = tmp_path / "tiny.yaml"  # (its `name` stays tiny)
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
 
 
 def _entry_point(name: str):
@@ -93,8 +107,8 @@ def test_diagnose_backend_smoke(tmp_path):
     top-k sets) and the float32 floor, on a bf16 tiny on the kernels' tile granularity."""
     out = tmp_path / "diag.json"
     rec = _entry_point("diagnose_backend").main(
-        ["--config", "tiny", "--set", "model.dtype=bfloat16", "--set", "model.moe_intermediate_size=128",
-         "--context", "40", "--rows", "3", "--out", str(out)])
+        ["--config", "tiny", *sum((["--set", s] for s in SMALL), []), "--set", "model.dtype=bfloat16",
+         "--set", "model.moe_intermediate_size=128", "--context", "40", "--rows", "3", "--out", str(out)])
     assert json.loads(out.read_text())["swaps"] == rec["swaps"]
     assert [r["swap"] for r in rec["swaps"]] == ["indexer_topk", "sparse_mla_attention", "moe_experts", "lm_head",
                                                  "all"]
@@ -112,9 +126,9 @@ def test_bench_decode_protocol_smoke(tmp_path):
     (backend, depth, batch) except the persistent backend's batches > 1, roofline fractions from the HBM rate it
     measured, projected tokens/s on the MTP rows, a traced step per row, the JSON written with its ceilings."""
     _entry_point("bench_decode").main(
-        ["--config", "tiny", "--backends", "xla,persistent", "--contexts", "32", "--batches", "1,2",
-         "--mtp-depths", "0,1", "--steps", "1", "--warmup", "1", "--hbm-gib", "0.01", "--out", str(tmp_path),
-         "--name", "bd", "--trace-steps", "1"])
+        ["--config", "tiny", *sum((["--set", s] for s in SMALL), []), "--backends", "xla,persistent",
+         "--contexts", "32", "--batches", "1,2", "--mtp-depths", "0,1", "--steps", "1", "--warmup", "0",
+         "--hbm-gib", "0.01", "--out", str(tmp_path), "--name", "bd", "--trace-steps", "1"])
     rec = json.loads((tmp_path / "bd.json").read_text())
     rows = {(r["backend"], r["mtp_depth"], r["batch"]): r for r in rec["rows"]}
     assert set(rows) == {("xla", d, b) for d in (0, 1) for b in (1, 2)} | {("persistent", d, 1) for d in (0, 1)}
@@ -157,7 +171,8 @@ def test_bench_persistent_smoke(tmp_path):
     persistent variant's traced launch (no device track on the CPU)."""
     probe = "EMBED+GEMV+MOE_COMBINE+IK_WRITE+INDEX_SCORE"  # MOE_COMBINE: the split-K projections' sums
     rec = _entry_point("bench_persistent").main(
-        ["--config", "tiny", "--context", "40", "--reps", "1", "--variants", f"xla,skeleton,dense,full,{probe}",
+        ["--config", _small_tiny(tmp_path), "--context", "40", "--reps", "1", "--variants",
+         f"xla,skeleton,dense,full,{probe}",
          "--trace-launches", "1", "--out", str(tmp_path), "--name", "bp"])
     rows = {r["variant"]: r for r in json.loads((tmp_path / "bp.json").read_text())["rows"]}
     assert rows == {r["variant"]: r for r in rec["rows"]}
@@ -231,7 +246,7 @@ def test_bench_persistent_verification_step(tmp_path):
     """--tokens 3 (an MTP verification step, T = 1 + 2): `full`'s logits, hidden state and cache rows (all T of
     each) equal the XLA step's, and every task of layers 0-1 the simulator's."""
     rec = _entry_point("bench_persistent").main(
-        ["--config", "tiny", "--context", "40", "--tokens", "3", "--reps", "1", "--variants", "full",
+        ["--config", _small_tiny(tmp_path), "--context", "40", "--tokens", "3", "--reps", "1", "--variants", "full",
          "--checks", "tasks", "--out", str(tmp_path), "--name", "bp3"])
     assert rec["config"]["tokens"] == 3
     rows = {r["variant"]: r for r in rec["rows"]}

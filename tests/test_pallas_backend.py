@@ -1,7 +1,9 @@
 """`backend="pallas"`: the engine's decode step through the Pallas kernels gives the XLA backend's greedy tokens
-and logits (the GPU end-to-end criteria also for the persistent kernel). CPU: a bf16 `tiny` variant on the kernels' tile granularity, kernels in GPU interpret mode, checking
-that every kernel really ran. GPU (`gpu` mark): `glm5_slice` with random weights: each kernel call against its reference inside the jitted
-step, whole-step logits against a float32 step (bf16 XLA's own distance is the bound), 256 greedy steps."""
+and logits (the GPU end-to-end criteria also for the persistent kernel). CPU: a bf16 `tiny` variant on the kernels'
+tile granularity (its first 2 layers: a dense and a MoE one, a full and a shared indexer), kernels in GPU interpret
+mode, checking that every kernel really ran. GPU (`gpu` mark): `glm5_slice` with random weights: each kernel call
+against its reference inside the jitted step, whole-step logits against a float32 step (bf16 XLA's own distance is
+the bound), 256 greedy steps."""
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ from glm_fast import Engine, Model, load_config
 from glm_fast.engine.forced import PERSISTENT, forced_logits, prefill, stepper
 from glm_fast.engine.ops import PALLAS, XLA, checked
 from pallas_kernels import gemv, indexer, mla_attention, moe
-from tests.kernel_testing import float32_model
+from tests.kernel_testing import TWO_LAYERS, float32_model
 
 # The kernels each backend op should reach at decode shapes (module, function name).
 KERNELS = [(indexer, "indexer_topk"), (mla_attention, "sparse_mla_attention"), (moe, "moe_experts"),
@@ -74,7 +76,7 @@ def test_pallas_backend_matches_xla_in_interpret_mode(monkeypatch):
     ran (not the XLA fallback). bf16 logits within 2e-2 of max |logit| (the kernels round partial sums differently
     from XLA)."""
     calls = _counting(monkeypatch)
-    model = Model(load_config("tiny", TINY).model, rngs=nnx.Rngs(0))
+    model = Model(load_config("tiny", {**TINY, **TWO_LAYERS}).model, rngs=nnx.Rngs(0))
     prompt = list(np.random.RandomState(0).randint(0, model.cfg.vocab_size, 40))  # > 2 x index_topk
     _assert_same_greedy(model, prompt, 6, tie=2e-2)
     assert {name for _, name in KERNELS} <= set(calls), calls

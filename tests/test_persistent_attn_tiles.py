@@ -14,7 +14,7 @@ from glm_fast import load_config
 from pallas_kernels.persistent import Op, attn_tiles
 from pallas_kernels.persistent import kernel as kernel_mod
 from pallas_kernels.persistent.kernel import PersistentDecoder
-from tests.kernel_testing import assert_step_matches_xla, prefilled
+from tests.kernel_testing import TWO_LAYERS, assert_step_matches_xla, at_context, prefilled
 from tests.test_persistent_kernel import BF16, LOWERING, OPTIONS, TOL, _lower_glm5_slice
 
 
@@ -34,21 +34,31 @@ def attn_calls(monkeypatch):
 
 # attn_splits 3 -> 6 slots per split (one 8-row block, the last split half past K); 1 -> 16 slots (two blocks, a
 # two-stage ring with refills). context 9 < index_topk 16: invalid slots and (T = 1) an empty last split.
-CASES = [("float32", 1, 11, 40, 3), ("bfloat16", 3, 12, 40, 3), ("float32", 3, 13, 40, 1),
-         ("bfloat16", 1, 14, 40, 1), ("float32", 1, 15, 9, 3)]
+# (dtype, T, layers, seed, splits, contexts): one kernel per entry, compiled once and launched at each context (the
+# shorter ones from the longest one's prefill, `at_context`); layers: tiny's 4 (each cache group's later members) or
+# its first 2 (`TWO_LAYERS`: one full and one shared indexer layer, half the interpreted step).
+KERNELS = [("float32", 1, 4, 11, 3, (40, 9)), ("bfloat16", 3, 2, 12, 3, (40,)), ("float32", 3, 2, 13, 1, (40,)),
+           ("bfloat16", 1, 4, 14, 1, (40,))]
 
 
-@pytest.mark.parametrize("dtype,t,seed,context,splits", CASES)
-def test_attn_body_matches_xla_backend_in_interpret_mode(dtype, t, seed, context, splits, attn_calls):
-    cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
-    model, caches, tokens, pos = prefilled(cfg, seed, context, t)
+@pytest.mark.parametrize("dtype,t,layers,seed,splits,contexts", KERNELS)
+def test_attn_body_matches_xla_backend_in_interpret_mode(dtype, t, layers, seed, splits, contexts, attn_calls):
+    cfg = load_config("tiny", {**(BF16 if dtype == "bfloat16" else {}), **(TWO_LAYERS if layers == 2 else {})}).model
+    full = max(contexts)
+    model, prefill_caches, prefill_tokens, prefill_pos = prefilled(cfg, seed, full, t)
     ok = jnp.ones((1, t), bool)
     options = dataclasses.replace(OPTIONS, attn_splits=splits)
     dec = PersistentDecoder(model, options, interpret=True, cache_dir=False)
-    logits, h, _ = jax.jit(lambda w, c: dec(model, w, c, tokens, pos, ok))(dec.weights(t), caches)
+    step = jax.jit(lambda w, c, x, p: dec(model, w, c, x, p, ok)[:2])
+    for context in contexts:
+        caches, tokens, pos = prefill_caches, prefill_tokens, prefill_pos
+        if context < full:
+            caches, tokens, pos = at_context(caches, full, context, seed, t, cfg.vocab_size)
+        logits, h = step(dec.weights(t), caches, tokens, pos)
+        assert_step_matches_xla(model, caches, tokens, pos, logits, h, TOL[dtype])
     n_attn = sum(Op(k[0]) == Op.ATTN for k in dec.plan(t).branches)
-    assert n_attn > 0 and attn_calls == [True] * n_attn  # every ATTN branch ran the tile body
-    assert_step_matches_xla(model, caches, tokens, pos, logits, h, TOL[dtype])
+    assert n_attn > 0 and attn_calls == [True] * n_attn  # every ATTN branch ran the tile body (traced once)
+
 
 @pytest.mark.parametrize("splits", [3, 1])
 def test_attn_body_column_passes_in_interpret_mode(splits, attn_calls, monkeypatch):

@@ -2,7 +2,9 @@
 in Pallas GPU interpret mode on `tiny` the kernel with the bodies (every INDEX_SCORE / INDEX_TOPK branch takes them;
 counted) matches the XLA backend's `main_cached` -- float32 and bfloat16, T = 1 and 3, contexts past index_topk
 (chunks of <= K rows: every row a candidate; chunks of > K rows: the radix select and compaction) and one shorter
-than it (empty chunks, invalid slots) -- and INDEX_TOPK's selection equals `lax.top_k` of the kernel's own candidates.
+than it (empty chunks, invalid slots) -- and INDEX_TOPK's selection equals `lax.top_k` of the kernel's own candidates;
+with every indexer query zeroed (exact K-way ties) it is the K lowest rows. Each kernel is compiled once and launched
+on each of its contexts and models.
 Both bodies lower for the H200 at glm5_slice, alone and with every other tile body (lowering only: no GPU here).
 """
 import dataclasses
@@ -11,13 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from glm_fast import load_config
+from glm_fast import Model, load_config
 from pallas_kernels.persistent import Op, index_tiles
 from pallas_kernels.persistent import kernel as kernel_mod
-from pallas_kernels.persistent.kernel import PersistentDecoder
+from pallas_kernels.persistent.kernel import PersistentDecoder, PersistentWeights
 from pallas_kernels.persistent.tiles import TileConfig
-from tests.kernel_testing import assert_step_matches_xla, prefilled
+from tests.kernel_testing import TWO_LAYERS, assert_step_matches_xla, at_context, prefilled
 from tests.test_persistent_kernel import BF16, LOWERING, OPTIONS, TOL, _lower_glm5_slice
 
 INDEX_OPS = (Op.INDEX_SCORE, Op.INDEX_TOPK)
@@ -87,77 +90,95 @@ def _check_selection(plan, outs):
             np.testing.assert_array_equal(np.sort(idx[t, :n]), want, err_msg=f"{layer} token {t}")
 
 
-# (dtype, T, seed, context, index_chunks, tile, ring, bits, regs): tile 16 with 8 chunks -> chunks of <= 8 rows
-# (every row a candidate); tile 8 with 4 chunks at context 72 -> chunks of 24 rows > K = 16 (radix select +
-# compaction) and a 1-3 row last chunk (every row a candidate); context 9 < index_topk: chunks past the visible rows
-# are empty, most slots invalid; tile 8 with 8 chunks at context 20 -> chunks of 8 rows < K = 16: INDEX_TOPK streams
-# 1 of each chunk's 2 TN-rows; tile 8 with 8 chunks at context 72 -> 2 ring slots of candidates: counted from
-# registers (regs None: REG_SLOTS), resident in INDEX_TOPK's ring and loaded per pass (regs 1), or streamed again per
-# pass through a 1-slot ring (ring 1). (INDEX_TOPK's body needs chunks * K / tile to be a multiple of 8 ring rows.)
-# bits: INDEX_TOPK's key bits per radix pass (TileConfig.topk_bits; 1 = a binary search, exercised by the ties
-# test: every pass is a sequential scan of the candidates in interpret mode, so the T = 3 cases take the fewer
-# passes of 2 and 4 bits).
-CASES = [("bfloat16", 3, 22, 40, 8, 16, None, 4, None), ("float32", 3, 23, 72, 4, 8, None, 2, None),
-         ("float32", 1, 25, 9, 8, 16, None, 4, None), ("float32", 1, 26, 20, 8, 8, None, 2, None),
-         ("float32", 1, 27, 72, 8, 8, None, 4, 1), ("float32", 1, 30, 72, 8, 8, None, 2, None),
-         ("bfloat16", 3, 28, 72, 8, 8, 1, 4, None)]
+# One kernel per entry, launched on every run of `runs` (one compile: the contexts share the longest one's prefill,
+# `at_context`):
+# (dtype, T, layers, seed, index_chunks, tile, ring, bits, regs, parts, runs); runs: (context, ties) pairs.
+# tile 16 with 8 chunks at context 40 -> chunks of <= 8 rows (every row a candidate; T = 3: 2 tokens per q slot, the
+# last one partial; one TN part of the key dims, tile 8 two); tile 8 with 4 chunks at context 72 -> chunks of 24
+# rows > K = 16 (radix select + compaction, per token of T = 3) and a 1-3 row last chunk (every row a candidate);
+# context 9 < index_topk: chunks past the visible rows are empty, most slots invalid; tile 8 with 8 chunks at
+# context 9 or 20 -> chunks of 8 rows < K = 16: INDEX_TOPK streams 1 of each chunk's 2 TN-rows; at context 72 -> 2
+# ring slots of candidates counted from registers (regs None: REG_SLOTS); tile 8 with 16 chunks (ring 2, regs 1):
+# at context 72 chunks of 8 rows, 2 ring slots resident in INDEX_TOPK's ring and loaded per pass (a group of 4
+# slots per loop step, 2 of them past the step's), at context 128 chunks of 16 rows, 4 ring slots streamed again
+# per pass through the 2-slot ring. (INDEX_TOPK's body needs chunks * K / tile to be a multiple of 8 ring rows.)
+# bits: INDEX_TOPK's key bits per radix pass (TileConfig.topk_bits; 1 = a binary search; every pass is a
+# sequential scan of the candidates in interpret mode). parts: INDEX_TOPK tasks per token
+# (ScheduleOptions.index_topk_parts; None: the default, 16 at K = 16 -- one output slot each; every part repeats the
+# select, the interpreter's largest cost, so the other kernels take 2: parts whose output slots miss a ring slot or
+# a row skip it). ties: every indexer query zeroed (`_check_ties`). layers: tiny's 4 (two full indexer layers:
+# the index-key cache group's second member) or its first 2 (one full, one shared: half the interpreted step).
+KERNELS = [("bfloat16", 3, 2, 22, 8, 16, None, 4, None, 2, ((40, False),)),
+           ("float32", 3, 2, 23, 4, 8, None, 2, None, 2, ((72, False), (72, True))),
+           ("float32", 1, 4, 26, 8, 8, None, 2, None, None, ((9, False), (20, False), (72, False))),
+           ("float32", 1, 2, 27, 16, 8, 2, 1, 1, 2, ((72, False), (128, False), (72, True)))]
 
 
-@pytest.mark.parametrize("dtype,t,seed,context,chunks,tile,ring,bits,regs", CASES)
-def test_index_bodies_match_xla_backend_in_interpret_mode(dtype, t, seed, context, chunks, tile, ring, bits, regs,
-                                                          index_calls, kernel_outputs, monkeypatch):
+def _zero_index_queries(model):
+    """The model with every indexer query zeroed (wq_b = 0), a copy."""
+    from glm_fast.model.indexer import Indexer
+    model = nnx.clone(model)
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, Indexer):
+            m.wq_b.kernel[...] = jnp.zeros_like(m.wq_b.kernel[...])
+    return model
+
+
+def _check_ties(plan, outs):
+    """Every indexer query zeroed: every visible row scores exactly 0, a K-way tie at the K-th key, so each
+    token's selection is the K lowest rows -- as lax.top_k picks, in the XLA backend too. At context 72 > K = 16
+    the radix select and the compaction's `need` tie across several rows and ring slots (4 chunks: INDEX_SCORE's
+    too)."""
+    for layer in [b.name.rsplit("/", 1)[0] for b in plan.schedule.buffers if b.name.endswith("/topk_idx")]:
+        idx, valid = _buffer(plan, outs, f"{layer}/topk_idx"), _buffer(plan, outs, f"{layer}/topk_valid")
+        kk = idx.shape[-1]
+        for t in range(idx.shape[0]):  # the K lowest of the context + t + 1 visible rows
+            np.testing.assert_array_equal(idx[t], np.arange(kk), err_msg=f"{layer} token {t}")
+            assert (valid[t] == 1).all(), (layer, t)
+
+
+@pytest.mark.parametrize("dtype,t,layers,seed,chunks,tile,ring,bits,regs,parts,runs", KERNELS)
+def test_index_bodies_match_xla_backend_in_interpret_mode(dtype, t, layers, seed, chunks, tile, ring, bits, regs,
+                                                          parts, runs, index_calls, kernel_outputs, monkeypatch):
     if ring is not None:
         monkeypatch.setattr(index_tiles, "CAND_SLOTS", ring)
     if regs is not None:
         monkeypatch.setattr(index_tiles, "REG_SLOTS", regs)
-    cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
-    model, caches, tokens, pos = prefilled(cfg, seed, context, t)
+    cfg = load_config("tiny", {**(BF16 if dtype == "bfloat16" else {}), **(TWO_LAYERS if layers == 2 else {})}).model
+    full = max(c for c, _ in runs)
+    options = dataclasses.replace(OPTIONS, index_chunks=chunks,
+                                  **({} if parts is None else {"index_topk_parts": parts}))
     ok = jnp.ones((1, t), bool)
-    dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, index_chunks=chunks), interpret=True,
-                            cache_dir=False, tiles=TileConfig(tile_n=tile, tile_k=tile, topk_bits=bits))
+    dec = step = None
+    for ties in sorted({ties for _, ties in runs}):
+        model = Model(cfg, rngs=nnx.Rngs(seed))
+        if ties:
+            model = _zero_index_queries(model)
+        model, prefill_caches, prefill_tokens, prefill_pos = prefilled(model, seed, full, t)
+        if dec is None:
+            dec = PersistentDecoder(model, options, interpret=True, cache_dir=False,
+                                    tiles=TileConfig(tile_n=tile, tile_k=tile, topk_bits=bits))
+            rope = model  # the step reads only its RoPE tables (every model's here): the weights are arguments
 
-    def step(w, c):
-        logits, h, _ = dec(model, w, c, tokens, pos, ok)
-        return logits, h, kernel_outputs[-1]
-    logits, h, outs = jax.jit(step)(dec.weights(t), caches)
-    plan = dec.plan(t)
+            @jax.jit
+            def step(w, c, tokens, pos):
+                logits, h, _ = dec(rope, w, c, tokens, pos, ok)
+                return logits, h, kernel_outputs[-1]
+        plan = dec.plan(t)
+        weights = PersistentWeights.from_model(model, plan)
+        for context in [c for c, tie in runs if tie == ties]:
+            caches, tokens, pos = prefill_caches, prefill_tokens, prefill_pos
+            if context < full:
+                caches, tokens, pos = at_context(caches, full, context, seed, t, cfg.vocab_size)
+            logits, h, outs = step(weights, caches, tokens, pos)
+            assert_step_matches_xla(model, caches, tokens, pos, logits, h, TOL[dtype])
+            _check_selection(plan, outs)
+            if ties:
+                _check_ties(plan, outs)
     n_index = sum(Op(k[0]) in INDEX_OPS for k in plan.branches)
     assert {op for op, _ in index_calls} == set(INDEX_OPS)
-    assert len(index_calls) == n_index and all(ok for _, ok in index_calls)  # every branch ran the tile body
-    assert_step_matches_xla(model, caches, tokens, pos, logits, h, TOL[dtype])
-    _check_selection(plan, outs)
-
-
-@pytest.mark.parametrize("bits", [1, 4])
-def test_index_topk_ties_take_the_lowest_rows(bits, index_calls, kernel_outputs):
-    """Every indexer query zeroed (wq_b = 0): every visible row scores exactly 0, a K-way tie at the K-th key, so
-    the selection is the K lowest rows -- as lax.top_k picks, in the XLA backend too. Context 72 > K = 16 with
-    tile 8 and 4 chunks: the radix select and the compaction's `need` ties across several rows and ring slots."""
-    from flax import nnx
-
-    from glm_fast.model.indexer import Indexer
-    cfg = load_config("tiny").model
-    model, _, _, _ = prefilled(cfg, 29, 1, 1)
-    for _, m in nnx.iter_graph(model):
-        if isinstance(m, Indexer):
-            m.wq_b.kernel[...] = jnp.zeros_like(m.wq_b.kernel[...])
-    model, caches, tokens, pos = prefilled(model, 29, 72, 1)
-    dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, index_chunks=4), interpret=True, cache_dir=False,
-                            tiles=TileConfig(tile_n=8, tile_k=8, topk_bits=bits))
-
-    def step(w, c):
-        logits, h, _ = dec(model, w, c, tokens, pos, jnp.ones((1, 1), bool))
-        return logits, h, kernel_outputs[-1]
-    logits, h, outs = jax.jit(step)(dec.weights(1), caches)
-    plan = dec.plan(1)
-    assert index_calls and all(ok for _, ok in index_calls)
-    assert_step_matches_xla(model, caches, tokens, pos, logits, h, TOL["float32"])
-    _check_selection(plan, outs)
-    for layer in [b.name.rsplit("/", 1)[0] for b in plan.schedule.buffers if b.name.endswith("/topk_idx")]:
-        idx, valid = _buffer(plan, outs, f"{layer}/topk_idx"), _buffer(plan, outs, f"{layer}/topk_valid")
-        kk = idx.shape[-1]
-        np.testing.assert_array_equal(idx[0], np.arange(kk), err_msg=layer)  # the K lowest of 73 visible rows
-        assert (valid[0] == 1).all(), layer
+    # every branch ran the tile body, traced once: every run launched the one kernel
+    assert len(index_calls) == n_index and all(ok for _, ok in index_calls)
 
 
 def _select_eagerly(keys, k, bits):

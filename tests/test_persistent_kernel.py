@@ -20,7 +20,7 @@ from pallas_kernels.persistent import Op, ScheduleOptions, attn_tiles, compile_s
 from pallas_kernels.persistent import kernel as kernel_mod
 from pallas_kernels.persistent.kernel import KernelPlan, PersistentDecoder
 from pallas_kernels.persistent.tiles import TileConfig
-from tests.kernel_testing import assert_step_matches_xla, lowered_for_h200, prefilled
+from tests.kernel_testing import TWO_LAYERS, assert_step_matches_xla, lowered_for_h200, prefilled
 
 # Odd tiles (ragged last GEMV / attention tiles), 3 index chunks, 7 SM lists (the GPU path's; interpret mode walks
 # the global order).
@@ -36,16 +36,19 @@ BF16 = {"model.dtype": "bfloat16", "model.moe_intermediate_size": 128}  # the Pa
 TOL = {"float32": 1e-5, "bfloat16": 3e-2}
 
 
-@pytest.mark.parametrize("dtype,t,seed,sms,tiles", [("float32", 1, 0, 7, None), ("bfloat16", 3, 0, 7, None),
-                                                    ("float32", 3, 2, 1, DEEP_TILES),
-                                                    ("bfloat16", 1, 2, 7, SMALL_TILES)])
-def test_kernel_step_matches_xla_backend_in_interpret_mode(dtype, t, seed, sms, tiles):
+@pytest.mark.parametrize("dtype,t,seed,sms,tiles,layers", [("float32", 1, 0, 7, None, 4),
+                                                           ("bfloat16", 3, 0, 7, None, 2),
+                                                           ("float32", 3, 2, 1, DEEP_TILES, 2),
+                                                           ("bfloat16", 1, 2, 7, SMALL_TILES, 4)])
+def test_kernel_step_matches_xla_backend_in_interpret_mode(dtype, t, seed, sms, tiles, layers):
     """sms = 7: one CTA walks the global order from GMEM; sms = 1: the GPU path's walk (the CTA's dispatch table
     TMA'd into SMEM, padding rows skipped) over a 1-SM schedule, whose list is the global order. tiles: the GPU's
     64 x 64 weight tiles (None; tiny's 16-wide heads / 32-wide latent then keep o_proj, ABSORB, UV and KV_WRITE on
     the jnp bodies), 32 x 16 tiles, with which every branch of tiny's tiled opcodes runs the tile bodies, or
-    32 x 8 tiles through 4-slot rings (UV: 2), where every ring refills its slots."""
-    cfg = load_config("tiny", BF16 if dtype == "bfloat16" else {}).model
+    32 x 8 tiles through 4-slot rings (UV: 2), where every ring refills its slots. layers: tiny's 4 (the cache
+    groups' later members) or its first 2 (`TWO_LAYERS`: a dense and a MoE layer, one full and one shared
+    indexer; the T = 3 steps, half the interpreted step)."""
+    cfg = load_config("tiny", {**(BF16 if dtype == "bfloat16" else {}), **(TWO_LAYERS if layers == 2 else {})}).model
     model, caches, tokens, pos = prefilled(cfg, seed, CONTEXT, t)
     ok = jnp.ones((1, t), bool)
     dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, num_sms=sms), interpret=True, cache_dir=False,

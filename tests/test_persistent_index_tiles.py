@@ -109,7 +109,7 @@ def _check_selection(plan, outs):
 # a row skip it). ties: every indexer query zeroed (`_check_ties`). layers: tiny's 4 (two full indexer layers:
 # the index-key cache group's second member) or its first 2 (one full, one shared: half the interpreted step).
 KERNELS = [("bfloat16", 3, 2, 22, 8, 16, None, 4, None, 2, ((40, False),)),
-           ("float32", 3, 2, 23, 4, 8, None, 2, None, 2, ((72, False), (72, True))),
+           ("float32", 3, 2, 23, 4, 8, None, 4, None, 2, ((72, False), (72, True))),  # (bits 4: the select)
            ("float32", 1, 4, 26, 8, 8, None, 2, None, None, ((9, False), (20, False), (72, False))),
            ("float32", 1, 2, 27, 16, 8, 2, 1, 1, 2, ((72, False), (128, False), (72, True)))]
 

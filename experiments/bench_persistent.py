@@ -59,15 +59,15 @@ the persistent variants also return each CTA's globaltimer and SM clock at its b
 CTAs' window on one clock, their start and end skews and the SM clock rate between the stamps
 (`profile.launch_window`): against the device trace's kernel time, the launch's cost outside the CTAs' bodies.
 --task-stamps (GPU only, not with --profile): every task's start, deps met and end on the globaltimer
-(`persistent_step(task_stamps=True)`: three stamps per task by one thread, no profiler; the profiler's records
+(`persistent_step(task_stamps=True)`: three stamps per task, no profiler; the profiler's records
 and dump moved the launch 2.10 -> 2.15 ms at glm5_slice, session21/), and the row's `stamped_critical_paths`
 give the critical path of STAMP_LAUNCHES more launches (`profile.critical_path` over
 `profile.stamped_task_times`; the first with its path): the same analysis as --profile's without the bodies'
-phases. The stamps slow the launch more than the profiler (2.10 -> 2.49 ms at glm5_slice, every body ~20%
-slower: experiments/results/session22/): compare stamped paths with stamped paths.
+phases. The stamps cost the launch ~6 us (2.103 -> 2.108 ms at glm5_slice, experiments/results/session23/).
 --ptxas (GPU only): the row's `ptxas` holds the compiler's report on each variant's kernel (`ptxas_report`:
 registers, stack frame, spill bytes, ptxas' warnings and performance notes such as serialized wgmma), from
-Mosaic's MOSAIC_GPU_DUMP_PTXAS log: whether a variant changed how the one-function kernel compiles.
+Mosaic's MOSAIC_GPU_DUMP_PTXAS log: whether a variant changed how the one-function kernel compiles (session 23:
+the kernel sits at 255 registers with ~1.3 KB of spills; a one-thread branch between wgmmas serialized them all).
 --attn-splits N / --attn-heads H override the attention tasks' split-KV factor and heads per task (default:
 PersistentDecoder's choice, `kernel.gpu_candidates`: 64 heads x 32 splits where the SMEM fits; an unset one takes
 ScheduleOptions' default). --index-chunks N / --assign / --hoist override the indexer score tasks per layer, the
@@ -340,11 +340,12 @@ def _sm_clock_mhz() -> float | None:
 def ptxas_report(text: str) -> dict:
     """`ptxas -v` output (Mosaic's MOSAIC_GPU_DUMP_PTXAS log) -> {"functions": per entry function its function,
     registers, stack_frame_bytes, spill_stores_bytes, spill_loads_bytes; "notes": ptxas' warnings and "Potential
-    Performance Loss" lines (e.g. wgmma.mma_async serialized; they name their function), each once, in order}.
-    The compiler's view of a variant: a change that slows every body at once (session 22's task stamps) should
-    show here."""
+    Performance Loss" lines (e.g. wgmma.mma_async serialized; they name their function) as {"note", "count"}, in
+    order of first sight, the PTX file and line they cite dropped so that repeats count as one note}. The
+    compiler's view of a variant: a change that slows every body at once (session 22's task stamps) should show
+    here."""
     import re
-    functions, notes, cur = [], [], None
+    functions, counts, cur = [], {}, None
     for line in text.splitlines():
         m = re.search(r"Compiling entry function '([^']+)'", line)
         if m:
@@ -358,22 +359,9 @@ def ptxas_report(text: str) -> dict:
         if m and cur is not None:
             cur["registers"] = int(m.group(1))
         if re.search(r"warning|performance loss", line, re.IGNORECASE):
-            note = re.sub(r"^ptxas\s+\w+\s*:\s*", "", line.strip())
-            if note not in notes:
-                notes.append(note)
-    return {"functions": functions, "notes": notes}
-
-
-def _dumped_ptxas(dump_dir: str, stdout: str) -> dict:
-    """`ptxas_report` over a child's stdout and every text file Mosaic dumped into dump_dir."""
-    texts = [stdout]
-    for path in sorted(glob.glob(os.path.join(dump_dir, "**", "*"), recursive=True)):
-        if os.path.isfile(path):
-            with open(path, errors="ignore") as f:
-                texts.append(f.read())
-    report = ptxas_report("\n".join(texts))
-    return report if report["functions"] else {
-        "error": "no ptxas log in Mosaic's dump: the kernel compiles for the GPU only (a CPU run interprets it)"}
+            note = re.sub(r"^ptxas\s+(\S+, line \d+;\s*)?", "", line.strip())
+            counts[note] = counts.get(note, 0) + 1
+    return {"functions": functions, "notes": [{"note": n, "count": c} for n, c in counts.items()]}
 
 
 def _profile(fn, args, profile_dir: str, schedule) -> dict:
@@ -603,9 +591,8 @@ def main(argv=None):
                    help="GPU only: every task's start / deps met / end on the globaltimer, without the profiler: "
                         "the critical paths of 5 more launches")
     p.add_argument("--ptxas", action="store_true",
-                   help="GPU only: each variant's ptxas report (Mosaic's MOSAIC_GPU_DUMP_PTXAS log into a temporary "
-                        "MOSAIC_GPU_DUMP_TO): registers, stack frame, spills and ptxas' warnings, in the row's "
-                        "`ptxas`")
+                   help="GPU only: each variant's ptxas report (Mosaic's MOSAIC_GPU_DUMP_PTXAS log on the child's "
+                        "stdout): registers, stack frame, spills and ptxas' warnings, in the row's `ptxas`")
     p.add_argument("--profile", action="store_true",
                    help="persistent variants with the on-device profiler: a per-op time breakdown (GPU only)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -642,22 +629,21 @@ def main(argv=None):
                *(["--attn-splits", str(args.attn_splits)] if args.attn_splits else []),
                *(["--attn-heads", str(args.attn_heads)] if args.attn_heads else [])]
         t0 = time.perf_counter()
-        dump = tempfile.mkdtemp(prefix="persistent_ptxas_") if args.ptxas else None
-        env = {**os.environ, "MOSAIC_GPU_DUMP_PTXAS": "1", "MOSAIC_GPU_DUMP_TO": dump} if dump else None
+        # Not MOSAIC_GPU_DUMP_TO: it turns on every dump, ~670 MB of MLIR pass logs for glm5_slice's kernel.
+        env = {**os.environ, "MOSAIC_GPU_DUMP_PTXAS": "1"} if args.ptxas else None
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT, env=env)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             row = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
                 "error": f"exit {proc.returncode}: " + proc.stderr.strip()[-1500:]}
-            if dump:
-                row["ptxas"] = _dumped_ptxas(dump, proc.stdout)
+            if args.ptxas:
+                report = ptxas_report(proc.stdout + "\n" + proc.stderr)
+                row["ptxas"] = report if report["functions"] else {
+                    "error": "no ptxas log in the child's output: the kernel compiles for the GPU only"}
         except subprocess.TimeoutExpired as e:  # the child's progress lines say which stage it was in
             err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
             stages = [ln for ln in err.splitlines() if ln.startswith(("lowered", "compiled", "first launch"))]
             row = {"error": f"no result in {args.timeout} s (compile hang or deadlocked launch)", "stages": stages}
-        finally:
-            if dump:
-                shutil.rmtree(dump, ignore_errors=True)
         row = {"variant": v, **row, "wall_s": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         print(json.dumps(row)[:2000], flush=True)

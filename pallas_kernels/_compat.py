@@ -110,9 +110,14 @@ def fence_proxy_async_global() -> None:
 
 def stamp(ref, column) -> None:
     """ref[CTA, column] = globaltimer's low 32 bits (ns, one clock for all SMs; wraps every 4.3 s),
-    ref[CTA, column + 1] = %clock (this SM's cycles), stored by thread 0 of the CTA: where a launch's CTAs start
-    and end on a shared clock, and the SM clock rate between two stamps. column: an int or an int32 scalar (a
-    task's list position, `persistent_step(task_stamps=True)`). GPU only (no interpret mode)."""
+    ref[CTA, column + 1] = %clock (this SM's cycles): where a launch's CTAs start and end on a shared clock, and
+    the SM clock rate between two stamps. column: an int or an int32 scalar (a task's list position,
+    `persistent_step(task_stamps=True)`). GPU only (no interpret mode).
+
+    Every thread stores its own reading into the same two cells (the threads read within nanoseconds of each
+    other; one of them lands): a store by thread 0 alone sits in a branch, and a divergent branch between a task's
+    wgmmas made ptxas serialize every wgmma of the kernel (C7520, "compiler-inserted WG.AR in divergent path";
+    session 23: 2.10 -> 2.47 ms with the task stamps)."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, gpu, memref
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -122,13 +127,10 @@ def stamp(ref, column) -> None:
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) if static else (plgpu.RefType(), plgpu.Layout.WG_SPLAT(())))
     def store(_ctx, ref_m, *column_fa):
         i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
-        first = arith.cmpi(arith.CmpIPredicate.eq, mgpu_utils.thread_idx(), mgpu_utils.c(0, i32))
         cta = gpu.block_id(gpu.Dimension.x)
         col = mgpu_utils.c(column, i32) if static else column_fa[0].registers.item()
-        with mgpu_utils.when(first):
-            memref.store(mgpu_utils.globaltimer("low"), ref_m, [cta, arith.index_cast(index, col)])
-            memref.store(mgpu_utils.clock(), ref_m,
-                         [cta, arith.index_cast(index, arith.addi(col, mgpu_utils.c(1, i32)))])
+        memref.store(mgpu_utils.globaltimer("low"), ref_m, [cta, arith.index_cast(index, col)])
+        memref.store(mgpu_utils.clock(), ref_m, [cta, arith.index_cast(index, arith.addi(col, mgpu_utils.c(1, i32)))])
 
     store(*((ref,) if static else (ref, column)))
 

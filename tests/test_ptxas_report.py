@@ -1,5 +1,5 @@
 """`bench_persistent.py --ptxas`: the compiler's report on a kernel (registers, stack frame, spills, warnings) read
-from ptxas' own output -- a real ptxas run where this machine has one, and Mosaic's dump folder layout."""
+from ptxas' own output -- a real ptxas run where this machine has one, and Mosaic's log as the child prints it."""
 import importlib.util
 import pathlib
 import shutil
@@ -68,26 +68,29 @@ def test_ptxas_report_reads_a_real_ptxas_run(tmp_path, seed):
     assert set(got) == {"plain", "framed"}
     assert got["framed"]["stack_frame_bytes"] == frame and got["plain"]["stack_frame_bytes"] == 0
     assert all(f["registers"] > 0 and f["spill_stores_bytes"] == 0 == f["spill_loads_bytes"] for f in got.values())
-    assert len(report["notes"]) == 1 and "minnctapersm" in report["notes"][0] and "framed" in report["notes"][0]
+    note = report["notes"][0]["note"]
+    assert len(report["notes"]) == 1 and "minnctapersm" in note and "framed" in note
 
 
-def test_dumped_ptxas_reads_every_text_file_of_the_dump(tmp_path):
-    """Mosaic's dump folder: the log in one of several files (next to binaries); a serialized-wgmma note kept once;
-    an empty dump says the kernel only compiles on the GPU."""
+def test_ptxas_report_counts_repeated_notes_once_each():
+    """Mosaic's log as the child prints it (among its other output): each note kept once with its count, whatever
+    PTX line it cites; "info" lines that are not performance notes left out; a log without an entry function gives
+    no functions (the bench then says the kernel only compiles on the GPU)."""
     bench = _bench()
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "kernel.cubin").write_bytes(bytes(range(256)))
-    log = ("ptxas info    : Compiling entry function 'mosaic_kernel' for 'sm_90a'\n"
-           "ptxas info    : Function properties for mosaic_kernel\n"
-           "    48 bytes stack frame, 16 bytes spill stores, 24 bytes spill loads\n"
-           "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
-           "the presence of Extern calls in the function 'mosaic_kernel'.\n"
-           "ptxas info    : Used 168 registers, used 1 barriers, 220832 bytes smem\n")
-    (tmp_path / "sub" / "mosaic_kernel.ptxas").write_text(log + log.splitlines()[3] + "\n")
-    report = bench._dumped_ptxas(str(tmp_path), "lowered in 20.1 s\n")
+    rng = np.random.default_rng(7)
+    repeats = int(rng.integers(2, 9))
+    lines = ["lowered in 20.1 s", "ptxas info    : Compiling entry function 'mosaic_kernel' for 'sm_90a'"]
+    lines += [f"ptxas /tmp/tempfile-vm-1, line {int(line)}; info    : Potential out of bound access while accessing "
+              "symbol '__dynamic_shmem__0'" for line in rng.integers(1, 9999, size=5)]
+    lines += [f"ptxas /tmp/tempfile-vm-1, line {int(line)}; info    : (C7515) Potential Performance Loss: "
+              "wgmma.mma_async instructions are serialized due to the presence of Extern calls in the function "
+              "'mosaic_kernel'." for line in rng.integers(1, 9999, size=repeats)]
+    lines += ["ptxas info    : Function properties for mosaic_kernel",
+              "    48 bytes stack frame, 16 bytes spill stores, 24 bytes spill loads",
+              "ptxas info    : Used 168 registers, used 1 barriers, 220832 bytes smem", '{"kernel_us": 2100.0}']
+    report = bench.ptxas_report("\n".join(lines))
     assert report["functions"] == [{"function": "mosaic_kernel", "registers": 168, "stack_frame_bytes": 48,
                                     "spill_stores_bytes": 16, "spill_loads_bytes": 24}]
-    assert len(report["notes"]) == 1 and "serialized" in report["notes"][0]
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert "GPU only" in bench._dumped_ptxas(str(empty), "")["error"]
+    assert len(report["notes"]) == 1 and report["notes"][0]["count"] == repeats
+    assert report["notes"][0]["note"].startswith("info") and "serialized" in report["notes"][0]["note"]
+    assert bench.ptxas_report("\n".join(lines[:1] + lines[-1:])) == {"functions": [], "notes": []}

@@ -862,8 +862,8 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     list, columns TASK_STAMPS * p + 2 k, + 1 hold (globaltimer, clock) as it starts (k = 0), as its dependency wait
     ends (k = 1) and as its body and signal end (k = 2); columns past the list are not written. Every task's
     times without the profiler (`profile.stamped_task_times` reads them for `profile.critical_path`). GPU only.
-    Not free: they slow glm5_slice's launch 2.10 -> 2.49 ms, inside the bodies, more than the profiler does
-    (2.15 ms); storing only the clock, or keeping the stamps in SMEM, cost the same (experiments/results/session22/).
+    Light: glm5_slice's launch 2.103 -> 2.108 ms with them (experiments/results/session23/), since every thread
+    stores (`_compat.stamp`: a one-thread branch made ptxas serialize the kernel's wgmmas, 2.49 ms, session22/).
     """
     if lowering is not None and lowering not in _LOWERING:
         raise ValueError(f"persistent_step: lowering={lowering!r}; use one of {sorted(_LOWERING)} or None "

@@ -26,8 +26,8 @@ The profiler's records and dump slow the launch itself (2.10 -> 2.15 ms at glm5_
 faster INDEX_TOPK made the unprofiled launch 2.15 ms too and the profiled one no slower: experiments/results/
 session21/). `persistent_step(..., task_stamps=True)` records only three stamps per task, read by
 `stamped_task_times` into the same {task: (start, deps_met, end)} for `critical_path` (no per-op phases); they
-slow the launch more (2.10 -> 2.49 ms, the bodies themselves ~20% slower: session22/), so a stamped path is
-comparable with other stamped paths only.
+cost the launch ~6 us (2.103 -> 2.108 ms, session23/). (Until session 23 one thread stored them under a branch,
+which made ptxas serialize every wgmma of the kernel: 2.10 -> 2.49 ms, session22/.)
 """
 from __future__ import annotations
 

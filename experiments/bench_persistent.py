@@ -64,7 +64,7 @@ and dump moved the launch 2.10 -> 2.15 ms at glm5_slice, session21/), and the ro
 give the critical path of STAMP_LAUNCHES more launches (`profile.critical_path` over
 `profile.stamped_task_times`; the first with its path): the same analysis as --profile's without the bodies'
 phases. The stamps cost the launch ~6 us (2.103 -> 2.108 ms at glm5_slice, experiments/results/session23/).
---ptxas (GPU only): the row's `ptxas` holds the compiler's report on each variant's kernel (`ptxas_report`:
+--ptxas (GPU only): the row's `ptxas` holds the compiler's report on each variant's kernel (`persistent.ptxas.report`:
 registers, stack frame, spill bytes, ptxas' warnings and performance notes such as serialized wgmma), from
 Mosaic's MOSAIC_GPU_DUMP_PTXAS log: whether a variant changed how the one-function kernel compiles (session 23:
 the kernel sits at 255 registers with ~1.3 KB of spills; a one-thread branch between wgmmas serialized them all).
@@ -337,33 +337,6 @@ def _sm_clock_mhz() -> float | None:
         return None
 
 
-def ptxas_report(text: str) -> dict:
-    """`ptxas -v` output (Mosaic's MOSAIC_GPU_DUMP_PTXAS log) -> {"functions": per entry function its function,
-    registers, stack_frame_bytes, spill_stores_bytes, spill_loads_bytes; "notes": ptxas' warnings and "Potential
-    Performance Loss" lines (e.g. wgmma.mma_async serialized; they name their function) as {"note", "count"}, in
-    order of first sight, the PTX file and line they cite dropped so that repeats count as one note}. The
-    compiler's view of a variant: a change that slows every body at once (session 22's task stamps) should show
-    here."""
-    import re
-    functions, counts, cur = [], {}, None
-    for line in text.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)'", line)
-        if m:
-            cur = dict.fromkeys(("registers", "stack_frame_bytes", "spill_stores_bytes", "spill_loads_bytes"))
-            functions.append({"function": m.group(1), **cur})
-            cur = functions[-1]
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and cur is not None:
-            cur.update(zip(("stack_frame_bytes", "spill_stores_bytes", "spill_loads_bytes"), map(int, m.groups())))
-        m = re.search(r"Used (\d+) registers", line)
-        if m and cur is not None:
-            cur["registers"] = int(m.group(1))
-        if re.search(r"warning|performance loss", line, re.IGNORECASE):
-            note = re.sub(r"^ptxas\s+(\S+, line \d+;\s*)?", "", line.strip())
-            counts[note] = counts.get(note, 0) + 1
-    return {"functions": functions, "notes": [{"note": n, "count": c} for n, c in counts.items()]}
-
-
 def _profile(fn, args, profile_dir: str, schedule) -> dict:
     """One more launch of the profiled `fn` (compiled with stamps), its trace broken down
     (`profile.trace_breakdown`) at the SM clock that its stamps measured (`profile.launch_window`: sm_clock_mhz,
@@ -611,6 +584,7 @@ def main(argv=None):
                                      task_stamps=args.task_stamps)), flush=True)
         return
     from glm_fast import results
+    from pallas_kernels.persistent import ptxas
     rows = []
     for v in args.variants.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--context", str(args.context),
@@ -637,7 +611,7 @@ def main(argv=None):
             row = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
                 "error": f"exit {proc.returncode}: " + proc.stderr.strip()[-1500:]}
             if args.ptxas:
-                report = ptxas_report(proc.stdout + "\n" + proc.stderr)
+                report = ptxas.report(proc.stdout + "\n" + proc.stderr)
                 row["ptxas"] = report if report["functions"] else {
                     "error": "no ptxas log in the child's output: the kernel compiles for the GPU only"}
         except subprocess.TimeoutExpired as e:  # the child's progress lines say which stage it was in

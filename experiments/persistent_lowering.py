@@ -16,6 +16,10 @@ kernel lowers with lane semantics (`kernel._LOWERING`), which `--warpgroup` over
 
     python experiments/persistent_lowering.py --tokens 4 --ops GEMV+ATTN+INDEX_TOPK   # several bodies together
 
+`--ptxas` (GPU) adds each entry's compiler report (`pallas_kernels.persistent.ptxas`): registers, spills and
+ptxas' notes of the kernel with only that opcode's bodies, i.e. which bodies set the one function's register
+pressure.
+
 `--warpgroup` lowers with warpgroup semantics on any jax (`_compat.warpgroup_lowering`): jax 0.11's default, whose
 layout inference is most of the device's lowering time, reproduced on a CPU host with jax 0.10.2 for the bodies
 its older inference takes (INDEX_SCORE, INDEX_TOPK, ROUTER_SELECT, IK_WRITE, MOE_COMBINE, EMBED; not the
@@ -54,13 +58,15 @@ def _failure(e: BaseException) -> dict:
     return info
 
 
-def check(plan, ops: list[str], max_len: int, tiles, warpgroup: bool = False):
+def check(plan, ops: list[str], max_len: int, tiles, warpgroup: bool = False, with_ptxas: bool = False):
     """Yields, per opcode name ("skeleton" = no bodies), its row: lower + compile times or the failure. On a CPU
-    host: lowering for CUDA only (what CI's jax accepts)."""
+    host: lowering for CUDA only (what CI's jax accepts). with_ptxas (GPU): the row's `ptxas` is the compiler's
+    report on that kernel (`persistent.ptxas.report`: registers, spills, notes)."""
     import jax
 
     from pallas_kernels import _compat
     from pallas_kernels.persistent.format import Op
+    from pallas_kernels.persistent import ptxas
     from pallas_kernels.persistent.kernel import abstract_step_args, kernel_chars, persistent_step
 
     on_gpu = jax.default_backend() == "gpu"
@@ -82,8 +88,12 @@ def check(plan, ops: list[str], max_len: int, tiles, warpgroup: bool = False):
             row["kernel_chars"] = kernel_chars(lowered)
             t1 = time.perf_counter()
             if on_gpu:
-                lowered.compile()
+                with ptxas.captured() if with_ptxas else contextlib.nullcontext() as log:
+                    lowered.compile()
                 row["compile_s"] = round(time.perf_counter() - t1, 2)
+                if with_ptxas:
+                    got = ptxas.report(log.text)
+                    row["ptxas"] = got if got["functions"] else {"error": "no ptxas log during compile()"}
             row["ok"] = True
         except Exception as e:  # noqa: BLE001 -- every failure is the result being measured
             row.update(ok=False, **_failure(e))
@@ -110,6 +120,9 @@ def main(argv=None):
                         "default)")
     p.add_argument("--warpgroup", action="store_true",
                    help="lower with warpgroup semantics, as jax 0.11 does (see the module docstring)")
+    p.add_argument("--ptxas", action="store_true",
+                   help="GPU only: each entry's ptxas report (registers, stack frame, spills, notes) in its row's "
+                        "`ptxas`: which bodies set the one-function kernel's register pressure")
     p.add_argument("--out", default=None, help="results directory (default experiments/results)")
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
@@ -133,8 +146,10 @@ def main(argv=None):
     except ValueError as e:  # the GPU scratch does not fit this config (then every row fails the same way)
         config["smem_error"] = str(e)
     rows = []
-    for row in check(plan, ops, args.max_len, tiles, args.warpgroup):  # rewritten after each entry: a run cut off by a time limit
-        rows.append(row)                               # keeps its rows
+    config["ptxas"] = args.ptxas
+    # the record is rewritten after each entry: a run cut off by a time limit keeps its rows
+    for row in check(plan, ops, args.max_len, tiles, args.warpgroup, args.ptxas):
+        rows.append(row)
         record = results.result("persistent_lowering", config, rows)
         path = results.write(record, args.out, args.name or f"persistent_lowering_{args.config}")
     print("wrote", path)

@@ -1,21 +1,16 @@
-"""`bench_persistent.py --ptxas`: the compiler's report on a kernel (registers, stack frame, spills, warnings) read
-from ptxas' own output -- a real ptxas run where this machine has one, and Mosaic's log as the child prints it."""
-import importlib.util
-import pathlib
+"""`pallas_kernels.persistent.ptxas` (bench_persistent.py / persistent_lowering.py --ptxas): the compiler's report
+on a kernel (registers, stack frame, spills, warnings) read from ptxas' own output -- a real ptxas run where this
+machine has one, Mosaic's log among a program's other output, and the fd-level capture of a child's output."""
+import os
 import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from pallas_kernels.persistent import ptxas
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_persistent", REPO / "experiments" / "bench_persistent.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _ptx(frame_bytes: int, min_ctas: int) -> str:
@@ -63,7 +58,7 @@ def test_ptxas_report_reads_a_real_ptxas_run(tmp_path, seed):
     src.write_text(_ptx(frame, int(rng.integers(3, 8))))  # > 2048 threads per SM: ignored
     out = subprocess.run(["ptxas", "-v", "-arch=sm_90a", str(src), "-o", str(tmp_path / "k.cubin")],
                          capture_output=True, text=True, check=True)
-    report = _bench().ptxas_report(out.stdout + out.stderr)
+    report = ptxas.report(out.stdout + out.stderr)
     got = {f["function"]: f for f in report["functions"]}
     assert set(got) == {"plain", "framed"}
     assert got["framed"]["stack_frame_bytes"] == frame and got["plain"]["stack_frame_bytes"] == 0
@@ -76,7 +71,6 @@ def test_ptxas_report_counts_repeated_notes_once_each():
     """Mosaic's log as the child prints it (among its other output): each note kept once with its count, whatever
     PTX line it cites; "info" lines that are not performance notes left out; a log without an entry function gives
     no functions (the bench then says the kernel only compiles on the GPU)."""
-    bench = _bench()
     rng = np.random.default_rng(7)
     repeats = int(rng.integers(2, 9))
     lines = ["lowered in 20.1 s", "ptxas info    : Compiling entry function 'mosaic_kernel' for 'sm_90a'"]
@@ -88,9 +82,22 @@ def test_ptxas_report_counts_repeated_notes_once_each():
     lines += ["ptxas info    : Function properties for mosaic_kernel",
               "    48 bytes stack frame, 16 bytes spill stores, 24 bytes spill loads",
               "ptxas info    : Used 168 registers, used 1 barriers, 220832 bytes smem", '{"kernel_us": 2100.0}']
-    report = bench.ptxas_report("\n".join(lines))
+    report = ptxas.report("\n".join(lines))
     assert report["functions"] == [{"function": "mosaic_kernel", "registers": 168, "stack_frame_bytes": 48,
                                     "spill_stores_bytes": 16, "spill_loads_bytes": 24}]
     assert len(report["notes"]) == 1 and report["notes"][0]["count"] == repeats
     assert report["notes"][0]["note"].startswith("info") and "serialized" in report["notes"][0]["note"]
-    assert bench.ptxas_report("\n".join(lines[:1] + lines[-1:])) == {"functions": [], "notes": []}
+    assert ptxas.report("\n".join(lines[:1] + lines[-1:])) == {"functions": [], "notes": []}
+
+
+def test_captured_collects_fd_output_and_restores_the_environment(capfd):
+    """What a C++ library writes to fds 1 and 2 (here a child process sharing them) is collected; the variable that
+    turns Mosaic's log on is set inside the block only."""
+    before = os.environ.get(ptxas.ENV)
+    word = f"ptxas info    : Used {int(np.random.default_rng(3).integers(32, 255))} registers"
+    with ptxas.captured() as log:
+        assert os.environ[ptxas.ENV] == "1"
+        subprocess.run(["sh", "-c", f'echo "{word}"; echo "to stderr" >&2'], check=True)
+    assert word in log.text and "to stderr" in log.text
+    assert os.environ.get(ptxas.ENV) == before
+    assert word in capfd.readouterr().out  # passed on to the real stdout afterwards

@@ -370,7 +370,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
                 n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None,
                 assign: str | None = None, index_chunks: int | None = None, lowering: str = "lane",
                 trace_launches: int = 0, stamps: bool = False, hoist: tuple[str, ...] | None = None,
-                task_stamps: bool = False) -> dict:
+                task_stamps: bool = False, expert_format: str | None = None) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight; None:
     the decoder's, `kernel.fit_tiles`);
@@ -426,7 +426,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
         raise SystemExit("--task-stamps replaces the profiler's task ranges: run it without --profile")
     from pallas_kernels.persistent.schedule import ScheduleOptions
     given = {k: v for k, v in (("attn_splits", attn_splits), ("attn_heads", attn_heads)) if v is not None}
-    extra = {k: v for k, v in (("assign", assign), ("index_chunks", index_chunks)) if v}
+    extra = {k: v for k, v in (("assign", assign), ("index_chunks", index_chunks), ("expert_format", expert_format))
+             if v}
     if hoist is not None:
         extra["hoist"] = hoist
     options = ScheduleOptions(**given, **extra) if given or (extra and interpret) else None  # None: the decoder's
@@ -548,6 +549,9 @@ def main(argv=None):
     p.add_argument("--hoist", default=None,
                    help="comma-separated op names the levels / mixed assignments order with their producers "
                         "(ScheduleOptions.hoist; 'none' for no op; default its default)")
+    p.add_argument("--expert-format", choices=("bf16", "fp8"), default=None,
+                   help="the routed experts' weights (ScheduleOptions.expert_format; default bf16): fp8 streams "
+                        "e4m3 tiles + block scales, half the experts' bytes")
     p.add_argument("--index-chunks", type=int, default=None,
                    help="indexer score tasks per layer (ScheduleOptions.index_chunks; default its default)")
     p.add_argument("--trace-launches", type=int, default=0,
@@ -581,7 +585,7 @@ def main(argv=None):
                                      index_chunks=args.index_chunks, lowering=args.lowering,
                                      trace_launches=args.trace_launches, stamps=args.stamps,
                                      hoist=None if args.hoist is None else parse_hoist(args.hoist),
-                                     task_stamps=args.task_stamps)), flush=True)
+                                     task_stamps=args.task_stamps, expert_format=args.expert_format)), flush=True)
         return
     from glm_fast import results
     from pallas_kernels.persistent import ptxas
@@ -595,6 +599,7 @@ def main(argv=None):
                *(["--assign", args.assign] if args.assign else []),
                *(["--hoist", args.hoist] if args.hoist is not None else []),
                *(["--index-chunks", str(args.index_chunks)] if args.index_chunks else []),
+               *(["--expert-format", args.expert_format] if args.expert_format else []),
                "--checks", args.checks, "--lowering", args.lowering, "--child", v,
                *(["--profile"] if args.profile else []),
                *(["--trace-launches", str(args.trace_launches)] if args.trace_launches else []),
@@ -625,6 +630,7 @@ def main(argv=None):
                                                  "reps": args.reps, "slots": args.slots,
                                                  "topk_bits": args.topk_bits, "step_tiles": args.step_tiles,
                                                  "assign": args.assign, "index_chunks": args.index_chunks,
+                                                 "expert_format": args.expert_format,
                                                  "hoist": args.hoist,
                                                  "lowering": args.lowering,
                                                  "profile": args.profile, "trace_launches": args.trace_launches,

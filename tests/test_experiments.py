@@ -258,6 +258,20 @@ def test_bench_persistent_verification_step(tmp_path):
     assert tasks.pop("skipped") == 0 and all(v["err"] < 1e-4 for v in tasks.values()), tasks
 
 
+def test_bench_persistent_fp8_experts(tmp_path):
+    """--expert-format fp8: `full`'s tasks (routed experts included) equal the simulator's, which dequantizes as the
+    XLA backend's FP8 MoE does; the row stays finite."""
+    rec = _entry_point("bench_persistent").main(
+        ["--config", _small_tiny(tmp_path), "--context", "40", "--reps", "1", "--variants", "full",
+         "--expert-format", "fp8", "--checks", "tasks", "--out", str(tmp_path), "--name", "bp8"])
+    assert rec["config"]["expert_format"] == "fp8"
+    row = rec["rows"][0]
+    assert "error" not in row and row["check"]["finite"], row
+    tasks = dict(row["tasks_vs_simulator"])
+    assert tasks.pop("skipped") == 0 and any(k.startswith("SWIGLU") for k in tasks), tasks
+    assert all(v["err"] < 1e-4 for v in tasks.values()), tasks
+
+
 def test_bench_persistent_set_metrics():
     """The selection metric counts each missed member once (a sorted elementwise compare would count every slot
     after a flip), ignores empty (-1) slots and order; the score compare pairs scores by key row."""

@@ -80,7 +80,9 @@ RINGS = ("t_w0", "t_w1")  # the weight rings, one union group (SWIGLU_UP and IND
 STAGED = ("t_op", "t_uvx", "t_lse")  # ... UV's split partials, merged o and split LSEs: a group placed past t_w0,
 # which UV streams its W_uv tiles through while it reads t_uvx ...
 OWN = ("t_part", "t_rl")  # ... and MOE_COMBINE's partials and ROUTER_SELECT's split-K logits, a group of their
-# own (those bodies use no ring; t_rl is 8 KB at glm5_slice T = 4); all share SMEM with ATTN's on the GPU
+# own (those bodies use no ring; t_rl is 8 KB at glm5_slice T = 4) ...
+FP8 = ("t_q0", "t_q1", "t_qs0", "t_qs1", "t_x8", "t_wn8")  # ... and the FP8 experts' rings (`tiles.scratch_types`;
+# those bodies use neither t_w0 nor t_w1): all share SMEM with ATTN's on the GPU
 _LN2 = math.log(2.0)
 
 
@@ -150,15 +152,16 @@ class AttnShape:
         ALIASED rings become one RefUnion "t_alias" (unpacked by `unalias`); interpret mode: plain entries."""
         bk, n_blocks, seg, _, _ = self.geometry(interpret)
         out = dict(out)
-        rings, staged, own = ({k: out.pop(k) for k in names if k in out and not interpret}
-                              for names in (RINGS, STAGED, OWN))
+        rings, staged, own, fp8 = ({k: out.pop(k) for k in names if k in out and not interpret}
+                                   for names in (RINGS, STAGED, OWN, FP8))
         if staged:  # t_op / t_uvx start where t_w1 does: they may overlap t_w1, never t_w0
             staged["t_a_pad"] = plgpu.SMEM((_group_bytes({"t_w0": rings["t_w0"]}),), jnp.int8)  # (sorts first)
         stages = 2 if n_blocks > 1 else 1
         if not interpret:
             rest = sum(_nbytes(v) for v in out.values())
             while stages > 1 and rest + max(_group_bytes(rings), _group_bytes(staged), _group_bytes(own),
-                                            _group_bytes(self.groups(stages, False)[0])) > SMEM_BUDGET:
+                                            _group_bytes(fp8), _group_bytes(self.groups(stages, False)[0])
+                                            ) > SMEM_BUDGET:
                 stages -= 1
         tiled, copy, stage = self.groups(stages, interpret)
         if interpret:
@@ -169,8 +172,8 @@ class AttnShape:
                 raise ValueError(f"ATTN's GPU body does not take {self}: it takes GLM-5-like shapes (bf16, C a "
                                  f"multiple of 64, R = 64, <= 64 heads per task; AttnShape.fits_gpu); run this "
                                  f"config in GPU interpret mode")
-            out["t_alias"] = plgpu.RefUnion(rings, *([staged] if staged else []), *([own] if own else []), tiled,
-                                            copy, *([stage] if stage else []))
+            out["t_alias"] = plgpu.RefUnion(rings, *([staged] if staged else []), *([own] if own else []),
+                                            *([fp8] if fp8 else []), tiled, copy, *([stage] if stage else []))
         out["a_full"] = plgpu.Barrier(num_arrivals=(self.c // seg + 1) * bk, num_barriers=stages)
         out["a_meta"] = plgpu.Barrier(num_arrivals=2 + 2 * n_blocks)
         return out

@@ -9,7 +9,8 @@ Task record: int32 [RECORD_WIDTH = 32] (128 bytes, one TMA box row). Unused slot
     2 tile      index of the task within its op group (its counter's producers are tiles 0..target-1)
     3 signal    counter to bump when done (one counter per op group)
     4 nbytes    HBM bytes the task streams (weights + cache rows + activations): the balancing weight
-    5..7        weights[3]   ids into `Schedule.weights` (the kernel's weight refs, in table order)
+    5..7        weights[3]   ids into `Schedule.weights` (the kernel's weight refs, in table order; an FP8
+                             weight is named by its q, whose block scales are the next weight: `schedule.fp8_scale_id`)
     8..13       inputs[6]    ids into `Schedule.buffers` (positional per op, see below)
     14..15      outputs[2]   ids into `Schedule.buffers`
     16..20      args[5]      op-specific integers (below)

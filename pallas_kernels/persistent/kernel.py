@@ -53,6 +53,11 @@ runs: plain `jnp` on values loaded from the GMEM refs, the numerics of `simulate
 mode only (Mosaic GPU has no gather, top_k, general dot_general). tests/test_persistent_kernel.py: tiny, float32 and
 bf16, T = 1 and 3, context past index_topk; Engine(backend="persistent") greedy == XLA with D = 0 and 1.
 
+FP8 experts (`ScheduleOptions(expert_format="fp8")`): each routed expert weight is a q stack [n, E, N, K] e4m3 and
+a parallel stack of its 128 x 128 block scales (`KernelPlan.fp8_scales`: member j's scales are member j of that
+stack, so a task's record names only q; `PersistentWeights.from_model` quantizes the model's weights). The tile
+bodies stream [TN, 128] e4m3 tiles (`tiles.swiglu_up_body`), the v1 jnp bodies dequantize per row and block.
+
 Weight prefetch. The dense GEMV / SWIGLU bodies are `prefetching`: they issue their first ring slots' weight tiles
 (and norm weights), then take the task's dependency wait, then copy the activations, so each SM streams the next
 task's weights while the producers of its inputs finish (routed experts wait first: their expert id is the
@@ -78,7 +83,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from glm_fast.model.rope import apply_rope
-from pallas_kernels import _compat
+from pallas_kernels import _compat, fp8
 from pallas_kernels import gemv as gemv_mod
 from pallas_kernels import ref
 from pallas_kernels.persistent import attn_tiles
@@ -87,8 +92,8 @@ from pallas_kernels.persistent import tiles as tl
 from pallas_kernels.persistent.format import (
     C_ATTN_SCALE, C_INDEX_SCALE, C_INDEX_WSCALE, C_ROUTED_SCALE, MAX_INPUTS,
     MAX_OUTPUTS, MAX_WAITS, MAX_WEIGHTS, NUM_ARGS, Kind, Op)
-from pallas_kernels.persistent.schedule import Schedule
-from pallas_kernels.persistent.simulate import _layernorm, _rope_front, _route, sum_parts
+from pallas_kernels.persistent.schedule import FP8_SCALE, Schedule
+from pallas_kernels.persistent.simulate import _JNP, _layernorm, _rope_front, _route, sum_parts
 
 GRID_AXIS = "sm"
 # Mosaic GPU lowering semantics (`persistent_step(lowering=...)`): lane semantics, jax 0.10's default, on every
@@ -99,7 +104,6 @@ GRID_AXIS = "sm"
 # T = 4 in 22-25 s, and every task of layers 0-1 matches the simulator (..._lane.json, ..._rope_t4.json).
 TASK_STAMPS = 6  # int32 columns per task of `persistent_step(task_stamps=True)`: (globaltimer, clock) x 3 events
 _LOWERING = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSemantics.Warpgroup}
-_JNP = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int32": jnp.int32}
 
 # aux row: [branch, signal, n_waits, (counter, target) x MAX_WAITS, weight idx x 3, input idx x 6, output idx x 2,
 #           args x 5]
@@ -129,7 +133,8 @@ class KernelPlan:
     (stack, index) (buffers: ("in", i) for the step's inputs, ("cache", g, m) for member m of cache group g,
     ("stack", s, j) else); branches: the branch keys; aux int32 [n_tasks, AUX_WIDTH]; caches: buffer ids of the
     CACHE buffers (the order of `persistent_step`'s cache arrays); cache_groups: per group, its members' positions
-    in `caches` (one field of every layer, in layer order).
+    in `caches` (one field of every layer, in layer order). fp8_scales: per weight stack, the stack of its block
+    scales when it holds FP8 q weights (member j's scales are that stack's member j), else -1.
     """
     schedule: Schedule
     weight_stacks: tuple
@@ -144,13 +149,18 @@ class KernelPlan:
     hidden_buffer: int
     cache_groups: tuple = ()
     arg_align: tuple = ()
+    fp8_scales: tuple = ()
 
     @classmethod
     def build(cls, s: Schedule) -> "KernelPlan":
         groups: dict = {}
-        for i, w in enumerate(s.weights):
-            groups.setdefault((w.shape, w.dtype), []).append(i)
-        weight_stacks = tuple((k, tuple(v)) for k, v in groups.items())
+        for i, w in enumerate(s.weights):  # an FP8 weight's scales: a stack parallel to its q's (same members)
+            q = s.weights[i - 1] if w.name.endswith(FP8_SCALE) else None
+            groups.setdefault((w.shape, w.dtype) if q is None else (w.shape, w.dtype, q.shape, q.dtype), []).append(i)
+        keys = list(groups)
+        fp8_scales = tuple(next(j for j, k in enumerate(keys) if k[2:] == key) if key[1] == "float8_e4m3fn" else -1
+                           for key in keys)
+        weight_stacks = tuple((k[:2], tuple(v)) for k, v in groups.items())
         weight_slot = [None] * len(s.weights)
         for si, (_, members) in enumerate(weight_stacks):
             for j, w in enumerate(members):
@@ -201,7 +211,7 @@ class KernelPlan:
         logits = next(i for i, b in enumerate(s.buffers) if b.kind == Kind.OUTPUT)
         return cls(s, weight_stacks, tuple(weight_slot), buffer_stacks, tuple(buffer_slot), tuple(caches),
                    tuple(inputs), tuple(branches), aux, logits, hidden, tuple(map(tuple, cache_groups.values())),
-                   _arg_align(aux, len(branches)))
+                   _arg_align(aux, len(branches)), fp8_scales)
 
     def sm_aux(self) -> np.ndarray:
         """int32 [num_sms, rows, AUX_WIDTH]: each SM's aux rows in list order, padded with branch -1 rows to a
@@ -232,16 +242,10 @@ class PersistentWeights:
 
     @classmethod
     def from_model(cls, model, plan: KernelPlan) -> "PersistentWeights":
-        from pallas_kernels.persistent.simulate import _resolve
-        names = [w.name for w in plan.schedule.weights]
-        stacks = []
-        for (shape, dtype), members in plan.weight_stacks:
-            arrs = [_resolve(model, names[m]) for m in members]
-            for m, a in zip(members, arrs):
-                if a.shape != tuple(shape):
-                    raise ValueError(f"weight {names[m]}: model has {a.shape}, schedule expects {tuple(shape)}")
-            stacks.append(jnp.stack([a.astype(_JNP[dtype]) for a in arrs]))
-        return cls(tuple(stacks))
+        """The stacks of `model`'s weights (FP8 ones quantized from the model's: `simulate.weight_arrays`)."""
+        from pallas_kernels.persistent.simulate import weight_arrays
+        arrays = weight_arrays(model, plan.schedule.weights)
+        return cls(tuple(jnp.stack([arrays[m] for m in members]) for _, members in plan.weight_stacks))
 
 
 # ---- the synchronisation seam -------------------------------------------------------------------------------
@@ -605,13 +609,22 @@ def _jnp_body(key, r: _Refs):
             r.write(oslots[1], get(A_OUT + 1), coef, *r.full(oslots[1]))
         return fn
 
-    def expert_cols(get, j, slot_expert, slot, routed, c0, n):
-        """Columns [c0, c0 + n) of weight j, at expert slot_expert[slot] when routed; (tile, present)."""
+    def expert_cols(get, j, slot_expert, slot, routed, c0, n, dtype):
+        """Columns [c0, c0 + n) of weight j, at expert slot_expert[slot] when routed; (tile [K, n], present). An
+        FP8 expert weight (q [E, N, K] + block scales) is dequantized to `dtype`, the activations' (as the XLA
+        backend's `xla_moe_experts_fp8`)."""
         wref = r.weights[wstk[j]]
         if not routed:
             return wref[get(A_W + j), :, pl.ds(c0, n)], jnp.bool_(True)
         e = slot_expert[slot]
-        return wref[get(A_W + j), jnp.maximum(e, 0), :, pl.ds(c0, n)], e >= 0
+        idx, ee = get(A_W + j), jnp.maximum(e, 0)
+        if r.plan.fp8_scales[wstk[j]] < 0:
+            return wref[idx, ee, :, pl.ds(c0, n)], e >= 0
+        scales = r.weights[r.plan.fp8_scales[wstk[j]]][idx, ee]  # [ceil(N / 128), K padded] f32
+        per_row = lax.dynamic_slice_in_dim(jnp.repeat(scales, fp8.BLOCK, axis=0), c0, n, axis=0)
+        q = wref[idx, ee, pl.ds(c0, n), :]  # [n, K] e4m3
+        s = jnp.repeat(per_row, fp8.BLOCK, axis=1)[:, :q.shape[1]]
+        return (q.astype(jnp.float32) * s).astype(dtype).T, e >= 0
 
     if op == Op.SWIGLU_UP:
         n, eps, routed = static
@@ -620,7 +633,7 @@ def _jnp_body(key, r: _Refs):
             c0, slot = arg(get, 0), arg(get, 2)
             x = inp(get, 0)
             slots = inp(get, 1) if routed else None
-            (g_w, present), (u_w, _) = (expert_cols(get, j, slots, slot, routed, c0, n) for j in (0, 1))
+            (g_w, present), (u_w, _) = (expert_cols(get, j, slots, slot, routed, c0, n, x.dtype) for j in (0, 1))
             xn = ref.rmsnorm(x, w(get, 2), float(consts[eps])).astype(jnp.float32)
             g, u = (ref.gemv(xn, wt.astype(jnp.float32)) for wt in (g_w, u_w))
             y = jnp.where(present, jax.nn.silu(g) * u, 0.0)
@@ -638,7 +651,7 @@ def _jnp_body(key, r: _Refs):
             c0, slot, out_slot = arg(get, 0), arg(get, 2), arg(get, 3)
             a = inp(get, 0)
             slots = inp(get, 2) if routed else None
-            wt, present = expert_cols(get, 0, slots, slot, routed, c0, n)
+            wt, present = expert_cols(get, 0, slots, slot, routed, c0, n, a.dtype)
             if routed:
                 y = ref.gemv(lax.dynamic_index_in_dim(a, slot, 0, keepdims=False).astype(jnp.float32),
                              wt.astype(jnp.float32))
@@ -705,7 +718,8 @@ def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None, interpret: boo
     return tl.scratch_types(_JNP[hidden.dtype], hidden.shape[-1], rope, index_dim, max(parts, default=0), _slot_shapes(plan), tiles,
                             interpret, max((o[0] for o in o_parts), default=0), _router_shape(plan),
                             attn=attn_tiles.plan_shape(plan), index=index_tiles.plan_shape(plan, interpret),
-                            latent=max((o[-1] for o in o_parts), default=0))
+                            latent=max((o[-1] for o in o_parts), default=0),
+                            fp8=any(k >= 0 for k in plan.fp8_scales))
 
 
 def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.TileConfig | None, interpret: bool,

@@ -61,6 +61,17 @@ from pallas_kernels.persistent.format import (
 
 FORMAT_VERSION = 3  # 2: INDEX_TOPK tasks per (token, part); 3: 5 args per task (GEMV's split-K part)
 ASSIGNMENTS = ("levels", "list", "critical", "mixed")
+EXPERT_FORMATS = ("bf16", "fp8")
+FP8_Q, FP8_SCALE = "@fp8_q", "@fp8_scale"  # name suffixes of an FP8 weight's q and scale (`_Builder.fp8_weight`)
+FP8_BLOCK = 128  # the block of an FP8 weight's scales (== pallas_kernels.fp8.BLOCK; this module imports no jax)
+
+
+def fp8_scale_id(weights, q: int) -> int:
+    """The id of FP8 weight q's block scales in a schedule's weight table (declared right after q)."""
+    name = weights[q].name
+    if not name.endswith(FP8_Q) or weights[q + 1].name != name[:-len(FP8_Q)] + FP8_SCALE:
+        raise ValueError(f"weight {q} ({name}) is not an FP8 q weight followed by its scales")
+    return q + 1
 K_ALIGN = 64  # a split-K part's rows: a multiple of the GPU bodies' k tile (TileConfig.tile_k)
 # The cost model's time per task (us) of the ops whose time is latency rather than weight bytes, on the H200 at
 # glm5_slice, 4K context, T = 1: INDEX_SCORE, ABSORB, ATTN, UV as their tasks' bodies took on the profiled critical
@@ -120,6 +131,11 @@ class ScheduleOptions:
     there for its inputs, where the per-level balancing had queued it behind two or three q_b tiles (~20 us per
     layer on the critical path; q_b only feeds the absorb, which the attention's wait for the top-K outlasts).
     Under "mixed" a hoisted task's SM takes no weight tiles of that level (`_assign_levels`' clear).
+    expert_format: the routed experts' weights, "bf16" (the model dtype) or "fp8": e4m3 with 128 x 128 block
+    scales (`pallas_kernels.fp8`, DeepSeek-V3's layout: q [E, N, K], K contiguous), quantized from the model's
+    weights by `PersistentWeights.from_model`; each q weight of the schedule is followed by its scale weight
+    (`fp8_scale_id`); tile_n must divide 128. The tile bodies stream [TN, 128] e4m3 tiles with one block scale
+    each and dequantize in registers (`tiles.swiglu_up_body`); so far verified in GPU interpret mode only.
     """
     tile_n: int = 64
     attn_heads: int = 8
@@ -138,6 +154,7 @@ class ScheduleOptions:
     task_us: float = 1.0
     op_us: tuple[tuple[str, float], ...] = OP_US
     hoist: tuple[str, ...] = ("INDEX_SCORE",)
+    expert_format: str = "bf16"
 
     def __post_init__(self):
         for name in ("tile_n", "attn_heads", "index_chunks", "index_align", "index_topk_parts",
@@ -154,6 +171,13 @@ class ScheduleOptions:
         for name, us in self.op_us:
             if name not in Op.__members__ or not us >= 0:
                 raise ValueError(f"ScheduleOptions.op_us: ({name!r}, {us}) needs an Op name and a time >= 0 (us)")
+        if self.expert_format not in EXPERT_FORMATS:
+            raise ValueError(f"ScheduleOptions.expert_format={self.expert_format!r}: one of "
+                             f"{', '.join(map(repr, EXPERT_FORMATS))}")
+        if self.expert_format == "fp8" and FP8_BLOCK % self.tile_n:
+            raise ValueError(f"ScheduleOptions: expert_format='fp8' needs tile_n dividing {FP8_BLOCK} (a column tile "
+                             f"within one block of scales, as the FP8 tile bodies take one scale per tile), got "
+                             f"tile_n={self.tile_n}")
         object.__setattr__(self, "hoist", tuple(str(n) for n in self.hoist))
         for name in self.hoist:
             if name not in Op.__members__:
@@ -196,6 +220,17 @@ class _Builder:
             self._weight_ids[name] = len(self.weights)
             self.weights.append(Weight(name, tuple(int(s) for s in shape), dtype))
         return self._weight_ids[name]
+
+    def fp8_weight(self, name, shape) -> int:
+        """An FP8 weight for the reference-layout [..., K, N] weight `name`: q [..., N, K] float8_e4m3fn, then its
+        block scales [..., ceil(N/128), ceil(K/128) padded to 4] float32 (`fp8.tma_scales`) as the next weight;
+        returns q's id (`fp8_scale_id` finds the scale's)."""
+        *lead, k, n = shape
+        q = self.weight(name + FP8_Q, (*lead, n, k), "float8_e4m3fn")
+        kb = -(-k // FP8_BLOCK)
+        s = self.weight(name + FP8_SCALE, (*lead, -(-n // FP8_BLOCK), kb + (-kb % 4)), "float32")
+        assert s == q + 1, f"{name}: declared twice"
+        return q
 
     def op(self, name, op, layer, weights, inputs, outputs, args, nbytes) -> int:
         if (len(weights), len(inputs), len(outputs)) != ARITY[op]:
@@ -377,21 +412,26 @@ class _Lowering:
         b, t, dt, elt, tile = self.b, self.t, self.dt, self.elt, self.opt.tile_n
         routed = slots is not None
         u = b.buffers[slots[0]].shape[0] if routed else 0
+        fp8_experts = routed and self.opt.expert_format == "fp8"
         if routed:
             e = self.m.n_routed_experts
-            wg, wu = (b.weight(f"{prefix}/{w}", (e, d, i), dt) for w in ("gate_proj", "up_proj"))
-            wd = b.weight(f"{prefix}/down_proj", (e, i, d), dt)
+            declare = (lambda name, shape: b.fp8_weight(name, shape)) if fp8_experts else (
+                lambda name, shape: b.weight(name, shape, dt))
+            wg, wu = (declare(f"{prefix}/{w}", (e, d, i)) for w in ("gate_proj", "up_proj"))
+            wd = declare(f"{prefix}/down_proj", (e, i, d))
         else:
             wg, wu = (b.weight(f"{prefix}/{w}/kernel", (d, i), dt) for w in ("gate_proj", "up_proj"))
             wd = b.weight(f"{prefix}/down_proj/kernel", (i, d), dt)
         act = b.buffer(f"{name}_act", (u, t, i) if routed else (t, i), dt)
         slot_ids = range(u) if routed else (-1,)
         up = [r for s in slot_ids for r in _col_tiles(i, tile, s, C_RMS_EPS)]
+        welt = 1 if fp8_experts else elt  # weight bytes per element (the block scales are < 0.02% more)
         b.op(f"{name}_up", Op.SWIGLU_UP, l, (wg, wu, b.weight(norm, (d,), dt)), (x, slots[0] if routed else -1),
-             (act,), up, [(2 * d * r[1] + t * d) * elt for r in up])
+             (act,), up, [2 * d * r[1] * welt + t * d * elt for r in up])
         down = [r for s in slot_ids for r in _col_tiles(d, tile, s, s if routed else out_slot)]
         inputs = (act, residual, *(slots if routed else (-1, -1)))
-        b.op(f"{name}_down", Op.SWIGLU_DOWN, l, (wd,), inputs, (out,), down, [(i * r[1] + t * i) * elt for r in down])
+        b.op(f"{name}_down", Op.SWIGLU_DOWN, l, (wd,), inputs, (out,), down,
+             [i * r[1] * welt + t * i * elt for r in down])
 
 
 def _finish(b: _Builder) -> None:

@@ -29,9 +29,9 @@ from pallas_kernels.persistent.format import (
     C_ATTN_SCALE, C_INDEX_SCALE, C_INDEX_WSCALE, C_ROUTED_SCALE, F_NWAITS, F_SIGNAL, F_WAITS, Kind, Task,
     written_region)
 from pallas_kernels.persistent.index_tiles import topk_reference
-from pallas_kernels.persistent.schedule import Schedule
+from pallas_kernels.persistent.schedule import FP8_Q, FP8_SCALE, Schedule, fp8_scale_id
 
-_JNP = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int32": jnp.int32}
+_JNP = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int32": jnp.int32, "float8_e4m3fn": jnp.float8_e4m3fn}
 
 
 class DeadlockError(RuntimeError):
@@ -111,6 +111,33 @@ def _resolve(model, name: str):
     return jnp.asarray(obj[...])
 
 
+def weight_arrays(model, weights) -> list:
+    """Every schedule weight's array, by id, checked against its declared shape: the model's parameter at the
+    weight's path; for an FP8 weight (`ScheduleOptions.expert_format`) its q and TMA-padded block scales
+    (`fp8.quantize_fp8_blockwise`, `fp8.tma_scales`) quantized once from the model's reference-layout weight."""
+    from pallas_kernels import fp8
+    out = []
+    for i, w in enumerate(weights):
+        if w.name.endswith(FP8_SCALE):
+            continue  # appended with its q
+        if w.name.endswith(FP8_Q):
+            q, scale = fp8.quantize_fp8_blockwise(_resolve(model, w.name[:-len(FP8_Q)]))
+            arrs = [(w, q), (weights[fp8_scale_id(weights, i)], fp8.tma_scales(scale))]
+        else:
+            arrs = [(w, _resolve(model, w.name))]
+        for wt, a in arrs:
+            if a.shape != wt.shape:
+                raise ValueError(f"weight {wt.name}: model has {a.shape}, schedule expects {wt.shape}")
+            out.append(a.astype(_JNP[wt.dtype]))
+    return out
+
+
+def dequantized(q, scale_padded, dtype):
+    """An FP8 weight's (q [..., N, K], TMA-padded scales) -> W [..., K, N] in `dtype` (the reference layout)."""
+    from pallas_kernels import fp8
+    return fp8.dequantize_fp8_blockwise(q, scale_padded[..., :-(-q.shape[-1] // fp8.BLOCK)], dtype=dtype)
+
+
 def _layernorm(x, w, b, eps):
     """torch LayerNorm in float32 (as `glm_fast.model.norms.LayerNorm`), x [..., H]."""
     xf = x.astype(jnp.float32)
@@ -155,12 +182,12 @@ class _Machine:
 
     def __init__(self, schedule: Schedule, model, caches, tokens, pos):
         self.s = schedule
-        self.weights = []
-        for w in schedule.weights:
-            arr = _resolve(model, w.name)
-            if arr.shape != w.shape:
-                raise ValueError(f"weight {w.name}: model has {arr.shape}, schedule expects {w.shape}")
-            self.weights.append(arr)
+        # FP8 weights dequantized to the model dtype, as the XLA backend's `xla_moe_experts_fp8` does
+        self.weights = weight_arrays(model, schedule.weights)
+        dt = jnp.dtype(model.cfg.dtype)
+        for i, w in enumerate(schedule.weights):
+            if w.name.endswith(FP8_Q):
+                self.weights[i] = dequantized(self.weights[i], self.weights[i + 1], dt)
         self.consts = schedule.constants
         cos, sin = (np.asarray(a[0]) for a in model.rope(jnp.asarray(pos)[None]))
         inputs = {"tokens": np.asarray(tokens, np.int32), "pos": np.asarray(pos, np.int32),

@@ -25,6 +25,12 @@ configs' odd shapes (e.g. tiny's 16-wide heads in o_proj / ABSORB with 64-wide t
 which compute the same function; GPU interpret mode also takes smaller tiles (untiled SMEM) to cover those.
 On glm5-sized configs every branch of these opcodes fits.
 
+FP8 routed experts (`ScheduleOptions.expert_format`): SWIGLU_UP / SWIGLU_DOWN stream [TN, FP8_TK = 128] e4m3 tiles
+(one 128-byte swizzle row, one block of scales) and each tile's 32-scale row segment through the FP8 rings, with x
+and the norm weight in 128-wide rings (`Tiles.stream(tk=...)`, `norm_x(rings=...)`), and multiply with
+`gemv.mma_fp8_tile` (dequantized in registers, A from registers). A column tile must lie in one scale block
+(ScheduleOptions checks that tile_n divides 128).
+
 Weight prefetch (DESIGN.md sec. 4): the dense bodies issue their first ring slots' weight tiles before the task's
 dependency wait (`prefetching`, `Tiles.stream`'s issue_w); every task still fills and drains its own ring (no
 stream across task boundaries). A split-K GEMV (the router, `ScheduleOptions.router_splits`, each layer's first
@@ -46,9 +52,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _compat
-from pallas_kernels.gemv import TP, col_scale, mma_bf16_tile, store_acc_t, swizzle_transforms
+from pallas_kernels.gemv import TP, col_scale, mma_bf16_tile, mma_fp8_tile, store_acc_t, swizzle_transforms
 
-ARRIVALS = (1, 2, 3, 4)  # TMA copies per k-tile: weight (+ x) (+ norm weight) (+ second weight)
+ARRIVALS = (1, 2, 3, 4, 6)  # TMA copies per k-tile: weight (+ x) (+ norm weight) (+ second weight); FP8 gate +
+# up: two weights and their scale segments, x and the norm weight
+FP8_TK = 128  # an FP8 weight tile's contraction width: one 128-byte swizzle row of e4m3 = one block of scales
 # Whether the bodies' profiler phases are marked (`phase`). `kernel.persistent_step` turns them off for a
 # profiled launch at T > 1: the profiler keeps every range of a CTA in SMEM without a bound, and the bodies' per-token
 # phases at T = 4 overflowed it (the launch aborted); task and wait ranges alone are counted exactly.
@@ -117,13 +125,16 @@ def rows_per_copy(shape, itemsize: int) -> int:
 
 
 def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int, slot_shapes, cfg: TileConfig,
-                  interpret: bool, attn_splits: int = 0, router=None, attn=None, index=None, latent: int = 0) -> dict:
+                  interpret: bool, attn_splits: int = 0, router=None, attn=None, index=None, latent: int = 0,
+                  fp8: bool = False) -> dict:
     """The kernel-wide SMEM of the tile bodies (allocated once, reused by every task).
 
     dtype: the model's activation / weight dtype; hidden: D (one embedding row); rope: R; index_dim: the indexer's
     key width (0 without indexer layers); part_slots: the MoE partial-sum
     slots (U + shared, 0 without MoE layers); slot_shapes: ((U,), (U, T)) of the router's slot tables or None
-    when the schedule has no routed experts.
+    when the schedule has no routed experts. fp8: the FP8 expert rings (`swiglu_up_body`'s FP8 path): two rings
+    of [TN, 128] e4m3 weight tiles and their 32-scale row segments, x and norm-weight rings 128 wide (on the GPU
+    they share the weight rings' SMEM: `attn_tiles.FP8`).
     """
     s = cfg.slots
     sw = () if interpret else swizzle_transforms(dtype)  # the interpreter's jnp.dot reads plain tiles
@@ -144,6 +155,13 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
     )
     if part_slots:
         out["t_part"] = plgpu.SMEM((part_slots, TP, cfg.tile_n), jnp.float32)
+    if fp8:
+        e4m3, kq = jnp.float8_e4m3fn, FP8_TK
+        sw8 = () if interpret else swizzle_transforms(e4m3)
+        out.update(t_q0=plgpu.SMEM((s, cfg.tile_n, kq), e4m3, transforms=sw8),
+                   t_q1=plgpu.SMEM((s, cfg.tile_n, kq), e4m3, transforms=sw8),
+                   t_qs0=plgpu.SMEM((s, 1, 32), jnp.float32), t_qs1=plgpu.SMEM((s, 1, 32), jnp.float32),
+                   t_x8=plgpu.SMEM((s, TP, kq), dtype, transforms=sw), t_wn8=plgpu.SMEM((s, kq), dtype))
     for a in sorted({a * g for a in ARRIVALS for g in (1, cfg.step_tiles)}):
         out[f"t_bar{a}"] = plgpu.Barrier(num_arrivals=a, num_barriers=s)
     if cfg.tile_k != cfg.tile_n:  # the [N, K]-stored weights' ring (interpret mode only; else t_w0 serves)
@@ -202,7 +220,7 @@ class Tiles:
     # -- streaming ------------------------------------------------------------------------------------------
 
     def stream(self, ktiles: int, n_acc: int, arrivals: int, issue, compute, prologue=None, issue_w=None,
-               wait=None, group: int = 1, prepare=None):
+               wait=None, group: int = 1, prepare=None, tk: int | None = None):
         """Streams a task's `ktiles` weight k-tiles through the ring and returns the f32 accumulators [TN, TP].
 
         issue(k0, slot, barrier): start k-tile k0's TMA copies into ring slot `slot` (`arrivals` of them in all,
@@ -212,9 +230,10 @@ class Tiles:
         *before* the wait, so the weight stream runs while the producers of this task's activations finish; `issue`
         then copies only the activations. group: k-tiles per ring step (`step_group`): a step's tiles fill
         consecutive slots and share one barrier (of group x arrivals); prepare(*slots): work on all of a landed
-        step's slots before their computes (the fused RMSNorm's `norm_x`).
+        step's slots before their computes (the fused RMSNorm's `norm_x`). tk: the k-tile's rows (TK; FP8_TK for
+        the FP8 rings).
         """
-        slots = self.cfg.slots
+        slots, tk = self.cfg.slots, tk or self.tk
         if ktiles % group or slots < group:
             raise ValueError(f"stream: {ktiles=} k-tiles do not split into steps of {group} in {slots} slots")
         steps, depth = ktiles // group, slots // group  # depth: the ring's steps
@@ -222,7 +241,7 @@ class Tiles:
 
         def fill(step, ring_step, copy):  # the TMAs of `step`'s k-tiles into ring step `ring_step`'s slots
             for u in range(group):
-                copy((step * group + u) * self.tk, ring_step * group + u, bars.at[ring_step])
+                copy((step * group + u) * tk, ring_step * group + u, bars.at[ring_step])
 
         first = range(min(depth, steps))
         if issue_w is not None:
@@ -288,14 +307,14 @@ class Tiles:
         else:
             plgpu.wgmma(acc, w_tile, _compat.transpose_ref(x_tile, (1, 0)))
 
-    def norm_x(self, *slots, out=None):
+    def norm_x(self, *slots, out=None, rings=("t_x", "t_wn")):
         """x tiles [TP, TK] of ring `slots` = rmsnorm(x) as `ref.rmsnorm` rounds it: (x * r_t rounded to x's dtype)
         * w rounded again (r = `inv_rms`'s t_r), in place or (one slot) into `out` (a plain [TP, TK] SMEM ref).
         Rounding where the reference does keeps the router's top-k choices (near-ties in bf16) equal to the XLA
         backend's; gemv.py's cheaper diag(r) epilogue does not. A ring step's tiles are loaded, scaled and stored
         together under one proxy fence (one SMEM round trip of latency per step, not per tile)."""
         r = self.s["t_r"]
-        pairs = [(self.s["t_x"].at[sl], self.s["t_wn"].at[sl]) for sl in slots]
+        pairs = [(self.s[rings[0]].at[sl], self.s[rings[1]].at[sl]) for sl in slots]
         outs = [x for x, _ in pairs] if out is None else [out]
         dt = pairs[0][0].dtype
         if self.interpret:
@@ -494,10 +513,10 @@ def x_tiles_fit(tiles, x_shape) -> bool:
     return x_shape[-1] % tiles.tk == 0
 
 
-def x_view(tiles, x_ref, idx, k0, x_shape):
-    """The [TP, TK] GMEM view of x (stack index idx) at contraction offset k0."""
+def x_view(tiles, x_ref, idx, k0, x_shape, tk: int | None = None):
+    """The [TP, TK] (or [TP, tk]) GMEM view of x (stack index idx) at contraction offset k0."""
     if len(x_shape) == 2:
-        return x_ref.at[idx, pl.ds(tiles.c(0), TP), pl.ds(k0, tiles.tk)]
+        return x_ref.at[idx, pl.ds(tiles.c(0), TP), pl.ds(k0, tk or tiles.tk)]
     hd = x_shape[-1]
     return x_ref.at[idx, pl.ds(tiles.c(0), TP), k0 // hd, pl.ds(k0 % hd, tiles.tk)]
 
@@ -646,6 +665,32 @@ def _unless_unchosen(routed: bool, tokens: int, present, run, zero):
         run()
 
 
+def _fp8_expert(r, wstk, j, tiles) -> tuple | None:
+    """(q [stack, E, N, K] e4m3, scales [stack, E, N/128, K/128 padded]) refs of weight j when it is an FP8 expert
+    weight (`ScheduleOptions.expert_format`) whose tiles the FP8 rings take, else None."""
+    q = r.weights[wstk[j]]
+    if q.dtype != jnp.float8_e4m3fn or "t_q0" not in tiles.s or tiles.tn > FP8_TK or q.shape[-1] % FP8_TK:
+        return None
+    return q, r.weights[r.plan.fp8_scales[wstk[j]]]
+
+
+def _fp8_issue(tiles, w, idx, e, c0, k0, ring: str, slot, bar) -> None:
+    """TMA of FP8 weight w's [TN, FP8_TK] tile at (c0, k0) of expert e, and of the 32-scale row segment holding its
+    block's scale (a 128-byte box, the least Mosaic moves), into ring slot `ring` / its scale ring."""
+    q, scales = w
+    plgpu.copy_gmem_to_smem(q.at[idx, e, pl.ds(c0, tiles.tn), pl.ds(k0, FP8_TK)], tiles.s[f"t_q{ring}"].at[slot],
+                            bar)
+    kb = k0 // FP8_TK
+    plgpu.copy_gmem_to_smem(scales.at[idx, e, pl.ds(c0 // FP8_TK, 1), pl.ds((kb // 32) * 32, 32)],
+                            tiles.s[f"t_qs{ring}"].at[slot], bar)
+
+
+def _fp8_mma(tiles, acc, ring: str, slot, kt, x_tile) -> None:
+    """acc += dequant(the [TN, FP8_TK] tile in `slot` x its block scale) @ x_tile^T (`gemv.mma_fp8_tile`)."""
+    scale = tiles.s[f"t_qs{ring}"][slot, 0, lax.rem(kt, 32)]
+    mma_fp8_tile(acc, tiles.s[f"t_q{ring}"].at[slot], scale, x_tile, tiles.mode)
+
+
 def swiglu_up_body(r, key, consts):
     """SWIGLU_UP (gate and up tiles of one x stream, fused RMSNorm, routed or dense) or None. With T > 1 a routed
     slot that no token chose (U = min(E, T k) slots, fewer distinct experts) streams no weights and writes its
@@ -656,6 +701,9 @@ def swiglu_up_body(r, key, consts):
         return None
     xs = x_ref.shape[1:]
     wg, wu = r.weights[wstk[0]], r.weights[wstk[1]]
+    fp8 = [_fp8_expert(r, wstk, j, tiles) for j in (0, 1)] if routed else [None, None]
+    if fp8[0] is not None and fp8[1] is not None and len(xs) == 2 and x_ref.dtype == tiles.dtype:
+        return _swiglu_up_fp8(r, key, consts, fp8)
     if (len(xs) != 2 or not x_tiles_fit(tiles, xs) or x_ref.dtype != tiles.dtype
             or any(w.dtype != tiles.dtype for w in (wg, wu))):
         return None
@@ -705,6 +753,45 @@ def swiglu_up_body(r, key, consts):
     return fn
 
 
+def _swiglu_up_fp8(r, key, consts, fp8):
+    """SWIGLU_UP of a routed expert with FP8 gate / up weights: [TN, 128] e4m3 tiles and their block scales
+    through the FP8 rings, x and the norm weight 128 wide, dequantized in registers (`gemv.mma_fp8_tile`)."""
+    _, (n, eps, _), wstk, islots, oslots = key
+    tiles, x_ref, out_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0])
+    tokens, k = x_ref.shape[1:]
+    s = tiles.s
+
+    def fn(t: TaskView):
+        c0, slot, xi = t.arg(0), t.arg(2), t.inp(0)
+        t.wait()  # the expert id comes from the router task
+        e, present = _expert(tiles, r, _stack(r, islots[1]), t.inp(1), slot)
+
+        def issue_w(k0, sl, bar):
+            for j in (0, 1):
+                _fp8_issue(tiles, fp8[j], t.w(j), e, c0, k0, str(j), sl, bar)
+            plgpu.copy_gmem_to_smem(r.weights[wstk[2]].at[t.w(2), pl.ds(k0, FP8_TK)], s["t_wn8"].at[sl], bar)
+
+        def issue(k0, sl, bar):
+            plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, (tokens, k), FP8_TK), s["t_x8"].at[sl], bar)
+
+        def compute(sl, accs, kt):
+            for j in (0, 1):
+                _fp8_mma(tiles, accs[j], str(j), sl, kt, s["t_x8"].at[sl])
+
+        def prologue():
+            tiles.inv_rms(lambda tt, cc, m: x_ref[xi, tt, pl.ds(cc, m)], k, tokens, float(consts[eps]))
+
+        def dst():
+            return out_ref.at[t.out(0), slot, pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
+
+        def run():
+            g, u = tiles.stream(k // FP8_TK, 2, 6, issue, compute, prologue, issue_w, None,
+                                prepare=lambda *sl: tiles.norm_x(*sl, rings=("t_x8", "t_wn8")), tk=FP8_TK)
+            tiles.store(_silu(g) * u * present, dst(), tokens, n)
+        _unless_unchosen(True, tokens, present, run, lambda: tiles.store_zeros(dst(), tokens, n))
+    return fn
+
+
 def swiglu_down_body(r, key, consts):
     """SWIGLU_DOWN (routed slot x coefficient, shared expert into a partial slot, dense + residual) or None. With
     T > 1 a routed slot that no token chose streams nothing and writes its partial tile as zeros."""
@@ -714,8 +801,10 @@ def swiglu_down_body(r, key, consts):
         return None
     xs = a_ref.shape[2:] if routed else a_ref.shape[1:]
     wd = r.weights[wstk[0]]
-    if not x_tiles_fit(tiles, xs) or a_ref.dtype != tiles.dtype or wd.dtype != tiles.dtype:
+    fp8 = _fp8_expert(r, wstk, 0, tiles) if routed else None  # FP8 weights: [TN, FP8_TK] tiles, 128-wide x
+    if fp8 is None and (not x_tiles_fit(tiles, xs) or wd.dtype != tiles.dtype) or a_ref.dtype != tiles.dtype:
         return None
+    tk, x_ring = (FP8_TK, "t_x8") if fp8 is not None else (tiles.tk, "t_x")
     res_ref = _stack(r, islots[1])
     if islots[1] is not None and res_ref is None:
         return None
@@ -730,24 +819,29 @@ def swiglu_down_body(r, key, consts):
             e, present = _expert(tiles, r, _stack(r, islots[2]), t.inp(2), slot)
 
         def issue_w(k0, sl, bar):
+            if fp8 is not None:
+                return _fp8_issue(tiles, fp8, t.w(0), e, c0, k0, "0", sl, bar)
             wsrc = (wd.at[t.w(0), e, pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)] if routed
                     else wd.at[t.w(0), pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)])
             plgpu.copy_gmem_to_smem(wsrc, s["t_w0"].at[sl], bar)
 
         def issue(k0, sl, bar):
-            xsrc = (a_ref.at[ai, slot, pl.ds(tiles.c(0), TP), pl.ds(k0, tiles.tk)] if routed
+            xsrc = (a_ref.at[ai, slot, pl.ds(tiles.c(0), TP), pl.ds(k0, tk)] if routed
                     else x_view(tiles, a_ref, ai, k0, xs))
-            plgpu.copy_gmem_to_smem(xsrc, s["t_x"].at[sl], bar)
+            plgpu.copy_gmem_to_smem(xsrc, s[x_ring].at[sl], bar)
 
-        def compute(sl, accs, _kt):
+        def compute(sl, accs, kt):
+            if fp8 is not None:
+                return _fp8_mma(tiles, accs[0], "0", sl, kt, s["t_x8"].at[sl])
             tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
 
         def part_dst():
             return out_ref.at[t.out(0), out_slot, pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
 
         def run():
-            (y,) = tiles.stream(k // tiles.tk, 1, 2, issue, compute, None, issue_w, None if routed else t.wait,
-                                group=tiles.step_group(k // tiles.tk))
+            (y,) = tiles.stream(k // tk, 1, 3 if fp8 is not None else 2, issue, compute, None, issue_w,
+                                None if routed else t.wait, group=1 if fp8 is not None else tiles.step_group(k // tk),
+                                tk=tk)
             if routed:
                 # coef [U, T] is read as GMEM scalars: its [U, 1] rows have 4-byte strides, which TMA cannot move
                 coef, vec, ci = _stack(r, islots[3]), s["t_vec"], t.inp(3)

@@ -19,7 +19,8 @@ from pallas_kernels.persistent import Op, ScheduleOptions, compile_schedule, sim
 from pallas_kernels.persistent import kernel as kernel_mod
 from pallas_kernels.persistent.kernel import KernelPlan, PersistentDecoder
 from pallas_kernels.persistent.tiles import TileConfig
-from pallas_kernels.persistent.schedule import FP8_BLOCK, FP8_Q, FP8_SCALE, fp8_scale_id
+from pallas_kernels.persistent.schedule import (FP8_BLOCK, FP8_Q, FP8_SCALE, fp8_scale_id, read_schedule,
+                                                save_schedule)
 from tests.kernel_testing import TWO_LAYERS, assert_step_matches_xla, prefilled
 
 FP8 = ScheduleOptions(tile_n=32, attn_heads=3, attn_splits=3, index_chunks=3, index_align=8, num_sms=7,
@@ -65,7 +66,7 @@ def blocky_experts(model, seed: int):
     return _map_experts(model, scale)
 
 
-def test_fp8_schedule_declares_q_and_scales_for_routed_experts_only(tiny):
+def test_fp8_schedule_declares_q_and_scales_for_routed_experts_only(tiny, tmp_path):
     bf16, s = compile_schedule(tiny, 1, dataclasses.replace(FP8, expert_format="bf16")), compile_schedule(tiny, 1, FP8)
     assert FP8_BLOCK == fp8.BLOCK
     qs = [i for i, w in enumerate(s.weights) if w.name.endswith(FP8_Q)]
@@ -85,6 +86,9 @@ def test_fp8_schedule_declares_q_and_scales_for_routed_experts_only(tiny):
     assert b16.keys() == b8.keys() and any(b8[k] < b16[k] for k in b8)
     assert sorted(t.nbytes for t in bf16.tasks if t.op not in (Op.SWIGLU_UP, Op.SWIGLU_DOWN)) == sorted(
         t.nbytes for t in s.tasks if t.op not in (Op.SWIGLU_UP, Op.SWIGLU_DOWN))
+    path = tmp_path / "fp8.npz"  # the schedule cache keeps the FP8 weights' dtypes and shapes
+    save_schedule(s, path)
+    assert read_schedule(path).weights == s.weights
     with pytest.raises(ValueError, match="expert_format"):
         ScheduleOptions(expert_format="fp4")
     with pytest.raises(ValueError, match="tile_n dividing 128"):

@@ -856,13 +856,15 @@ def main(argv=None) -> None:
     parser.add_argument("--assign", default=ScheduleOptions.assign, choices=ASSIGNMENTS)
     parser.add_argument("--hoist", default=",".join(ScheduleOptions.hoist),
                         help="comma-separated op names (ScheduleOptions.hoist); 'none' for no op")
+    parser.add_argument("--expert-format", default=ScheduleOptions.expert_format, choices=EXPERT_FORMATS,
+                        help="the routed experts' weights (ScheduleOptions.expert_format)")
     parser.add_argument("--gpu", default="H200")
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
     cfg = load_config(args.config).model
     heads, splits = (int(v) for v in args.attn.lower().split("x"))
     opt = ScheduleOptions(tile_n=args.tile_n, num_sms=args.num_sms, attn_heads=heads, attn_splits=splits,
-                          assign=args.assign, hoist=parse_hoist(args.hoist))
+                          assign=args.assign, hoist=parse_hoist(args.hoist), expert_format=args.expert_format)
     for t in args.tokens:
         start = time.perf_counter()
         s = compile_schedule(cfg, t, opt, args.gpu)

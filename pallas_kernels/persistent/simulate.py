@@ -10,7 +10,9 @@ a task may only read scratch buffers that are completely written, and writes eac
 
 Numerics follow `main_cached` (float32 accumulation, outputs in the buffer dtype). One deliberate difference
 for bf16 models: dense-MLP tiles round silu(g) * u once (as `ref.moe_experts`), not g and u separately as the
-`Linear` layers do; float32 models are unaffected.
+`Linear` layers do; float32 models are unaffected. FP8 expert weights (`ScheduleOptions.expert_format`) are
+quantized from the model's (`weight_arrays`) and dequantized to the model dtype, as the XLA backend's FP8 MoE
+(`xla_moe_experts_fp8`) computes them: the reference of the kernel's FP8 bodies.
 """
 from __future__ import annotations
 

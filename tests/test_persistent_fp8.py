@@ -154,6 +154,7 @@ def test_engine_persistent_fp8_greedy_equals_xla_on_dequantized_experts(monkeypa
     prompt = np.random.RandomState(5).randint(0, model.cfg.vocab_size, 20).tolist()
     fp8_engine = Engine(model, backend="persistent", max_len=64, compilation_cache=False,
                         persistent_options=dataclasses.replace(FP8, num_sms=132))
+    assert any(k >= 0 for k in fp8_engine._persistent.plan(1).fp8_scales)  # the engine really runs FP8 experts
     xla = Engine(dequantized_experts(model), backend="xla", max_len=64, compilation_cache=False)
     assert fp8_engine.generate(prompt, 6).tokens == xla.generate(prompt, 6).tokens
 

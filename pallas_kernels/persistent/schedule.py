@@ -64,14 +64,6 @@ ASSIGNMENTS = ("levels", "list", "critical", "mixed")
 EXPERT_FORMATS = ("bf16", "fp8")
 FP8_Q, FP8_SCALE = "@fp8_q", "@fp8_scale"  # name suffixes of an FP8 weight's q and scale (`_Builder.fp8_weight`)
 FP8_BLOCK = 128  # the block of an FP8 weight's scales (== pallas_kernels.fp8.BLOCK; this module imports no jax)
-
-
-def fp8_scale_id(weights, q: int) -> int:
-    """The id of FP8 weight q's block scales in a schedule's weight table (declared right after q)."""
-    name = weights[q].name
-    if not name.endswith(FP8_Q) or weights[q + 1].name != name[:-len(FP8_Q)] + FP8_SCALE:
-        raise ValueError(f"weight {q} ({name}) is not an FP8 q weight followed by its scales")
-    return q + 1
 K_ALIGN = 64  # a split-K part's rows: a multiple of the GPU bodies' k tile (TileConfig.tile_k)
 # The cost model's time per task (us) of the ops whose time is latency rather than weight bytes, on the H200 at
 # glm5_slice, 4K context, T = 1: INDEX_SCORE, ABSORB, ATTN, UV as their tasks' bodies took on the profiled critical
@@ -81,6 +73,14 @@ K_ALIGN = 64  # a split-K part's rows: a multiple of the GPU bodies' k tile (Til
 # the others the mean time per task after its dependency wait in ..._warp_gather.json (profile.ops).
 OP_US = (("INDEX_TOPK", 40.0), ("ATTN", 38.0), ("UV", 30.0), ("ROUTER_SELECT", 15.0), ("EMBED", 13.5),
          ("INDEX_SCORE", 19.0), ("ABSORB", 13.0), ("KV_WRITE", 9.0), ("IK_WRITE", 3.0), ("MOE_COMBINE", 2.0))
+
+
+def fp8_scale_id(weights, q: int) -> int:
+    """The id of FP8 weight q's block scales in a schedule's weight table (declared right after q)."""
+    name = weights[q].name
+    if not name.endswith(FP8_Q) or weights[q + 1].name != name[:-len(FP8_Q)] + FP8_SCALE:
+        raise ValueError(f"weight {q} ({name}) is not an FP8 q weight followed by its scales")
+    return q + 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -189,7 +189,7 @@ class _Machine:
         dt = jnp.dtype(model.cfg.dtype)
         for i, w in enumerate(schedule.weights):
             if w.name.endswith(FP8_Q):
-                self.weights[i] = dequantized(self.weights[i], self.weights[i + 1], dt)
+                self.weights[i] = dequantized(self.weights[i], self.weights[fp8_scale_id(schedule.weights, i)], dt)
         self.consts = schedule.constants
         cos, sin = (np.asarray(a[0]) for a in model.rope(jnp.asarray(pos)[None]))
         inputs = {"tokens": np.asarray(tokens, np.int32), "pos": np.asarray(pos, np.int32),

@@ -8,6 +8,9 @@ Method. Weights are random (bf16 as the config says). The caches are filled with
 the context length (a synthetic context: a decode step's cost does not depend on the cached values), then the
 engine's jitted step runs back to back (`steps` times after `warmup`; one device sync at the end) — this is
 `ms_per_step`; `ms_per_step_host_loop` adds the per-step host read that `Engine.generate` does.
+A `--backends` entry `persistent:fp8` runs the persistent kernel with FP8 routed experts (e4m3 + 128 x 128 block
+scales, `ScheduleOptions.expert_format`); its row's `expert_format` says so and its bytes count the routed experts
+at one byte per weight plus scales (a different model function: compare its time, not its logits, with bf16 rows).
 roofline_fraction = (bytes_per_step / hbm_bytes_per_s) / time, with bytes from `glm_fast.accounting` and the
 HBM rate measured here (the best of an XLA read-only sum, an XLA read+write copy and a torch device copy,
 over 4 GiB each). MTP verification
@@ -192,16 +195,42 @@ def _max_len(args, context: int) -> int:
     return context + args.warmup + 2 * args.steps * 4 + 16
 
 
-def _persistent_options(args):
-    """`--persistent-attn HxS` as the persistent kernel's ScheduleOptions (None: the decoder's pick)."""
-    if not args.persistent_attn:
-        return None
+def _backend(spec: str) -> tuple[str, str]:
+    """A `--backends` entry as (Engine backend, routed experts' format): `persistent:fp8` is the persistent kernel
+    with FP8 routed experts; every other entry is bf16."""
+    name, _, fmt = spec.partition(":")
+    if fmt not in ("", "bf16", "fp8") or (fmt == "fp8" and name != "persistent"):
+        raise SystemExit(f"--backends entry {spec!r}: only the persistent backend takes a format (persistent:fp8)")
+    return name, fmt or "bf16"
+
+
+def _persistent_options(args, cfg, expert_format: str = "bf16"):
+    """`--persistent-attn HxS` and the experts' format as the persistent kernel's ScheduleOptions (None: the
+    decoder's pick; fp8 without HxS: the decoder's pick among FP8 candidates, `kernel.default_options`)."""
     from pallas_kernels.persistent.schedule import ScheduleOptions
+    if not args.persistent_attn:
+        if expert_format == "bf16":
+            return None
+        from pallas_kernels.persistent.kernel import default_options
+        from pallas_kernels.persistent.tiles import TileConfig
+        return default_options(cfg.model, jax.default_backend() != "gpu", TileConfig(), expert_format=expert_format)
     try:
         heads, splits = (int(v) for v in args.persistent_attn.lower().split("x"))
     except ValueError:
         raise SystemExit(f"--persistent-attn {args.persistent_attn!r}: give HEADSxSPLITS, e.g. 64x32") from None
-    return ScheduleOptions(attn_heads=heads, attn_splits=splits)
+    return ScheduleOptions(attn_heads=heads, attn_splits=splits, expert_format=expert_format)
+
+
+def _step_bytes(cfg, context: int, tokens: int, batch: int, expert_format: str) -> int:
+    """The roofline's bytes of one step (`accounting`): with FP8 routed experts (the persistent kernel's shared
+    experts stay bf16), those at one byte per weight plus their block scales."""
+    dtype = cfg.model.dtype
+    terms = accounting.decode_step_breakdown(cfg, context, dtype, tokens=tokens, batch=batch)
+    if expert_format == "bf16":
+        return terms["total"]
+    fp8 = accounting.decode_step_breakdown(cfg, context, dtype, tokens=tokens, batch=batch,
+                                           expert_dtype="float8_e4m3fn")
+    return terms["total"] - terms["routed_experts"] + fp8["routed_experts"]
 
 
 def ttft_child(args) -> None:
@@ -212,8 +241,9 @@ def ttft_child(args) -> None:
     model = Model(cfg.model, rngs=nnx.Rngs(0))
     jax.block_until_ready(nnx.state(model))
     built = time.perf_counter() - t0
-    engine = Engine(model, backend=args.backends.split(",")[0], max_len=_max_len(args, _contexts(args)[0]),
-                    compilation_cache=args.ttft_cache, persistent_options=_persistent_options(args))
+    backend, fmt = _backend(args.backends.split(",")[0])
+    engine = Engine(model, backend=backend, max_len=_max_len(args, _contexts(args)[0]),
+                    compilation_cache=args.ttft_cache, persistent_options=_persistent_options(args, cfg, fmt))
     out = engine.generate(list(range(1, 33)), 2)
     print(json.dumps({"ttft_s": out.stats["time_to_first_token_s"], "model_init_s": built,
                       "process_to_first_token_s": time.perf_counter() - t0 + 0.0}))
@@ -247,7 +277,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="glm5_slice")
     p.add_argument("--set", action="append", default=[])
-    p.add_argument("--backends", default="xla")
+    p.add_argument("--backends", default="xla",
+                   help="comma list of: xla, pallas, persistent, persistent:fp8 (FP8 routed experts)")
     p.add_argument("--contexts", default="4096")
     p.add_argument("--batches", default="1")
     p.add_argument("--mtp-depths", default="0")
@@ -299,10 +330,11 @@ def main(argv=None) -> None:
     jax.block_until_ready(nnx.state(model))
     print(f"model built in {time.perf_counter() - t:.1f} s", flush=True)
     rows = []
-    for backend in args.backends.split(","):
+    for spec in args.backends.split(","):
+        backend, fmt = _backend(spec)
         for context in contexts:
             engine = Engine(model, backend=backend, max_len=_max_len(args, context), compilation_cache=False,
-                            persistent_options=_persistent_options(args))
+                            persistent_options=_persistent_options(args, cfg, fmt))
             for depth in depths:
                 for batch in batches:
                     if backend == "persistent" and batch > 1:  # the persistent kernel decodes one sequence
@@ -310,8 +342,9 @@ def main(argv=None) -> None:
                         continue
                     where = args.trace_dir and os.path.join(args.trace_dir, f"{backend}_{context}_{depth}_{batch}")
                     r = bench_engine(engine, batch, context, depth, args.steps, args.warmup, args.trace_steps, where)
-                    nbytes = accounting.bytes_per_decode_step(cfg, context, dtype, tokens=1 + depth, batch=batch)
-                    row = {"backend": backend, "layout": "single", "batch": batch, "context_len": context,
+                    nbytes = _step_bytes(cfg, context, 1 + depth, batch, fmt)
+                    row = {"backend": backend, "expert_format": fmt, "layout": "single", "batch": batch,
+                           "context_len": context,
                            "mtp_depth": depth, **r, "bytes_per_step": nbytes,
                            "roofline_ms": 1e3 * nbytes / bw,
                            "roofline_fraction": (nbytes / bw) / (r["ms_per_step"] / 1e3),
@@ -328,9 +361,10 @@ def main(argv=None) -> None:
                             extra_versions=("torch", "transformers"), cache="synthetic random rows",
                             weights="random", **extra)
     path = results.write(record, args.out, args.name)
-    print(f"\n{'backend':>12} {'B':>2} {'ctx':>6} {'D':>2} {'ms/step':>8} {'roof ms':>8} {'roof %':>7} {'tok/s':>8}")
+    print(f"\n{'backend':>15} {'B':>2} {'ctx':>6} {'D':>2} {'ms/step':>8} {'roof ms':>8} {'roof %':>7} {'tok/s':>8}")
     for r in rows:
-        print(f"{r['backend']:>12} {r['batch']:>2} {r['context_len']:>6} {r['mtp_depth']:>2} "
+        label = r["backend"] + (":fp8" if r.get("expert_format") == "fp8" else "")
+        print(f"{label:>15} {r['batch']:>2} {r['context_len']:>6} {r['mtp_depth']:>2} "
               f"{r['ms_per_step']:8.3f} {r['roofline_ms']:8.3f} {100 * r['roofline_fraction']:6.1f}% "
               f"{r['tokens_per_s']:8.1f}")
     if extra:

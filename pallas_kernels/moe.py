@@ -167,8 +167,7 @@ def _gate_up(x, slots: Slots, u_pad: int, max_slots: int, routed, shared, tiles:
 
         def compute(task, kk, ring_slot, accs):
             _, _, k0, _ = coords(task, kk)
-            tiles.mma(accs[0], ring_g, ring_slot, k0, x_ring.at[ring_slot], interpret)
-            tiles.mma(accs[1], ring_u, ring_slot, k0, x_ring.at[ring_slot], interpret)
+            tiles.mma(accs, [ring_g, ring_u], ring_slot, k0, x_ring.at[ring_slot], scr, interpret)
 
         def epilogue(task, accs):
             slot, i0, _, split = coords(task, 0)
@@ -191,6 +190,7 @@ def _gate_up(x, slots: Slots, u_pad: int, max_slots: int, routed, shared, tiles:
 
     scratch = {f"g{j}": s for j, s in enumerate(tiles.scratch(num_slots))}
     scratch.update({f"u{j}": s for j, s in enumerate(tiles.scratch(num_slots))})
+    scratch.update(tiles.x_scratch(num_slots, x.dtype))
     scratch.update(
         x_ring=plgpu.SMEM((num_slots, TP, tk), x.dtype, transforms=swizzle_transforms(x.dtype)),
         bars=plgpu.Barrier(num_arrivals=2 * tiles.arrivals + 1, num_barriers=num_slots),
@@ -245,7 +245,7 @@ def _down(h, slots: Slots, u_pad: int, routed, shared, tiles: WeightTiles, d: in
         def compute(task, kk, ring_slot, accs):
             expert, is_shared = _slot_info(meta_smem, task // n_tiles, u_pad)
             k0 = jnp.where(is_shared != 0, expert * i, 0) + kk * tk  # the weight row the FP8 scale belongs to
-            tiles.mma(accs[0], ring, ring_slot, k0, x_ring.at[ring_slot], interpret)
+            tiles.mma(accs, [ring], ring_slot, k0, x_ring.at[ring_slot], scr, interpret)
 
         def epilogue(task, accs):
             slot, d0 = task // n_tiles, (task % n_tiles) * tn
@@ -258,6 +258,7 @@ def _down(h, slots: Slots, u_pad: int, routed, shared, tiles: WeightTiles, d: in
                      issue=issue, compute=compute, epilogue=epilogue, acc_shapes=[(tn, TP)], interpret=interpret)
 
     scratch = {f"w{j}": s for j, s in enumerate(tiles.scratch(num_slots))}
+    scratch.update(tiles.x_scratch(num_slots, h.dtype))
     scratch.update(
         x_ring=plgpu.SMEM((num_slots, TP, tk), h.dtype, transforms=swizzle_transforms(h.dtype)),
         bars=plgpu.Barrier(num_arrivals=tiles.arrivals + 1, num_barriers=num_slots),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from glm_fast import load_config
+from glm_fast import accounting, load_config
 from glm_fast.config import parse_override
 from glm_fast.sweep import SWEEP_DIR, SweepError, load_sweep, read_results, run_sweep, sweep_from_dict
 
@@ -140,6 +140,20 @@ def test_bench_decode_protocol_smoke(tmp_path):
         assert ("projected_tokens_per_s" in r) == (depth > 0), r
         assert r["device_trace"]["steps"] == 1 and r["device_trace"]["idle_us"] >= 0, r  # (no GPU track here)
     assert rows[("xla", 1, 1)]["bytes_per_step"] > rows[("xla", 0, 1)]["bytes_per_step"]  # drafts + verify rows
+
+
+def test_bench_decode_fp8_rows_count_routed_experts_at_one_byte():
+    """`--backends persistent:fp8`: the entry parses, another backend with a format is refused by name, and the
+    FP8 row's roofline bytes halve the routed experts only (the persistent kernel's shared experts stay bf16)."""
+    bd = _entry_point("bench_decode")
+    assert bd._backend("persistent:fp8") == ("persistent", "fp8") and bd._backend("xla") == ("xla", "bf16")
+    with pytest.raises(SystemExit, match="persistent:fp8"):
+        bd._backend("xla:fp8")
+    cfg = load_config("glm5_slice")
+    routed = accounting.decode_step_breakdown(cfg, 4096)["routed_experts"]
+    saved = bd._step_bytes(cfg, 4096, 1, 1, "bf16") - bd._step_bytes(cfg, 4096, 1, 1, "fp8")
+    assert bd._step_bytes(cfg, 4096, 1, 1, "bf16") == accounting.bytes_per_decode_step(cfg, 4096)
+    assert routed / 2 * 0.999 < saved < routed / 2  # half the routed bytes, less the block scales (1 / 4096)
 
 
 def test_probe_tma_issue_smoke(tmp_path):

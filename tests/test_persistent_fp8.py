@@ -1,8 +1,8 @@
 """FP8 routed experts in the persistent decode step (`ScheduleOptions(expert_format="fp8")`): the schedule's q + block
-scale weights, the simulator and the kernel in GPU interpret mode (its v1 jnp bodies dequantize) against the XLA
-backend on the same model with its routed experts replaced by dequantize(quantize(W)) -- the function the FP8
-weights stand for, as the XLA backend's `xla_moe_experts_fp8` computes it -- and the GPU path's clear refusal (its
-tile bodies take bf16 weights)."""
+scale weights, the simulator and the kernel in GPU interpret mode (its FP8 tile bodies, and the v1 jnp bodies that
+dequantize) against the XLA backend on the same model with its routed experts replaced by dequantize(quantize(W))
+-- the function the FP8 weights stand for, as the XLA backend's `xla_moe_experts_fp8` computes it -- the FP8 tile
+bodies' CUDA lowering, and (gpu mark) one glm5_slice step on the H200."""
 import dataclasses
 
 import jax
@@ -161,16 +161,14 @@ def test_engine_persistent_fp8_greedy_equals_xla_on_dequantized_experts(monkeypa
 
 @pytest.mark.gpu
 def test_fp8_step_on_the_gpu_is_near_xla_on_dequantized_experts(monkeypatch, tmp_path):
-    """On the H200 (not yet run: the FP8 tile bodies are verified in interpret mode and by the CUDA lowering): one
-    glm5_slice decode step with FP8 experts against the XLA backend on the dequantized model, after a 300-token
-    prompt. The bf16 kernel's own gap to XLA is up to ~0.2 of max |logit| (selection flips at near-ties, README);
+    """On the H200: one glm5_slice decode step with FP8 experts against the XLA backend on the dequantized model,
+    after a 300-token prompt. The bf16 kernel's own gap to XLA is up to ~0.2 of max |logit| (selection flips at near-ties, README);
     wrong scales or tiles give O(1)."""
     monkeypatch.setenv("GLM_FAST_SCHEDULE_DIR", str(tmp_path))
     cfg = load_config("glm5_slice").model
     model, caches, tokens, pos = prefilled(Model(cfg, rngs=nnx.Rngs(0)), 0, 300, 1)
-    from pallas_kernels.persistent.kernel import gpu_candidates, pick_plan
-    options = ScheduleOptions(**pick_plan(cfg, 1 + cfg.mtp_depth, gpu_candidates(expert_format="fp8"), TileConfig(),
-                                          False).schedule.meta["key"]["options"])
+    from pallas_kernels.persistent.kernel import default_options
+    options = default_options(cfg, False, TileConfig(), False, expert_format="fp8")
     dec = PersistentDecoder(model, options, interpret=False, cache_dir=False)
     ok = jnp.ones((1, 1), bool)
     logits = dec(model, dec.weights(1), caches, tokens, pos, ok)[0]
@@ -182,7 +180,7 @@ def test_fp8_step_on_the_gpu_is_near_xla_on_dequantized_experts(monkeypatch, tmp
 
 def test_fp8_expert_bodies_lower_for_cuda_at_glm5_slice(monkeypatch):
     """The FP8 SWIGLU_UP / SWIGLU_DOWN tile bodies (with ATTN: the FP8 rings in its SMEM union) lower for the H200
-    at glm5_slice with 64 x 64 tiles (lowering only, jax 0.10.2; they have not run on a GPU yet), and every
+    at glm5_slice with 64 x 64 tiles (lowering only, jax 0.10.2), and every
     routed-expert branch takes them (no v1 jnp body)."""
     from pallas_kernels.persistent.kernel import abstract_step_args, fit_tiles, gpu_candidates, pick_plan
     from pallas_kernels.persistent.kernel import persistent_step

@@ -81,8 +81,8 @@ STAGED = ("t_op", "t_uvx", "t_lse")  # ... UV's split partials, merged o and spl
 # which UV streams its W_uv tiles through while it reads t_uvx ...
 OWN = ("t_part", "t_rl")  # ... and MOE_COMBINE's partials and ROUTER_SELECT's split-K logits, a group of their
 # own (those bodies use no ring; t_rl is 8 KB at glm5_slice T = 4) ...
-FP8 = ("t_q0", "t_q1", "t_qs0", "t_qs1", "t_x8", "t_wn8")  # ... and the FP8 experts' rings (`tiles.scratch_types`;
-# those bodies use neither t_w0 nor t_w1): all share SMEM with ATTN's on the GPU
+FP8 = ("t_q0", "t_q1", "t_qs0", "t_qs1", "t_x8", "t_wn8", "t_xf")  # ... and the FP8 experts' rings
+# (`tiles.scratch_types`; those bodies use neither t_w0 nor t_w1): all share SMEM with ATTN's on the GPU
 _LN2 = math.log(2.0)
 
 

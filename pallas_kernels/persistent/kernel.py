@@ -954,6 +954,17 @@ def gpu_candidates(**options) -> list:
     return [ScheduleOptions(attn_heads=h, attn_splits=sp, **options) for h, sp in GPU_CHOICES]
 
 
+def default_options(cfg, interpret: bool, tiles: tl.TileConfig, cache_dir=None, **options):
+    """The ScheduleOptions a `PersistentDecoder` given none takes (`options` fixes fields, e.g. expert_format):
+    interpret mode's defaults, else `pick_plan`'s choice among `gpu_candidates` at the widest step the engine
+    runs, T = 1 + cfg.mtp_depth."""
+    from pallas_kernels.persistent.schedule import ScheduleOptions
+    if interpret:
+        return ScheduleOptions(**options)
+    plan = pick_plan(cfg, 1 + cfg.mtp_depth, gpu_candidates(**options), tiles, cache_dir)
+    return ScheduleOptions(**plan.schedule.meta["key"]["options"])
+
+
 def pick_plan(cfg, tokens: int, candidates: list, tiles: tl.TileConfig, cache_dir=None) -> KernelPlan:
     """The plan of the first candidate ScheduleOptions whose SMEM fits with the shallowest weight ring
     (`smem_bytes` + `_MOSAIC_SMEM`), else the last candidate -- Mosaic's own check is the judge
@@ -1022,11 +1033,8 @@ class PersistentDecoder:
         greedy's at the 20th of 64 with 32 splits at T = 1 and 16 at T = 4, and matched with one layout at both
         (tests/test_persistent_kernel.py, gpu mark). glm5_slice takes 64 heads x 32 splits, plain decoding's
         fastest (a 2.16 ms critical path vs 8 x 16's 2.34, bench_persistent_glm5_slice_rope_{lane,8x16}.json)."""
-        from pallas_kernels.persistent.schedule import ScheduleOptions
         if self.options is None:
-            self.options = ScheduleOptions() if self.interpret else ScheduleOptions(**pick_plan(
-                self.cfg, 1 + self.cfg.mtp_depth, gpu_candidates(), self.tiles, self.cache_dir
-            ).schedule.meta["key"]["options"])
+            self.options = default_options(self.cfg, self.interpret, self.tiles, self.cache_dir)
         if tokens not in self._plans:
             self._plans[tokens] = pick_plan(self.cfg, tokens, [self.options], self.tiles, self.cache_dir)
         return self._plans[tokens]

@@ -27,9 +27,10 @@ On glm5-sized configs every branch of these opcodes fits.
 
 FP8 routed experts (`ScheduleOptions.expert_format`): SWIGLU_UP / SWIGLU_DOWN stream [TN, FP8_TK = 128] e4m3 tiles
 (one 128-byte swizzle row, one block of scales) and each tile's 32-scale row segment through the FP8 rings, with x
-and the norm weight in 128-wide rings (`Tiles.stream(tk=...)`, `norm_x(rings=...)`), and multiply with
-`gemv.mma_fp8_tile` (dequantized in registers, A from registers). A column tile must lie in one scale block
-(ScheduleOptions checks that tile_n divides 128).
+and the norm weight in 128-wide rings (`Tiles.stream(tk=...)`, `norm_x(rings=...)`). `norm_x` writes x (normed
+for SWIGLU_UP) as f16 into the t_xf ring, and `gemv.mma_fp8_tiles` multiplies: e4m3 -> f16 in registers (exact,
+one cvt per pair), wgmma with A from registers, each tile's product scaled into the accumulator. A column tile
+must lie in one scale block (ScheduleOptions checks that tile_n divides 128).
 
 Weight prefetch (DESIGN.md sec. 4): the dense bodies issue their first ring slots' weight tiles before the task's
 dependency wait (`prefetching`, `Tiles.stream`'s issue_w); every task still fills and drains its own ring (no
@@ -52,7 +53,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _compat
-from pallas_kernels.gemv import TP, col_scale, mma_bf16_tile, mma_fp8_tile, store_acc_t, swizzle_transforms
+from pallas_kernels.gemv import (TP, cast_x_tile, col_scale, fp8_operand_dtype, mma_bf16_tile, mma_fp8_tiles,
+                                 store_acc_t, swizzle_transforms)
 
 ARRIVALS = (1, 2, 3, 4, 6)  # TMA copies per k-tile: weight (+ x) (+ norm weight) (+ second weight); FP8 gate +
 # up: two weights and their scale segments, x and the norm weight
@@ -157,11 +159,13 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
         out["t_part"] = plgpu.SMEM((part_slots, TP, cfg.tile_n), jnp.float32)
     if fp8:
         e4m3, kq = jnp.float8_e4m3fn, FP8_TK
-        sw8 = () if interpret else swizzle_transforms(e4m3)
+        xf = fp8_operand_dtype(dtype)  # t_xf: x as the e4m3 tiles' wgmma operand (f16 for bf16 models)
+        sw8, swf = ((), ()) if interpret else (swizzle_transforms(e4m3), swizzle_transforms(xf))
         out.update(t_q0=plgpu.SMEM((s, cfg.tile_n, kq), e4m3, transforms=sw8),
                    t_q1=plgpu.SMEM((s, cfg.tile_n, kq), e4m3, transforms=sw8),
                    t_qs0=plgpu.SMEM((s, 1, 32), jnp.float32), t_qs1=plgpu.SMEM((s, 1, 32), jnp.float32),
-                   t_x8=plgpu.SMEM((s, TP, kq), dtype, transforms=sw), t_wn8=plgpu.SMEM((s, kq), dtype))
+                   t_x8=plgpu.SMEM((s, TP, kq), dtype, transforms=sw), t_wn8=plgpu.SMEM((s, kq), dtype),
+                   t_xf=plgpu.SMEM((s, TP, kq), xf, transforms=swf))
     for a in sorted({a * g for a in ARRIVALS for g in (1, cfg.step_tiles)}):
         out[f"t_bar{a}"] = plgpu.Barrier(num_arrivals=a, num_barriers=s)
     if cfg.tile_k != cfg.tile_n:  # the [N, K]-stored weights' ring (interpret mode only; else t_w0 serves)
@@ -307,30 +311,37 @@ class Tiles:
         else:
             plgpu.wgmma(acc, w_tile, _compat.transpose_ref(x_tile, (1, 0)))
 
-    def norm_x(self, *slots, out=None, rings=("t_x", "t_wn")):
+    def norm_x(self, *slots, out=None, rings=("t_x", "t_wn"), out_ring=None):
         """x tiles [TP, TK] of ring `slots` = rmsnorm(x) as `ref.rmsnorm` rounds it: (x * r_t rounded to x's dtype)
-        * w rounded again (r = `inv_rms`'s t_r), in place or (one slot) into `out` (a plain [TP, TK] SMEM ref).
+        * w rounded again (r = `inv_rms`'s t_r), in place, or (one slot) into `out` (a plain [TP, TK] SMEM ref),
+        or into ring `out_ring`'s slots in its dtype (the FP8 path's t_xf).
         Rounding where the reference does keeps the router's top-k choices (near-ties in bf16) equal to the XLA
         backend's; gemv.py's cheaper diag(r) epilogue does not. A ring step's tiles are loaded, scaled and stored
         together under one proxy fence (one SMEM round trip of latency per step, not per tile)."""
         r = self.s["t_r"]
-        pairs = [(self.s[rings[0]].at[sl], self.s[rings[1]].at[sl]) for sl in slots]
-        outs = [x for x, _ in pairs] if out is None else [out]
-        dt = pairs[0][0].dtype
+        xs_in = [self.s[rings[0]].at[sl] for sl in slots]
+        wns = [self.s[rings[1]].at[sl] for sl in slots]
+        outs = ([out] if out is not None else [self.s[out_ring].at[sl] for sl in slots] if out_ring is not None
+                else xs_in)
+        dt, f32 = xs_in[0].dtype, jnp.float32
+
+        def cast(v, to):  # via f32: Mosaic converts no 16-bit float to another directly
+            return v if v.dtype == to else v.astype(f32).astype(to)
+
         if self.interpret:
-            for (x_tile, wn_tile), o in zip(pairs, outs, strict=True):
-                xs = (x_tile[...].astype(jnp.float32) * r[...][:, None]).astype(dt)
-                o[...] = (xs.astype(jnp.float32) * wn_tile[...].astype(jnp.float32)[None, :]).astype(dt)
+            for x_tile, wn_tile, o in zip(xs_in, wns, outs, strict=True):
+                xs = (x_tile[...].astype(f32) * r[...][:, None]).astype(dt)
+                xs = (xs.astype(f32) * wn_tile[...].astype(f32)[None, :]).astype(dt)
+                o[...] = cast(xs, o.dtype)
         else:
             lay = plgpu.Layout.WGMMA_TRANSPOSED
             rr = plgpu.load(r, (), layout=lay.reduce(0))
             loaded = [(plgpu.load(_compat.transpose_ref(x, (1, 0)), (), layout=lay),                   # [TK, TP]
-                       plgpu.load(wn, (), layout=lay.reduce(1)).astype(jnp.float32)) for x, wn in pairs]
+                       plgpu.load(wn, (), layout=lay.reduce(1)).astype(f32)) for x, wn in zip(xs_in, wns, strict=True)]
             for (xt, wn), o in zip(loaded, outs, strict=True):
-                xs = (xt.astype(jnp.float32) * plgpu.layout_cast(lax.broadcast_in_dim(rr, xt.shape, (1,)), lay)
-                      ).astype(dt)
-                xs = xs.astype(jnp.float32) * lax.broadcast_in_dim(wn, xt.shape, (0,))
-                _compat.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(xs.astype(dt), lay)
+                xt = (xt.astype(f32) * plgpu.layout_cast(lax.broadcast_in_dim(rr, xt.shape, (1,)), lay)).astype(dt)
+                xt = (xt.astype(f32) * lax.broadcast_in_dim(wn, xt.shape, (0,))).astype(dt)
+                _compat.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(cast(xt, o.dtype), lay)
         plgpu.commit_smem()  # generic-proxy writes -> the wgmma (async proxy) that reads them
 
     def rope(self, src, cos_ref, sin_ref, tokens: int, x_smem=None):
@@ -685,10 +696,12 @@ def _fp8_issue(tiles, w, idx, e, c0, k0, ring: str, slot, bar) -> None:
                             tiles.s[f"t_qs{ring}"].at[slot], bar)
 
 
-def _fp8_mma(tiles, acc, ring: str, slot, kt, x_tile) -> None:
-    """acc += dequant(the [TN, FP8_TK] tile in `slot` x its block scale) @ x_tile^T (`gemv.mma_fp8_tile`)."""
-    scale = tiles.s[f"t_qs{ring}"][slot, 0, lax.rem(kt, 32)]
-    mma_fp8_tile(acc, tiles.s[f"t_q{ring}"].at[slot], scale, x_tile, tiles.mode)
+def _fp8_mma(tiles, accs, rings: str, slot, kt) -> None:
+    """accs[j] += (ring rings[j]'s [TN, FP8_TK] tile in `slot` x its block scale) @ t_xf's x tile^T
+    (`gemv.mma_fp8_tiles`)."""
+    s = tiles.s
+    scales = [s[f"t_qs{g}"][slot, 0, lax.rem(kt, 32)] for g in rings]
+    mma_fp8_tiles(accs, [s[f"t_q{g}"].at[slot] for g in rings], scales, s["t_xf"].at[slot], tiles.mode)
 
 
 def swiglu_up_body(r, key, consts):
@@ -775,8 +788,7 @@ def _swiglu_up_fp8(r, key, consts, fp8):
             plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, (tokens, k), FP8_TK), s["t_x8"].at[sl], bar)
 
         def compute(sl, accs, kt):
-            for j in (0, 1):
-                _fp8_mma(tiles, accs[j], str(j), sl, kt, s["t_x8"].at[sl])
+            _fp8_mma(tiles, accs, "01", sl, kt)
 
         def prologue():
             tiles.inv_rms(lambda tt, cc, m: x_ref[xi, tt, pl.ds(cc, m)], k, tokens, float(consts[eps]))
@@ -786,7 +798,8 @@ def _swiglu_up_fp8(r, key, consts, fp8):
 
         def run():
             g, u = tiles.stream(k // FP8_TK, 2, 6, issue, compute, prologue, issue_w, None,
-                                prepare=lambda *sl: tiles.norm_x(*sl, rings=("t_x8", "t_wn8")), tk=FP8_TK)
+                                group=tiles.step_group(k // FP8_TK), tk=FP8_TK,
+                                prepare=lambda *sl: tiles.norm_x(*sl, rings=("t_x8", "t_wn8"), out_ring="t_xf"))
             tiles.store(_silu(g) * u * present, dst(), tokens, n)
         _unless_unchosen(True, tokens, present, run, lambda: tiles.store_zeros(dst(), tokens, n))
     return fn
@@ -832,16 +845,20 @@ def swiglu_down_body(r, key, consts):
 
         def compute(sl, accs, kt):
             if fp8 is not None:
-                return _fp8_mma(tiles, accs[0], "0", sl, kt, s["t_x8"].at[sl])
+                return _fp8_mma(tiles, accs, "0", sl, kt)
             tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
+
+        def to_operand(*slots):  # FP8: the landed x tiles as the e4m3 tiles' wgmma operand (t_xf)
+            for sl in slots:
+                cast_x_tile(s["t_x8"].at[sl], s["t_xf"].at[sl], tiles.mode)
 
         def part_dst():
             return out_ref.at[t.out(0), out_slot, pl.ds(tiles.c(0), tokens), pl.ds(c0, n)]
 
         def run():
             (y,) = tiles.stream(k // tk, 1, 3 if fp8 is not None else 2, issue, compute, None, issue_w,
-                                None if routed else t.wait, group=1 if fp8 is not None else tiles.step_group(k // tk),
-                                tk=tk)
+                                None if routed else t.wait, group=tiles.step_group(k // tk), tk=tk,
+                                prepare=None if fp8 is None else to_operand)
             if routed:
                 # coef [U, T] is read as GMEM scalars: its [U, 1] rows have 4-byte strides, which TMA cannot move
                 coef, vec, ci = _stack(r, islots[3]), s["t_vec"], t.inp(3)

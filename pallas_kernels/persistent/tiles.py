@@ -768,7 +768,8 @@ def swiglu_up_body(r, key, consts):
 
 def _swiglu_up_fp8(r, key, consts, fp8):
     """SWIGLU_UP of a routed expert with FP8 gate / up weights: [TN, 128] e4m3 tiles and their block scales
-    through the FP8 rings, x and the norm weight 128 wide, dequantized in registers (`gemv.mma_fp8_tile`)."""
+    through the FP8 rings, x and the norm weight 128 wide; x normed into t_xf as f16, the tiles multiplied by
+    `gemv.mma_fp8_tiles`."""
     _, (n, eps, _), wstk, islots, oslots = key
     tiles, x_ref, out_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0])
     tokens, k = x_ref.shape[1:]

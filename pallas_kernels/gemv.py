@@ -230,7 +230,8 @@ class WeightTiles:
         xf = scratch["xf_ring"].at[slot]
         cast_x_tile(x_tile, xf, interpret)
         kb = (k0 // fp8_format.BLOCK) % 32
-        mma_fp8_tiles(accs, [r[0].at[slot] for r in rings], [r[1][slot, 0, kb] for r in rings], xf, interpret)
+        mma_fp8_tiles(accs, [r[0].at[slot] for r in rings], [r[1][slot, 0, kb] for r in rings], [xf] * len(rings),
+                      interpret)
 
 
 def mma_bf16_tile(acc, w_tile, x_tile, interpret) -> None:
@@ -247,27 +248,28 @@ def fp8_operand_dtype(dtype):
     return jnp.dtype(jnp.float16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
 
 
-def mma_fp8_tiles(accs, q_tiles, scales, x_tile, interpret) -> None:
-    """accs[j] [tn, TP] += scales[j] * (q_tiles[j] [tn, tk] @ x_tile^T): e4m3 tiles in SMEM, each inside one block
-    of scales (scales[j] a scalar); x_tile [TP, tk] in SMEM, of `fp8_operand_dtype`.
+def mma_fp8_tiles(accs, q_tiles, scales, x_tiles, interpret) -> None:
+    """accs[j] [tn, TP] += scales[j] * (q_tiles[j] [tn, tk] @ x_tiles[j]^T) for every j (an acc may repeat): e4m3
+    tiles in SMEM, each inside one block of scales (scales[j] a scalar); x tiles [TP, tk] in SMEM, of
+    `fp8_operand_dtype`.
 
     GPU: each tile is loaded with 32-bit SMEM loads (WGMMA_UPCAST_2X), converted exactly to f16 (one cvt per
-    pair) and moved to the wgmma A layout by one warp shuffle; its unscaled product goes to a fresh accumulator,
-    which is scaled into accs[j]: no per-element multiply and no f16 range limit on q * scale. (Dequantizing to
-    bf16 instead, e4m3 -> f32 * scale -> bf16 after 16-bit loads, ran the FP8 experts at half the bytes rate of
-    the bf16 ones on the H200: experiments/persistent_kernel_log.md, session 24.)
+    pair) and moved to the wgmma A layout by one warp shuffle, while the previous tiles' wgmmas run; each unscaled
+    product goes to a fresh accumulator, and after one wait for all of them each is scaled into its acc: no
+    per-element multiply and no f16 range limit on q * scale. (Dequantizing to bf16 instead, e4m3 -> f32 * scale
+    -> bf16 after 16-bit loads, ran the FP8 experts at half the bytes rate of the bf16 ones on the H200:
+    experiments/persistent_kernel_log.md, session 24.)
     """
     if interpret is not None:
-        for acc, q, s in zip(accs, q_tiles, scales, strict=True):
-            acc[...] += s * jnp.dot(q[...].astype(x_tile.dtype), x_tile[...].T, preferred_element_type=jnp.float32)
+        for acc, q, s, x in zip(accs, q_tiles, scales, x_tiles, strict=True):
+            acc[...] += s * jnp.dot(q[...].astype(x.dtype), x[...].T, preferred_element_type=jnp.float32)
         return
-    ws = [plgpu.layout_cast(plgpu.load(q, (), layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(x_tile.dtype),
-                            plgpu.Layout.WGMMA) for q in q_tiles]
-    xt = _compat.transpose_ref(x_tile, (1, 0))
 
-    def products(*tmps):  # all the tiles' wgmmas in flight, then one wait
-        for tmp, w in zip(tmps, ws, strict=True):
-            plgpu.wgmma(tmp, w, xt)
+    def products(*tmps):  # tile j + 1 is converted while tile j's wgmma runs; one wait for all
+        for tmp, q, x in zip(tmps, q_tiles, x_tiles, strict=True):
+            w = plgpu.layout_cast(plgpu.load(q, (), layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(x.dtype),
+                                  plgpu.Layout.WGMMA)
+            plgpu.wgmma(tmp, w, _compat.transpose_ref(x, (1, 0)))
         return tuple(tmp[...] for tmp in tmps)
 
     ys = pl.run_scoped(products, *[plgpu.ACC(accs[0].shape, jnp.float32) for _ in accs])

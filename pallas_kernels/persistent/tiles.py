@@ -224,7 +224,7 @@ class Tiles:
     # -- streaming ------------------------------------------------------------------------------------------
 
     def stream(self, ktiles: int, n_acc: int, arrivals: int, issue, compute, prologue=None, issue_w=None,
-               wait=None, group: int = 1, prepare=None, tk: int | None = None):
+               wait=None, group: int = 1, prepare=None, tk: int | None = None, per_step: bool = False):
         """Streams a task's `ktiles` weight k-tiles through the ring and returns the f32 accumulators [TN, TP].
 
         issue(k0, slot, barrier): start k-tile k0's TMA copies into ring slot `slot` (`arrivals` of them in all,
@@ -235,7 +235,8 @@ class Tiles:
         then copies only the activations. group: k-tiles per ring step (`step_group`): a step's tiles fill
         consecutive slots and share one barrier (of group x arrivals); prepare(*slots): work on all of a landed
         step's slots before their computes (the fused RMSNorm's `norm_x`). tk: the k-tile's rows (TK; FP8_TK for
-        the FP8 rings).
+        the FP8 rings). per_step: compute(slots, accs, kts) once per ring step, with its slots and k-tiles (the
+        FP8 bodies, which issue a step's wgmmas together and wait once).
         """
         slots, tk = self.cfg.slots, tk or self.tk
         if ktiles % group or slots < group:
@@ -278,8 +279,11 @@ class Tiles:
                 step_slots = [rs * group + u for u in range(group)]
                 if prepare is not None:
                     prepare(*step_slots)
-                for u, sl in enumerate(step_slots):
-                    compute(sl, accs, kk * group + u)
+                if per_step:
+                    compute(step_slots, accs, [kk * group + u for u in range(group)])
+                else:
+                    for u, sl in enumerate(step_slots):
+                        compute(sl, accs, kk * group + u)
                 if not self.interpret:
                     plgpu.wgmma_wait(lag)  # <= 1 wgmma in flight: step kk - lag's retired
                 j = kk - lag  # its ring step is free: refill it for step j + depth
@@ -696,12 +700,14 @@ def _fp8_issue(tiles, w, idx, e, c0, k0, ring: str, slot, bar) -> None:
                             tiles.s[f"t_qs{ring}"].at[slot], bar)
 
 
-def _fp8_mma(tiles, accs, rings: str, slot, kt) -> None:
-    """accs[j] += (ring rings[j]'s [TN, FP8_TK] tile in `slot` x its block scale) @ t_xf's x tile^T
-    (`gemv.mma_fp8_tiles`)."""
+def _fp8_mma(tiles, accs, rings: str, slots, kts) -> None:
+    """For each ring step slot (k-tile kts[i] in slots[i]): accs[j] += (ring rings[j]'s [TN, FP8_TK] tile x its
+    block scale) @ t_xf's x tile^T, all in one `gemv.mma_fp8_tiles` (one wgmma wait per ring step)."""
     s = tiles.s
-    scales = [s[f"t_qs{g}"][slot, 0, lax.rem(kt, 32)] for g in rings]
-    mma_fp8_tiles(accs, [s[f"t_q{g}"].at[slot] for g in rings], scales, s["t_xf"].at[slot], tiles.mode)
+    prods = [(acc, g, sl, kt) for sl, kt in zip(slots, kts, strict=True) for acc, g in zip(accs, rings, strict=True)]
+    mma_fp8_tiles([acc for acc, *_ in prods], [s[f"t_q{g}"].at[sl] for _, g, sl, _ in prods],
+                  [s[f"t_qs{g}"][sl, 0, lax.rem(kt, 32)] for _, g, sl, kt in prods],
+                  [s["t_xf"].at[sl] for _, _, sl, _ in prods], tiles.mode)
 
 
 def swiglu_up_body(r, key, consts):
@@ -788,8 +794,8 @@ def _swiglu_up_fp8(r, key, consts, fp8):
         def issue(k0, sl, bar):
             plgpu.copy_gmem_to_smem(x_view(tiles, x_ref, xi, k0, (tokens, k), FP8_TK), s["t_x8"].at[sl], bar)
 
-        def compute(sl, accs, kt):
-            _fp8_mma(tiles, accs, "01", sl, kt)
+        def compute(sls, accs, kts):
+            _fp8_mma(tiles, accs, "01", sls, kts)
 
         def prologue():
             tiles.inv_rms(lambda tt, cc, m: x_ref[xi, tt, pl.ds(cc, m)], k, tokens, float(consts[eps]))
@@ -799,7 +805,7 @@ def _swiglu_up_fp8(r, key, consts, fp8):
 
         def run():
             g, u = tiles.stream(k // FP8_TK, 2, 6, issue, compute, prologue, issue_w, None,
-                                group=tiles.step_group(k // FP8_TK), tk=FP8_TK,
+                                group=tiles.step_group(k // FP8_TK), tk=FP8_TK, per_step=True,
                                 prepare=lambda *sl: tiles.norm_x(*sl, rings=("t_x8", "t_wn8"), out_ring="t_xf"))
             tiles.store(_silu(g) * u * present, dst(), tokens, n)
         _unless_unchosen(True, tokens, present, run, lambda: tiles.store_zeros(dst(), tokens, n))
@@ -845,7 +851,7 @@ def swiglu_down_body(r, key, consts):
             plgpu.copy_gmem_to_smem(xsrc, s[x_ring].at[sl], bar)
 
         def compute(sl, accs, kt):
-            if fp8 is not None:
+            if fp8 is not None:  # (per_step: sl, kt are the ring step's slots and k-tiles)
                 return _fp8_mma(tiles, accs, "0", sl, kt)
             tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
 
@@ -859,7 +865,7 @@ def swiglu_down_body(r, key, consts):
         def run():
             (y,) = tiles.stream(k // tk, 1, 3 if fp8 is not None else 2, issue, compute, None, issue_w,
                                 None if routed else t.wait, group=tiles.step_group(k // tk), tk=tk,
-                                prepare=None if fp8 is None else to_operand)
+                                prepare=None if fp8 is None else to_operand, per_step=fp8 is not None)
             if routed:
                 # coef [U, T] is read as GMEM scalars: its [U, 1] rows have 4-byte strides, which TMA cannot move
                 coef, vec, ci = _stack(r, islots[3]), s["t_vec"], t.inp(3)

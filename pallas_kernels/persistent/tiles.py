@@ -28,9 +28,10 @@ On glm5-sized configs every branch of these opcodes fits.
 FP8 routed experts (`ScheduleOptions.expert_format`): SWIGLU_UP / SWIGLU_DOWN stream [TN, FP8_TK = 128] e4m3 tiles
 (one 128-byte swizzle row, one block of scales) and each tile's 32-scale row segment through the FP8 rings, with x
 and the norm weight in 128-wide rings (`Tiles.stream(tk=...)`, `norm_x(rings=...)`). `norm_x` writes x (normed
-for SWIGLU_UP) as f16 into the t_xf ring, and `gemv.mma_fp8_tiles` multiplies: e4m3 -> f16 in registers (exact,
-one cvt per pair), wgmma with A from registers, each tile's product scaled into the accumulator. A column tile
-must lie in one scale block (ScheduleOptions checks that tile_n divides 128).
+for SWIGLU_UP) as f16 into the t_xf ring, and `gemv.mma_fp8_tiles` multiplies a ring step's tiles (two k-tiles, as
+bf16's steps; `Tiles.stream(per_step=True)`): e4m3 -> f16 in registers (exact, one cvt per pair), wgmma with A
+from registers, one wait per step, each tile's product scaled into the accumulator. A column tile must lie in one
+scale block (ScheduleOptions checks that tile_n divides 128).
 
 Weight prefetch (DESIGN.md sec. 4): the dense bodies issue their first ring slots' weight tiles before the task's
 dependency wait (`prefetching`, `Tiles.stream`'s issue_w); every task still fills and drains its own ring (no

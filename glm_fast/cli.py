@@ -54,6 +54,20 @@ def _load(args):
     return model, cfg, tokenizer
 
 
+def _persistent_options(cfg, backend: str, expert_format: str):
+    """The persistent kernel's ScheduleOptions for --expert-format (None: the engine's default, bf16)."""
+    if expert_format == "bf16":
+        return None
+    if backend != "persistent":
+        raise CLIError(f"--expert-format {expert_format}: FP8 routed experts run in the persistent backend only: "
+                       f"add --backend persistent (got {backend!r})")
+    import jax
+
+    from pallas_kernels.persistent.kernel import default_options
+    from pallas_kernels.persistent.tiles import TileConfig
+    return default_options(cfg.model, jax.default_backend() != "gpu", TileConfig(), expert_format=expert_format)
+
+
 def cmd_generate(args) -> int:
     from glm_fast import Engine
 
@@ -67,8 +81,9 @@ def cmd_generate(args) -> int:
         prompt = [cfg.model.bos_token_id] if cfg.model.bos_token_id is not None else []
         prompt += tokenizer.encode(args.prompt)
     max_len = args.max_len or cfg.decode.max_len
-    engine = Engine(model, backend=args.backend or cfg.decode.backend, max_len=max_len,
-                    compilation_cache=args.cache_dir)
+    backend = args.backend or cfg.decode.backend
+    engine = Engine(model, backend=backend, max_len=max_len, compilation_cache=args.cache_dir,
+                    persistent_options=_persistent_options(cfg, backend, args.expert_format))
     stops = [cfg.model.eos_token_id] if cfg.model.eos_token_id is not None and not args.ignore_eos else []
     generated: list[int] = []
     printed = ""
@@ -121,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--speculative", type=int, default=0, metavar="D", help="MTP draft depth (0 = off)")
     g.add_argument("--backend", help="decode backend (xla, ...)")
+    g.add_argument("--expert-format", choices=("bf16", "fp8"), default="bf16",
+                   help="routed experts' weights in the persistent backend (fp8: e4m3 + 128 x 128 block scales)")
     g.add_argument("--max-len", type=int, help="context length of the cache")
     g.add_argument("--cache-dir", help="JAX compilation cache (default ~/.cache/glm_fast/jax)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")

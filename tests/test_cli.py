@@ -38,6 +38,7 @@ def test_shipped_demo_writes_text(capsys):
     (["--prompt-ids", "1,x"], "give integers separated by commas"),
     (["--set", "model.index_topk=0"], r"model\.index_topk=0: must be a positive integer"),
     (["--config", "nonexistent"], "no config named 'nonexistent'"),
+    (["--expert-format", "fp8"], "persistent backend only: add --backend persistent"),
 ])
 def test_random_init_errors_are_one_line(capsys, argv, message):
     import re
@@ -46,6 +47,27 @@ def test_random_init_errors_are_one_line(capsys, argv, message):
         base += ["--config", "tiny"]
     assert main(base + argv) == 2
     assert re.search(message, _error_line(capsys))
+
+
+def test_expert_format_fp8_reaches_the_persistent_engine(monkeypatch):
+    """--backend persistent --expert-format fp8 hands the engine FP8 ScheduleOptions (the engine's FP8 decoding
+    itself: tests/test_persistent_fp8.py)."""
+    import glm_fast
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_engine(model, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(glm_fast, "Engine", fake_engine)
+    with pytest.raises(Stop):
+        main(["generate", "--random-init", "--config", "tiny", "--backend", "persistent", "--expert-format", "fp8",
+              "--prompt-ids", "1,2,3", "--max-new-tokens", "2"])
+    assert seen["backend"] == "persistent" and seen["persistent_options"].expert_format == "fp8"
 
 
 def test_checkpoint_errors_are_one_line(capsys, tmp_path):

@@ -206,7 +206,7 @@ class WeightTiles:
             (w,), (w_ring,) = src, ring
             plgpu.copy_gmem_to_smem(w.at[pl.ds(k0, self.tile_k), pl.ds(n0, self.tile_n)], w_ring.at[slot], barrier)
             return
-        (q, scale), (q_ring, s_ring) = src, ring[:2]
+        (q, scale), (q_ring, s_ring) = src, ring
         block = fp8_format.BLOCK
         plgpu.copy_gmem_to_smem(q.at[pl.ds(n0, self.tile_n), pl.ds(k0, self.tile_k)], q_ring.at[slot], barrier)
         kb = k0 // block
@@ -277,15 +277,20 @@ def mma_fp8_tiles(accs, q_tiles, scales, x_tiles, interpret) -> None:
         acc[...] = acc[...] + y * s
 
 
+def cast_via_f32(v, dtype):
+    """v in `dtype`, through f32 when it changes (Mosaic converts no 16-bit float type to another directly)."""
+    return v if v.dtype == dtype else v.astype(jnp.float32).astype(dtype)
+
+
 def cast_x_tile(src, dst, interpret) -> None:
-    """dst [TP, tk] = src [TP, tk] in dst's dtype, SMEM to SMEM (via f32: Mosaic converts no 16-bit float type
-    to another directly), fenced for the wgmma that reads it."""
+    """dst [TP, tk] = src [TP, tk] in dst's dtype (`cast_via_f32`), SMEM to SMEM, fenced for the wgmma that reads
+    it."""
     if interpret is None:
         lay = plgpu.Layout.WGMMA_TRANSPOSED
         v = plgpu.load(_compat.transpose_ref(src, (1, 0)), (), layout=lay)
-        _compat.transpose_ref(dst, (1, 0))[...] = plgpu.layout_cast(v.astype(jnp.float32).astype(dst.dtype), lay)
+        _compat.transpose_ref(dst, (1, 0))[...] = plgpu.layout_cast(cast_via_f32(v, dst.dtype), lay)
     else:
-        dst[...] = src[...].astype(jnp.float32).astype(dst.dtype)
+        dst[...] = cast_via_f32(src[...], dst.dtype)
     plgpu.commit_smem()
 
 

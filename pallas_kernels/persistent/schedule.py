@@ -135,7 +135,7 @@ class ScheduleOptions:
     scales (`pallas_kernels.fp8`, DeepSeek-V3's layout: q [E, N, K], K contiguous), quantized from the model's
     weights by `PersistentWeights.from_model`; each q weight of the schedule is followed by its scale weight
     (`fp8_scale_id`); tile_n must divide 128. The tile bodies stream [TN, 128] e4m3 tiles with one block scale
-    each and dequantize in registers (`tiles.swiglu_up_body`); so far verified in GPU interpret mode only.
+    each, converted to f16 in registers (`tiles.swiglu_up_body`, `gemv.mma_fp8_tiles`).
     """
     tile_n: int = 64
     attn_heads: int = 8

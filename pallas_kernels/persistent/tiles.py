@@ -54,8 +54,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _compat
-from pallas_kernels.gemv import (TP, cast_x_tile, col_scale, fp8_operand_dtype, mma_bf16_tile, mma_fp8_tiles,
-                                 store_acc_t, swizzle_transforms)
+from pallas_kernels.gemv import (TP, cast_via_f32, cast_x_tile, col_scale, fp8_operand_dtype, mma_bf16_tile,
+                                 mma_fp8_tiles, store_acc_t, swizzle_transforms)
 
 ARRIVALS = (1, 2, 3, 4, 6)  # TMA copies per k-tile: weight (+ x) (+ norm weight) (+ second weight); FP8 gate +
 # up: two weights and their scale segments, x and the norm weight
@@ -329,15 +329,11 @@ class Tiles:
         outs = ([out] if out is not None else [self.s[out_ring].at[sl] for sl in slots] if out_ring is not None
                 else xs_in)
         dt, f32 = xs_in[0].dtype, jnp.float32
-
-        def cast(v, to):  # via f32: Mosaic converts no 16-bit float to another directly
-            return v if v.dtype == to else v.astype(f32).astype(to)
-
         if self.interpret:
             for x_tile, wn_tile, o in zip(xs_in, wns, outs, strict=True):
                 xs = (x_tile[...].astype(f32) * r[...][:, None]).astype(dt)
                 xs = (xs.astype(f32) * wn_tile[...].astype(f32)[None, :]).astype(dt)
-                o[...] = cast(xs, o.dtype)
+                o[...] = cast_via_f32(xs, o.dtype)
         else:
             lay = plgpu.Layout.WGMMA_TRANSPOSED
             rr = plgpu.load(r, (), layout=lay.reduce(0))
@@ -346,7 +342,7 @@ class Tiles:
             for (xt, wn), o in zip(loaded, outs, strict=True):
                 xt = (xt.astype(f32) * plgpu.layout_cast(lax.broadcast_in_dim(rr, xt.shape, (1,)), lay)).astype(dt)
                 xt = (xt.astype(f32) * lax.broadcast_in_dim(wn, xt.shape, (0,))).astype(dt)
-                _compat.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(cast(xt, o.dtype), lay)
+                _compat.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(cast_via_f32(xt, o.dtype), lay)
         plgpu.commit_smem()  # generic-proxy writes -> the wgmma (async proxy) that reads them
 
     def rope(self, src, cos_ref, sin_ref, tokens: int, x_smem=None):

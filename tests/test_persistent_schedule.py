@@ -37,13 +37,24 @@ def tiny_schedule(request, tiny):
     return compile_schedule(tiny, t, dataclasses.replace(TINY_OPTIONS, assign=assign))
 
 
-def _producers(s):
-    """Buffer id -> op (counter) ids that write it."""
-    out = {}
+def _read_region(t, s, b):
+    """The part of input buffer b that task t reads: a routed down task its slot of the experts' activations
+    (its op group waits for that slot's up tiles only), every other task all of it."""
+    if t.op == Op.SWIGLU_DOWN and b == t.inputs[0] and t.args[2] >= 0:
+        return (t.args[2],)
+    return ...
+
+
+def _producers(s, b, region=...):
+    """The counters of the tasks that write any element of buffer b's `region`."""
+    out = set()
     for t in s.tasks:
-        for b in t.outputs:
-            if b >= 0:
-                out.setdefault(b, set()).add(t.signal)
+        for ob, idx in written_region(t, s.buffers):
+            if ob == b:
+                mask = np.zeros(s.buffers[b].shape, bool)
+                mask[idx] = True
+                if mask[region].any():
+                    out.add(t.signal)
     return out
 
 
@@ -62,17 +73,21 @@ def test_waits_match_counters_and_lists_are_topological(tiny_schedule):
 
 
 def test_inputs_are_produced_by_ancestors_and_graph_is_acyclic(tiny_schedule):
-    """A task's inputs are produced by counters known complete when it starts: its own waits and those of the
-    tasks before it on its SM (`_drop_known_waits` drops the repeats), transitively."""
+    """What a task reads is produced by counters known complete when it starts: its own waits and those of the
+    tasks before it on its SM (`_drop_known_waits` drops the repeats), transitively -- per task, so a routed down
+    tile that waits for its own slot's up tiles only is checked against that slot's writers."""
     s = tiny_schedule
     tasks = s.tasks
-    deps = {t.signal: set() for t in tasks}
+    known = {}  # task id -> the counters its SM list has waited on up to and including it
     for row in s.sm_lists():
-        known = set()
+        seen = set()
         for i in row:
-            known |= {c for c, _ in tasks[i].waits}
-            deps[tasks[i].signal] |= known
-    # Kahn's algorithm over the counter (op) graph visits every node iff it is acyclic.
+            seen |= {c for c, _ in tasks[i].waits}
+            known[i] = set(seen)
+    deps = {t.signal: set() for t in tasks}
+    for t in tasks:
+        deps[t.signal] |= known[t.id]
+    # Kahn's algorithm over the counter graph visits every node iff it is acyclic.
     indeg = {o: len(d) for o, d in deps.items()}
     users = {}
     for o, d in deps.items():
@@ -90,11 +105,36 @@ def test_inputs_are_produced_by_ancestors_and_graph_is_acyclic(tiny_schedule):
     ancestors = {}
     for o in seen:  # a topological order
         ancestors[o] = set().union(*([deps[o]] + [ancestors[p] for p in deps[o]]))
-    producers = _producers(s)
+    producers = {}
     for t in tasks:
+        reach = known[t.id].union(*(ancestors[c] for c in known[t.id]))
         for b in t.inputs:
             if b >= 0 and s.buffers[b].kind != Kind.INPUT:
-                assert producers[b] <= ancestors[t.signal], (t, s.buffers[b].name)
+                region = _read_region(t, s, b)
+                key = (b, region if region is ... else tuple(region))
+                if key not in producers:
+                    producers[key] = _producers(s, b, region)
+                assert producers[key] <= reach, (t, s.buffers[b].name)
+
+
+def test_routed_down_tiles_wait_for_their_own_slot_and_the_combine_waits_once(tiny):
+    """Each expert slot's up tiles signal a counter of their own; a slot's down tiles (one shared counter for all
+    slots) wait on it alone, so they run while other slots' up tiles stream; the combine waits once for them."""
+    s = compile_schedule(tiny, 2, dataclasses.replace(TINY_OPTIONS, assign="levels"))
+    names = [c.name for c in s.counters]
+    slots = {t.args[2] for t in s.tasks if t.op == Op.SWIGLU_UP and t.layer == 1 and t.args[2] >= 0}
+    assert len(slots) > 1
+    waited = set()  # (slot, up counter) pairs of the down tiles' waits (an SM's repeated waits are dropped)
+    for t in s.tasks:
+        if t.layer == 1 and t.op == Op.SWIGLU_DOWN and t.args[2] >= 0:
+            assert names[t.signal] == "layers/1/experts_down"
+            waited |= {(t.args[2], names[c]) for c, _ in t.waits if "experts_up" in names[c]}
+    assert waited == {(slot, f"layers/1/experts_up_{slot}") for slot in slots}
+    down = names.index("layers/1/experts_down")
+    col_tiles = -(-tiny.hidden_size // TINY_OPTIONS.tile_n)
+    assert s.counters[down].target == sum(t.signal == down for t in s.tasks) == len(slots) * col_tiles
+    combine = [[names[c] for c, _ in t.waits] for t in s.tasks if names[t.signal] == "layers/1/combine"]
+    assert max(w.count("layers/1/experts_down") for w in combine) == 1
 
 
 def test_every_output_element_is_written_exactly_once(tiny_schedule):

@@ -60,7 +60,8 @@ Per op: weights / inputs / outputs / args (buffers are row-major; T = query toke
     MOE_COMBINE    - / [part, h_mid] / [h] / [col0, ncols]     h[:, c] = h_mid + cast(sum over slots of part);
                    h_mid -1: h[:, c] = cast(sum over slots of part) (a split-K GEMV's parts, `_Lowering.gemv`)
 
-Counters: one per op group; target = its task count; `waiters` = how many tasks wait on it (after the
+Counters: one per op group, or one for several op groups that share it (the routed experts' down tiles of all
+slots, `schedule._counters`); target = their task count; `waiters` = how many tasks wait on it (after the
 schedule compiler dropped the waits an earlier task of the same SM list already made; statistics).
 """
 from __future__ import annotations

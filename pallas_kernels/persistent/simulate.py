@@ -209,8 +209,10 @@ class _Machine:
             self.written.append(np.zeros(b.shape, bool) if b.kind in (Kind.SCRATCH, Kind.OUTPUT) else None)
         self.pos = inputs["pos"]
 
-    def read(self, bid):
-        if self.written[bid] is not None and not self.written[bid].all():
+    def read(self, bid, region=...):
+        """Buffer bid, whose `region` (an index; default all of it) must be completely written: a routed down
+        task reads only its slot of the experts' activations (its op group waits for that slot's up tiles)."""
+        if self.written[bid] is not None and not self.written[bid][region].all():
             raise DataflowError(f"read of {self.s.buffers[bid].name} before it is completely written")
         return jnp.asarray(self.bufs[bid])
 
@@ -351,7 +353,7 @@ class _Machine:
     def _swiglu_down(self, t):
         (wd,), (act, res, slot_expert, coef), (c0, n, slot, out_slot) = t.weights, t.inputs, t.args[:4]
         w = self._expert(wd, slot_expert, slot)
-        a = self.read(act)
+        a = self.read(act, slot if slot >= 0 else ...)
         if w is None:
             return self.write(t, jnp.zeros((a.shape[1], n)))
         y = ref.gemv((a[slot] if slot >= 0 else a).astype(jnp.float32), w[:, c0:c0 + n].astype(jnp.float32))

@@ -370,7 +370,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
                 n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None,
                 assign: str | None = None, index_chunks: int | None = None, lowering: str = "lane",
                 trace_launches: int = 0, stamps: bool = False, hoist: tuple[str, ...] | None = None,
-                task_stamps: bool = False, expert_format: str | None = None) -> dict:
+                task_stamps: bool = False, expert_format: str | None = None, solo_ring: bool = True) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
     sync=False: no cross-CTA waits or signals; slots: the tile bodies' SMEM ring depth (TMA steps in flight; None:
     the decoder's, `kernel.fit_tiles`);
@@ -379,8 +379,9 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     PersistentDecoder's choice; else the unset one takes ScheduleOptions' default); n_tokens: T, the step's tokens
     at positions context .. context + T - 1 (1 + D: an MTP verification step); topk_bits: INDEX_TOPK's key bits
     per radix pass (TileConfig.topk_bits); step_tiles: weight tiles per ring step of the bulk streams
-    (TileConfig.step_tiles; None: its default); assign, index_chunks: the schedule's SM assignment and indexer
-    score tasks per layer (ScheduleOptions.assign / .index_chunks; None: their defaults); hoist: the ops that
+    (TileConfig.step_tiles; None: its default); solo_ring: TileConfig.solo_ring (False: the single-weight streams
+    take one weight ring, `slots` deep, as the others do); assign, index_chunks: the schedule's SM assignment and
+    indexer score tasks per layer (ScheduleOptions.assign / .index_chunks; None: their defaults); hoist: the ops that
     the assignment orders with their producers (ScheduleOptions.hoist; None: its default); lowering: Mosaic GPU's
     lowering semantics ("lane", the kernel's default; "warpgroup"; "jax": jax's default); trace_launches: a
     `jax.profiler` trace of that many more back-to-back launches, reduced to the device's kernels per launch
@@ -443,7 +444,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
         arrays.append(getattr(caches[int(layer)], field)[0])
     cos, sin = model.rope(pos)
     op_set = frozenset(Op[o] for o in ops)
-    tiles = dataclasses.replace(dec.tiles_for(n_tokens), topk_bits=topk_bits,
+    tiles = dataclasses.replace(dec.tiles_for(n_tokens), topk_bits=topk_bits, solo_ring=solo_ring,
                                 **({"slots": slots} if slots else {}),  # slots None: the decoder's ring
                                 **({"step_tiles": step_tiles} if step_tiles else {}))
     full = set(ops) == set(FULL)
@@ -468,7 +469,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
            "median_ms_profiled" if profile else "median_ms": _median_ms(compiled, (weights, arrays), reps),
            "bytes_of_ops": int(sum(t.nbytes for t in plan.schedule.tasks if t.op in op_set)),
            "slots": tiles.slots, "topk_bits": tiles.topk_bits, "step_tiles": tiles.step_tiles,
-           "assign": plan.schedule.meta["key"]["options"]["assign"], "lowering": lowering}
+           "solo_ring": tiles.solo_ring, "assign": plan.schedule.meta["key"]["options"]["assign"],
+           "lowering": lowering}
     if trace_launches:
         from glm_fast import device_trace
         with tempfile.TemporaryDirectory(prefix="persistent_trace_") as tmp:
@@ -532,7 +534,8 @@ def main(argv=None):
                         "opcodes joined by + (a probe)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant (compile + run)")
     p.add_argument("--slots", type=int, default=None,
-                   help="SMEM ring depth of the tile bodies (TileConfig.slots; default: the decoder's, kernel.fit_tiles)")
+                   help="SMEM ring depth of the tile bodies (TileConfig.slots; default: the decoder's, "
+                        "kernel.fit_tiles)")
     p.add_argument("--attn-splits", type=int, default=None,
                    help="split-KV factor of the attention tasks (ScheduleOptions.attn_splits; default: "
                         "PersistentDecoder's choice)")
@@ -544,6 +547,9 @@ def main(argv=None):
     p.add_argument("--step-tiles", type=int, default=None,
                    help="weight tiles per ring step of GEMV / SWIGLU streams (TileConfig.step_tiles: 1, 2 or 4; "
                         "default its default)")
+    p.add_argument("--no-solo-ring", action="store_true",
+                   help="the single-weight streams (GEMV, bf16 SWIGLU_DOWN) take one weight ring, as the others do, "
+                        "not both as one ring twice as deep (TileConfig.solo_ring)")
     p.add_argument("--assign", default=None, choices=ASSIGNMENTS,
                    help="the schedule's SM assignment (ScheduleOptions.assign; default its default)")
     p.add_argument("--hoist", default=None,
@@ -585,7 +591,8 @@ def main(argv=None):
                                      index_chunks=args.index_chunks, lowering=args.lowering,
                                      trace_launches=args.trace_launches, stamps=args.stamps,
                                      hoist=None if args.hoist is None else parse_hoist(args.hoist),
-                                     task_stamps=args.task_stamps, expert_format=args.expert_format)), flush=True)
+                                     task_stamps=args.task_stamps, expert_format=args.expert_format,
+                                     solo_ring=not args.no_solo_ring)), flush=True)
         return
     from glm_fast import results
     from pallas_kernels.persistent import ptxas
@@ -596,6 +603,7 @@ def main(argv=None):
                "--reps", str(args.reps), *(["--slots", str(args.slots)] if args.slots else []),
                "--topk-bits", str(args.topk_bits),
                *(["--step-tiles", str(args.step_tiles)] if args.step_tiles else []),
+               *(["--no-solo-ring"] if args.no_solo_ring else []),
                *(["--assign", args.assign] if args.assign else []),
                *(["--hoist", args.hoist] if args.hoist is not None else []),
                *(["--index-chunks", str(args.index_chunks)] if args.index_chunks else []),
@@ -629,7 +637,8 @@ def main(argv=None):
     record = results.result("bench_persistent", {"config": args.config, "context": args.context, "tokens": args.tokens,
                                                  "reps": args.reps, "slots": args.slots,
                                                  "topk_bits": args.topk_bits, "step_tiles": args.step_tiles,
-                                                 "assign": args.assign, "index_chunks": args.index_chunks,
+                                                 "solo_ring": not args.no_solo_ring, "assign": args.assign,
+                                                 "index_chunks": args.index_chunks,
                                                  "expert_format": args.expert_format,
                                                  "hoist": args.hoist,
                                                  "lowering": args.lowering,

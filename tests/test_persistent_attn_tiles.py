@@ -92,12 +92,16 @@ def test_attn_scratch_fits_smem_at_glm5_slice():
     scratch = kernel_mod._scratch_types(plan, kernel_mod.tl.TileConfig(), False)
     assert "t_alias" in scratch and "a2_q" not in scratch
     assert kernel_mod.smem_bytes(plan, kernel_mod.tl.TileConfig()) < 220 * 1024
-    # UV reads t_op while it streams W_uv through t_w0: t_op's group starts with a pad as large as t_w0
+    # UV reads t_op while it streams W_uv through t_w0 (t_w's first half): t_op's group starts with a pad as large
+    # as t_w0; the indexer's own buffers start past t_w (both rings); the x ring sits in t_w's group, after it
     groups = scratch["t_alias"].refs
-    rings = next(g for g in groups if "t_w0" in g)
+    rings = next(g for g in groups if "t_w" in g)
+    assert sorted(rings) == ["t_w", "t_wn", "t_x"] and rings["t_x"].shape[0] == rings["t_w"].shape[0]
     staged = next(g for g in groups if "t_op" in g)
-    assert sorted(staged)[0] == "t_a_pad" and "t_w0" not in staged
-    assert attn_tiles._nbytes(staged["t_a_pad"]) == attn_tiles._group_bytes({"t_w0": rings["t_w0"]})
+    assert sorted(staged)[0] == "t_a_pad" and "t_w" not in staged
+    assert attn_tiles._nbytes(staged["t_a_pad"]) == attn_tiles._nbytes(rings["t_w"]) // 2
+    index_own = next(g for g in groups if "t_a_pad_ix" in g)
+    assert attn_tiles._nbytes(index_own["t_a_pad_ix"]) == attn_tiles._group_bytes({"t_w": rings["t_w"]})
 
 
 def test_attn_body_lowers_for_cuda_at_glm5_slice(attn_calls):

@@ -76,7 +76,7 @@ M = 64  # the wgmma M: q rows per tile (a task's nh <= 64 heads in the first row
 ACC_COLS = 256  # accumulator columns per pass: [64, 256] f32 = 128 registers per thread of one warpgroup
 OUT_TILE = 32  # f32 staging tile width (128 bytes)
 SMEM_BUDGET = 200 * 1024  # the kernel's scratch with ATTN's (a second ring stage only if it fits)
-RINGS = ("t_w0", "t_w1")  # the weight rings, one union group (SWIGLU_UP and INDEX_SCORE use both at once) ...
+RINGS = ("t_w", "t_x", "t_wn")  # the weight rings, one union group (SWIGLU_UP and INDEX_SCORE use both at once) ...
 STAGED = ("t_op", "t_uvx", "t_lse")  # ... UV's split partials, merged o and split LSEs: a group placed past t_w0,
 # which UV streams its W_uv tiles through while it reads t_uvx ...
 OWN = ("t_part", "t_rl")  # ... and MOE_COMBINE's partials and ROUTER_SELECT's split-K logits, a group of their
@@ -154,8 +154,8 @@ class AttnShape:
         out = dict(out)
         rings, staged, own, fp8 = ({k: out.pop(k) for k in names if k in out and not interpret}
                                    for names in (RINGS, STAGED, OWN, FP8))
-        if staged:  # t_op / t_uvx start where t_w1 does: they may overlap t_w1, never t_w0
-            staged["t_a_pad"] = plgpu.SMEM((_group_bytes({"t_w0": rings["t_w0"]}),), jnp.int8)  # (sorts first)
+        if staged:  # t_op / t_uvx start where t_w1 (t_w's second half) does: they may overlap t_w1, never t_w0
+            staged["t_a_pad"] = plgpu.SMEM((_nbytes(rings["t_w"]) // 2,), jnp.int8)  # (sorts first)
         stages = 2 if n_blocks > 1 else 1
         if not interpret:
             rest = sum(_nbytes(v) for v in out.values())

@@ -193,8 +193,9 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
         # ring, and the bodies' own buffers past the weight rings t_w0 / t_w1, which INDEX_SCORE streams through
         from pallas_kernels.persistent.attn_tiles import _group_bytes
         refs = out["t_alias"].refs
-        rings = next(g for g in refs if "t_w0" in g)
-        own["t_a_pad_ix"] = plgpu.SMEM((_group_bytes(rings),), jnp.int8)  # (sorts first)
+        rings = next(g for g in refs if "t_w" in g)
+        own["t_a_pad_ix"] = plgpu.SMEM((_group_bytes({"t_w": rings["t_w"]}),), jnp.int8)  # (sorts first; past
+        # t_w only: the x ring after it in its group is not the indexer's)
         out["t_alias"] = plgpu.RefUnion(*refs, ring, own)
     else:
         out.update(ring)

@@ -716,7 +716,8 @@ def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None, interpret: boo
     o_parts = [b.shape for b in plan.schedule.buffers if b.name.endswith("/o_part")]  # [splits, T, N, C]
     index_dim = max((b.shape[-1] for b in plan.schedule.buffers if b.name.endswith("/index_k")), default=0)
     return tl.scratch_types(_JNP[hidden.dtype], hidden.shape[-1], rope, index_dim, max(parts, default=0),
-                            _slot_shapes(plan), tiles, interpret, max((o[0] for o in o_parts), default=0), _router_shape(plan),
+                            _slot_shapes(plan), tiles, interpret, max((o[0] for o in o_parts), default=0),
+                            _router_shape(plan),
                             attn=attn_tiles.plan_shape(plan), index=index_tiles.plan_shape(plan, interpret),
                             latent=max((o[-1] for o in o_parts), default=0),
                             fp8=any(k >= 0 for k in plan.fp8_scales))

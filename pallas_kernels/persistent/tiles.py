@@ -97,12 +97,18 @@ class TileConfig:
     wait, scalar issue code) is paid once per step_tiles x 8 KB; the ring then holds slots // step_tiles steps.
     topk_bits: key bits INDEX_TOPK's radix select decides per pass (32 / b sequential passes of 2^b - 1 counts
     each): 2 is the fastest on the H200 at glm5_slice, 4K context (select 55 us vs 78 us at 4 bits
-    and 80 us at 1; experiments/results/bench_persistent_glm5_slice_topk_bits{1,2,4}.json)."""
+    and 80 us at 1; experiments/results/bench_persistent_glm5_slice_topk_bits{1,2,4}.json).
+    solo_ring: the streams of one weight (GEMV, bf16 SWIGLU_DOWN) take both weight rings as one ring of
+    2 x slots (`Tiles.solo_slots`), twice the bytes in flight; the others (SWIGLU_UP's gate and up, ABSORB, UV,
+    the indexer) take `slots`. A stream is partly bound by its bytes in flight: with 6 slots instead of 8 the
+    H200 kernel took 2.302 ms instead of 2.108 at glm5_slice, GEMV 0.97 ms on the critical path instead of 0.81
+    (experiments/results/session25/)."""
     tile_n: int = 64
     tile_k: int = 64
     slots: int = 8
     topk_bits: int = 2
     step_tiles: int = 2
+    solo_ring: bool = True
 
     def __post_init__(self):
         if not 2 <= self.slots <= 16:
@@ -143,11 +149,10 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
     sw = () if interpret else swizzle_transforms(dtype)  # the interpreter's jnp.dot reads plain tiles
     if not interpret:
         cfg.check_gpu()
-    out = dict(
-        t_w0=plgpu.SMEM((s, cfg.tile_k, cfg.tile_n), dtype, transforms=sw),
-        t_w1=plgpu.SMEM((s, cfg.tile_k, cfg.tile_n), dtype, transforms=sw),
-        t_x=plgpu.SMEM((s, TP, cfg.tile_k), dtype, transforms=sw),
-        t_wn=plgpu.SMEM((s, cfg.tile_k), dtype),
+    out = dict(  # t_w: the two weight rings t_w0 | t_w1 (`Tiles` views), one ring of 2s slots for `solo_ring`
+        t_w=plgpu.SMEM((2 * s, cfg.tile_k, cfg.tile_n), dtype, transforms=sw),
+        t_x=plgpu.SMEM((2 * s, TP, cfg.tile_k), dtype, transforms=sw),
+        t_wn=plgpu.SMEM((2 * s, cfg.tile_k), dtype),
         t_o=plgpu.SMEM((TP, cfg.tile_n), dtype),
         t_o32=plgpu.SMEM((TP, cfg.tile_n), jnp.float32),
         t_res=plgpu.SMEM((TP, cfg.tile_n), dtype),
@@ -168,9 +173,9 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
                    t_x8=plgpu.SMEM((s, TP, kq), dtype, transforms=sw), t_wn8=plgpu.SMEM((s, kq), dtype),
                    t_xf=plgpu.SMEM((s, TP, kq), xf, transforms=swf))
     for a in sorted({a * g for a in ARRIVALS for g in (1, cfg.step_tiles)}):
-        out[f"t_bar{a}"] = plgpu.Barrier(num_arrivals=a, num_barriers=s)
-    if cfg.tile_k != cfg.tile_n:  # the [N, K]-stored weights' ring (interpret mode only; else t_w0 serves)
-        out["t_wt"] = plgpu.SMEM((s, cfg.tile_n, cfg.tile_k), dtype, transforms=sw)
+        out[f"t_bar{a}"] = plgpu.Barrier(num_arrivals=a, num_barriers=2 * s)
+    if cfg.tile_k != cfg.tile_n:  # the [N, K]-stored weights' ring (interpret mode only; else t_w serves)
+        out["t_wt"] = plgpu.SMEM((2 * s, cfg.tile_n, cfg.tile_k), dtype, transforms=sw)
     if rope:
         out.update(t_pe=plgpu.SMEM((TP, rope), dtype), t_pe_out=plgpu.SMEM((TP, rope), dtype),
                    t_cos=plgpu.SMEM((TP, rope // 2), dtype), t_sin=plgpu.SMEM((TP, rope // 2), dtype))
@@ -210,12 +215,16 @@ class Tiles:
 
     def __init__(self, scratch: dict, cfg: TileConfig, interpret: bool, zero):
         from pallas_kernels.persistent.attn_tiles import unalias  # the GPU's SMEM union of ATTN and the rings
-        scratch = unalias(scratch)
+        scratch = dict(unalias(scratch))
+        n = cfg.slots
+        scratch["t_w0"], scratch["t_w1"] = scratch["t_w"].at[0:n], scratch["t_w"].at[n:2 * n]  # the two rings
         self.s, self.cfg, self.interpret, self.zero = scratch, cfg, interpret, zero
         self.dtype = scratch["t_x"].dtype
         self.mode = True if interpret else None  # gemv.py's tile functions take interpret=None for the GPU
         self.tk, self.tn = cfg.tile_k, cfg.tile_n
+        self.solo_slots = 2 * n if cfg.solo_ring else n  # the single-weight streams' ring depth
         self.wt_ring = scratch.get("t_wt", scratch["t_w0"])  # ring of [TN, TK] tiles ([N, K]-stored weights)
+        self.solo_wt_ring = scratch.get("t_wt", scratch["t_w"])  # the same, 2 x slots deep (`solo_ring`)
 
     def c(self, value):
         """A traced int32 scalar: Mosaic's TMA lowering takes no literal arrays as indices (jax 0.10.2) and jax
@@ -225,7 +234,8 @@ class Tiles:
     # -- streaming ------------------------------------------------------------------------------------------
 
     def stream(self, ktiles: int, n_acc: int, arrivals: int, issue, compute, prologue=None, issue_w=None,
-               wait=None, group: int = 1, prepare=None, tk: int | None = None, per_step: bool = False):
+               wait=None, group: int = 1, prepare=None, tk: int | None = None, per_step: bool = False,
+               slots: int | None = None):
         """Streams a task's `ktiles` weight k-tiles through the ring and returns the f32 accumulators [TN, TP].
 
         issue(k0, slot, barrier): start k-tile k0's TMA copies into ring slot `slot` (`arrivals` of them in all,
@@ -237,9 +247,10 @@ class Tiles:
         consecutive slots and share one barrier (of group x arrivals); prepare(*slots): work on all of a landed
         step's slots before their computes (the fused RMSNorm's `norm_x`). tk: the k-tile's rows (TK; FP8_TK for
         the FP8 rings). per_step: compute(slots, accs, kts) once per ring step, with its slots and k-tiles (the
-        FP8 bodies, which issue a step's wgmmas together and wait once).
+        FP8 bodies, which issue a step's wgmmas together and wait once). slots: the ring's depth (default
+        `TileConfig.slots`; `solo_slots` for a stream of one weight through the whole t_w).
         """
-        slots, tk = self.cfg.slots, tk or self.tk
+        slots, tk = slots or self.cfg.slots, tk or self.tk
         if ktiles % group or slots < group:
             raise ValueError(f"stream: {ktiles=} k-tiles do not split into steps of {group} in {slots} slots")
         steps, depth = ktiles // group, slots // group  # depth: the ring's steps
@@ -626,7 +637,7 @@ def gemv_body(r, key, consts):
     if (islots[1] is not None and res_ref is None) or ks % tiles.tk or (parts and res_ref is not None):
         return None
     s = tiles.s
-    ring = tiles.wt_ring if transposed else s["t_w0"]
+    ring = tiles.solo_wt_ring if transposed else s["t_w"]  # one weight: the ring of `solo_slots`
 
     @prefetching
     def fn(t: TaskView):
@@ -652,7 +663,8 @@ def gemv_body(r, key, consts):
             def prologue():
                 tiles.inv_rms(lambda tt, c, m: x_ref[xi, tt, pl.ds(c, m)], k, tokens, float(consts[eps]))
         (acc,) = tiles.stream(ks // tiles.tk, 1, 2 + norm, issue, compute, prologue, issue_w, t.wait,
-                              group=tiles.step_group(ks // tiles.tk), prepare=tiles.norm_x if norm else None)
+                              group=tiles.step_group(ks // tiles.tk), prepare=tiles.norm_x if norm else None,
+                              slots=tiles.solo_slots)
         res = None if res_ref is None else res_ref.at[t.inp(1), pl.ds(tiles.c(0), TP), pl.ds(c0, tiles.tn)]
         rows = (pl.ds(tiles.c(0), tokens), pl.ds(c0, n))
         dst = out_ref.at[(t.out(0), t.arg(4), *rows) if parts else (t.out(0), *rows)]
@@ -840,7 +852,7 @@ def swiglu_down_body(r, key, consts):
                 return _fp8_issue(tiles, fp8, t.w(0), e, c0, k0, "0", sl, bar)
             wsrc = (wd.at[t.w(0), e, pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)] if routed
                     else wd.at[t.w(0), pl.ds(k0, tiles.tk), pl.ds(c0, tiles.tn)])
-            plgpu.copy_gmem_to_smem(wsrc, s["t_w0"].at[sl], bar)
+            plgpu.copy_gmem_to_smem(wsrc, s["t_w"].at[sl], bar)
 
         def issue(k0, sl, bar):
             xsrc = (a_ref.at[ai, slot, pl.ds(tiles.c(0), TP), pl.ds(k0, tk)] if routed
@@ -850,7 +862,7 @@ def swiglu_down_body(r, key, consts):
         def compute(sl, accs, kt):
             if fp8 is not None:  # (per_step: sl, kt are the ring step's slots and k-tiles)
                 return _fp8_mma(tiles, accs, "0", sl, kt)
-            tiles.mma(accs[0], s["t_w0"].at[sl], s["t_x"].at[sl], False)
+            tiles.mma(accs[0], s["t_w"].at[sl], s["t_x"].at[sl], False)
 
         def to_operand(*slots):  # FP8: the landed x tiles as the e4m3 tiles' wgmma operand (t_xf)
             for sl in slots:
@@ -862,7 +874,8 @@ def swiglu_down_body(r, key, consts):
         def run():
             (y,) = tiles.stream(k // tk, 1, 3 if fp8 is not None else 2, issue, compute, None, issue_w,
                                 None if routed else t.wait, group=tiles.step_group(k // tk), tk=tk,
-                                prepare=None if fp8 is None else to_operand, per_step=fp8 is not None)
+                                prepare=None if fp8 is None else to_operand, per_step=fp8 is not None,
+                                slots=None if fp8 is not None else tiles.solo_slots)
             if routed:
                 # coef [U, T] is read as GMEM scalars: its [U, 1] rows have 4-byte strides, which TMA cannot move
                 coef, vec, ci = _stack(r, islots[3]), s["t_vec"], t.inp(3)

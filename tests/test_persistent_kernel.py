@@ -27,8 +27,9 @@ from tests.kernel_testing import TWO_LAYERS, assert_step_matches_xla, lowered_fo
 OPTIONS = ScheduleOptions(tile_n=24, attn_heads=3, attn_splits=3, index_chunks=3, index_align=8, num_sms=7)
 SMALL_TILES = TileConfig(tile_n=32, tile_k=16)  # interpret mode only: tiny's heads are 16 wide
 # 8-deep contractions: every ring wraps (UV's single k-tiles: 4 steps over tiny's 32-wide latent through its 2-slot
-# ring; the bulk streams' 16 k-tiles over the 128-wide hidden state: 8 steps of 2 tiles through 2 ring steps)
-DEEP_TILES = TileConfig(tile_n=32, tile_k=8, slots=4)
+# ring; the bulk streams' 16 k-tiles over the 128-wide hidden state: 8 steps of 2 tiles through 2 ring steps, the
+# single-weight streams too: no solo ring here, which the other cases take)
+DEEP_TILES = TileConfig(tile_n=32, tile_k=8, slots=4, solo_ring=False)
 CONTEXT = 40  # > index_topk (16): DSA really selects
 BF16 = {"model.dtype": "bfloat16", "model.moe_intermediate_size": 128}  # the Pallas backend's tiny variant
 # Tolerance on max |logit error| / max |logit|: float32 is exact up to summation order; bf16 rounds the
@@ -44,8 +45,9 @@ def test_kernel_step_matches_xla_backend_in_interpret_mode(dtype, t, seed, sms, 
     """sms = 7: one CTA walks the global order from GMEM; sms = 1: the GPU path's walk (the CTA's dispatch table
     TMA'd into SMEM, padding rows skipped) over a 1-SM schedule, whose list is the global order. tiles: the GPU's
     64 x 64 weight tiles (None; tiny's 16-wide heads / 32-wide latent then keep o_proj, ABSORB, UV and KV_WRITE on
-    the jnp bodies), 32 x 16 tiles, with which every branch of tiny's tiled opcodes runs the tile bodies, or
-    32 x 8 tiles through 4-slot rings (UV: 2), where every ring refills its slots. layers: tiny's 4 (the cache
+    the jnp bodies), 32 x 16 tiles, with which every branch of tiny's tiled opcodes runs the tile bodies (GEMV and
+    the down projections through the 2 x 8-slot solo ring), or 32 x 8 tiles through 4-slot rings (UV: 2), where
+    every ring refills its slots. layers: tiny's 4 (the cache
     groups' later members) or its first 2 (`TWO_LAYERS`: a dense and a MoE layer, one full and one shared
     indexer; the T = 3 steps, half the interpreted step)."""
     cfg = load_config("tiny", {**(BF16 if dtype == "bfloat16" else {}), **(TWO_LAYERS if layers == 2 else {})}).model

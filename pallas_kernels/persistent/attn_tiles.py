@@ -28,8 +28,9 @@ the split's 64 rows serves all 64 heads and both column passes.
 SMEM at glm5_slice (64 heads, C = 512, R = 64, K = 2048; 64 heads x 32 splits per task: ks = 64 = one block):
 q 64 KB + q_pe 8 KB, one ring stage of 64 rows (C + R) bf16 = 72 KB, index + valid lists 512 B, lse 256 B, the
 output staging [2, 64, 32] f32 = 16 KB: ~161 KB. On the GPU these share one
-`plgpu.RefUnion` ("t_alias", see `add_scratch`) with the tile bodies' big rings t_w0, t_w1 (weights, 8 slots of 8 KB
-each), t_op, t_uvx and t_lse (UV's split partials, merged o and split LSEs; these start past t_w0, which UV
+`plgpu.RefUnion` ("t_alias", see `add_scratch`) with the tile bodies' big rings t_w = t_w0 | t_w1 (weights, 8 slots
+of 8 KB each, or one ring of 16 for a single-weight stream) and the x / norm-weight rings after them, t_op, t_uvx
+and t_lse (UV's split partials, merged o and split LSEs; these start past t_w0, which UV
 streams through while it reads t_uvx), t_part (MOE_COMBINE's partials), and with INDEX_TOPK's candidate ring, so
 ATTN adds no SMEM beyond its barriers. That aliasing is safe because every body drains its SMEM (TMA loads
 waited, wgmmas retired, TMA stores waited) before it returns and tasks of one CTA run one after the other; a

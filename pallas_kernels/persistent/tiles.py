@@ -5,7 +5,8 @@ register vector of scores per token.
 
 The weight bytes of a decode step are GEMV-shaped (o_proj and the experts are ~85% of them), so these bodies
 are the ones that must stream at the HBM ceiling. Each task streams its [TK x TN] weight tiles through a ring of
-`TileConfig.slots` SMEM slots (`plgpu.copy_gmem_to_smem`; the bulk streams fill `TileConfig.step_tiles`
+`TileConfig.slots` SMEM slots (2 x slots for a stream of one weight: `TileConfig.solo_ring`, the two weight rings
+t_w0 | t_w1 as one) (`plgpu.copy_gmem_to_smem`; the bulk streams fill `TileConfig.step_tiles`
 consecutive slots per ring step under one barrier, and a step is refilled once the wgmmas that read it retired)
 and multiplies them with the swap-AB wgmma of `pallas_kernels.gemv` (the weight's columns in the wgmma M slot,
 the T <= 8 tokens in N; see gemv.py's docstring): acc [TN, TP] += W_tile^T @ x_tile^T, both operands straight from
@@ -91,7 +92,8 @@ class TileConfig:
     tiles are for GPU interpret mode only (the CPU tests' tiny heads). slots: the SMEM ring depth (TMA steps in
     flight per CTA), 8 where SMEM allows (`kernel.fit_tiles`). The LM head's tiles streamed at ~25 GB/s per SM on
     the H200 (the HBM peak needs ~36) with 4 slots and with 8 alike (bench_persistent_glm5_slice_topk_rows.json,
-    ..._ring8_union.json): one SM's stream is bound by each ring step's issue latency, not by bytes in flight.
+    ..._ring8_union.json): one SM's stream was then bound by each ring step's issue latency; since two k-tiles go
+    per ring step (`step_tiles`) it is partly bound by its bytes in flight (`solo_ring` below).
     step_tiles: weight tiles per ring step of the bulk streams (GEMV, SWIGLU_UP, SWIGLU_DOWN): consecutive k-tiles in
     consecutive slots under one barrier and one wgmma wait, so that a step's fixed cost (barrier round trip, wgmma
     wait, scalar issue code) is paid once per step_tiles x 8 KB; the ring then holds slots // step_tiles steps.

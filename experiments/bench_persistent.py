@@ -369,6 +369,7 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
                 profile: bool = False, attn_splits: int | None = None, attn_heads: int | None = None,
                 n_tokens: int = 1, topk_bits: int = 2, step_tiles: int | None = None,
                 assign: str | None = None, index_chunks: int | None = None, lowering: str = "lane",
+                router_splits: int | None = None,
                 trace_launches: int = 0, stamps: bool = False, hoist: tuple[str, ...] | None = None,
                 task_stamps: bool = False, expert_format: str | None = None, solo_ring: bool = True) -> dict:
     """One variant in this process: compile, run, check the layer-0 cache rows, time. ops None = XLA step;
@@ -381,7 +382,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
     per radix pass (TileConfig.topk_bits); step_tiles: weight tiles per ring step of the bulk streams
     (TileConfig.step_tiles; None: its default); solo_ring: TileConfig.solo_ring (False: the single-weight streams
     take one weight ring, `slots` deep, as the others do); assign, index_chunks: the schedule's SM assignment and
-    indexer score tasks per layer (ScheduleOptions.assign / .index_chunks; None: their defaults); hoist: the ops that
+    indexer score tasks per layer (ScheduleOptions.assign / .index_chunks; None: their defaults); router_splits: the
+    MoE router GEMV's split-K parts (ScheduleOptions.router_splits; None: its default); hoist: the ops that
     the assignment orders with their producers (ScheduleOptions.hoist; None: its default); lowering: Mosaic GPU's
     lowering semantics ("lane", the kernel's default; "warpgroup"; "jax": jax's default); trace_launches: a
     `jax.profiler` trace of that many more back-to-back launches, reduced to the device's kernels per launch
@@ -427,8 +429,8 @@ def run_variant(config: str, context: int, ops: list[str] | None, reps: int, syn
         raise SystemExit("--task-stamps replaces the profiler's task ranges: run it without --profile")
     from pallas_kernels.persistent.schedule import ScheduleOptions
     given = {k: v for k, v in (("attn_splits", attn_splits), ("attn_heads", attn_heads)) if v is not None}
-    extra = {k: v for k, v in (("assign", assign), ("index_chunks", index_chunks), ("expert_format", expert_format))
-             if v}
+    extra = {k: v for k, v in (("assign", assign), ("index_chunks", index_chunks), ("expert_format", expert_format),
+                               ("router_splits", router_splits)) if v}
     if hoist is not None:
         extra["hoist"] = hoist
     options = ScheduleOptions(**given, **extra) if given or (extra and interpret) else None  # None: the decoder's
@@ -560,6 +562,9 @@ def main(argv=None):
                         "e4m3 tiles + block scales, half the experts' bytes")
     p.add_argument("--index-chunks", type=int, default=None,
                    help="indexer score tasks per layer (ScheduleOptions.index_chunks; default its default)")
+    p.add_argument("--router-splits", type=int, default=None,
+                   help="split-K parts of a MoE layer's router GEMV, whose partials ROUTER_SELECT sums "
+                        "(ScheduleOptions.router_splits; default its default)")
     p.add_argument("--trace-launches", type=int, default=0,
                    help="per variant, a jax.profiler trace of this many more launches: the kernels' device time "
                         "(glm_fast.device_trace), e.g. the per-launch cost of the bare table walk")
@@ -589,6 +594,7 @@ def main(argv=None):
                                      n_tokens=args.tokens, topk_bits=args.topk_bits,
                                      step_tiles=args.step_tiles, assign=args.assign,
                                      index_chunks=args.index_chunks, lowering=args.lowering,
+                                     router_splits=args.router_splits,
                                      trace_launches=args.trace_launches, stamps=args.stamps,
                                      hoist=None if args.hoist is None else parse_hoist(args.hoist),
                                      task_stamps=args.task_stamps, expert_format=args.expert_format,
@@ -607,6 +613,7 @@ def main(argv=None):
                *(["--assign", args.assign] if args.assign else []),
                *(["--hoist", args.hoist] if args.hoist is not None else []),
                *(["--index-chunks", str(args.index_chunks)] if args.index_chunks else []),
+               *(["--router-splits", str(args.router_splits)] if args.router_splits else []),
                *(["--expert-format", args.expert_format] if args.expert_format else []),
                "--checks", args.checks, "--lowering", args.lowering, "--child", v,
                *(["--profile"] if args.profile else []),
@@ -639,6 +646,7 @@ def main(argv=None):
                                                  "topk_bits": args.topk_bits, "step_tiles": args.step_tiles,
                                                  "solo_ring": not args.no_solo_ring, "assign": args.assign,
                                                  "index_chunks": args.index_chunks,
+                                                 "router_splits": args.router_splits,
                                                  "expert_format": args.expert_format,
                                                  "hoist": args.hoist,
                                                  "lowering": args.lowering,

@@ -190,12 +190,12 @@ def add_scratch(out: dict, index, index_dim: int, dtype, cfg, interpret: bool) -
     ring = dict(t_ixr=plgpu.SMEM((CAND_SLOTS, TP, cfg.tile_n), jnp.float32))  # INDEX_TOPK's candidates
     if "t_alias" in out:
         # GPU: two more views of the big rings' SMEM (both bodies drain it before they return): the candidate
-        # ring, and the bodies' own buffers past the weight rings t_w0 / t_w1, which INDEX_SCORE streams through
+        # ring, and the bodies' own buffers past the weight rings t_w = t_w0 | t_w1, which INDEX_SCORE streams
+        # through (they may overlap the x / norm-weight rings after t_w, which the indexer does not use)
         from pallas_kernels.persistent.attn_tiles import _group_bytes
         refs = out["t_alias"].refs
         rings = next(g for g in refs if "t_w" in g)
-        own["t_a_pad_ix"] = plgpu.SMEM((_group_bytes({"t_w": rings["t_w"]}),), jnp.int8)  # (sorts first; past
-        # t_w only: the x ring after it in its group is not the indexer's)
+        own["t_a_pad_ix"] = plgpu.SMEM((_group_bytes({"t_w": rings["t_w"]}),), jnp.int8)  # (sorts first)
         out["t_alias"] = plgpu.RefUnion(*refs, ring, own)
     else:
         out.update(ring)

@@ -442,14 +442,14 @@ class _Lowering:
         norm_w = b.weight(norm, (d,), dt)
         # routed: one up and one down op group per expert slot, so that slot s's down tiles wait for slot s's up
         # tiles only (its own counter), not for every slot's
+        down_inputs = (act, residual, *(slots if routed else (-1, -1)))
         for s in (range(u) if routed else (-1,)):
             tag = f"_{s}" if routed else ""
             up = _col_tiles(i, tile, s, C_RMS_EPS)
             up_id = b.op(f"{name}_up{tag}", Op.SWIGLU_UP, l, (wg, wu, norm_w), (x, slots[0] if routed else -1),
                          (act,), up, [2 * d * r[1] * welt + t * d * elt for r in up])
             down = _col_tiles(d, tile, s, s if routed else out_slot)
-            inputs = (act, residual, *(slots if routed else (-1, -1)))
-            b.op(f"{name}_down{tag}", Op.SWIGLU_DOWN, l, (wd,), inputs, (out,), down,
+            b.op(f"{name}_down{tag}", Op.SWIGLU_DOWN, l, (wd,), down_inputs, (out,), down,
                  [i * r[1] * welt + t * i * elt for r in down], after={act: (up_id,)}, counter=f"{name}_down")
 
 
@@ -469,27 +469,44 @@ def _finish(b: _Builder) -> None:
         g.level = 1 + max((b.ops[d].level for d in g.deps), default=-1)
 
 
-def _counters(b: _Builder) -> tuple[np.ndarray, list[str], list[list[int]], list[tuple[int, ...]]]:
-    """The counters: (counter id per op group, names, member op groups, per op group the counters it waits on).
-    A consumer waits on a shared counter only if every op group of it is among its ancestors (the counter's
-    target is all of their tasks)."""
-    names: list[str] = []
+@dataclasses.dataclass
+class _Counters:
+    """The step's counters (`_counters`): per op group its counter (cid) and the counters it waits on (waits); per
+    counter its name, member op groups, target (all their tasks) and closure (the bitmask of the counters known
+    complete once it is: itself, and those whose op groups are all among its op groups' ancestors)."""
+    cid: np.ndarray
+    waits: list[tuple[int, ...]]
+    names: list[str]
+    members: list[list[int]]
+    target: list[int]
+    closure: list[int]
+
+
+def _counters(b: _Builder) -> _Counters:
+    """Op groups of one `counter` name share a counter. A consumer waits on a shared counter only if every op group
+    of it is among its ancestors (the counter's target is all of their tasks)."""
+    index: dict[str, int] = {}
     members: list[list[int]] = []
     cid = np.empty(len(b.ops), np.int64)
     for oid, g in enumerate(b.ops):
-        if g.counter not in names:
-            names.append(g.counter)
+        if g.counter not in index:
+            index[g.counter] = len(members)
             members.append([])
-        cid[oid] = names.index(g.counter)
+        cid[oid] = index[g.counter]
         members[cid[oid]].append(oid)
     waits = []
     for g in b.ops:
         counters = tuple(dict.fromkeys(int(cid[w]) for w in g.waits))
         for c in counters:
             if any(not (g.ancestors >> m) & 1 for m in members[c]):
-                raise AssertionError(f"{g.name} waits on counter {names[c]}, not all of whose op groups it needs")
+                raise AssertionError(f"{g.name} waits on counter {list(index)[c]}, not all of whose op groups it "
+                                     "needs")
         waits.append(counters)
-    return cid, names, members, waits
+    done = [functools.reduce(operator.or_, (b.ops[m].ancestors | (1 << m) for m in ms)) for ms in members]
+    closure = [sum(1 << d for d, ds in enumerate(members) if all((done[c] >> m) & 1 for m in ds))
+               for c in range(len(members))]
+    target = [sum(len(b.ops[m].args) for m in ms) for ms in members]
+    return _Counters(cid, waits, list(index), members, target, closure)
 
 
 def _chain_to_end(b: _Builder, weight: np.ndarray) -> np.ndarray:
@@ -548,15 +565,13 @@ def _constants(m: ModelConfig) -> np.ndarray:
     return c
 
 
-def _records(b: _Builder, cid: np.ndarray, waits: list) -> tuple[np.ndarray, np.ndarray]:
-    """All tasks' records, op group by op group (F_ID not yet set), and the op id per task; cid, waits: the counter
-    of each op group and the counters it waits on (`_counters`)."""
-    target = np.bincount(cid, weights=[len(g.args) for g in b.ops]).astype(np.int64)
+def _records(b: _Builder, ctr: _Counters) -> tuple[np.ndarray, np.ndarray]:
+    """All tasks' records, op group by op group (F_ID not yet set), and the op id per task."""
     rows, op_of = [], []
     for oid, g in enumerate(b.ops):
         n = len(g.args)
         rec = np.full((n, RECORD_WIDTH), -1, np.int64)
-        rec[:, F_OP], rec[:, F_LAYER], rec[:, F_TILE], rec[:, F_SIGNAL] = g.op, g.layer, np.arange(n), cid[oid]
+        rec[:, F_OP], rec[:, F_LAYER], rec[:, F_TILE], rec[:, F_SIGNAL] = g.op, g.layer, np.arange(n), ctr.cid[oid]
         rec[:, F_BYTES] = g.nbytes
         for start, values, width in ((F_WEIGHTS, g.weights, MAX_WEIGHTS), (F_INPUTS, g.inputs, MAX_INPUTS),
                                      (F_OUTPUTS, g.outputs, MAX_OUTPUTS)):
@@ -564,11 +579,12 @@ def _records(b: _Builder, cid: np.ndarray, waits: list) -> tuple[np.ndarray, np.
                 raise AssertionError(f"{g.name}: {len(values)} > {width}")
             rec[:, start:start + len(values)] = values
         rec[:, F_ARGS:F_ARGS + NUM_ARGS] = g.args
-        if len(waits[oid]) > MAX_WAITS:
-            raise AssertionError(f"{g.name}: {len(waits[oid])} waits > {MAX_WAITS}")
-        rec[:, F_NWAITS] = len(waits[oid])
-        for j, c in enumerate(waits[oid]):
-            rec[:, F_WAITS + 2 * j], rec[:, F_WAITS + 2 * j + 1] = c, target[c]
+        waits = ctr.waits[oid]
+        if len(waits) > MAX_WAITS:
+            raise AssertionError(f"{g.name}: {len(waits)} waits > {MAX_WAITS}")
+        rec[:, F_NWAITS] = len(waits)
+        for j, c in enumerate(waits):
+            rec[:, F_WAITS + 2 * j], rec[:, F_WAITS + 2 * j + 1] = c, ctr.target[c]
         rec[:, F_ID + 1:] = 0
         rows.append(rec)
         op_of.append(np.full(n, oid))
@@ -716,8 +732,8 @@ def compile_schedule(cfg: ModelConfig, tokens: int, options: ScheduleOptions = S
     cfg.validate()
     b = _Lowering(cfg, tokens, options).lower()
     _finish(b)
-    cid, names, members, counter_waits = _counters(b)
-    rec, op_of = _records(b, cid, counter_waits)
+    ctr = _counters(b)
+    rec, op_of = _records(b, ctr)
     cost = _task_costs(rec, options)
     hoist = options.hoist if options.assign in ("levels", "mixed") else ()
     order = _global_order(b, rec, op_of, cost, options.assign, hoist)
@@ -739,16 +755,12 @@ def compile_schedule(cfg: ModelConfig, tokens: int, options: ScheduleOptions = S
     for s, lst in enumerate(lists):
         sm_tasks[s, :len(lst)] = lst
     meta = {"key": key, "hash": key_hash(key), "tokens": tokens,
-            "levels": [max(levels[m] for m in ms) for ms in members],  # per counter
+            "levels": [max(levels[m] for m in ms) for ms in ctr.members],  # per counter
             "model_us": _model_us(cost, op_of, deps, lists)}
-    done = [functools.reduce(operator.or_, (b.ops[m].ancestors | (1 << m) for m in ms)) for ms in members]
-    closure = [sum(1 << d for d, ds in enumerate(members) if all((done[c] >> m) & 1 for m in ds))
-               for c in range(len(members))]  # per counter: the counters known complete once it is
-    _drop_known_waits(rec, sm_tasks, closure)
+    _drop_known_waits(rec, sm_tasks, ctr.closure)
     waits = rec[:, F_WAITS:F_WAITS + 2 * MAX_WAITS:2]
-    waiters = np.bincount(waits[waits >= 0], minlength=len(names))
-    counters = [Counter(n, sum(len(b.ops[m].args) for m in ms), int(waiters[c]))
-                for c, (n, ms) in enumerate(zip(names, members))]
+    waiters = np.bincount(waits[waits >= 0], minlength=len(ctr.names))
+    counters = [Counter(n, t, int(w)) for n, t, w in zip(ctr.names, ctr.target, waiters)]
     return Schedule(meta, b.buffers, b.weights, counters, _constants(cfg), rec, sm_tasks)
 
 
@@ -756,8 +768,7 @@ def _drop_known_waits(rec: np.ndarray, sm_tasks: np.ndarray, closure: list[int])
     """Removes (in place) each task's waits on counters that an earlier task of the same SM list already waited
     for, directly or through the counters that counter's producers waited for: the SM runs its list in order, so
     those producers are known complete. A counter then has at most one waiter per SM (`schedule_stats`' waits,
-    waiters_max): less polling traffic on the hot counters. closure: per counter, the bitmask of the counters known
-    complete once it is (itself, and those whose op groups are all among its op groups' ancestors)."""
+    waiters_max): less polling traffic on the hot counters. closure: `_Counters.closure`."""
     for row in sm_tasks:
         known = 0
         for t in row[row >= 0]:

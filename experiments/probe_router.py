@@ -43,7 +43,7 @@ def run(experts: int, top_k: int, tokens: int, n_group: int, topk_group: int, se
     rows = tl.rows_per_copy((parts, tokens, experts), 4)
     brow = tl.rows_per_copy((experts,), 4)
     key = (Op.ROUTER_SELECT, (top_k, n_group, topk_group, True), (0,), (("stack", 0),), (("stack", 1), ("stack", 2)))
-    dumps = ("t_rv", "t_pres", "t_rid", "t_rw", "t_rsel")
+    dumps = ("t_rv", "t_pres", "t_rcw", "t_rx")
 
     class R:
         pass

@@ -187,12 +187,11 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
         e, k, g, u, parts = router
         tokens = slot_shapes[1][1]
         lanes = 128 * math.ceil(max(e, k, g) / 128)  # t_rv: padded score rows; t_rx / t_rf: reductions -> scalars
-        out.update(t_rl=plgpu.SMEM((rows_per_copy((parts, tokens, e), 4), parts, tokens, e), jnp.float32),
-                   t_rb=plgpu.SMEM((rows_per_copy((e,), 4), e), jnp.float32),
+        out.update(t_rl=plgpu.SMEM((parts, tokens, lanes), jnp.float32),  # the logits' partials, padded rows
+                   t_rcw=plgpu.SMEM((tokens, lanes), jnp.float32),  # per token: its weights at its picks, else 0
                    t_rv=plgpu.SMEM((2, lanes), jnp.float32), t_rx=plgpu.SMEM((lanes,), jnp.int32),
-                   t_rf=plgpu.SMEM((lanes,), jnp.float32), t_rid=plgpu.SMEM((TP, k), jnp.int32),
-                   t_rw=plgpu.SMEM((TP, k), jnp.float32), t_pres=plgpu.SMEM((e,), jnp.int32),
-                   t_rsel=plgpu.SMEM((u,), jnp.int32))
+                   t_rf=plgpu.SMEM((lanes,), jnp.float32), t_pres=plgpu.SMEM((lanes,), jnp.int32),
+                   t_rbar=plgpu.Barrier(num_arrivals=parts * tokens + 1))
     if attn_splits:  # UV: the split-KV partial outputs of a TK slice per ring slot, the merge weights, the merged
         # o [T, C] as C / TK x tiles (latent: C)
         sw32 = () if interpret else swizzle_transforms(jnp.float32)
@@ -1171,16 +1170,16 @@ def router_body(r, key, consts):
     """ROUTER_SELECT: sigmoid + bias choice, group-limited top-k (ties to the lower index, as `lax.top_k`),
     normalised weights x ROUTED_SCALE (`simulate._route`), the distinct experts in increasing order into the U
     slots and coef[u, t]; outputs stored as GMEM scalars. None when it does not fit.
-    Per token the E scores are one register vector (t_rv's rows, E padded to 128 lanes with -inf): each of the
-    top_k picks is two warpgroup reductions (max, then the lowest lane holding it), the group scores (top-2 sums)
-    three per group; only the picks' ids go back to scalars (`smem_row`). (As scalar loops over SMEM, top_k x E
-    dependent steps, it took 25 us per layer on the H200: bench_persistent_glm5_slice_uv_levels.json.)
-    The logits' split-K partials and the bias come in by TMA (t_rl / t_rb); the partials are summed in order
-    (`simulate.sum_parts`) into t_rv's padded rows as SMEM scalars.
-    A `commit_smem` separates the slot placement loop's conditional scalar stores into t_rsel from the reads after
-    it: without it the H200 (jax 0.11.2) read back t_rsel's initial -1s, every slot empty
-    (experiments/probe_router.py reproduces it in a dozen lines; experiments/results/
-    bench_persistent_glm5_slice_s6.json in the whole kernel)."""
+    All of it is register vectors of E lanes (padded to a multiple of 128; the padding lanes hold whatever SMEM
+    held and are masked): each (part, token) row of the split-K logits and the bias come in by one TMA each into
+    the padded rows of t_rl / t_rv, and a token's partials are summed in order (`simulate.sum_parts`); each of
+    the top_k picks is two warpgroup reductions (max, then the lowest lane holding it), the group scores (top-2
+    sums) three per group; a token's weights go to its row of t_rcw (0 off its picks) and its picks into the
+    used-expert mask t_pres; slot j is then the lowest used lane above slot j - 1's (one reduction per slot),
+    and its coefficients are the weights rows at that lane. Only picks and slots go back to scalars
+    (`smem_row`). The H200 profile of the scalar loops this replaced (over E: zeroing, summing the partials,
+    placing the slots; then the coefficients over U x T x top_k): 18.9 us per task, 12 of them in those loops
+    (experiments/results/session26/)."""
     from pallas_kernels.persistent.format import C_ROUTED_SCALE
     _, (top_k, n_group, topk_group, norm), wstk, islots, oslots = key
     tiles, lg_ref, sel_ref, coef_ref = r.tiles, _stack(r, islots[0]), _stack(r, oslots[0]), _stack(r, oslots[1])
@@ -1191,25 +1190,26 @@ def router_body(r, key, consts):
     u = sel_ref.shape[1]
     s, c = tiles.s, tiles.c
     lanes = s["t_rv"].shape[1]
-    if (lanes < e or s["t_rid"].shape[1] != top_k or s["t_rf"].shape[0] < n_group or bias.dtype != jnp.float32
-            or lg_ref.dtype != jnp.float32 or s["t_rl"].shape[1:] != (parts, tokens, e)
-            or s["t_rx"].shape[0] < top_k):
+    if (lanes < e or s["t_rf"].shape[0] < n_group or bias.dtype != jnp.float32 or lg_ref.dtype != jnp.float32
+            or s["t_rl"].shape != (parts, tokens, lanes) or s["t_rcw"].shape[0] < tokens
+            or s["t_rx"].shape[0] < max(top_k, u) or e % 4):  # e % 4: a TMA row is a multiple of 16 bytes
         return None
     gsize = e // n_group
     scale = float(consts[C_ROUTED_SCALE])
     neg = float("-inf")
 
     def fn(t: TaskView):
-        rv, rx, rf, pres, lg, bs = s["t_rv"], s["t_rx"], s["t_rf"], s["t_pres"], s["t_rl"], s["t_rb"]
-        rid, rw, rsel = s["t_rid"], s["t_rw"], s["t_rsel"]
-        tiles.load_row(lg_ref, t.inp(0), "t_rl")
-        tiles.load_row(bias, t.w(0), "t_rb")
-
-        @pl.loop(0, e)
-        def _(i):
-            pres[i] = jnp.int32(0)
-            rv[c(1), i] = bs[c(0), i]
-        lane = lane_iota(tiles, lanes)
+        rv, rx, rf, pres, lg, cw = s["t_rv"], s["t_rx"], s["t_rf"], s["t_pres"], s["t_rl"], s["t_rcw"]
+        with phase("load"):  # profiler phases (`persistent_step(profile_dir=...)`)
+            bar = s["t_rbar"]
+            plgpu.copy_gmem_to_smem(bias.at[t.w(0)], rv.at[c(1), pl.ds(c(0), e)], bar)
+            for p in range(parts):
+                for tt in range(tokens):
+                    plgpu.copy_gmem_to_smem(lg_ref.at[t.inp(0), c(p), c(tt)], lg.at[c(p), c(tt), pl.ds(c(0), e)],
+                                            bar)
+            lane = lane_iota(tiles, lanes)
+            pres[...] = lane * 0  # no expert used yet
+            plgpu.barrier_wait(bar)
 
         def in_range(x, lo, hi, other=neg):  # x where lo <= lane < hi, else `other`
             return jnp.where(lane >= lo, jnp.where(lane < hi, x, other), other)
@@ -1223,79 +1223,68 @@ def router_body(r, key, consts):
 
         @per_token(tokens, c)
         def _(ti):
-            plgpu.commit_smem()  # the previous token's scalar reads of t_rv are done
-
-            @pl.loop(0, e)
-            def _(i):
-                v = lg[c(0), c(0), ti, i]
+            with phase("pick"):
+                logits = load_vec(tiles, lg.at[c(0), ti])
                 for p in range(1, parts):
-                    v = v + lg[c(0), c(p), ti, i]
-                rv[c(0), i] = v
-            plgpu.commit_smem()  # the scalar stores -> the vector loads
-            sg = 1.0 / (1.0 + jnp.exp(-load_vec(tiles, rv.at[c(0)])))
-            choice = in_range(sg + load_vec(tiles, rv.at[c(1)]), 0, e)
-            if topk_group < n_group:  # the topk_group groups of the best top-2 sums, lowest index first on ties
-                gscores = []
-                for g in range(n_group):
-                    x = in_range(choice, g * gsize, (g + 1) * gsize)
-                    m1, i1 = first_max(x)
-                    gscores.append(m1 + jnp.max(jnp.where(lane == i1, neg, x)))
-                smem_row(tiles, gscores, rf)
-                gs = [rf[c(g)] for g in range(n_group)]
-                taken = [c(0) > 0] * n_group  # traced: Mosaic lowers no boolean constants
-                for _ in range(topk_group):
-                    best, bidx = jnp.float32(neg), c(-1)
+                    logits = logits + load_vec(tiles, lg.at[c(p), ti])
+                sg = 1.0 / (1.0 + jnp.exp(-logits))
+                choice = in_range(sg + load_vec(tiles, rv.at[c(1)]), 0, e)
+                if topk_group < n_group:  # the topk_group groups of the best top-2 sums, lowest index first on ties
+                    gscores = []
                     for g in range(n_group):
-                        better = jnp.logical_and(jnp.logical_not(taken[g]),
-                                                 jnp.logical_or(gs[g] > best, bidx < 0))
-                        best, bidx = jnp.where(better, gs[g], best), jnp.where(better, c(g), bidx)
-                    taken = [jnp.logical_or(taken[g], bidx == g) for g in range(n_group)]
-                for g in range(n_group):  # + -inf over the groups not taken (a scalar added to the vector)
-                    dropped = choice + jnp.where(taken[g], jnp.float32(0.0), jnp.float32(neg))
-                    choice = in_range(dropped, g * gsize, (g + 1) * gsize, choice)
-            picks = []
-            for _ in range(top_k):
-                _, i = first_max(choice)
-                picks.append(i)
-                choice = jnp.where(lane == i, neg, choice)
-            rv[c(0), pl.ds(c(0), lanes)] = sg  # (each thread rewrites its own lanes) read back as scalars below
-            smem_row(tiles, picks, rx)
-            total = jnp.float32(0.0)
-            for j in range(top_k):
-                bix = rx[c(j)]
-                wv = rv[c(0), bix]
-                rid[ti, c(j)] = bix
-                rw[ti, c(j)] = wv
-                total = total + wv
-                pres[bix] = jnp.int32(1)
-            denom = total + 1e-20 if norm else jnp.float32(1.0)
-            for j in range(top_k):
-                rw[ti, c(j)] = rw[ti, c(j)] / denom * scale if norm else rw[ti, c(j)] * scale
+                        x = in_range(choice, g * gsize, (g + 1) * gsize)
+                        m1, i1 = first_max(x)
+                        gscores.append(m1 + jnp.max(jnp.where(lane == i1, neg, x)))
+                    smem_row(tiles, gscores, rf)
+                    gs = [rf[c(g)] for g in range(n_group)]
+                    taken = [c(0) > 0] * n_group  # traced: Mosaic lowers no boolean constants
+                    for _ in range(topk_group):
+                        best, bidx = jnp.float32(neg), c(-1)
+                        for g in range(n_group):
+                            better = jnp.logical_and(jnp.logical_not(taken[g]),
+                                                     jnp.logical_or(gs[g] > best, bidx < 0))
+                            best, bidx = jnp.where(better, gs[g], best), jnp.where(better, c(g), bidx)
+                        taken = [jnp.logical_or(taken[g], bidx == g) for g in range(n_group)]
+                    for g in range(n_group):  # + -inf over the groups not taken (a scalar added to the vector)
+                        dropped = choice + jnp.where(taken[g], jnp.float32(0.0), jnp.float32(neg))
+                        choice = in_range(dropped, g * gsize, (g + 1) * gsize, choice)
+                picks, picked = [], lane < 0
+                for _ in range(top_k):
+                    _, i = first_max(choice)
+                    picks.append(i)
+                    choice = jnp.where(lane == i, neg, choice)
+                    picked = jnp.logical_or(picked, lane == i)
+            with phase("weights"):
+                if tokens > 1:
+                    plgpu.commit_smem()  # the previous token's scalar reads of t_rv's sg row are done
+                rv[c(0), pl.ds(c(0), lanes)] = sg  # (each thread rewrites its own lanes) read back as scalars below
+                smem_row(tiles, picks, rx)  # (its first commit also publishes the sg row)
+                total = jnp.float32(0.0)
+                for j in range(top_k):  # the normaliser summed in pick order, as `_route`'s weights.sum
+                    total = total + rv[c(0), rx[c(j)]]
+                w = sg / (total + 1e-20) * scale if norm else sg * scale
+                cw[ti, pl.ds(c(0), lanes)] = jnp.where(picked, w, 0.0)
+                pres[...] = jnp.where(picked, 1, load_vec(tiles, pres))  # (each thread its own lanes)
 
-        for j in range(u):
-            rsel[c(j)] = jnp.int32(-1)
+        with phase("place"):  # slot j: the lowest used lane above slot j - 1's (`lanes` once none is left)
+            used = load_vec(tiles, pres) > 0
+            slots, prev = [], c(-1)
+            for _ in range(u):
+                prev = jnp.min(jnp.where(jnp.logical_and(used, lane > prev), lane, lanes))
+                slots.append(prev)
+            smem_row(tiles, slots, rx)
 
-        def place(i, n_used):
-            hit = pres[i] > 0
+        with phase("out"):
+            oi, oc = t.out(0), t.out(1)
 
-            @pl.when(hit)
-            def _():
-                rsel[n_used] = i
-            return n_used + hit.astype(jnp.int32)
-        lax.fori_loop(0, e, place, c(0))
-        plgpu.commit_smem()  # the H200 reads stale t_rsel below without it (see the docstring)
+            @unrolled_or_loop(u, c, tokens == 1)  # T = 1 as measured on the H200; else a loop over the U slots
+            def _(j):
+                ex = rx[j]
+                valid = ex < e
+                sel_ref[oi, j] = jnp.where(valid, ex, -1)
+                at = jnp.minimum(ex, e - 1)
 
-        oi, oc = t.out(0), t.out(1)
-
-        @unrolled_or_loop(u, c, tokens == 1)  # T = 1 as measured on the H200; else a loop over the U slots
-        def _(j):
-            ex = rsel[j]
-            sel_ref[oi, j] = ex
-
-            @per_token(tokens, c)
-            def _(tt):
-                acc = jnp.float32(0.0)
-                for kk in range(top_k):
-                    acc = acc + jnp.where(rid[tt, c(kk)] == ex, rw[tt, c(kk)], jnp.float32(0.0))
-                coef_ref[oc, j, tt] = acc
+                @per_token(tokens, c)
+                def _(tt):
+                    coef_ref[oc, j, tt] = jnp.where(valid, cw[tt, at], jnp.float32(0.0))
     return fn

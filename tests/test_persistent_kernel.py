@@ -101,8 +101,8 @@ def _engine_tokens(model, backend, depth, steps=4):
 def test_decoder_takes_one_attention_layout_that_fits_smem_at_every_width(monkeypatch):
     """glm5_slice on the GPU path: 64 heads x 32 splits with an 8-slot weight ring fits SMEM at T = 1 and at T = 4
     (1 + its MTP depth 3; the dispatch table is walked in fixed chunks, so its SMEM does not grow with T) and is
-    taken at both (one layout: lossless MTP). Where the widest step does not fit the first choice (SMEM shrunk
-    below T = 4's need but not T = 1's), the next choice is taken at every width. Given options are kept at every
+    taken at both (one layout: lossless MTP). Where the widest step does not fit the first choice (a kernel whose
+    SMEM grew with T, given less than T = 4's need but not T = 1's), the next choice is taken at every width. Given options are kept at every
     width; interpret mode keeps the defaults."""
     model = type("M", (), {"cfg": load_config("glm5_slice").model})()
     assert model.cfg.mtp_depth == 3
@@ -117,9 +117,11 @@ def test_decoder_takes_one_attention_layout_that_fits_smem_at_every_width(monkey
     for t in (1, 4):
         assert kernel_mod.smem_bytes(dec.plan(t), dec.tiles_for(t)) + kernel_mod._MOSAIC_SMEM <= 227 * 1024
 
+    # a kernel whose SMEM grew with T (1 KB per token past the first), given SMEM between T = 1's need and T = 4's
+    real = kernel_mod.smem_bytes
+    monkeypatch.setattr(kernel_mod, "smem_bytes", lambda plan, tiles: real(plan, tiles) + 1024 * (plan.tokens - 1))
     need = {t: kernel_mod.smem_bytes(dec.plan(t), dataclasses.replace(dec.tiles, slots=kernel_mod.MIN_SLOTS))
             + kernel_mod._MOSAIC_SMEM for t in (1, 4)}
-    assert need[1] < need[4]
     monkeypatch.setattr(kernel_mod.gemv_mod, "SMEM_BYTES", need[4] - 1)  # 64 x 32 fits at T = 1 only
     narrow = PersistentDecoder(model, interpret=False, cache_dir=False)
     assert (layout(narrow, 1), layout(narrow, 4)) == ((8, 16), (8, 16))

@@ -361,9 +361,11 @@ def index_score_body(r, key, consts):
         copy between the two SMEM layouts lowers on both jax versions (0.10's layout inference rejects the bank
         conflicts of rows a multiple of 128 bytes apart, 0.11's transposed SMEM transfer requires exactly that)."""
         q_gmem = r.gmem.at[r.cta]  # [q_slots * TK, H]: row t * N + n = head n of token t
-        tiles.load_small(cos_ref.at[pl.ds(c(0), TP)], "t_cos")
-        tiles.load_small(sin_ref.at[pl.ds(c(0), TP)], "t_sin")
-        tiles.load_row(iw_ref, wi, "t_ixhw")
+        small = s["t_bar3"].at[c(0)]  # cos, sin and the head weights in flight together (one round trip)
+        plgpu.copy_gmem_to_smem(cos_ref.at[pl.ds(c(0), TP)], s["t_cos"], small)
+        plgpu.copy_gmem_to_smem(sin_ref.at[pl.ds(c(0), TP)], s["t_sin"], small)
+        plgpu.copy_gmem_to_smem(iw_ref.at[pl.ds(wi, s["t_ixhw"].shape[0])], s["t_ixhw"], small)
+        plgpu.barrier_wait(small)
         bars = s["t_ixcb"]  # TP arrivals: barriers 2j / 2j + 1 take group j's row copies into each stage
 
         @pl.loop(0, nt * heads)
@@ -375,10 +377,19 @@ def index_score_body(r, key, consts):
             def _(rnd):  # qrows heads of token t per round, in groups of TP rows
                 h0 = rnd * qrows
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous round's store has read the stage
-                for i in range(qrows):  # by TMA, not GMEM loads: iq is another CTA's TMA store; the rows go to
-                    src = iq_ref.at[xi, pl.ds(c(t), 1), pl.ds((h0 + i) * hd, hd)]  # both stages (dims >= R kept)
+
+                def row(i):  # by TMA, not GMEM loads: iq is another CTA's TMA store; the rows go to both stages
+                    src = iq_ref.at[xi, pl.ds(c(t), 1), pl.ds((h0 + i) * hd, hd)]  # (dims >= R kept)
                     for k, stg in enumerate((stage, stage_out)):
-                        plgpu.copy_gmem_to_smem(src, stg.at[pl.ds(c(i), 1)], bars.at[c(2 * (i // TP) + k)])
+                        plgpu.copy_gmem_to_smem(src, stg.at[pl.ds(i, 1)], bars.at[2 * lax.div(i, TP) + k])
+                if tiles.interpret:
+                    for i in range(qrows):
+                        row(c(i))
+                else:  # from the 4 warps, a quarter of the rows each (`mla_attention.gather_rows`' warps=True)
+                    @plgpu.warp_map
+                    def _(w):
+                        for j in range(qrows // 4):
+                            row(w * (qrows // 4) + j)
                 for j in range(2 * qrows // TP):
                     plgpu.barrier_wait(bars.at[c(j)])
                 rope_rows(stage, stage_out, qrows, s["t_cos"], s["t_sin"], rr, dt, t=t, interpret=tiles.interpret)

@@ -552,6 +552,21 @@ def load_vec(tiles, ref):
     return plgpu.load(ref, (), layout=plgpu.Layout.WG_STRIDED((ref.shape[0],), vec_size=1))
 
 
+def _load_strided(tiles, ref):
+    """An SMEM ref of any strides (a multiple of 128 elements) as a register array, one element per thread and
+    register (`plgpu.Layout.WG_STRIDED`, vec_size 1: Mosaic loads a strided view element by element)."""
+    if tiles.interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WG_STRIDED(tuple(ref.shape), vec_size=1))
+
+
+def _strided_iota(tiles, shape, dim: int):
+    """int32 iota along `dim` of `shape` in `_load_strided`'s layout."""
+    if tiles.interpret:
+        return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WG_STRIDED(shape, vec_size=1))
+
+
 def lane_iota(tiles, n):
     """int32 [n] 0..n-1 in `load_vec`'s layout."""
     if tiles.interpret:
@@ -1124,19 +1139,22 @@ def uv_body(r, key, consts):
         for j in range(min(depth, nk)):
             load(c(j), c(j))
         with phase("lse"):  # profiler phases (`persistent_step(profile_dir=...)`)
-            # the merge weights from SMEM scalars (as GMEM scalar loads, 11 us per task on the H200); the rows of
-            # tokens >= T stay stale: they only reach x rows whose output columns are never stored
+            # the merge weights [splits, TP] as one register vector of the head's split LSEs (a strided view of
+            # the box), each token's max and sum two masked reductions (as SMEM scalar loops: 6.0 us per task on
+            # the H200, experiments/results/session26/s26c_router_profile.json); the rows of tokens >= T (the
+            # box's zero fill) give finite weights that only reach x rows whose output columns are never stored
             plgpu.barrier_wait(s["t_lbar"])
+            ls = _load_strided(tiles, ls_s.at[pl.ds(c(0), splits), pl.ds(c(0), TP), head - h0])  # [splits, TP]
+            row = _strided_iota(tiles, (splits, TP), 1)  # each element's token
+            lse = ls * 0.0
             for tt in range(tokens):
-                ls = [ls_s[c(j), c(tt), head - h0] for j in range(splits)]
-                m = ls[0]
-                for v in ls[1:]:
-                    m = jnp.maximum(m, v)
+                mine = row == tt
+                m = jnp.max(jnp.where(mine, ls, -jnp.inf))
                 m_safe = jnp.where(m == -jnp.inf, jnp.float32(0.0), m)
-                tot = sum(jnp.exp(v - m_safe) for v in ls)
-                lse = m_safe + jnp.log(tot)
-                for j in range(splits):
-                    mw[c(j), c(tt)] = jnp.exp(ls[j] - lse)
+                tot = jnp.sum(jnp.where(mine, jnp.exp(ls - m_safe), 0.0))
+                lse = jnp.where(mine, m_safe + jnp.log(tot), lse)
+            mw[...] = jnp.exp(ls - lse)
+            plgpu.commit_smem()  # every thread's weights -> the merge's loads in another layout
 
         with phase("merge"):
             @pl.loop(0, nk)

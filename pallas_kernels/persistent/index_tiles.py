@@ -2,8 +2,9 @@
 
 INDEX_SCORE (one task per chunk of the visible index-key rows, see format.py) -- `index_score_body`:
   1. q: each token's N indexer heads (iq [T, N*H]) are staged up to Q_GROUPS x 8 heads at a time into SMEM (32
-     at glm5_slice: one round; row TMAs into both `t_ixq` and `t_ixqo` [32, H]; the head weights likewise into
-     `t_ixhw`: activations that another CTA stored by TMA are read through TMA and SMEM, never as GMEM loads),
+     at glm5_slice: one round; row TMAs into both `t_ixq` and `t_ixqo` [32, H], issued from the warpgroup's 4
+     warps on the GPU; the head weights likewise into `t_ixhw`, in flight with the RoPE's cos / sin rows:
+     activations that another CTA stored by TMA are read through TMA and SMEM, never as GMEM loads),
      RoPE'd on their first R dims from t_ixq into t_ixqo (`tiles.rope_rows`, as `Tiles.rope`: the round's pairs
      spread over the warpgroup's threads, rounding where `apply_rope` does), TMA'd
      from t_ixqo to the CTA's GMEM staging rows

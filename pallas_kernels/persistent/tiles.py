@@ -1086,12 +1086,12 @@ def ik_write_body(r, key, consts):
 
 
 def uv_body(r, key, consts):
-    """UV for one head: merge the split-KV partials (o = sum_s exp(lse_s - logsumexp lse) o_s, weights as scalars
-    in SMEM) once, TK columns at a time, into the resident x tiles t_uvx [C / TK, TP, TK]; then v[:, head] =
-    o . W_uv[head] as swap-AB wgmma, one weight stream of kv_b tiles per TN columns. (Merging inside the weight
-    stream redid the merge and reloaded the partials for every column tile, through a one-slot ring: 43 us of
-    the critical path per layer on the H200, bench_persistent_glm5_slice_step2.json.) None when the shapes do
-    not fit."""
+    """UV for one head: merge the split-KV partials (o = sum_s exp(lse_s - logsumexp lse) o_s, the weights t_mw
+    [splits, TP] computed in registers) once, TK columns at a time, into the resident x tiles t_uvx [C / TK, TP,
+    TK]; then v[:, head] = o . W_uv[head] as swap-AB wgmma, one weight stream of kv_b tiles per TN columns.
+    (Merging inside the weight stream redid the merge and reloaded the partials for every column tile, through a
+    one-slot ring: 43 us of the critical path per layer on the H200, bench_persistent_glm5_slice_step2.json.) None
+    when the shapes do not fit."""
     _, _, wstk, islots, oslots = key
     tiles, op_ref, lse_ref, v_ref = r.tiles, _stack(r, islots[0]), _stack(r, islots[1]), _stack(r, oslots[0])
     if tiles is None or any(a is None for a in (op_ref, lse_ref, v_ref)) or "t_op" not in tiles.s:

@@ -197,8 +197,12 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
         sw32 = () if interpret else swizzle_transforms(jnp.float32)
         depth = max(1, min(s, UV_DEPTH, UV_BYTES // (attn_splits * TP * cfg.tile_k * 4)))
         out["t_op"] = plgpu.SMEM((depth, attn_splits, TP, cfg.tile_k), jnp.float32, transforms=sw32)
-        out["t_mw"] = plgpu.SMEM((attn_splits, TP), jnp.float32)
-        out["t_lse"] = plgpu.SMEM((attn_splits, TP, UV_LSE_HEADS), jnp.float32)
+        # the merge weights and split LSEs, their split rows padded so that [rows, TP] is whole warpgroup
+        # vectors (`uv_body` computes them as one register array)
+        step = 128 // math.gcd(128, TP)
+        rows = step * math.ceil(attn_splits / step)
+        out["t_mw"] = plgpu.SMEM((rows, TP), jnp.float32)
+        out["t_lse"] = plgpu.SMEM((rows, TP, UV_LSE_HEADS), jnp.float32)
         out["t_lbar"] = plgpu.Barrier(num_arrivals=1)
         out["t_uvx"] = plgpu.SMEM((max(1, latent // cfg.tile_k), TP, cfg.tile_k), dtype, transforms=sw)
     if slot_shapes is not None:
@@ -1112,7 +1116,7 @@ def uv_body(r, key, consts):
         """t_uvx[kt] = cast(sum_s t_mw[s, t] * t_op[slot, s])."""
         op, mw, x = s["t_op"].at[slot], s["t_mw"], s["t_uvx"].at[kt]
         if tiles.interpret:
-            x[...] = jnp.sum(mw[...][:, :, None] * op[...], axis=0).astype(dt)
+            x[...] = jnp.sum(mw[...][:splits, :, None] * op[...], axis=0).astype(dt)
         else:
             lay = plgpu.Layout.WGMMA_TRANSPOSED
             total = None
@@ -1135,20 +1139,22 @@ def uv_body(r, key, consts):
                                               pl.ds(kt * tiles.tk, tiles.tk)], s["t_op"].at[slot], bars.at[slot])
 
         plgpu.copy_gmem_to_smem(lse_ref.at[li, pl.ds(c(0), splits), pl.ds(c(0), TP), pl.ds(h0, UV_LSE_HEADS)],
-                                ls_s, s["t_lbar"])
+                                ls_s.at[pl.ds(c(0), splits)], s["t_lbar"])
         for j in range(min(depth, nk)):
             load(c(j), c(j))
         with phase("lse"):  # profiler phases (`persistent_step(profile_dir=...)`)
-            # the merge weights [splits, TP] as one register vector of the head's split LSEs (a strided view of
-            # the box), each token's max and sum two masked reductions (as SMEM scalar loops: 6.0 us per task on
-            # the H200, experiments/results/session26/s26c_router_profile.json); the rows of tokens >= T (the
-            # box's zero fill) give finite weights that only reach x rows whose output columns are never stored
+            # the merge weights [splits, TP] as one register array of the head's split LSEs (a strided view of
+            # the box; its split rows padded to whole warpgroup vectors, the padding masked), each token's max and
+            # sum two masked reductions (as SMEM scalar loops: 6.0 us per task on the H200,
+            # experiments/results/session26/s26c_router_profile.json); the rows of tokens >= T (the box's zero
+            # fill) give finite weights that only reach x rows whose output columns are never stored
             plgpu.barrier_wait(s["t_lbar"])
-            ls = _load_strided(tiles, ls_s.at[pl.ds(c(0), splits), pl.ds(c(0), TP), head - h0])  # [splits, TP]
-            row = _strided_iota(tiles, (splits, TP), 1)  # each element's token
+            shape = mw.shape  # [rows >= splits, TP]
+            ls = _load_strided(tiles, ls_s.at[pl.ds(c(0), shape[0]), pl.ds(c(0), TP), head - h0])
+            row, split = _strided_iota(tiles, shape, 1), _strided_iota(tiles, shape, 0)  # each element's token, split
             lse = ls * 0.0
             for tt in range(tokens):
-                mine = row == tt
+                mine = jnp.logical_and(row == tt, split < splits)
                 m = jnp.max(jnp.where(mine, ls, -jnp.inf))
                 m_safe = jnp.where(m == -jnp.inf, jnp.float32(0.0), m)
                 tot = jnp.sum(jnp.where(mine, jnp.exp(ls - m_safe), 0.0))

@@ -1,9 +1,9 @@
 """The persistent kernel's ROUTER_SELECT body (`tiles.router_body`) alone in a one-CTA kernel, against
 `simulate._route`: on the H200 the whole kernel wrote slot_expert = -1 / coef = 0 for every slot
 (experiments/results/bench_persistent_glm5_slice_s6.json). The body's SMEM scratch is copied out after it ran,
-so a wrong value shows which scalar loop went wrong; `minimal_repro` is the failing pattern in a dozen lines
-(on the H200 with jax 0.11.2, `plain` reads back the -1s; a `commit_smem` between fixes it). GPU interpret
-mode with --interpret (the CPU).
+so a wrong value shows which step went wrong; `minimal_repro` is the failing pattern of the scalar loops the body
+then had, in a dozen lines (on the H200 with jax 0.11.2, `plain` reads back the -1s; a `commit_smem` between
+fixes it). GPU interpret mode with --interpret (the CPU).
 
     python experiments/probe_router.py --experts 64 --top-k 8 --tokens 1 --out DIR
 """
@@ -40,8 +40,6 @@ def run(experts: int, top_k: int, tokens: int, n_group: int, topk_group: int, se
     cfg = tl.TileConfig()
     scratch = tl.scratch_types(jnp.bfloat16, 64, 0, 0, 0, ((u,), (u, tokens)), cfg, interpret,
                                router=(experts, top_k, n_group, u, parts))
-    rows = tl.rows_per_copy((parts, tokens, experts), 4)
-    brow = tl.rows_per_copy((experts,), 4)
     key = (Op.ROUTER_SELECT, (top_k, n_group, topk_group, True), (0,), (("stack", 0),), (("stack", 1), ("stack", 2)))
     dumps = ("t_rv", "t_pres", "t_rcw", "t_rx")
 
@@ -64,8 +62,8 @@ def run(experts: int, top_k: int, tokens: int, n_group: int, topk_group: int, se
         plgpu.wait_smem_to_gmem(0)
 
     rng = np.random.default_rng(seed)
-    logits = rng.normal(0, 2, (rows, parts, tokens, experts)).astype(np.float32)
-    bias = rng.normal(0, 0.1, (brow, experts)).astype(np.float32)
+    logits = rng.normal(0, 2, (1, parts, tokens, experts)).astype(np.float32)
+    bias = rng.normal(0, 0.1, (1, experts)).astype(np.float32)
     out_type = (jax.ShapeDtypeStruct((1, u), jnp.int32), jax.ShapeDtypeStruct((1, u, tokens), jnp.float32),
                 *(jax.ShapeDtypeStruct(scratch[k].shape, scratch[k].dtype) for k in dumps))
     kernel = plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=(1,), grid_names=("x",),

@@ -102,8 +102,8 @@ def test_decoder_takes_one_attention_layout_that_fits_smem_at_every_width(monkey
     """glm5_slice on the GPU path: 64 heads x 32 splits with an 8-slot weight ring fits SMEM at T = 1 and at T = 4
     (1 + its MTP depth 3; the dispatch table is walked in fixed chunks, so its SMEM does not grow with T) and is
     taken at both (one layout: lossless MTP). Where the widest step does not fit the first choice (a kernel whose
-    SMEM grew with T, given less than T = 4's need but not T = 1's), the next choice is taken at every width. Given options are kept at every
-    width; interpret mode keeps the defaults."""
+    SMEM grew with T, given less than T = 4's need but not T = 1's), the next choice is taken at every width.
+    Given options are kept at every width; interpret mode keeps the defaults."""
     model = type("M", (), {"cfg": load_config("glm5_slice").model})()
     assert model.cfg.mtp_depth == 3
 

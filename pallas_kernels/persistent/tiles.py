@@ -550,22 +550,16 @@ def x_view(tiles, x_ref, idx, k0, x_shape, tk: int | None = None):
 
 
 def load_vec(tiles, ref):
-    """A 1-D SMEM row [n] (n a multiple of 128 on the GPU) as a register vector in one fixed layout."""
-    if tiles.interpret:
-        return ref[...]
-    return plgpu.load(ref, (), layout=plgpu.Layout.WG_STRIDED((ref.shape[0],), vec_size=1))
-
-
-def _load_strided(tiles, ref):
-    """An SMEM ref of any strides (a multiple of 128 elements) as a register array, one element per thread and
-    register (`plgpu.Layout.WG_STRIDED`, vec_size 1: Mosaic loads a strided view element by element)."""
+    """An SMEM ref [n] or [..] of any strides (a multiple of 128 elements on the GPU) as a register array in one
+    fixed layout, one element per thread and register (`plgpu.Layout.WG_STRIDED`, vec_size 1: Mosaic loads a
+    strided view element by element)."""
     if tiles.interpret:
         return ref[...]
     return plgpu.load(ref, (), layout=plgpu.Layout.WG_STRIDED(tuple(ref.shape), vec_size=1))
 
 
-def _strided_iota(tiles, shape, dim: int):
-    """int32 iota along `dim` of `shape` in `_load_strided`'s layout."""
+def vec_iota(tiles, shape, dim: int = 0):
+    """int32 iota along `dim` of `shape` in `load_vec`'s layout."""
     if tiles.interpret:
         return lax.broadcasted_iota(jnp.int32, shape, dim)
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WG_STRIDED(shape, vec_size=1))
@@ -573,9 +567,7 @@ def _strided_iota(tiles, shape, dim: int):
 
 def lane_iota(tiles, n):
     """int32 [n] 0..n-1 in `load_vec`'s layout."""
-    if tiles.interpret:
-        return lax.iota(jnp.int32, n)
-    return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=plgpu.Layout.WG_STRIDED((n,), vec_size=1))
+    return vec_iota(tiles, (n,))
 
 
 def smem_row(tiles, vals, ref):
@@ -1150,8 +1142,8 @@ def uv_body(r, key, consts):
             # fill) give finite weights that only reach x rows whose output columns are never stored
             plgpu.barrier_wait(s["t_lbar"])
             shape = mw.shape  # [rows >= splits, TP]
-            ls = _load_strided(tiles, ls_s.at[pl.ds(c(0), shape[0]), pl.ds(c(0), TP), head - h0])
-            row, split = _strided_iota(tiles, shape, 1), _strided_iota(tiles, shape, 0)  # each element's token, split
+            ls = load_vec(tiles, ls_s.at[pl.ds(c(0), shape[0]), pl.ds(c(0), TP), head - h0])
+            row, split = vec_iota(tiles, shape, 1), vec_iota(tiles, shape, 0)  # each element's token, split
             lse = ls * 0.0
             for tt in range(tokens):
                 mine = jnp.logical_and(row == tt, split < splits)

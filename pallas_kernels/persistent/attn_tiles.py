@@ -29,8 +29,8 @@ SMEM at glm5_slice (64 heads, C = 512, R = 64, K = 2048; 64 heads x 32 splits pe
 q 64 KB + q_pe 8 KB, one ring stage of 64 rows (C + R) bf16 = 72 KB, index + valid lists 512 B, lse 256 B, the
 output staging [2, 64, 32] f32 = 16 KB: ~161 KB. On the GPU these share one
 `plgpu.RefUnion` ("t_alias", see `add_scratch`) with the tile bodies' big rings t_w = t_w0 | t_w1 (weights, 8 slots
-of 8 KB each, or one ring of 16 for a single-weight stream) and the x / norm-weight rings after them, t_op, t_uvx
-and t_lse (UV's split partials, merged o and split LSEs; these start past t_w0, which UV
+of 8 KB each, or one ring of 16 for a single-weight stream) and the x / norm-weight rings after them, t_op, t_uvs,
+t_uvx and t_lse (UV's split partials, merged o and split LSEs; these start past t_w0, which UV
 streams through while it reads t_uvx), t_part (MOE_COMBINE's partials), and with INDEX_TOPK's candidate ring, so
 ATTN adds no SMEM beyond its barriers. That aliasing is safe because every body drains its SMEM (TMA loads
 waited, wgmmas retired, TMA stores waited) before it returns and tasks of one CTA run one after the other; a
@@ -78,8 +78,8 @@ ACC_COLS = 256  # accumulator columns per pass: [64, 256] f32 = 128 registers pe
 OUT_TILE = 32  # f32 staging tile width (128 bytes)
 SMEM_BUDGET = 200 * 1024  # the kernel's scratch with ATTN's (a second ring stage only if it fits)
 RINGS = ("t_w", "t_x", "t_wn")  # the weight rings, one union group (SWIGLU_UP and INDEX_SCORE use both at once) ...
-STAGED = ("t_op", "t_uvx", "t_lse")  # ... UV's split partials, merged o and split LSEs: a group placed past t_w0,
-# which UV streams its W_uv tiles through while it reads t_uvx ...
+STAGED = ("t_op", "t_uvs", "t_uvx", "t_lse")  # ... UV's split partials, merged o (staged, then x tiles) and
+# split LSEs: a group placed past t_w0, which UV streams its W_uv tiles through while it reads t_uvx ...
 OWN = ("t_part", "t_rl", "t_rcw")  # ... and MOE_COMBINE's partials and ROUTER_SELECT's split-K logits and
 # weights rows, a group of their own (those bodies use no ring; t_rl is 16 KB at glm5_slice T = 4) ...
 FP8 = ("t_q0", "t_q1", "t_qs0", "t_qs1", "t_x8", "t_wn8", "t_xf")  # ... and the FP8 experts' rings
@@ -155,7 +155,7 @@ class AttnShape:
         out = dict(out)
         rings, staged, own, fp8 = ({k: out.pop(k) for k in names if k in out and not interpret}
                                    for names in (RINGS, STAGED, OWN, FP8))
-        if staged:  # t_op / t_uvx start where t_w1 (t_w's second half) does: they may overlap t_w1, never t_w0
+        if staged:  # t_op .. t_uvx start where t_w1 (t_w's second half) does: they may overlap t_w1, never t_w0
             staged["t_a_pad"] = plgpu.SMEM((_nbytes(rings["t_w"]) // 2,), jnp.int8)  # (sorts first)
         stages = 2 if n_blocks > 1 else 1
         if not interpret:

@@ -158,7 +158,7 @@ def plan_shape(plan, interpret: bool):
 
 def gmem_shape(plan, cfg):
     """(rows, H) of each CTA's GMEM staging of the RoPE'd indexer q (`prepare_q`): whole TK-row q slots; None
-    without indexer tasks."""
+    without indexer tasks. (The scratch `kernel._gmem_shape` allocates also holds UV's.)"""
     bufs = plan.schedule.buffers
     heads = [b.shape[-1] for b in bufs if b.name.endswith("/index_w")]
     dims = [b.shape[-1] for b in bufs if b.name.endswith("/index_k")]
@@ -361,7 +361,9 @@ def index_score_body(r, key, consts):
         plain SMEM stage to the CTA's GMEM staging rows and back by TMA into the swizzled ring slots: no register
         copy between the two SMEM layouts lowers on both jax versions (0.10's layout inference rejects the bank
         conflicts of rows a multiple of 128 bytes apart, 0.11's transposed SMEM transfer requires exactly that)."""
-        q_gmem = r.gmem.at[r.cta]  # [q_slots * TK, H]: row t * N + n = head n of token t
+        # [q_slots * TK, H] of the CTA's scratch (which UV shares, `kernel._gmem_shape`): row t * N + n = head n
+        # of token t
+        q_gmem = r.gmem.at[r.cta, pl.ds(c(0), q_slots * tk), pl.ds(c(0), hd)]
         small = s["t_bar3"].at[c(0)]  # cos, sin and the head weights in flight together (one round trip)
         plgpu.copy_gmem_to_smem(cos_ref.at[pl.ds(c(0), TP)], s["t_cos"], small)
         plgpu.copy_gmem_to_smem(sin_ref.at[pl.ds(c(0), TP)], s["t_sin"], small)

@@ -723,6 +723,15 @@ def _scratch_types(plan: KernelPlan, tiles: tl.TileConfig | None, interpret: boo
                             fp8=any(k >= 0 for k in plan.fp8_scales))
 
 
+def _gmem_shape(plan: KernelPlan, tiles: tl.TileConfig) -> tuple[int, int] | None:
+    """(rows, cols) of each CTA's GMEM scratch (hidden dtype), None when no body needs one: INDEX_SCORE's RoPE'd
+    q (`index_tiles.gmem_shape`) and UV's merged o [TP, C] (`tiles.uv_body`) go through it, each in its corner
+    (a CTA runs one task at a time, and each body waits for its copies before it returns)."""
+    latent = max((b.shape[-1] for b in plan.schedule.buffers if b.name.endswith("/o_part")), default=0)
+    shapes = [sh for sh in (index_tiles.gmem_shape(plan, tiles), (gemv_mod.TP, latent)) if sh and min(sh)]
+    return tuple(max(d) for d in zip(*shapes)) if shapes else None
+
+
 def _body(plan: KernelPlan, ordered: bool, ops: frozenset | None, tiles: tl.TileConfig | None, interpret: bool,
           sync: bool, stamps: bool, task_stamps: bool, *refs, **scratch):
     s = plan.schedule
@@ -904,7 +913,7 @@ def persistent_step(plan: KernelPlan, weights: PersistentWeights, caches, tokens
     stack_types = [jax.ShapeDtypeStruct((len(m), *shape), _JNP[dtype]) for (shape, dtype), m in plan.buffer_stacks]
     row_types = [jax.ShapeDtypeStruct((len(m), plan.tokens, s.buffers[plan.caches[m[0]]].shape[1]),
                                       caches[m[0]].dtype) for m in plan.cache_groups]
-    gmem = index_tiles.gmem_shape(plan, tiles) if tiles is not None else None  # per-CTA GMEM scratch
+    gmem = _gmem_shape(plan, tiles) if tiles is not None else None  # per-CTA GMEM scratch
     if gmem is not None:
         hidden = _JNP[s.buffers[plan.hidden_buffer].dtype]
         row_types.append(jax.ShapeDtypeStruct((1 if ordered else s.num_sms, *gmem), hidden))

@@ -78,9 +78,10 @@ def phase(name: str):
         yield
 
 
-UV_DEPTH = 2  # the depth of UV's ring of split partials (t_op, splits x TP x TK f32 per slot), which it merges
-# once per head before streaming W_uv ...
-UV_BYTES = 64 * 1024  # ... within this SMEM: a single slot where two would pass it (32 attention splits)
+UV_UNIT = 128  # UV loads its split partials in units of one token's [splits, 128] f32 columns (16 KB at 32 splits),
+# which it merges as [128] register vectors, one element per thread ...
+UV_BYTES = 64 * 1024  # ... through a ring of as many units as fit this SMEM: at glm5_slice T = 1 all 4 of a head's
+# units in flight at once
 UV_LSE_HEADS = 4  # UV's TMA box of the split LSEs: [splits, TP, 4 heads] f32 around its head (16 bytes a row, the
 # least a TMA box row moves); the attention's heads must be a multiple of it
 
@@ -126,6 +127,12 @@ class TileConfig:
         if (self.tile_n, self.tile_k) != (64, 64):
             raise ValueError(f"the GPU tile bodies take tile_n = tile_k = 64 (wgmma M, one 128-byte swizzle row), "
                              f"got {self.tile_n=} {self.tile_k=}; smaller tiles run in interpret mode only")
+
+
+def uv_geometry(latent: int) -> tuple[int, int]:
+    """(unit, chunk): UV's columns per loaded unit of split partials (UV_UNIT, or fewer when C is no multiple of
+    it: interpret-mode configs) and per TMA box of its merged o (TMA boxes span <= 256 elements per dim)."""
+    return math.gcd(latent, UV_UNIT), math.gcd(latent, 256)
 
 
 def rows_per_copy(shape, itemsize: int) -> int:
@@ -192,11 +199,11 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
                    t_rv=plgpu.SMEM((2, lanes), jnp.float32), t_rx=plgpu.SMEM((lanes,), jnp.int32),
                    t_rf=plgpu.SMEM((lanes,), jnp.float32), t_pres=plgpu.SMEM((lanes,), jnp.int32),
                    t_rbar=plgpu.Barrier(num_arrivals=parts * tokens + 1))
-    if attn_splits:  # UV: the split-KV partial outputs of a TK slice per ring slot, the merge weights, the merged
-        # o [T, C] as C / TK x tiles (latent: C)
-        sw32 = () if interpret else swizzle_transforms(jnp.float32)
-        depth = max(1, min(s, UV_DEPTH, UV_BYTES // (attn_splits * TP * cfg.tile_k * 4)))
-        out["t_op"] = plgpu.SMEM((depth, attn_splits, TP, cfg.tile_k), jnp.float32, transforms=sw32)
+    if attn_splits:  # UV: its ring of split-partial units, the merge weights, the merged o [T, C] staged for its
+        # GMEM round trip and as C / TK x tiles (latent: C)
+        unit, chunk = uv_geometry(latent)
+        depth = max(1, min(2 * s, UV_BYTES // (attn_splits * unit * 4)))  # (t_bar1 holds 2s barriers)
+        out["t_op"] = plgpu.SMEM((depth, attn_splits, unit), jnp.float32)
         # the merge weights and split LSEs, their split rows padded so that [rows, TP] is whole warpgroup
         # vectors (`uv_body` computes them as one register array)
         step = 128 // math.gcd(128, TP)
@@ -204,6 +211,7 @@ def scratch_types(dtype, hidden: int, rope: int, index_dim: int, part_slots: int
         out["t_mw"] = plgpu.SMEM((rows, TP), jnp.float32)
         out["t_lse"] = plgpu.SMEM((rows, TP, UV_LSE_HEADS), jnp.float32)
         out["t_lbar"] = plgpu.Barrier(num_arrivals=1)
+        out["t_uvs"] = plgpu.SMEM((latent // chunk, TP, chunk), dtype)  # TMA store boxes of <= 256 columns
         out["t_uvx"] = plgpu.SMEM((max(1, latent // cfg.tile_k), TP, cfg.tile_k), dtype, transforms=sw)
     if slot_shapes is not None:
         out["t_sel"] = plgpu.SMEM((rows_per_copy(slot_shapes[0], 4), *slot_shapes[0]), jnp.int32)
@@ -1083,11 +1091,18 @@ def ik_write_body(r, key, consts):
 
 def uv_body(r, key, consts):
     """UV for one head: merge the split-KV partials (o = sum_s exp(lse_s - logsumexp lse) o_s, the weights t_mw
-    [splits, TP] computed in registers) once, TK columns at a time, into the resident x tiles t_uvx [C / TK, TP,
-    TK]; then v[:, head] = o . W_uv[head] as swap-AB wgmma, one weight stream of kv_b tiles per TN columns.
-    (Merging inside the weight stream redid the merge and reloaded the partials for every column tile, through a
-    one-slot ring: 43 us of the critical path per layer on the H200, bench_persistent_glm5_slice_step2.json.) None
-    when the shapes do not fit."""
+    [splits, TP] computed in registers) once into the resident x tiles t_uvx [C / TK, TP, TK]; then v[:, head] =
+    o . W_uv[head] as swap-AB wgmma, one weight stream of kv_b tiles per TN columns. None when the shapes do not fit.
+
+    The merge reads only the step's T token rows: unit u (token u % T, columns (u // T) * UV_UNIT, +UV_UNIT) is one
+    [splits, UV_UNIT] f32 TMA box into a slot of the ring t_op, merged as [UV_UNIT] register vectors (one element
+    per thread, a scalar weight per split, summed in split order) into the plain stage t_uvs. The stage goes to the
+    CTA's GMEM scratch and back by TMA into the swizzled x tiles (rows >= T zero), the layout change that
+    INDEX_SCORE's q makes the same way. At glm5_slice T = 1 the head's 4 units (64 KB) are in flight at once; the
+    TP-row boxes this replaced moved 8x the bytes through a one-slot ring of 64 KB, 8 round trips per task (9.7 us
+    of 22 on the H200, experiments/results/session26/s26c_router_profile.json). (Merging inside the weight stream
+    redid the merge for every column tile: 43 us of the critical path per layer, bench_persistent_glm5_slice_step2
+    .json.)"""
     _, _, wstk, islots, oslots = key
     tiles, op_ref, lse_ref, v_ref = r.tiles, _stack(r, islots[0]), _stack(r, islots[1]), _stack(r, oslots[0])
     if tiles is None or any(a is None for a in (op_ref, lse_ref, v_ref)) or "t_op" not in tiles.s:
@@ -1096,50 +1111,46 @@ def uv_body(r, key, consts):
     splits, tokens, heads, c_dim = op_ref.shape[1:]
     hv = v_ref.shape[-1]
     hn = kv_b.shape[-1] // heads - hv
-    if (splits != tiles.s["t_op"].shape[1] or c_dim % tiles.tk or c_dim // tiles.tk != tiles.s["t_uvx"].shape[0]
-            or (hv > tiles.tn and hv % tiles.tn) or kv_b.dtype != tiles.dtype or v_ref.dtype != tiles.dtype
-            or heads % UV_LSE_HEADS):
-        return None
+    unit, chunk = uv_geometry(c_dim)
     s, c, dt = tiles.s, tiles.c, tiles.dtype
-    n = min(hv, tiles.tn)
     nk, depth, bars = c_dim // tiles.tk, s["t_op"].shape[0], s["t_bar1"]
-
-    def merge(slot, kt):
-        """t_uvx[kt] = cast(sum_s t_mw[s, t] * t_op[slot, s])."""
-        op, mw, x = s["t_op"].at[slot], s["t_mw"], s["t_uvx"].at[kt]
-        if tiles.interpret:
-            x[...] = jnp.sum(mw[...][:splits, :, None] * op[...], axis=0).astype(dt)
-        else:
-            lay = plgpu.Layout.WGMMA_TRANSPOSED
-            total = None
-            for j in range(splits):
-                o_j = plgpu.load(_compat.transpose_ref(op.at[c(j)], (1, 0)), (), layout=lay)      # [TK, TP]
-                w_j = plgpu.load(mw.at[c(j)], (), layout=lay.reduce(0))
-                term = o_j * plgpu.layout_cast(lax.broadcast_in_dim(w_j, o_j.shape, (1,)), lay)
-                total = term if total is None else total + term
-            _compat.transpose_ref(x, (1, 0))[...] = plgpu.layout_cast(total.astype(dt), lay)
-        plgpu.commit_smem()  # (its warpgroup barrier also orders every thread's t_op reads before the refill)
+    if (s["t_op"].shape[1:] != (splits, unit) or c_dim % tiles.tk or nk != s["t_uvx"].shape[0]
+            or s["t_uvs"].shape != (c_dim // chunk, TP, chunk) or (hv > tiles.tn and hv % tiles.tn)
+            or kv_b.dtype != dt or v_ref.dtype != dt or heads % UV_LSE_HEADS or max(nk, depth) > 2 * tiles.cfg.slots
+            or r.gmem is None or r.gmem.dtype != dt or r.gmem.shape[1] < TP or r.gmem.shape[2] < c_dim
+            or not (tiles.interpret or unit % 128 == 0)):  # (t_bar1: 2 x slots barriers; a unit: whole vectors)
+        return None
+    n = min(hv, tiles.tn)
+    n_units = tokens * (c_dim // unit)
 
     def fn(t: TaskView):
         head, wi, pi, li = t.arg(0), t.w(0), t.inp(0), t.inp(1)
         w0 = head * (hn + hv) + hn
-        mw, ls_s = s["t_mw"], s["t_lse"]
+        mw, ls_s, ring, stage = s["t_mw"], s["t_lse"], s["t_op"], s["t_uvs"]
+        x_gmem = r.gmem.at[r.cta, pl.ds(c(0), TP), pl.ds(c(0), c_dim)]  # the CTA's scratch: o [TP, C] (dt)
         h0 = head - lax.rem(head, UV_LSE_HEADS)  # the LSE box's first head
 
-        def load(kt, slot):  # the partials of latent columns [kt * TK, +TK) into t_op[slot]
-            plgpu.copy_gmem_to_smem(op_ref.at[pi, pl.ds(c(0), splits), pl.ds(c(0), TP), head,
-                                              pl.ds(kt * tiles.tk, tiles.tk)], s["t_op"].at[slot], bars.at[slot])
+        def load(u, slot):  # unit u: token u % T's partials of columns (u // T) * unit, +unit -> t_op[slot]
+            cols = pl.ds(lax.div(u, tokens) * unit, unit)
+            plgpu.copy_gmem_to_smem(op_ref.at[pi, pl.ds(c(0), splits), lax.rem(u, tokens), head, cols],
+                                    ring.at[slot], bars.at[slot])
 
         plgpu.copy_gmem_to_smem(lse_ref.at[li, pl.ds(c(0), splits), pl.ds(c(0), TP), pl.ds(h0, UV_LSE_HEADS)],
                                 ls_s.at[pl.ds(c(0), splits)], s["t_lbar"])
-        for j in range(min(depth, nk)):
+        for j in range(min(depth, n_units)):
             load(c(j), c(j))
+        if tokens < TP:  # the x rows of tokens >= T: zero (their output columns are never stored)
+            for k in range(stage.shape[0]):
+                pad = stage.at[c(k), pl.ds(c(tokens), TP - tokens)]
+                zero = jnp.zeros(pad.shape, dt)
+                pad[...] = zero if tiles.interpret else plgpu.layout_cast(
+                    zero, plgpu.Layout.WG_STRIDED(tuple(pad.shape), vec_size=1))
         with phase("lse"):  # profiler phases (`persistent_step(profile_dir=...)`)
             # the merge weights [splits, TP] as one register array of the head's split LSEs (a strided view of
             # the box; its split rows padded to whole warpgroup vectors, the padding masked), each token's max and
             # sum two masked reductions (as SMEM scalar loops: 6.0 us per task on the H200,
             # experiments/results/session26/s26c_router_profile.json); the rows of tokens >= T (the box's zero
-            # fill) give finite weights that only reach x rows whose output columns are never stored
+            # fill) give finite weights that the merge never reads
             plgpu.barrier_wait(s["t_lbar"])
             shape = mw.shape  # [rows >= splits, TP]
             ls = load_vec(tiles, ls_s.at[pl.ds(c(0), shape[0]), pl.ds(c(0), TP), head - h0])
@@ -1152,18 +1163,33 @@ def uv_body(r, key, consts):
                 tot = jnp.sum(jnp.where(mine, jnp.exp(ls - m_safe), 0.0))
                 lse = jnp.where(mine, m_safe + jnp.log(tot), lse)
             mw[...] = jnp.exp(ls - lse)
-            plgpu.commit_smem()  # every thread's weights -> the merge's loads in another layout
+            plgpu.commit_smem()  # every thread's weights -> the merge's scalar reads
 
         with phase("merge"):
-            @pl.loop(0, nk)
-            def _(kt):
-                slot = kt % depth
+            @pl.loop(0, n_units)
+            def _(u):
+                slot, tt, col = lax.rem(u, depth), lax.rem(u, tokens), lax.div(u, tokens) * unit
                 plgpu.barrier_wait(bars.at[slot])
-                merge(slot, kt)
+                acc = None
+                for j in range(splits):  # in split order, as the simulator sums them
+                    term = load_vec(tiles, ring.at[slot, c(j)]) * mw[c(j), tt]
+                    acc = term if acc is None else acc + term
+                stage.at[lax.div(col, chunk), tt, pl.ds(lax.rem(col, chunk), unit)][...] = acc.astype(dt)
+                plgpu.commit_smem()  # every thread has read the slot (refilled next) and stored its x elements
 
-                @pl.when(kt + depth < nk)
+                @pl.when(u + depth < n_units)
                 def _():
-                    load(kt + depth, slot)
+                    load(u + depth, slot)
+
+        with phase("x"):  # the plain stage -> GMEM -> the swizzled x tiles (the wgmma's B operand)
+            for k in range(stage.shape[0]):
+                plgpu.copy_smem_to_gmem(stage.at[c(k)], x_gmem.at[:, pl.ds(c(k * chunk), chunk)])
+            plgpu.wait_smem_to_gmem(0)  # written before the loads below read it
+            for kt in range(nk):
+                plgpu.copy_gmem_to_smem(x_gmem.at[:, pl.ds(c(kt * tiles.tk), tiles.tk)], s["t_uvx"].at[c(kt)],
+                                        bars.at[c(kt)])
+            for kt in range(nk):
+                plgpu.barrier_wait(bars.at[c(kt)])
 
         @pl.loop(0, max(hv // tiles.tn, 1))
         def _(ct):

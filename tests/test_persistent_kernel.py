@@ -18,6 +18,7 @@ from glm_fast import Engine, Model, load_config
 from pallas_kernels import _compat
 from pallas_kernels.persistent import Op, ScheduleOptions, attn_tiles, compile_schedule
 from pallas_kernels.persistent import kernel as kernel_mod
+from pallas_kernels.persistent import tiles as tiles_mod
 from pallas_kernels.persistent.kernel import KernelPlan, PersistentDecoder
 from pallas_kernels.persistent.tiles import TileConfig
 from tests.kernel_testing import TWO_LAYERS, assert_step_matches_xla, lowered_for_h200, prefilled
@@ -28,8 +29,10 @@ OPTIONS = ScheduleOptions(tile_n=24, attn_heads=3, attn_splits=3, index_chunks=3
 SMALL_TILES = TileConfig(tile_n=32, tile_k=16)  # interpret mode only: tiny's heads are 16 wide
 # 8-deep contractions: every ring wraps (UV's single k-tiles: 4 steps over tiny's 32-wide latent through its 2-slot
 # ring; the bulk streams' 16 k-tiles over the 128-wide hidden state: 8 steps of 2 tiles through 2 ring steps, the
-# single-weight streams too: no solo ring here, which the other cases take)
+# single-weight streams too: no solo ring here, which the other cases take; UV's partials: T = 3 units through a
+# ring of 2, `DEEP_UV_BYTES`)
 DEEP_TILES = TileConfig(tile_n=32, tile_k=8, slots=4, solo_ring=False)
+DEEP_UV_BYTES = 2 * OPTIONS.attn_splits * 32 * 4  # tiles.UV_BYTES with DEEP_TILES: 2 units of [splits, 32] f32
 CONTEXT = 40  # > index_topk (16): DSA really selects
 BF16 = {"model.dtype": "bfloat16", "model.moe_intermediate_size": 128}  # the Pallas backend's tiny variant
 # Tolerance on max |logit error| / max |logit|: float32 is exact up to summation order; bf16 rounds the
@@ -41,16 +44,18 @@ TOL = {"float32": 1e-5, "bfloat16": 3e-2}
                                                            ("bfloat16", 3, 0, 7, None, 2),
                                                            ("float32", 3, 2, 1, DEEP_TILES, 2),
                                                            ("bfloat16", 1, 2, 7, SMALL_TILES, 4)])
-def test_kernel_step_matches_xla_backend_in_interpret_mode(dtype, t, seed, sms, tiles, layers):
+def test_kernel_step_matches_xla_backend_in_interpret_mode(dtype, t, seed, sms, tiles, layers, monkeypatch):
     """sms = 7: one CTA walks the global order from GMEM; sms = 1: the GPU path's walk (the CTA's dispatch table
     TMA'd into SMEM, padding rows skipped) over a 1-SM schedule, whose list is the global order. tiles: the GPU's
     64 x 64 weight tiles (None; tiny's 16-wide heads / 32-wide latent then keep o_proj, ABSORB, UV and KV_WRITE on
     the jnp bodies), 32 x 16 tiles, with which every branch of tiny's tiled opcodes runs the tile bodies (GEMV and
     the down projections through the 2 x 8-slot solo ring), or 32 x 8 tiles through 4-slot rings (UV: 2), where
-    every ring refills its slots. layers: tiny's 4 (the cache
+    every ring refills its slots (UV's ring of split partials too: 2 units for T = 3). layers: tiny's 4 (the cache
     groups' later members) or its first 2 (`TWO_LAYERS`: a dense and a MoE layer, one full and one shared
     indexer; the T = 3 steps, half the interpreted step)."""
     cfg = load_config("tiny", {**(BF16 if dtype == "bfloat16" else {}), **(TWO_LAYERS if layers == 2 else {})}).model
+    if tiles is DEEP_TILES:
+        monkeypatch.setattr(tiles_mod, "UV_BYTES", DEEP_UV_BYTES)
     model, caches, tokens, pos = prefilled(cfg, seed, CONTEXT, t)
     ok = jnp.ones((1, t), bool)
     dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, num_sms=sms), interpret=True, cache_dir=False,

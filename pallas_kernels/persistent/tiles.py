@@ -1100,9 +1100,10 @@ def uv_body(r, key, consts):
     CTA's GMEM scratch and back by TMA into the swizzled x tiles (rows >= T zero), the layout change that
     INDEX_SCORE's q makes the same way. At glm5_slice T = 1 the head's 4 units (64 KB) are in flight at once; the
     TP-row boxes this replaced moved 8x the bytes through a one-slot ring of 64 KB, 8 round trips per task (9.7 us
-    of 22 on the H200, experiments/results/session26/s26c_router_profile.json). (Merging inside the weight stream
-    redid the merge for every column tile: 43 us of the critical path per layer, bench_persistent_glm5_slice_step2
-    .json.)"""
+    of 22 on the H200, experiments/results/session26/s26c_router_profile.json); now merge 1.7 us and the round trip
+    1.3 (experiments/results/session27/s27c_uv_profile.json), the kernel 1.992 vs 2.020 ms in one lease. (Merging
+    inside the weight stream redid the merge for every column tile: 43 us of the critical path per layer,
+    bench_persistent_glm5_slice_step2.json.)"""
     _, _, wstk, islots, oslots = key
     tiles, op_ref, lse_ref, v_ref = r.tiles, _stack(r, islots[0]), _stack(r, islots[1]), _stack(r, oslots[0])
     if tiles is None or any(a is None for a in (op_ref, lse_ref, v_ref)) or "t_op" not in tiles.s:

@@ -61,7 +61,8 @@ INDEX_TOPK -- `index_topk_body`: for the task's one token (the schedule splits a
   of one sum per slot), so a slot that misses the part's range costs a few scalar ops instead of its row counts
   (~0.9 us each; kernel 2.137 -> 2.102 ms in one H200 lease, experiments/results/session20/). Only a row that
   meets the part's range is
-  scanned by a scalar loop (TN candidates), which writes the part's rows (GMEM scalar stores). When every chunk took
+  scanned by a scalar loop (up to TN candidates: it stops once the part's last slot is written), which writes the
+  part's rows (GMEM scalar stores). When every chunk took
   INDEX_SCORE's fast path (chunk size <= K) a candidate's row is computed (chunk * size + slot); only after a slow
   path is it loaded from
   cand_idx (a dependent GMEM load per selected row: 0.67 ms per layer before the arithmetic rows,
@@ -756,9 +757,11 @@ def index_topk_body(r, key, consts):
                 return word & 255, lax.shift_right_logical(word, 8) & 255
 
             def scan_row(i, carry):
-                """Row i of the slot (TN candidates) by scalars: its chunk and first slot computed once per
-                row (a dynamic division), not per candidate."""
+                """Row i of the slot (TN candidates) by scalars, until the part's last output slot is written (the
+                row's counts, not the scan, carry n on): its chunk and first slot computed once per row (a dynamic
+                division), not per candidate."""
                 ch, off = where(g, i)
+                unroll = math.gcd(width, 8)
 
                 def scan(key_row):
                     def one(col, st2):
@@ -775,8 +778,13 @@ def index_topk_body(r, key, consts):
                             out_valid[ov, q, n] = c(1)
                             out_idx[oi, q, n] = key_row(col)
                         return n + sel.astype(jnp.int32), eq + (take & is_eq).astype(jnp.int32)
-                    # unrolled: the loads of 8 candidates do not wait for the previous ones' stores
-                    lax.fori_loop(0, width, one, carry, unroll=math.gcd(width, 8))
+
+                    def group(st3):  # `unroll` candidates unrolled: their loads do not wait for the stores
+                        col0, *st2 = st3
+                        for k in range(unroll):
+                            st2 = one(col0 + k, st2)
+                        return col0 + unroll, *st2
+                    lax.while_loop(lambda st3: (st3[0] < width) & (st3[1] < r_hi), group, (c(0), *carry))
 
                 # the key row: by arithmetic after the fast path (no dependent GMEM load per selection), else
                 # cand_idx's; one loop per case, not a branch per candidate

@@ -43,7 +43,8 @@ x 16 splits (bench_persistent_glm5_slice_phases.json) 128 us per task, 98 us of 
 the second pass gathered them a second time; with 64 heads x 32 splits and the resident ring
 (bench_persistent_glm5_slice_attn64x32.json) 48 us per task (23 us issuing, 12.5 us math), 32 tasks per layer
 instead of 128. UV then merges 32 partials per head with a one-slot ring (t_op: `tiles.UV_BYTES`): 43 us per
-task instead of 22, until it merged once per head instead of once per column tile (`tiles.uv_body`). The row
+task instead of 22, until it merged once per head instead of once per column tile, and since session 27 only
+the step's token rows, ~13.5 us per task (`tiles.uv_body`). The row
 copies now go out from the warpgroup's 4 warps (`gather_rows(warps=True)`, GPU only): 16 -> 11.5 us issuing and 40
 -> 34 us per task, critical path 2.14 -> 2.11 ms at T = 1 (bench_persistent_glm5_slice_{slot_skip,warp_gather}
 .json; alone, 64 rows of 9 copies took 13.5 us from one thread, 3.3 us from 4 warps, 6.3 us with the overlay of

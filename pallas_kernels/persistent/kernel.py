@@ -41,8 +41,9 @@ replaced by dependency-ordered execution: one CTA walks the global topological o
 Op bodies. GEMV (fused RMSNorm, residual, [N, K] weights, f32 router logits as split-K partials), SWIGLU_UP and
 SWIGLU_DOWN (dense, shared, routed with the expert id read at run time) are TMA weight tiles through an SMEM ring +
 swap-AB wgmma (`tiles.py`, reusing `pallas_kernels.gemv`'s tile functions); ABSORB is the same over K-major W_uk
-tiles plus RoPE spread over the warpgroup's threads (`tiles.rope_rows`); UV merges the split-KV partials into each x
-tile in registers, then W_uv tiles; KV_WRITE normalises x tiles (+ RoPE), IK_WRITE is a row LayerNorm + RoPE;
+tiles plus RoPE spread over the warpgroup's threads (`tiles.rope_rows`); UV merges the step's token rows of the
+split-KV partials in registers and stages them through the CTA's GMEM scratch into its x tiles, then W_uv tiles;
+KV_WRITE normalises x tiles (+ RoPE), IK_WRITE is a row LayerNorm + RoPE;
 MOE_COMBINE adds [8, 64] SMEM tiles; EMBED moves one row per token by TMA; ROUTER_SELECT is vector reductions over
 one row of scores per token; ATTN (`attn_tiles.py`) is absorbed sparse MLA over per-row TMA gathers of the selected
 latent rows; INDEX_SCORE / INDEX_TOPK (`index_tiles.py`) are the lightning indexer's wgmma scores and an exact radix

@@ -69,12 +69,14 @@ FP8_Q, FP8_SCALE = "@fp8_q", "@fp8_scale"  # name suffixes of an FP8 weight's q 
 FP8_BLOCK = 128  # the block of an FP8 weight's scales (== pallas_kernels.fp8.BLOCK; this module imports no jax)
 K_ALIGN = 64  # a split-K part's rows: a multiple of the GPU bodies' k tile (TileConfig.tile_k)
 # The cost model's time per task (us) of the ops whose time is latency rather than weight bytes, on the H200 at
-# glm5_slice, 4K context, T = 1: INDEX_SCORE, ABSORB, ATTN, UV as their tasks' bodies took on the profiled critical
-# path of experiments/results/bench_persistent_glm5_slice_ab19_hoist_profile.json (18-20, 13-15, 37-39, 30-31 us),
+# glm5_slice, 4K context, T = 1: INDEX_SCORE, ABSORB, ATTN as their tasks' bodies took on the profiled critical
+# path of experiments/results/bench_persistent_glm5_slice_ab19_hoist_profile.json (18-20, 13-15, 37-39 us), UV
+# its mean body after its dependency wait since its token-row merge (experiments/results/session27/
+# s27c_uv_profile.json; 30-31 us before; at glm5_slice, T = 1-4, the schedule is the same with either),
 # INDEX_TOPK an estimate: that profile's 40-48 us less session 20's A/B saving of 35 us per step over 4 layers
 # (experiments/results/session20/ab20_{base,topkslots}.json; on session 20's profiled path it took 45-56 us);
 # the others the mean time per task after its dependency wait in ..._warp_gather.json (profile.ops).
-OP_US = (("INDEX_TOPK", 40.0), ("ATTN", 38.0), ("UV", 30.0), ("ROUTER_SELECT", 15.0), ("EMBED", 13.5),
+OP_US = (("INDEX_TOPK", 40.0), ("ATTN", 38.0), ("UV", 13.5), ("ROUTER_SELECT", 15.0), ("EMBED", 13.5),
          ("INDEX_SCORE", 19.0), ("ABSORB", 13.0), ("KV_WRITE", 9.0), ("IK_WRITE", 3.0), ("MOE_COMBINE", 2.0))
 
 

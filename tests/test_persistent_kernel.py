@@ -30,9 +30,8 @@ SMALL_TILES = TileConfig(tile_n=32, tile_k=16)  # interpret mode only: tiny's he
 # 8-deep contractions: every ring wraps (UV's single k-tiles: 4 steps over tiny's 32-wide latent through its 2-slot
 # ring; the bulk streams' 16 k-tiles over the 128-wide hidden state: 8 steps of 2 tiles through 2 ring steps, the
 # single-weight streams too: no solo ring here, which the other cases take; UV's partials: T = 3 units through a
-# ring of 2, `DEEP_UV_BYTES`)
+# ring of 2, tiles.UV_BYTES patched)
 DEEP_TILES = TileConfig(tile_n=32, tile_k=8, slots=4, solo_ring=False)
-DEEP_UV_BYTES = 2 * OPTIONS.attn_splits * 32 * 4  # tiles.UV_BYTES with DEEP_TILES: 2 units of [splits, 32] f32
 CONTEXT = 40  # > index_topk (16): DSA really selects
 BF16 = {"model.dtype": "bfloat16", "model.moe_intermediate_size": 128}  # the Pallas backend's tiny variant
 # Tolerance on max |logit error| / max |logit|: float32 is exact up to summation order; bf16 rounds the
@@ -55,7 +54,8 @@ def test_kernel_step_matches_xla_backend_in_interpret_mode(dtype, t, seed, sms, 
     indexer; the T = 3 steps, half the interpreted step)."""
     cfg = load_config("tiny", {**(BF16 if dtype == "bfloat16" else {}), **(TWO_LAYERS if layers == 2 else {})}).model
     if tiles is DEEP_TILES:
-        monkeypatch.setattr(tiles_mod, "UV_BYTES", DEEP_UV_BYTES)
+        unit = tiles_mod.uv_geometry(cfg.kv_lora_rank)[0]  # UV's ring: 2 units of [splits, unit] f32
+        monkeypatch.setattr(tiles_mod, "UV_BYTES", 2 * OPTIONS.attn_splits * unit * 4)
     model, caches, tokens, pos = prefilled(cfg, seed, CONTEXT, t)
     ok = jnp.ones((1, t), bool)
     dec = PersistentDecoder(model, dataclasses.replace(OPTIONS, num_sms=sms), interpret=True, cache_dir=False,

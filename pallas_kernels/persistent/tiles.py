@@ -1117,9 +1117,10 @@ def uv_body(r, key, consts):
     nk, depth, bars = c_dim // tiles.tk, s["t_op"].shape[0], s["t_bar1"]
     if (s["t_op"].shape[1:] != (splits, unit) or c_dim % tiles.tk or nk != s["t_uvx"].shape[0]
             or s["t_uvs"].shape != (c_dim // chunk, TP, chunk) or (hv > tiles.tn and hv % tiles.tn)
-            or kv_b.dtype != dt or v_ref.dtype != dt or heads % UV_LSE_HEADS or max(nk, depth) > 2 * tiles.cfg.slots
+            or kv_b.dtype != dt or v_ref.dtype != dt or heads % UV_LSE_HEADS or nk > 2 * tiles.cfg.slots
             or r.gmem is None or r.gmem.dtype != dt or r.gmem.shape[1] < TP or r.gmem.shape[2] < c_dim
-            or not (tiles.interpret or unit % 128 == 0)):  # (t_bar1: 2 x slots barriers; a unit: whole vectors)
+            or not (tiles.interpret or unit % 128 == 0)):  # (the x tiles' loads: one of t_bar1's 2 x slots
+        # barriers each, as t_op's slots, which `scratch_types` caps at 2 x slots; a unit: whole vectors)
         return None
     n = min(hv, tiles.tn)
     n_units = tokens * (c_dim // unit)
